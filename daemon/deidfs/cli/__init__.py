@@ -1,0 +1,3 @@
+"""The ``deidfs`` command line: the only layer that prints."""
+
+from __future__ import annotations

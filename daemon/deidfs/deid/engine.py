@@ -1,0 +1,648 @@
+"""Apply a :class:`~deidfs.deid.plan.Plan` to a parsed dataset (PS3.15 Annex E).
+
+:func:`deidentify` never changes its input: it builds a new dataset, copying untouched
+elements in their raw, still-encoded form (no decode, no re-encode) and decoding only the
+elements an action changes. It recurses into every sequence it keeps. It returns the new
+dataset and a :class:`Report` that holds counts and reasons, never a value.
+
+Anything the engine cannot handle safely raises :class:`~deidfs.errors.Refused`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections import Counter
+from collections.abc import MutableSequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.uid import UID
+from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
+
+from deidfs import __version__
+from deidfs.deid.plan import Decision, Op, Plan, Source
+from deidfs.deid.profiles import DateModification
+from deidfs.deid.pseudonym import Pseudonymizer
+from deidfs.deid.standard import BASIC_PROFILE_CODE, OPTION_CODES, Option, cid_7050
+from deidfs.deid.tags import keyword_of
+from deidfs.errors import Refused
+
+#: deidfs's Implementation Class UID (PS3.7 D.3.3.2): a 2.25 UUID-derived UID of its own.
+IMPLEMENTATION_CLASS_UID = "2.25.176488052718411917049390183011526716049"
+IMPLEMENTATION_VERSION_NAME = ("DEIDFS_" + __version__)[:16]
+
+#: SOP classes whose content is an opaque document the engine cannot clean: withheld.
+ENCAPSULATED_DOCUMENT_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+        "1.2.840.10008.5.1.4.1.1.104.2",  # Encapsulated CDA
+        "1.2.840.10008.5.1.4.1.1.104.3",  # Encapsulated STL
+        "1.2.840.10008.5.1.4.1.1.104.4",  # Encapsulated OBJ
+        "1.2.840.10008.5.1.4.1.1.104.5",  # Encapsulated MTL
+    }
+)
+MEDIA_DIRECTORY_CLASS = "1.2.840.10008.1.3.10"
+
+PATIENT_ID = 0x00100020
+PATIENT_NAME = 0x00100010
+PATIENT_AGE = 0x00101010
+PATIENT_BIRTH_DATE = 0x00100030
+SOP_CLASS_UID = 0x00080016
+SOP_INSTANCE_UID = 0x00080018
+SPECIFIC_CHARACTER_SET = 0x00080005
+BURNED_IN_ANNOTATION = 0x00280301
+
+_STRING_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR", "AS"})
+_MAX_LEN = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64, "AS": 4}
+_NUMERIC_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "IS", "DS", "AT"})
+_DUMMY_TEXT = "ANONYMIZED"
+_DUMMY_BY_VR: dict[str, Any] = {
+    "AE": "ANONYMIZED",
+    "AS": "000Y",
+    "CS": "ANONYMIZED",
+    "DA": "19000101",
+    "DT": "19000101000000",
+    "TM": "000000",
+    "DS": "0",
+    "IS": "0",
+    "UR": "urn:deidfs:anonymized",
+}
+_AGE = re.compile(r"^(\d{3})([DWMY])$")
+_DATE_DIGITS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(.*)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What the engine did to one instance: counts by operation and PHI-free notes."""
+
+    profile: str
+    digest: str
+    counts: tuple[tuple[str, int], ...]
+    burned_in_annotation: bool
+    notes: tuple[str, ...] = ()
+
+    def count(self, op: Op) -> int:
+        return dict(self.counts).get(op.value, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The de-identified header (with ``file_meta``), optional trailer, and the report."""
+
+    dataset: Dataset
+    trailer: Dataset | None
+    report: Report
+
+
+@dataclass
+class _Context:
+    plan: Plan
+    pseudo: Pseudonymizer
+    root: Dataset
+    charset: str | MutableSequence[str] | None
+    implicit: bool
+    little: bool
+    counts: Counter[str] = field(default_factory=Counter)
+    notes: set[str] = field(default_factory=set)
+    _patient_key: str | None = None
+    _phi: re.Pattern[str] | None = None
+    _phi_done: bool = False
+
+    # -- per-instance derived values, computed on first use ---------------------------------
+    @property
+    def patient_key(self) -> str:
+        if self._patient_key is None:
+            key = _plain(_raw_value(self.root, PATIENT_ID, self.charset))
+            if not key:
+                key = "name:" + _plain(_raw_value(self.root, PATIENT_NAME, self.charset))
+            self._patient_key = key
+        return self._patient_key
+
+    @property
+    def patient_token(self) -> str:
+        return self.pseudo.token(self.patient_key, "patient")
+
+    def shift_days(self) -> int:
+        return self.pseudo.date_shift_days(self.patient_key)
+
+    def phi_pattern(self) -> re.Pattern[str] | None:
+        """A pattern of the identifying values of this instance, for cleaning free text."""
+        if not self._phi_done:
+            self._phi_done = True
+            self._phi = _phi_pattern(self.root, self.plan, self.charset)
+        return self._phi
+
+
+def _plain(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | MultiValue):
+        return "\\".join(str(v) for v in value).strip()
+    return str(value).strip()
+
+
+def _raw_value(ds: Dataset, tag: int, charset: Any) -> Any:
+    if tag not in ds:
+        return None
+    raw = ds.get_item(tag)
+    try:
+        elem = (
+            convert_raw_data_element(raw, encoding=charset, ds=ds)
+            if isinstance(raw, RawDataElement)
+            else raw
+        )
+    except Exception:  # a bad value is treated as absent here
+        return None
+    return elem.value
+
+
+def _values(value: Any) -> list[Any]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, list | MultiValue):
+        return list(value)
+    return [value]
+
+
+def _phi_pattern(root: Dataset, plan: Plan, charset: Any) -> re.Pattern[str] | None:
+    """Identifying strings of this instance: values of name, ID, date and address-like
+    attributes that the plan does not keep. Used to clean free text (the C action)."""
+    found: set[str] = set()
+    for tag in root.keys():
+        if tag >> 16 & 1 or tag >> 16 == 0x0002:
+            continue
+        decision = plan.decide(int(tag))
+        if decision.op in (Op.KEEP, Op.VERBATIM):
+            continue
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            continue
+        if vr not in ("PN", "LO", "SH", "DA", "LT", "ST"):
+            continue
+        for v in _values(_raw_value(root, int(tag), charset)):
+            text = str(v).strip()
+            parts = [text]
+            if vr == "PN":
+                parts += re.split(r"[\^=\s]+", text)
+            if vr == "DA" and len(text) == 8 and text.isdigit():
+                y, m, d = text[:4], text[4:6], text[6:]
+                parts += [f"{y}-{m}-{d}", f"{d}/{m}/{y}", f"{m}/{d}/{y}", f"{d}.{m}.{y}"]
+            found.update(p for p in parts if len(p) >= 3)
+    if not found:
+        return None
+    alternatives = sorted(found, key=len, reverse=True)
+    return re.compile("|".join(re.escape(a) for a in alternatives), re.IGNORECASE)
+
+
+# -- date helpers ------------------------------------------------------------------------------
+def _shift_date_text(text: str, days: int) -> str | None:
+    """Shift the date part of a DA or DT value by ``days`` into the past, keeping precision."""
+    s = text.strip().replace(".", "") if len(text.strip()) == 10 else text.strip()
+    m = _DATE_DIGITS.match(s)
+    if m is None:
+        return None
+    year, month, day, rest = m.group(1), m.group(2), m.group(3), m.group(4)
+    try:
+        base = dt.date(int(year), int(month or 1), int(day or 1))
+        moved = base - dt.timedelta(days=days)
+    except (ValueError, OverflowError):
+        return None
+    out = f"{moved.year:04d}"
+    if month is not None:
+        out += f"{moved.month:02d}"
+    if day is not None:
+        out += f"{moved.day:02d}"
+    return out + rest
+
+
+def _modify_dates(vr: str, values: list[Any], ctx: _Context, *, shift: bool) -> list[str] | None:
+    """Modified Dates: shift by the patient's days, or keep only the year (HIPAA)."""
+    year_only = not shift and ctx.plan.profile.date_modification is DateModification.YEAR
+    out: list[str] = []
+    for v in values:
+        text = str(v).strip()
+        if vr == "TM":
+            if year_only:
+                return None
+            out.append(text)
+            continue
+        if year_only:
+            if len(text) < 4 or not text[:4].isdigit():
+                return None
+            out.append(text[:4] + "0101" if vr == "DA" else text[:4])
+            continue
+        moved = _shift_date_text(text, ctx.shift_days())
+        if moved is None:
+            return None
+        out.append(moved)
+    return out
+
+
+# -- element operations ------------------------------------------------------------------------
+def _convert(raw: RawDataElement | DataElement, ctx: _Context, src: Dataset) -> DataElement:
+    if isinstance(raw, DataElement):
+        return raw
+    try:
+        return convert_raw_data_element(raw, encoding=ctx.charset, ds=src)
+    except Exception as exc:
+        raise Refused("bad_value", f"element {int(raw.tag):08X}: {type(exc).__name__}") from exc
+
+
+def _vr_of(raw: RawDataElement | DataElement, tag: int) -> str:
+    vr = raw.VR
+    if vr and vr != "UN":
+        return str(vr)
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return str(vr or "UN")
+
+
+def _element(tag: int, vr: str, value: Any) -> DataElement:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return DataElement(tag, vr, value)
+
+
+def _empty(tag: int, vr: str) -> DataElement:
+    if vr == "SQ":
+        return DataElement(tag, "SQ", Sequence())
+    if vr in _STRING_VRS or vr in ("DA", "DT", "TM", "UI"):
+        return DataElement(tag, vr, "")
+    return DataElement(tag, vr, None)
+
+
+def _fit(vr: str, text: str) -> str:
+    limit = _MAX_LEN.get(vr)
+    return text[:limit] if limit else text
+
+
+class _Walker:
+    """Walks one dataset level; recursion creates a walker per sequence item."""
+
+    def __init__(self, ctx: _Context) -> None:
+        self.ctx = ctx
+
+    def dataset(self, src: Dataset) -> Dataset:
+        ctx = self.ctx
+        out = Dataset()
+        out.set_original_encoding(ctx.implicit, ctx.little, ctx.charset)
+        creators: dict[int, str] = {}
+        kept_private_blocks: set[tuple[int, int]] = set()
+        private_out: dict[int, RawDataElement | DataElement] = {}
+        for key in src.keys():
+            tag = int(key)
+            raw = src.get_item(key)
+            if tag >> 16 & 1:
+                self._private(src, tag, raw, creators, kept_private_blocks, private_out)
+                continue
+            decision = ctx.plan.decide(tag)
+            elem = self.apply(src, tag, raw, decision)
+            if elem is not None:
+                out[tag] = elem
+        # A private creator is kept only when an element of its block is kept.
+        for tag, elem in private_out.items():
+            if (tag & 0xFFFF) <= 0xFF and (tag >> 16, tag & 0xFF) not in kept_private_blocks:
+                if (tag & 0xFFFF) >= 0x10:
+                    ctx.counts[Op.REMOVE.value] += 1
+                continue
+            out[tag] = elem
+        return out
+
+    def _private(
+        self,
+        src: Dataset,
+        tag: int,
+        raw: RawDataElement | DataElement,
+        creators: dict[int, str],
+        kept_blocks: set[tuple[int, int]],
+        private_out: dict[int, RawDataElement | DataElement],
+    ) -> None:
+        ctx = self.ctx
+        group, elem_no = tag >> 16, tag & 0xFFFF
+        if elem_no == 0 or elem_no < 0x10:
+            ctx.counts[Op.REMOVE.value] += 1
+            return
+        if elem_no <= 0xFF:  # private creator: decided after its block
+            private_out[tag] = raw
+            value = _raw_value(src, tag, ctx.charset)
+            creators[(group << 8) | elem_no] = _plain(value)
+            return
+        block = elem_no >> 8
+        creator = creators.get((group << 8) | block)
+        decision = ctx.plan.decide_private(tag, creator)
+        elem = self.apply(src, tag, raw, decision)
+        if elem is not None:
+            private_out[tag] = elem
+            kept_blocks.add((group, block))
+
+    def apply(
+        self, src: Dataset, tag: int, raw: RawDataElement | DataElement, decision: Decision
+    ) -> RawDataElement | DataElement | None:
+        ctx = self.ctx
+        op = decision.op
+        ctx.counts[op.value] += 1
+        if op is Op.REMOVE:
+            return None
+        if op is Op.VERBATIM:
+            return raw
+        vr = _vr_of(raw, tag)
+        if op is Op.KEEP:
+            if vr != "SQ":
+                if tag == PATIENT_AGE and ctx.plan.profile.max_age is not None:
+                    return self._capped_age(src, tag, raw)
+                return raw
+            return self._sequence(src, tag, raw)
+        table_sourced = decision.source in (Source.BASIC, Source.OPTION)
+        if table_sourced and tag in (PATIENT_ID, PATIENT_NAME) and op in (Op.EMPTY, Op.DUMMY):
+            # Z and Z/D allow a dummy: the keyed patient token keeps patients grouped.
+            return DataElement(tag, vr, ctx.patient_token)
+        if op is Op.EMPTY:
+            return _empty(tag, vr)
+        if vr == "SQ":
+            if op in (Op.DUMMY, Op.CLEAN, Op.UID, Op.PSEUDONYM):
+                # D and C on a sequence: keep its structure, de-identify every item with
+                # the same plan (each nested attribute has its own row).
+                return self._sequence(src, tag, raw)
+            return _empty(tag, vr)
+        if op is Op.UID or (vr == "UI" and op in (Op.DUMMY, Op.PSEUDONYM, Op.CLEAN)):
+            return self._uids(src, tag, raw, vr, decision)
+        if op is Op.DUMMY:
+            return self._dummy(src, tag, raw, vr)
+        if op is Op.PSEUDONYM:
+            return self._pseudonym(src, tag, raw, vr)
+        if op is Op.SHIFT:
+            return self._dates(src, tag, raw, vr, shift=True)
+        if op is Op.CLEAN:
+            if vr in ("DA", "DT", "TM"):
+                return self._dates(src, tag, raw, vr, shift=False)
+            if vr in _STRING_VRS:
+                return self._clean_text(src, tag, raw, vr)
+            ctx.notes.add("clean_binary_removed")
+            return None
+        raise AssertionError(op)  # pragma: no cover
+
+    # -- operations needing the value -----------------------------------------------------------
+    def _sequence(self, src: Dataset, tag: int, raw: RawDataElement | DataElement) -> DataElement:
+        elem = _convert(raw, self.ctx, src)
+        items = elem.value if elem.VR == "SQ" else None
+        if items is None:
+            raise Refused("bad_sequence", f"element {tag:08X} is not a readable sequence")
+        return DataElement(tag, "SQ", Sequence([self.dataset(item) for item in items]))
+
+    def _uids(
+        self, src: Dataset, tag: int, raw: RawDataElement | DataElement, vr: str, d: Decision
+    ) -> DataElement | None:
+        if vr != "UI":
+            self.ctx.counts["uid_on_non_ui_removed"] += 1
+            return None
+        values = _values(_convert(raw, self.ctx, src).value)
+        out = []
+        for v in values:
+            text = str(v).strip().rstrip("\x00")
+            if d.source is Source.DEFAULT and (text in _REGISTERED_UIDS or not text):
+                out.append(text)  # a registered UID (class, transfer syntax): no instance data
+            else:
+                out.append(self.ctx.pseudo.uid(text))
+        return _element(tag, "UI", [UID(v) for v in out] if out else "")
+
+    def _dummy(
+        self, src: Dataset, tag: int, raw: RawDataElement | DataElement, vr: str
+    ) -> DataElement | None:
+        if vr in ("LO", "SH") and self._is_identifier(tag):
+            return self._pseudonym(src, tag, raw, vr)
+        if vr in _DUMMY_BY_VR:
+            return DataElement(tag, vr, _DUMMY_BY_VR[vr])
+        if vr in _STRING_VRS:
+            return DataElement(tag, vr, _fit(vr, _DUMMY_TEXT))
+        if vr in ("US", "SS", "UL", "SL", "UV", "SV"):
+            return DataElement(tag, vr, 0)
+        if vr in ("FL", "FD"):
+            return DataElement(tag, vr, 0.0)
+        if vr in ("OB", "OW", "OD", "OF", "OL", "OV", "UN"):
+            return DataElement(tag, vr, b"\x00\x00")
+        return _empty(tag, vr)
+
+    @staticmethod
+    def _is_identifier(tag: int) -> bool:
+        kw = keyword_of(tag)
+        return kw.endswith(("ID", "Number", "Identifier"))
+
+    def _pseudonym(
+        self, src: Dataset, tag: int, raw: RawDataElement | DataElement, vr: str
+    ) -> DataElement | None:
+        ctx = self.ctx
+        if vr in ("DA", "DT", "TM"):
+            return self._dates(src, tag, raw, vr, shift=True)
+        if vr in _NUMERIC_VRS or vr not in _STRING_VRS:
+            return _empty(tag, vr)
+        values = _values(_convert(raw, ctx, src).value)
+        if tag in (PATIENT_ID, PATIENT_NAME):
+            tokens = [ctx.patient_token for _ in values] or [ctx.patient_token]
+        else:
+            tokens = [ctx.pseudo.token(str(v), "id") for v in values]
+        if vr == "PN":
+            tokens = ["ANON^" + t for t in tokens]
+        return _element(tag, vr, [_fit(vr, t) for t in tokens] if tokens else "")
+
+    def _dates(
+        self, src: Dataset, tag: int, raw: RawDataElement | DataElement, vr: str, *, shift: bool
+    ) -> DataElement | None:
+        if vr not in ("DA", "DT", "TM"):
+            self.ctx.counts["date_op_on_non_date_removed"] += 1
+            return None
+        values = _values(_convert(raw, self.ctx, src).value)
+        if not values:
+            return _empty(tag, vr)
+        out = _modify_dates(vr, values, self.ctx, shift=shift)
+        if out is None:
+            self.ctx.notes.add("unparseable_date_emptied")
+            return _empty(tag, vr)
+        return _element(tag, vr, out)
+
+    def _clean_text(
+        self, src: Dataset, tag: int, raw: RawDataElement | DataElement, vr: str
+    ) -> DataElement:
+        values = _values(_convert(raw, self.ctx, src).value)
+        pattern = self.ctx.phi_pattern()
+        out = []
+        for v in values:
+            text = str(v)
+            if pattern is not None:
+                text = pattern.sub("", text)
+            text = re.sub(r"\s{2,}", " ", text).strip(" ,;:-")
+            out.append(_fit(vr, text))
+        return _element(tag, vr, out if any(out) else "")
+
+    def _capped_age(
+        self, src: Dataset, tag: int, raw: RawDataElement | DataElement
+    ) -> RawDataElement | DataElement:
+        max_age = self.ctx.plan.profile.max_age
+        assert max_age is not None
+        text = _plain(_convert(raw, self.ctx, src).value)
+        m = _AGE.match(text)
+        if m and m.group(2) == "Y" and int(m.group(1)) > max_age:
+            self.ctx.notes.add("age_capped")
+            return DataElement(tag, "AS", f"{max_age + 1:03d}Y")
+        return raw
+
+
+def _age_over(root: Dataset, ctx: _Context, max_age: int) -> bool:
+    text = _plain(_raw_value(root, PATIENT_AGE, ctx.charset))
+    m = _AGE.match(text)
+    if m and m.group(2) == "Y":
+        return int(m.group(1)) > max_age
+    birth = _plain(_raw_value(root, PATIENT_BIRTH_DATE, ctx.charset))
+    ref = ""
+    for tag in (0x00080020, 0x00080023, 0x00080022):  # Study, Content, Acquisition Date
+        ref = _plain(_raw_value(root, tag, ctx.charset))
+        if ref:
+            break
+    if len(birth) >= 4 and birth[:4].isdigit() and len(ref) >= 4 and ref[:4].isdigit():
+        return int(ref[:4]) - int(birth[:4]) > max_age
+    return False
+
+
+def _method_codes(plan: Plan) -> Sequence:
+    codes = cid_7050()
+    values = [BASIC_PROFILE_CODE, *sorted(OPTION_CODES[o] for o in plan.options)]
+    items = []
+    for value in values:
+        item = Dataset()
+        code = codes[value]
+        item.CodeValue = code.value
+        item.CodingSchemeDesignator = code.scheme
+        item.CodeMeaning = code.meaning
+        items.append(item)
+    return Sequence(items)
+
+
+def _transfer_syntax(ds: Dataset, implicit: bool, little: bool) -> str:
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if ts:
+        return str(ts)
+    if implicit:
+        return "1.2.840.10008.1.2"
+    return "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2"
+
+
+def _image_attr(ds: Dataset, keyword: str) -> Any:
+    try:
+        return ds.get(keyword)
+    except Exception:  # an undecodable value matches no mask
+        return None
+
+
+def _check_refusals(ds: Dataset, plan: Plan, has_pixels: bool, sop_class: str) -> None:
+    if sop_class == MEDIA_DIRECTORY_CLASS:
+        raise Refused("dicomdir", "DICOMDIR files are not served")
+    if sop_class in ENCAPSULATED_DOCUMENT_CLASSES:
+        raise Refused("encapsulated_document", "encapsulated documents cannot be cleaned")
+    if not has_pixels:
+        return
+    if Option.CLEAN_PIXEL_DATA in plan.options:
+        raise Refused("pixel_clean_unavailable", "Clean Pixel Data is not available for images")
+    if plan.profile.apply_masks and plan.profile.masks:
+        rows = _image_attr(ds, "Rows")
+        cols = _image_attr(ds, "Columns")
+        for mask in plan.profile.masks:
+            if mask.matches(
+                str(_image_attr(ds, "Modality") or ""),
+                str(_image_attr(ds, "Manufacturer") or ""),
+                str(_image_attr(ds, "ManufacturerModelName") or ""),
+                int(rows) if rows is not None else None,
+                int(cols) if cols is not None else None,
+            ):
+                raise Refused("mask_unavailable", "pixel masks are not available for images")
+
+
+def deidentify(
+    ds: Dataset,
+    plan: Plan,
+    pseudonymizer: Pseudonymizer,
+    *,
+    has_pixels: bool,
+    trailer: Dataset | None = None,
+) -> Result:
+    """De-identify ``ds`` (a header, parsed up to Pixel Data) by ``plan``.
+
+    Parameters
+    ----------
+    ds
+        The parsed dataset, with ``file_meta`` when the source had one. Not modified.
+    plan
+        The compiled profile.
+    pseudonymizer
+        Keyed pseudonym source (UIDs, tokens, date shifts).
+    has_pixels
+        Whether the source has Pixel Data (or Float/Double Float Pixel Data) after ``ds``.
+    trailer
+        Elements that follow Pixel Data in the source, if any; de-identified the same way.
+
+    Raises
+    ------
+    Refused
+        When the instance cannot be served safely (PS3.15 cannot be applied, bad values,
+        a pixel rule that is not available).
+    """
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        implicit, little = False, True
+    charset = ds.original_character_set if SPECIFIC_CHARACTER_SET in ds else None
+    meta = getattr(ds, "file_meta", None)
+    sop_class = _plain(_raw_value(ds, SOP_CLASS_UID, charset))
+    if not sop_class and meta is not None:
+        sop_class = str(meta.get("MediaStorageSOPClassUID", "")).strip()
+    _check_refusals(ds, plan, has_pixels, sop_class)
+    if SOP_INSTANCE_UID not in ds or not _plain(_raw_value(ds, SOP_INSTANCE_UID, charset)):
+        raise Refused("no_sop_instance_uid", "SOP Instance UID is missing")
+
+    ctx = _Context(plan, pseudonymizer, ds, charset, bool(implicit), bool(little))
+    walker = _Walker(ctx)
+    out = walker.dataset(ds)
+    out_trailer = walker.dataset(trailer) if trailer is not None and len(trailer) else None
+
+    max_age = plan.profile.max_age
+    if max_age is not None and PATIENT_BIRTH_DATE in out and _age_over(ds, ctx, max_age):
+        out[PATIENT_BIRTH_DATE] = DataElement(PATIENT_BIRTH_DATE, "DA", "")
+        ctx.notes.add("birth_date_emptied_age_cap")
+
+    burned_in = _plain(_raw_value(ds, BURNED_IN_ANNOTATION, charset)).upper() == "YES"
+    pixels_clean = Option.CLEAN_PIXEL_DATA in plan.options
+    out.PatientIdentityRemoved = "NO" if (burned_in and not pixels_clean) else "YES"
+    out.DeidentificationMethod = f"deidfs {__version__} {plan.profile.name}"[:64]
+    out.DeidentificationMethodCodeSequence = _method_codes(plan)
+    if Option.RETAIN_LONGITUDINAL_FULL_DATES in plan.options:
+        out.LongitudinalTemporalInformationModified = "UNMODIFIED"
+    elif Option.RETAIN_LONGITUDINAL_MODIFIED_DATES in plan.options:
+        out.LongitudinalTemporalInformationModified = "MODIFIED"
+    else:
+        out.LongitudinalTemporalInformationModified = "REMOVED"
+    for item in out.DeidentificationMethodCodeSequence:
+        item.set_original_encoding(ctx.implicit, ctx.little, charset)
+
+    new_meta = FileMetaDataset()
+    new_meta.FileMetaInformationVersion = b"\x00\x01"
+    new_meta.MediaStorageSOPClassUID = UID(sop_class or "1.2.840.10008.5.1.4.1.1.7")
+    new_meta.MediaStorageSOPInstanceUID = UID(str(out.SOPInstanceUID))
+    new_meta.TransferSyntaxUID = UID(_transfer_syntax(ds, bool(implicit), bool(little)))
+    new_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    new_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    out.file_meta = new_meta
+
+    report = Report(
+        profile=plan.profile.name,
+        digest=plan.digest,
+        counts=tuple(sorted(ctx.counts.items())),
+        burned_in_annotation=burned_in,
+        notes=tuple(sorted(ctx.notes)),
+    )
+    return Result(out, out_trailer, report)

@@ -1,0 +1,57 @@
+"""Keyed, deterministic pseudonyms (HMAC-SHA-256 with a per-installation secret).
+
+Same key, same output on every run and machine, with no mapping database; without the key
+the originals cannot be recovered by dictionary attack, unlike unkeyed MD5 schemes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+from deidfs.errors import SecretError
+
+MIN_KEY_BYTES = 16
+TOKEN_LENGTH = 16  #: fits SH (16) and every longer string VR; base32 fits CS too
+MAX_SHIFT_DAYS = 3650
+
+
+class Pseudonymizer:
+    """Derive UIDs, tokens and per-patient date shifts from one secret key.
+
+    Each kind of value is derived in its own domain, so a UID and an ID with the same text
+    never collide.
+    """
+
+    __slots__ = ("_key", "_uids")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < MIN_KEY_BYTES:
+            raise SecretError(f"pseudonym key must be at least {MIN_KEY_BYTES} bytes")
+        self._key = key
+        self._uids: dict[str, str] = {}
+
+    def _mac(self, domain: str, value: str) -> bytes:
+        msg = domain.encode() + b"\x00" + value.encode("utf-8", "surrogateescape")
+        return hmac.new(self._key, msg, hashlib.sha256).digest()
+
+    def uid(self, uid: str) -> str:
+        """``2.25.<decimal of 128 keyed bits>`` (PS3.5 B.2), at most 44 characters."""
+        uid = uid.strip().rstrip("\x00")
+        out = self._uids.get(uid)
+        if out is None:
+            out = "2.25." + str(int.from_bytes(self._mac("uid", uid)[:16], "big"))
+            if len(self._uids) < 65536:
+                self._uids[uid] = out
+        return out
+
+    def token(self, value: str, domain: str = "id") -> str:
+        """A fixed-length token of upper-case letters and digits 2-7 (base32)."""
+        digest = self._mac(domain, value.strip())
+        return base64.b32encode(digest).decode()[:TOKEN_LENGTH]
+
+    def date_shift_days(self, patient_key: str) -> int:
+        """Days (1 to 3650) by which every date of this patient moves into the past."""
+        mac = self._mac("date-shift", patient_key.strip())
+        return 1 + int.from_bytes(mac[:8], "big") % MAX_SHIFT_DAYS

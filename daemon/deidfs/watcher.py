@@ -1,0 +1,3 @@
+"""Watch one folder and report files once they have settled (contract; implementation TBD)."""
+
+from __future__ import annotations
