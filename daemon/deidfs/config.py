@@ -1,16 +1,54 @@
 """The deidfs configuration: TOML at /etc/deidfs/deidfs.toml, parsed into immutable objects.
 
-(Contract: the dataclasses below are fixed; ``load_config`` fills them.)
+:func:`load_config` reads a file, :func:`parse_config` a text. Both validate everything
+before returning, and fail with :class:`ConfigInvalid`, which lists *every* problem found as
+a :class:`~deidfs.errors.ConfigError` with file, line and dotted key
+(``/etc/deidfs/deidfs.toml:12: folders.ct.profle: unknown key``).
+
+Schema (the annotated reference is ``etc/deidfs.toml``):
+
+- ``[daemon]``: the fields of :class:`DaemonConfig`.
+- ``[folders.<id>]``: ``path``, ``profile`` (default ``Nominal``), ``layout``, ``watch``.
+- ``[profiles.<name>]``: ``base`` (default ``Basic``), ``comment``, ``enabled``,
+  ``apply_masks``, ``options``, ``disabled``, ``rules`` or ``rules_file``, ``masks``,
+  ``date_modification``, ``max_age``.
+
+Relative paths are resolved against the directory of the configuration file. Unknown keys
+are errors, so a typo never silently drops a setting.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import bisect
+import contextlib
+import difflib
+import hashlib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
-from deidfs.deid.profiles import BUILTIN_PROFILES, Profile
+import tomlkit
+from tomlkit.exceptions import ParseError, TOMLKitError
+
+from deidfs.deid.profiles import (
+    BUILTIN_PROFILES,
+    DateModification,
+    Mask,
+    Profile,
+    Rect,
+    Rule,
+    parse_act,
+    rules_from_json,
+)
+from deidfs.deid.standard import Option
+from deidfs.deid.tags import format_tag, parse_tag
+from deidfs.errors import ConfigError, ProfileError
 from deidfs.render import Layout
 
 DEFAULT_CONFIG_PATH = Path("/etc/deidfs/deidfs.toml")
@@ -64,6 +102,1105 @@ class Config:
     sha256: str = ""  #: digest of the file's bytes, shown by ``status``
 
 
+class ConfigInvalid(ConfigError):
+    """The configuration has one or more problems; ``errors`` lists them all, top to bottom.
+
+    ``path``, ``line``, ``key`` and ``reason`` are those of the first problem; ``str()`` gives
+    every problem, one ``file:line: key: message`` per line.
+    """
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        if not errors:
+            raise ValueError("ConfigInvalid needs at least one error")
+        first = errors[0]
+        super().__init__(first.reason, path=first.path, line=first.line, key=first.key)
+        self.errors: tuple[ConfigError, ...] = tuple(errors)
+        if len(errors) > 1:
+            self.args = ("\n".join(str(e) for e in errors),)
+
+
+class ConfigUnreadable(ConfigError):
+    """The configuration file does not exist or cannot be read (EX_NOINPUT)."""
+
+    exit_code = os.EX_NOINPUT
+
+
+#: The profile a folder gets when it names none; the reference config defines it.
+DEFAULT_PROFILE = "Nominal"
+#: The base of a config profile that names none.
+DEFAULT_BASE = "Basic"
+
+#: Folder ids become directory names in the mount: no "/", no leading dot or dash.
+_FOLDER_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_MAX_PROFILE_NAME = 64
+_MAX_WORKERS = 256
+
+_DAEMON_KEYS = (
+    "mountpoint",
+    "export_dir",
+    "state_dir",
+    "metrics_address",
+    "control_socket",
+    "allow_other",
+    "settle_seconds",
+    "reconcile_seconds",
+    "poll_seconds",
+    "cache_mib",
+    "workers",
+)
+_FOLDER_KEYS = ("path", "profile", "layout", "watch")
+_PROFILE_KEYS = (
+    "base",
+    "comment",
+    "enabled",
+    "apply_masks",
+    "options",
+    "disabled",
+    "rules",
+    "rules_file",
+    "masks",
+    "date_modification",
+    "max_age",
+)
+_RULE_KEYS = ("id", "act", "note")
+_MASK_KEYS = ("modality", "manufacturer", "model", "rows", "columns", "enabled", "rects")
+_RECT_KEYS = ("left", "top", "width", "height")
+
+#: A position in the document: table and key names, and indexes into arrays.
+Key = tuple[str | int, ...]
+_E = TypeVar("_E", bound=Enum)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
 def load_config(path: Path) -> Config:
-    """Read and validate the TOML configuration at ``path``."""
-    raise NotImplementedError("being written")
+    """Read and validate the TOML configuration at ``path``.
+
+    Parameters
+    ----------
+    path
+        The configuration file. Relative paths inside it are resolved against its directory.
+
+    Returns
+    -------
+    Config
+        The validated configuration, built-in profiles included, with ``source`` and the
+        SHA-256 of the file's bytes.
+
+    Raises
+    ------
+    ConfigUnreadable
+        The file is missing or unreadable (exit code 66).
+    ConfigInvalid
+        The file is not valid TOML or breaks the schema (exit code 78); lists every problem.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigUnreadable("configuration file not found", path=str(path)) from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigUnreadable(
+            f"cannot read configuration file: {reason}", path=str(path)
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        error = ConfigError("not UTF-8 text", path=str(path), line=line)
+        raise ConfigInvalid([error]) from None
+    return _parse(text, path, hashlib.sha256(data).hexdigest())
+
+
+def parse_config(text: str, path: Path | None = None) -> Config:
+    """Validate a configuration given as text.
+
+    Parameters
+    ----------
+    text
+        The TOML document.
+    path
+        Where the text comes from (or is about to be written): named in errors, and its
+        directory resolves relative paths. Without it, messages say ``<config>`` and
+        relative paths are resolved against the current directory.
+
+    Returns
+    -------
+    Config
+        As :func:`load_config`; ``sha256`` is that of the UTF-8 encoded text.
+
+    Raises
+    ------
+    ConfigInvalid
+        The text is not valid TOML or breaks the schema; lists every problem.
+    """
+    return _parse(text, path, hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def _parse(text: str, path: Path | None, digest: str) -> Config:
+    where = str(path) if path is not None else "<config>"
+    try:
+        doc = tomlkit.parse(text).unwrap()
+    except TOMLKitError as exc:
+        raise ConfigInvalid([_syntax_error(text, where, exc)]) from None
+    base_dir = path.absolute().parent if path is not None else Path.cwd()
+    checker = _Checker(text, where, base_dir)
+    config = checker.config(doc)
+    if checker.problems:
+        raise checker.invalid()
+    return Config(
+        daemon=config.daemon,
+        folders=config.folders,
+        profiles=config.profiles,
+        source=path.absolute() if path is not None else None,
+        sha256=digest,
+    )
+
+
+def _syntax_error(text: str, where: str, exc: TOMLKitError) -> ConfigError:
+    """The TOML syntax error, at the most precise position either parser knows.
+
+    tomlkit places some errors at the end of the offending table, or nowhere (a key given
+    twice); the standard library's parser names the exact line, so it speaks when it agrees
+    that the text is invalid.
+    """
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as std:
+        message = str(std)
+        m = re.search(r" \(at line (\d+), column (\d+)\)$", message)
+        if m is not None:
+            # tomlkit names the key given twice ('Key "x" already exists.'), tomllib does not.
+            kit = re.sub(r" at line \d+ col \d+$", "", str(exc))
+            reason = kit if "already exists" in kit else message[: m.start()]
+            reason = f"{reason} (column {m.group(2)})"
+            return ConfigError(f"invalid TOML: {reason}", path=where, line=int(m.group(1)))
+        if message.endswith(" (at end of document)"):
+            reason = message.removesuffix(" (at end of document)") + " at the end of the file"
+            line = text.count("\n") + (0 if text.endswith("\n") else 1)
+            return ConfigError(f"invalid TOML: {reason}", path=where, line=max(line, 1))
+    if isinstance(exc, ParseError):
+        reason = re.sub(r" at line \d+ col \d+$", "", str(exc))
+        return ConfigError(f"invalid TOML: {reason} (column {exc.col})", path=where, line=exc.line)
+    return ConfigError(f"invalid TOML: {exc}", path=where)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def dotted(key: Key) -> str:
+    """Render a key as TOML writes it: ``profiles."+Pixel".rules[2].act``."""
+    out = ""
+    for part in key:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        name = part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else '"' + _escape(part) + '"'
+        out += f".{name}" if out else name
+    return out
+
+
+def _escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "table"
+    return "date/time"
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    pool = list(choices)
+    same_case = [c for c in pool if c.casefold() == word.casefold()]
+    close = same_case or difflib.get_close_matches(word, pool, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+class _Missing:
+    """Marks an absent key where ``None`` is a value of its own (``max_age``: no cap)."""
+
+
+_MISSING = _Missing()
+
+
+@dataclass(frozen=True, slots=True)
+class _ProfileSpec:
+    """One ``[profiles.<name>]`` table as written; ``None`` fields are inherited."""
+
+    name: str
+    base: str
+    comment: str
+    enabled: bool
+    apply_masks: bool | None
+    add_options: frozenset[Option]
+    remove_options: frozenset[Option]
+    add_disabled: frozenset[int]
+    remove_disabled: frozenset[int]
+    rules: tuple[Rule, ...]
+    masks: tuple[Mask, ...] | None
+    date_modification: DateModification | None
+    max_age: int | _Missing | None  #: 0 in the file means "no cap": ``None`` here
+
+
+class _Checker:
+    """Turns the plain document into a :class:`Config`, collecting problems by key."""
+
+    def __init__(self, text: str, where: str, base_dir: Path) -> None:
+        self.text = text
+        self.where = where
+        self.base_dir = base_dir
+        self.problems: list[tuple[Key, str]] = []
+
+    def error(self, key: Key, message: str) -> None:
+        self.problems.append((key, message))
+
+    def invalid(self) -> ConfigInvalid:
+        lines = _Locator(self.text)
+        errors = [
+            ConfigError(message, path=self.where, line=lines.line_of(key), key=dotted(key))
+            for key, message in self.problems
+        ]
+        # Top to bottom, as an editor shows them; problems without a line come last.
+        errors.sort(key=lambda e: e.line if e.line is not None else math.inf)
+        return ConfigInvalid(errors)
+
+    # -- whole document ----------------------------------------------------------------------
+
+    def config(self, doc: Mapping[str, object]) -> Config:
+        top = _Table(self, (), dict(doc))
+        top.check_keys(("daemon", "folders", "profiles"))
+        daemon = self.daemon(top.table("daemon"))
+        profiles, broken = self.profiles(top.table("profiles"))
+        folders = self.folders(top.table("folders"), daemon, profiles, broken)
+        return Config(daemon=daemon, folders=folders, profiles=profiles)
+
+    # -- [daemon] --------------------------------------------------------------------------
+
+    def daemon(self, t: _Table | None) -> DaemonConfig:
+        d = DaemonConfig()
+        if t is None:
+            return d
+        t.check_keys(_DAEMON_KEYS)
+        out = DaemonConfig(
+            mountpoint=t.path("mountpoint", d.mountpoint),
+            export_dir=t.path("export_dir", d.export_dir),
+            state_dir=t.path("state_dir", d.state_dir),
+            metrics_address=self.metrics_address(t, d.metrics_address),
+            control_socket=t.path("control_socket", d.control_socket),
+            allow_other=t.boolean("allow_other", d.allow_other),
+            settle_seconds=t.number("settle_seconds", d.settle_seconds, minimum=0.0),
+            reconcile_seconds=t.number("reconcile_seconds", d.reconcile_seconds, minimum=0.0),
+            poll_seconds=t.number("poll_seconds", d.poll_seconds, minimum=0.0, exclusive=True),
+            cache_mib=t.integer("cache_mib", d.cache_mib, minimum=1),
+            workers=t.integer("workers", d.workers, minimum=1, maximum=_MAX_WORKERS),
+        )
+        for name, other in (("export_dir", out.export_dir), ("state_dir", out.state_dir)):
+            if _overlaps(out.mountpoint, other):
+                at = "mountpoint" if "mountpoint" in t.data else name
+                self.error(
+                    (*t.key, at),
+                    f"the mount point ({out.mountpoint}) must not be, contain or lie inside "
+                    f"{name} ({other})",
+                )
+        return out
+
+    def metrics_address(self, t: _Table, default: str) -> str:
+        value = t.string("metrics_address", default)
+        if value == "":
+            return value
+        host, sep, port = value.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        if (
+            not sep
+            or not host
+            or not port.isdigit()
+            or not 0 < int(port) < 65536
+            or (":" in host and not bracketed)
+        ):
+            self.error(
+                (*t.key, "metrics_address"),
+                f'expected "host:port" (e.g. "127.0.0.1:9464", "[::1]:9464") or "" to turn '
+                f"metrics off, got {value!r}",
+            )
+            return default
+        return value
+
+    # -- [profiles.*] ----------------------------------------------------------------------
+
+    def profiles(self, t: _Table | None) -> tuple[dict[str, Profile], set[str]]:
+        """Built-ins and config profiles; also the names of config profiles that failed."""
+        result: dict[str, Profile] = dict(BUILTIN_PROFILES)
+        broken: set[str] = set()
+        if t is None:
+            return result, broken
+        specs: dict[str, _ProfileSpec] = {}
+        for name, sub in t.subtables():
+            spec = self.profile_spec(name, sub) if sub is not None else None
+            if spec is None and name not in BUILTIN_PROFILES:
+                broken.add(name)  # a rejected redefinition leaves the built-in in place
+            if spec is not None:
+                specs[name] = spec
+        resolver = _Resolver(self, specs, broken)
+        for name in specs:
+            profile = resolver.resolve(name, ())
+            if profile is not None:
+                result[name] = profile
+        return result, broken | resolver.failed
+
+    def profile_spec(self, name: str, t: _Table) -> _ProfileSpec | None:
+        before = len(self.problems)
+        builtin = [b for b in BUILTIN_PROFILES if b.casefold() == name.casefold()]
+        if builtin:
+            self.error(
+                t.key,
+                f"{builtin[0]!r} is a built-in profile and cannot be redefined; derive your "
+                f"own instead, e.g. [profiles.My{builtin[0].lstrip('+')}] with "
+                f'base = "{builtin[0]}"',
+            )
+        elif (
+            not name.strip()
+            or "/" in name
+            or not name.isprintable()
+            or len(name) > _MAX_PROFILE_NAME
+        ):
+            self.error(
+                t.key,
+                f"invalid profile name {name!r}: 1 to {_MAX_PROFILE_NAME} printable "
+                "characters, no '/'",
+            )
+        t.check_keys(_PROFILE_KEYS)
+        add_options, remove_options = self.options(t)
+        add_disabled, remove_disabled = self.disabled(t)
+        rules = self.rules(t)
+        masks = self.masks(t) if "masks" in t.data else None
+        max_age: int | _Missing | None = _MISSING
+        if "max_age" in t.data:
+            age = t.integer("max_age", 0, minimum=0, maximum=149)
+            max_age = age or None
+        spec = _ProfileSpec(
+            name=name,
+            base=t.string("base", DEFAULT_BASE),
+            comment=t.string("comment", ""),
+            enabled=t.boolean("enabled", True),
+            apply_masks=t.boolean("apply_masks", False) if "apply_masks" in t.data else None,
+            add_options=add_options,
+            remove_options=remove_options,
+            add_disabled=add_disabled,
+            remove_disabled=remove_disabled,
+            rules=rules,
+            masks=masks,
+            date_modification=(
+                t.choice("date_modification", DateModification, DateModification.SHIFT)
+                if "date_modification" in t.data
+                else None
+            ),
+            max_age=max_age,
+        )
+        return spec if len(self.problems) == before else None
+
+    def options(self, t: _Table) -> tuple[frozenset[Option], frozenset[Option]]:
+        add: set[Option] = set()
+        remove: set[Option] = set()
+        names = [o.value for o in Option]
+        for key, text in t.strings("options"):
+            removing = text.startswith("-")
+            name = text[1:] if removing else text
+            try:
+                option = Option(name)
+            except ValueError:
+                self.error(
+                    key,
+                    f"unknown option {name!r}{_did_you_mean(name, names)}; options are: "
+                    + ", ".join(names),
+                )
+                continue
+            (remove if removing else add).add(option)
+        for option in add & remove:
+            self.error((*t.key, "options"), f"{option.value!r} is both added and removed")
+        dates = {Option.RETAIN_LONGITUDINAL_FULL_DATES, Option.RETAIN_LONGITUDINAL_MODIFIED_DATES}
+        if dates <= add:
+            self.error(
+                (*t.key, "options"),
+                "retain_longitudinal_full_dates and retain_longitudinal_modified_dates "
+                "exclude each other",
+            )
+        return frozenset(add), frozenset(remove)
+
+    def disabled(self, t: _Table) -> tuple[frozenset[int], frozenset[int]]:
+        add: set[int] = set()
+        remove: set[int] = set()
+        for key, text in t.strings("disabled"):
+            removing = text.startswith("-")
+            try:
+                tag = parse_tag(text[1:] if removing else text)
+            except ProfileError as exc:
+                self.error(key, str(exc))
+                continue
+            (remove if removing else add).add(tag)
+        for tag in add & remove:
+            self.error((*t.key, "disabled"), f"{format_tag(tag)} is both added and removed")
+        return frozenset(add), frozenset(remove)
+
+    def rules(self, t: _Table) -> tuple[Rule, ...]:
+        if "rules" in t.data and "rules_file" in t.data:
+            self.error(
+                (*t.key, "rules_file"),
+                "give either rules or rules_file, not both (rules_file replaces the rules)",
+            )
+            return ()
+        if "rules_file" in t.data:
+            return self.rules_file(t)
+        rules: list[Rule] = []
+        seen: dict[int, int] = {}
+        for i, item in enumerate(t.tables("rules")):
+            if item is None:
+                continue
+            item.check_keys(_RULE_KEYS)
+            id_text = item.string("id", "", required=True)
+            act_text = item.string("act", "", required=True)
+            note = item.string("note", "")
+            if not id_text or not act_text:
+                continue
+            try:
+                tag = parse_tag(id_text)
+            except ProfileError as exc:
+                self.error((*item.key, "id"), str(exc))
+                continue
+            try:
+                parse_act(act_text)
+            except ProfileError as exc:
+                self.error((*item.key, "act"), str(exc))
+                continue
+            if tag in seen:
+                self.error(
+                    (*item.key, "id"),
+                    f"a second rule for {format_tag(tag)} (first: rules[{seen[tag]}])",
+                )
+                continue
+            seen[tag] = i
+            rules.append(Rule.parse(id_text, act_text, note))
+        return tuple(rules)
+
+    def rules_file(self, t: _Table) -> tuple[Rule, ...]:
+        path = t.optional_path("rules_file")
+        if path is None:
+            return ()
+        key = (*t.key, "rules_file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            self.error(key, f"rules file {path} not found")
+            return ()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            self.error(key, f"cannot read rules file {path}: {reason}")
+            return ()
+        try:
+            return rules_from_json(text)
+        except ProfileError as exc:
+            self.error(key, f"rules file {path}: {exc}")
+            return ()
+
+    def masks(self, t: _Table) -> tuple[Mask, ...]:
+        masks: list[Mask] = []
+        for item in t.tables("masks"):
+            if item is None:
+                continue
+            before = len(self.problems)
+            item.check_keys(_MASK_KEYS)
+            rects = self.rects(item)
+            modality = item.string("modality", "") or None
+            manufacturer = item.string("manufacturer", "") or None
+            model = item.string("model", "") or None
+            rows = item.integer("rows", 0, minimum=1) if "rows" in item.data else None
+            columns = item.integer("columns", 0, minimum=1) if "columns" in item.data else None
+            enabled = item.boolean("enabled", True)
+            if len(self.problems) > before:
+                continue
+            masks.append(
+                Mask(
+                    rects=rects,
+                    modality=modality,
+                    manufacturer=manufacturer,
+                    model=model,
+                    rows=rows,
+                    columns=columns,
+                    enabled=enabled,
+                )
+            )
+        return tuple(masks)
+
+    def rects(self, mask: _Table) -> tuple[Rect, ...]:
+        key = (*mask.key, "rects")
+        raw = mask.data.get("rects", _MISSING)
+        if isinstance(raw, _Missing):
+            self.error(key, "missing rects: a mask needs rects = [[left, top, width, height], ...]")
+            return ()
+        if not isinstance(raw, list) or not raw:
+            self.error(key, "expected a non-empty array of [left, top, width, height]")
+            return ()
+        rects: list[Rect] = []
+        for i, item in enumerate(raw):
+            ikey = (*key, i)
+            if isinstance(item, dict):
+                sub = _Table(self, ikey, item)
+                sub.check_keys(_RECT_KEYS)
+                numbers: list[object] = [item.get(k, _MISSING) for k in _RECT_KEYS]
+            elif isinstance(item, list) and len(item) == 4:
+                numbers = list(item)
+            else:
+                self.error(ikey, "expected [left, top, width, height] or a table of those")
+                continue
+            ints = [n for n in numbers if isinstance(n, int) and not isinstance(n, bool)]
+            if len(ints) != len(_RECT_KEYS):
+                self.error(ikey, "left, top, width and height must all be given as integers")
+                continue
+            left, top, width, height = ints
+            try:
+                rects.append(Rect(left, top, width, height))
+            except ProfileError as exc:
+                self.error(ikey, str(exc))
+        return tuple(rects)
+
+    # -- [folders.*] -----------------------------------------------------------------------
+
+    def folders(
+        self,
+        t: _Table | None,
+        daemon: DaemonConfig,
+        profiles: Mapping[str, Profile],
+        broken: Collection[str],
+    ) -> dict[str, FolderConfig]:
+        folders: dict[str, FolderConfig] = {}
+        paths: dict[str, Path] = {}  # every folder's path, valid folder or not
+        if t is None:
+            return folders
+        for fid, sub in t.subtables():
+            if sub is None:
+                continue
+            before = len(self.problems)
+            if not _FOLDER_ID.match(fid):
+                self.error(
+                    sub.key,
+                    f"invalid folder id {fid!r}: it names a directory in the mount, so use "
+                    "1 to 64 of A-Z a-z 0-9 _ . - (not starting with '.' or '-')",
+                )
+            sub.check_keys(_FOLDER_KEYS)
+            path = sub.optional_path("path", required=True)
+            profile = sub.string("profile", DEFAULT_PROFILE)
+            layout = sub.choice("layout", Layout, Layout.DICOM)
+            watch = sub.choice("watch", WatchMode, WatchMode.AUTO)
+            self.folder_profile(sub, profile, profiles, broken)
+            if path is not None:
+                self.folder_path(sub, fid, path, daemon, paths)
+                paths[fid] = path
+            if len(self.problems) == before and path is not None:
+                folders[fid] = FolderConfig(
+                    id=fid, path=path, profile=profile, layout=layout, watch=watch
+                )
+        return folders
+
+    def folder_profile(
+        self, t: _Table, name: str, profiles: Mapping[str, Profile], broken: Collection[str]
+    ) -> None:
+        if name in broken:
+            return  # its own errors are reported where it is defined
+        profile = profiles.get(name)
+        if profile is None and "profile" not in t.data:
+            self.error(
+                (*t.key, "profile"),
+                f"no profile given and the default profile {DEFAULT_PROFILE!r} is not "
+                f'defined: set profile = "..." or add [profiles.{DEFAULT_PROFILE}] with '
+                f'base = "{DEFAULT_BASE}"',
+            )
+        elif profile is None:
+            known = [*profiles, *sorted(broken)]
+            self.error(
+                (*t.key, "profile"),
+                f"unknown profile {name!r}{_did_you_mean(name, known)}; profiles are: "
+                + ", ".join(known),
+            )
+        elif not profile.enabled:
+            self.error(
+                (*t.key, "profile"),
+                f"profile {name!r} is disabled (enabled = false); a folder is never served "
+                "with a disabled profile",
+            )
+
+    def folder_path(
+        self,
+        t: _Table,
+        fid: str,
+        path: Path,
+        daemon: DaemonConfig,
+        earlier: Mapping[str, Path],
+    ) -> None:
+        key = (*t.key, "path")
+        for name in ("mountpoint", "export_dir", "state_dir"):
+            other: Path = getattr(daemon, name)
+            if _overlaps(path, other):
+                self.error(
+                    key,
+                    f"folder {fid!r} ({path}) must not be, contain or lie inside "
+                    f"daemon.{name} ({other})",
+                )
+        for other_id, other_path in earlier.items():
+            if _overlaps(path, other_path):
+                how = "the same path as" if path == other_path else "nested with"
+                self.error(
+                    key,
+                    f"folder {fid!r} ({path}) is {how} folder {other_id!r} ({other_path}); "
+                    "a file must belong to one folder",
+                )
+
+
+class _Table:
+    """A table of the document with typed getters that report problems at their key."""
+
+    def __init__(self, checker: _Checker, key: Key, data: dict[str, object]) -> None:
+        self.checker = checker
+        self.key = key
+        self.data = data
+
+    def _err(self, name: str | int, message: str) -> None:
+        self.checker.error((*self.key, name), message)
+
+    def check_keys(self, allowed: Sequence[str]) -> None:
+        for name in self.data:
+            if name not in allowed:
+                self._err(
+                    name,
+                    f"unknown key{_did_you_mean(name, allowed)}; allowed here: "
+                    + ", ".join(allowed),
+                )
+
+    def _get(self, name: str, expected: str, required: bool) -> object:
+        value = self.data.get(name, _MISSING)
+        if isinstance(value, _Missing) and required:
+            self._err(name, f"missing {name} ({expected})")
+        return value
+
+    def _wrong(self, name: str, expected: str, value: object) -> None:
+        self._err(name, f"expected {expected}, got {_type_name(value)} {value!r}")
+
+    def table(self, name: str) -> _Table | None:
+        value = self.data.get(name, _MISSING)
+        if isinstance(value, _Missing):
+            return None
+        if not isinstance(value, dict):
+            self._wrong(name, "a table", value)
+            return None
+        return _Table(self.checker, (*self.key, name), value)
+
+    def subtables(self) -> list[tuple[str, _Table | None]]:
+        """Each ``[<this>.<name>]`` table; ``None`` (reported) where the value is no table."""
+        out: list[tuple[str, _Table | None]] = []
+        for name, value in self.data.items():
+            if isinstance(value, dict):
+                out.append((name, _Table(self.checker, (*self.key, name), value)))
+            else:
+                self._wrong(name, f"a table [{dotted((*self.key, name))}]", value)
+                out.append((name, None))
+        return out
+
+    def tables(self, name: str) -> list[_Table | None]:
+        """An array of tables (inline or ``[[...]]``); ``None`` for reported bad items."""
+        value = self.data.get(name, _MISSING)
+        if isinstance(value, _Missing):
+            return []
+        if not isinstance(value, list):
+            self._wrong(name, "an array of tables", value)
+            return []
+        out: list[_Table | None] = []
+        for i, item in enumerate(value):
+            if isinstance(item, dict):
+                out.append(_Table(self.checker, (*self.key, name, i), item))
+            else:
+                self.checker.error(
+                    (*self.key, name, i), f"expected a table, got {_type_name(item)} {item!r}"
+                )
+                out.append(None)
+        return out
+
+    def strings(self, name: str) -> list[tuple[Key, str]]:
+        """An array of strings, each with its key; bad items are reported and skipped."""
+        value = self.data.get(name, _MISSING)
+        if isinstance(value, _Missing):
+            return []
+        if not isinstance(value, list):
+            self._wrong(name, "an array of strings", value)
+            return []
+        out: list[tuple[Key, str]] = []
+        for i, item in enumerate(value):
+            key = (*self.key, name, i)
+            if isinstance(item, str) and item.strip():
+                out.append((key, item.strip()))
+            else:
+                self.checker.error(key, f"expected a non-empty string, got {item!r}")
+        return out
+
+    def string(self, name: str, default: str, *, required: bool = False) -> str:
+        value = self._get(name, "a string", required)
+        if isinstance(value, _Missing):
+            return default
+        if not isinstance(value, str):
+            self._wrong(name, "a string", value)
+            return default
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, _MISSING)
+        if isinstance(value, _Missing):
+            return default
+        if not isinstance(value, bool):
+            self._wrong(name, "true or false", value)
+            return default
+        return value
+
+    def number(
+        self, name: str, default: float, *, minimum: float, exclusive: bool = False
+    ) -> float:
+        value = self.data.get(name, _MISSING)
+        if isinstance(value, _Missing):
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self._wrong(name, "a number of seconds", value)
+            return default
+        number = float(value)
+        too_small = number <= minimum if exclusive else number < minimum
+        if not math.isfinite(number) or too_small:
+            bound = f"greater than {minimum:g}" if exclusive else f"at least {minimum:g}"
+            self._err(name, f"must be a finite number {bound}, got {value!r}")
+            return default
+        return number
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        value = self.data.get(name, _MISSING)
+        if isinstance(value, _Missing):
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self._wrong(name, "an integer", value)
+            return default
+        if value < minimum or (maximum is not None and value > maximum):
+            span = f"{minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            self._err(name, f"must be {span}, got {value}")
+            return default
+        return value
+
+    def choice(self, name: str, enum: type[_E], default: _E) -> _E:
+        value = self.data.get(name, _MISSING)
+        if isinstance(value, _Missing):
+            return default
+        names = [str(m.value) for m in enum]
+        if not isinstance(value, str):
+            self._wrong(name, "one of " + ", ".join(f'"{n}"' for n in names), value)
+            return default
+        for member in enum:
+            if member.value == value:
+                return member
+        self._err(
+            name,
+            f"unknown {name} {value!r}{_did_you_mean(value, names)}; one of: " + ", ".join(names),
+        )
+        return default
+
+    def path(self, name: str, default: Path) -> Path:
+        """An absolute path; a relative one is taken from the configuration file's directory."""
+        found = self.optional_path(name)
+        return default if found is None else found
+
+    def optional_path(self, name: str, *, required: bool = False) -> Path | None:
+        """As :meth:`path`; ``None`` when absent (reported if ``required``) or invalid."""
+        value = self._get(name, "a path", required)
+        default = None
+        if isinstance(value, _Missing):
+            return default
+        if not isinstance(value, str) or not value or "\x00" in value:
+            self._wrong(name, "a non-empty path string", value)
+            return default
+        return Path(os.path.normpath(self.checker.base_dir / value))
+
+
+class _Resolver:
+    """Resolves profile inheritance (``base``) in dependency order, detecting cycles."""
+
+    def __init__(
+        self, checker: _Checker, specs: Mapping[str, _ProfileSpec], broken: Collection[str]
+    ) -> None:
+        self.checker = checker
+        self.specs = specs
+        self.broken = broken
+        self.done: dict[str, Profile] = dict(BUILTIN_PROFILES)
+        self.failed: set[str] = set()
+
+    def resolve(self, name: str, chain: tuple[str, ...]) -> Profile | None:
+        if name in self.done:
+            return self.done[name]
+        if name in self.failed:
+            return None
+        spec = self.specs[name]
+        base_key: Key = ("profiles", name, "base")
+        if spec.base in (*chain, name):
+            loop = (*chain, name)
+            cycle = " -> ".join([*loop[loop.index(spec.base) :], spec.base])
+            self.checker.error(base_key, f"base profiles form a cycle: {cycle}")
+            self.failed.add(name)
+            return None
+        if spec.base in self.broken:
+            self.failed.add(name)  # the base's own errors are reported where it is defined
+            return None
+        if spec.base not in self.specs and spec.base not in self.done:
+            known = [*BUILTIN_PROFILES, *(n for n in self.specs if n != name)]
+            self.checker.error(
+                base_key,
+                f"unknown base profile {spec.base!r}{_did_you_mean(spec.base, known)}; "
+                "profiles are: " + ", ".join(known),
+            )
+            self.failed.add(name)
+            return None
+        base = self.resolve(spec.base, (*chain, name))
+        if base is None:
+            self.failed.add(name)
+            return None
+        profile = self.merge(spec, base)
+        if profile is None:
+            self.failed.add(name)
+        else:
+            self.done[name] = profile
+        return profile
+
+    def merge(self, spec: _ProfileSpec, base: Profile) -> Profile | None:
+        """Derive ``spec`` from ``base``: unset fields inherited, lists added or removed."""
+        own = {rule.tag for rule in spec.rules}
+        rules = (*(r for r in base.rules if r.tag not in own), *spec.rules)
+        options = (base.options | spec.add_options) - spec.remove_options
+        try:
+            return Profile(
+                name=spec.name,
+                base=base.name,
+                comment=spec.comment,
+                enabled=spec.enabled,
+                apply_masks=base.apply_masks if spec.apply_masks is None else spec.apply_masks,
+                options=options,
+                disabled=(base.disabled | spec.add_disabled) - spec.remove_disabled,
+                rules=rules,
+                masks=base.masks if spec.masks is None else spec.masks,
+                date_modification=(
+                    base.date_modification
+                    if spec.date_modification is None
+                    else spec.date_modification
+                ),
+                max_age=base.max_age if isinstance(spec.max_age, _Missing) else spec.max_age,
+            )
+        except ProfileError as exc:
+            # Only combinations across the inheritance chain get here (e.g. both longitudinal
+            # date options, one inherited): say which profile the other came from.
+            self.checker.error(
+                ("profiles", spec.name, "options"), f"{exc} (after inheriting from {base.name!r})"
+            )
+            return None
+
+
+# --------------------------------------------------------------------------------------------
+# Line numbers
+
+
+class _Locator:
+    """Line numbers of the keys of a TOML document that tomlkit has already accepted.
+
+    tomlkit items carry no source positions, so this walks the text once more, just far
+    enough to know which key, table header, array item or inline-table key starts on which
+    line. Best effort: if the walk stops early, the keys found until then still answer.
+    """
+
+    _BARE = re.compile(r"[A-Za-z0-9_-]+")
+    _SCALAR = re.compile(r"[^,\]}\n#]*")
+
+    def __init__(self, text: str) -> None:
+        self._t = text
+        self._i = 0
+        self._starts = [0, *(m.end() for m in re.finditer("\n", text))]
+        self._aot: dict[Key, int] = {}
+        self.lines: dict[Key, int] = {}
+        with contextlib.suppress(IndexError, ValueError):
+            self._document()
+
+    def line_of(self, key: Key) -> int | None:
+        """The line of ``key``, else of the closest enclosing table or key that has one."""
+        for n in range(len(key), 0, -1):
+            line = self.lines.get(key[:n])
+            if line is not None:
+                return line
+        return None
+
+    def _line(self, i: int) -> int:
+        return bisect.bisect_right(self._starts, i)
+
+    def _record(self, key: Key, at: int) -> None:
+        line = self._line(at)
+        for n in range(1, len(key)):
+            self.lines.setdefault(key[:n], line)
+        self.lines[key] = line
+
+    def _skip(self, newlines: bool) -> None:
+        t = self._t
+        while self._i < len(t):
+            c = t[self._i]
+            if c in " \t" or (newlines and c in "\r\n"):
+                self._i += 1
+            elif c == "#" and newlines:
+                end = t.find("\n", self._i)
+                self._i = len(t) if end < 0 else end
+            else:
+                break
+
+    def _document(self) -> None:
+        table: Key = ()
+        while True:
+            self._skip(newlines=True)
+            if self._i >= len(self._t):
+                return
+            start = self._i
+            if self._t[self._i] == "[":
+                table = self._header()
+            else:
+                self._keyval(table)
+            if self._i == start:
+                raise ValueError("no progress")
+
+    def _header(self) -> Key:
+        start = self._i
+        array = self._t.startswith("[[", start)
+        self._i += 2 if array else 1
+        parts = self._key()
+        self._skip(newlines=False)
+        self._i += 2 if array else 1
+        resolved: list[str | int] = []
+        for part in parts[:-1] if array else parts:
+            resolved.append(part)
+            index = self._aot.get(tuple(resolved))
+            if index is not None:
+                resolved.append(index)
+        if array:
+            resolved.append(parts[-1])
+            index = self._aot.get(tuple(resolved), -1) + 1
+            self._aot[tuple(resolved)] = index
+            resolved.append(index)
+        key = tuple(resolved)
+        self._record(key, start)
+        return key
+
+    def _keyval(self, table: Key) -> None:
+        start = self._i
+        key = (*table, *self._key())
+        self._skip(newlines=False)
+        if self._t[self._i] != "=":
+            raise ValueError("expected '='")
+        self._i += 1
+        self._record(key, start)
+        self._value(key)
+
+    def _key(self) -> list[str]:
+        parts: list[str] = []
+        while True:
+            self._skip(newlines=False)
+            if self._t[self._i] in "\"'":
+                parts.append(self._decode_key(self._string()))
+            else:
+                m = self._BARE.match(self._t, self._i)
+                if m is None:
+                    raise ValueError("expected a key")
+                parts.append(m.group())
+                self._i = m.end()
+            self._skip(newlines=False)
+            if self._i < len(self._t) and self._t[self._i] == ".":
+                self._i += 1
+                continue
+            return parts
+
+    @staticmethod
+    def _decode_key(raw: str) -> str:
+        if raw.startswith("'"):
+            return raw[1:-1]
+        try:
+            value = tomllib.loads(f"k = {raw}")["k"]
+        except tomllib.TOMLDecodeError:
+            return raw[1:-1]
+        return value if isinstance(value, str) else raw[1:-1]
+
+    def _string(self) -> str:
+        """Skip the string starting here and return its raw text, quotes included."""
+        t, i = self._t, self._i
+        quote = t[i]
+        if t.startswith(quote * 3, i):
+            j = i + 3
+            while not t.startswith(quote * 3, j):
+                j += 2 if quote == '"' and t[j] == "\\" else 1
+                if j >= len(t):
+                    raise ValueError("unterminated string")
+            j += 3
+            while j < len(t) and t[j] == quote:  # up to two quotes end the content
+                j += 1
+        else:
+            j = i + 1
+            while t[j] != quote:
+                j += 2 if quote == '"' and t[j] == "\\" else 1
+            j += 1
+        self._i = j
+        return t[i:j]
+
+    def _value(self, key: Key) -> None:
+        self._skip(newlines=False)
+        c = self._t[self._i]
+        if c in "\"'":
+            self._string()
+        elif c == "[":
+            self._i += 1
+            index = 0
+            while True:
+                self._skip(newlines=True)
+                if self._t[self._i] == "]":
+                    self._i += 1
+                    return
+                item = (*key, index)
+                self._record(item, self._i)
+                self._value(item)
+                index += 1
+                self._skip(newlines=True)
+                if self._t[self._i] == ",":
+                    self._i += 1
+        elif c == "{":
+            self._i += 1
+            while True:
+                self._skip(newlines=True)
+                if self._t[self._i] == "}":
+                    self._i += 1
+                    return
+                self._keyval(key)
+                self._skip(newlines=True)
+                if self._t[self._i] == ",":
+                    self._i += 1
+        else:
+            m = self._SCALAR.match(self._t, self._i)
+            assert m is not None  # the pattern matches the empty string
+            if m.end() == self._i:
+                raise ValueError("expected a value")
+            self._i = m.end()
