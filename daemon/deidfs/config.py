@@ -36,6 +36,7 @@ from typing import TypeVar
 import tomlkit
 from tomlkit.exceptions import ParseError, TOMLKitError
 
+from deidfs.deid.layout import Layout
 from deidfs.deid.profiles import (
     BUILTIN_PROFILES,
     DateModification,
@@ -49,7 +50,6 @@ from deidfs.deid.profiles import (
 from deidfs.deid.standard import Option
 from deidfs.deid.tags import format_tag, parse_tag
 from deidfs.errors import ConfigError, ProfileError
-from deidfs.render import Layout
 
 DEFAULT_CONFIG_PATH = Path("/etc/deidfs/deidfs.toml")
 CONFIG_ENV = "DEIDFS_CONFIG"

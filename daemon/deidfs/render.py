@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import stat
 import struct
 import zlib
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
@@ -31,9 +29,22 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID
 
 from deidfs.deid.engine import Report, deidentify
+from deidfs.deid.layout import Layout, layout_path
 from deidfs.deid.plan import Plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import Refused
+
+__all__ = [
+    "Layout",
+    "SourceStat",
+    "View",
+    "layout_path",
+    "read_view",
+    "render",
+    "render_path",
+    "source_unchanged",
+    "write_view",
+]
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -44,15 +55,6 @@ PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 #: Largest inflated size accepted for a deflated source (a deflate bomb is refused).
 MAX_INFLATED = 512 * 1024 * 1024
 _LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UC", b"UR", b"UT"})
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._^-]")
-
-
-class Layout(Enum):
-    """How view files are named under ``<mountpoint>/<folder>``."""
-
-    DICOM = "dicom"  #: <PatientID'>/<StudyInstanceUID'>/<SeriesInstanceUID'>/<SOPInstanceUID'>.dcm
-    FLAT = "flat"  #: <SOPInstanceUID'>.dcm
-    MIRROR = "mirror"  #: the source's relative path (only when an admin asks for it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,30 +86,6 @@ class View:
     @property
     def size(self) -> int:
         return len(self.header) + self.pixel_length + len(self.trailer)
-
-
-def _component(value: object, fallback: str) -> str:
-    text = _SAFE_NAME.sub("_", str(value or "").strip())[:128].strip(".")
-    return text or fallback
-
-
-def layout_path(
-    ds: Dataset, layout: Layout, source_rel: PurePosixPath | None = None
-) -> PurePosixPath:
-    """The view path of a de-identified dataset. Only de-identified values are used."""
-    sop = _component(ds.get("SOPInstanceUID"), "NO_SOP_INSTANCE_UID") + ".dcm"
-    if layout is Layout.FLAT:
-        return PurePosixPath(sop)
-    if layout is Layout.MIRROR:
-        if source_rel is None:
-            raise ValueError("mirror layout needs the source's relative path")
-        return source_rel
-    return PurePosixPath(
-        _component(ds.get("PatientID"), "NO_PATIENT_ID"),
-        _component(ds.get("StudyInstanceUID"), "NO_STUDY_UID"),
-        _component(ds.get("SeriesInstanceUID"), "NO_SERIES_UID"),
-        sop,
-    )
 
 
 def _pixel_element_end(f: BinaryIO, pos: int, size: int, implicit: bool, little: bool) -> int:
