@@ -40,9 +40,28 @@ class JournalFormatter(logging.Formatter):
         return f"<{prio}>{record.name}: {super().format(record)}"
 
 
+class ThirdPartyRedactor(logging.Filter):
+    """Replace the text of third-party records, which may carry raw paths.
+
+    watchdog, for one, logs the watched root and snapshot errors with their paths. Their
+    level and origin are kept; the message is replaced by its logger name and level.
+    """
+
+    PREFIXES = ("watchdog", "mfusepy", "fuse")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(self.PREFIXES):
+            record.msg = "%s reported a %s event (details withheld: may name paths)"
+            record.args = (record.name, record.levelname.lower())
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Configure the root logger once for the CLI or the daemon."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ThirdPartyRedactor())
     if _under_journald():
         handler.setFormatter(JournalFormatter("%(message)s"))
     else:

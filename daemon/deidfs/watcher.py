@@ -1,3 +1,1146 @@
-"""Watch one folder and report files once they have settled (contract; implementation TBD)."""
+"""Watch one source folder and report files once they have settled.
+
+A :class:`FolderWatcher` turns file system activity below one folder root into a stream of
+:class:`Change` objects: ``READY`` when a file has settled (and again after each change that
+settles), ``GONE`` when a file that was reported ready is deleted, moved away or stops being a
+regular file.
+
+Three sources feed one idempotent pipeline, keyed by the file's (device, inode, size,
+mtime_ns) signature:
+
+- a watchdog observer (``InotifyObserver``, or a polling observer on network file systems
+  where inotify does not see writes made by other hosts);
+- the initial scan, which walks the tree in the background after the observer has started
+  (so no file can fall between scan and watch);
+- periodic reconciliation scans, which repair what the observer missed (inotify queue
+  overflows, directories watchdog could not watch, events lost during an outage).
+
+Threads: a *worker* thread owns the pending and reported tables, settles files and calls the
+sink; a *supervisor* thread starts and restarts the observer, runs the scans and checks that
+the root is reachable. Observer callbacks only enqueue. Nothing here opens a source file: the
+stability checks use ``os.lstat`` alone.
+
+Logs name the folder id, counts and errno names, never a path: paths can carry patient names.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import NamedTuple
+
+from watchdog.events import (
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import InotifyObserver
+from watchdog.observers.polling import PollingObserverVFS
+
+from deidfs.config import WatchMode
+
+logger = logging.getLogger(__name__)
+
+#: File names (lower-cased) ending like this are transfers in progress (dcm4che ``.part``,
+#: RSNA CTP ``.partial``): never reported; their rename into place is.
+IGNORED_SUFFIXES = (".part", ".partial")
+
+#: File systems where inotify misses changes made by other hosts (inotify(7): "remote network
+#: file systems"); ``auto`` polls on these and on every ``fuse.*`` type.
+NETWORK_FS_TYPES = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "ncpfs",
+        "afs",
+        "ceph",
+        "glusterfs",
+        "9p",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "virtiofs",
+        "fuse",
+        "fuseblk",
+    }
+)
+
+_WATCH_LIMIT_FILES = (
+    Path("/proc/sys/fs/inotify/max_user_watches"),
+    # The limit of the current user namespace; inside a container it may be lower.
+    Path("/proc/sys/user/max_inotify_watches"),
+)
+_INSTANCE_LIMIT_FILE = Path("/proc/sys/fs/inotify/max_user_instances")
+
+# Event types the observer passes on. Opened/closed-without-write events are left out so that
+# reads of the sources (by deidfs itself) do not wake the watcher; for inotify this also
+# narrows the kernel mask.
+_EVENT_FILTER: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+]
+
+#: After close-write or a rename into place the file only has to keep its signature this long.
+_QUICK_SETTLE_SECONDS = 0.1
+#: Grace for the inotify thread to add watches for directories created during a scan.
+_WATCH_CHECK_GRACE_SECONDS = 0.5
+#: Upper bound for each join in :meth:`FolderWatcher.stop`.
+_JOIN_SECONDS = 10.0
+#: Files per batch handed from a scan to the worker, so READY flows while a big tree is read.
+_SCAN_BATCH = 256
+
+# Test seam: the directory lister of the scans.
+_scandir = os.scandir
+
+
+class FileEvent(Enum):
+    """What happened to a file."""
+
+    READY = "ready"  #: settled: complete and stable, ready to be indexed (again)
+    GONE = "gone"  #: a file reported ready was deleted, moved away or is no longer regular
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One report of the watcher to its sink."""
+
+    folder_id: str
+    path: Path  #: absolute source path
+    kind: FileEvent
+
+
+class _Sig(NamedTuple):
+    """What identifies one version of a file's content without reading it."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> _Sig:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A file seen but not yet settled (owned by the worker thread)."""
+
+    sig: _Sig | None  #: last signature seen; None until the first sweep
+    since: float  #: clock() of the last event or signature change
+    quick: bool  #: closed after writing or renamed into place: a short check suffices
+
+
+@dataclass(frozen=True, slots=True)
+class _ScanBatch:
+    scan_id: int
+    files: list[tuple[Path, _Sig]]
+    reconcile: bool  #: a periodic scan: count what the observer missed
+
+
+@dataclass(frozen=True, slots=True)
+class _ScanEnd:
+    scan_id: int
+    complete: bool  #: the whole tree was read, so absent files may be declared gone
+    initial: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _RootLost:
+    pass
+
+
+class _Stop:
+    pass
+
+
+_STOP = _Stop()
+
+_WorkItem = FileSystemEvent | _ScanBatch | _ScanEnd | _RootLost | _Stop
+
+
+class _Cmd(Enum):
+    RESCAN = "rescan"
+    CHECK = "check"
+    STOP = "stop"
+
+
+@dataclass(slots=True)
+class _ScanStats:
+    files: int = 0
+    dirs: dict[int, str] = field(default_factory=dict)  #: inode -> path of every directory
+
+
+class _Enqueuer(FileSystemEventHandler):
+    """Observer callback: runs on watchdog's dispatch thread, so it only enqueues."""
+
+    def __init__(self, put: Callable[[_WorkItem], None]) -> None:
+        super().__init__()
+        self._put = put
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        self._put(event)
+
+
+def inotify_watch_limit() -> int | None:
+    """Return the inotify watch limit that applies to this process.
+
+    Reads ``/proc/sys/fs/inotify/max_user_watches`` and, inside a user namespace, the lower
+    ``/proc/sys/user/max_inotify_watches`` of that namespace. The limit is per real uid and
+    shared by every process of that user.
+
+    Returns
+    -------
+    int or None
+        The smallest limit found, or None when neither file is readable.
+    """
+    values: list[int] = []
+    for limit_file in _WATCH_LIMIT_FILES:
+        try:
+            values.append(int(limit_file.read_text(encoding="ascii").strip()))
+        except (OSError, ValueError):
+            continue
+    return min(values) if values else None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _unescape_mountinfo(field_text: str) -> str:
+    r"""Undo the octal escapes (``\040`` etc.) of /proc/self/mountinfo path fields."""
+    if "\\" not in field_text:
+        return field_text
+    out: list[str] = []
+    i = 0
+    while i < len(field_text):
+        chunk = field_text[i : i + 4]
+        if len(chunk) == 4 and chunk[0] == "\\" and chunk[1:].isdigit():
+            out.append(chr(int(chunk[1:], 8)))
+            i += 4
+        else:
+            out.append(field_text[i])
+            i += 1
+    return "".join(out)
+
+
+def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
+    """Return the file system type of the mount that holds ``path``.
+
+    Parameters
+    ----------
+    path : Path
+        An absolute, symlink-free path (pass ``os.path.realpath``'s result).
+    mountinfo : str, optional
+        The text of ``/proc/self/mountinfo``; read when not given.
+
+    Returns
+    -------
+    str or None
+        The type (``ext4``, ``nfs4``, ``fuse.sshfs``, ...) of the longest mount point that
+        contains ``path`` (the last one mounted, when several share it), or None if unknown.
+    """
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    target = str(path)
+    best_len = -1
+    best_type: str | None = None
+    for line in mountinfo.splitlines():
+        # "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right:
+            continue
+        mount_point = _unescape_mountinfo(fields[4])
+        inside = mount_point in ("/", target) or target.startswith(mount_point + "/")
+        if inside and len(mount_point) >= best_len:
+            best_len = len(mount_point)
+            best_type = right.split()[0]
+    return best_type
+
+
+def is_network_filesystem(fstype: str) -> bool:
+    """Tell whether inotify misses remote changes on this file system type.
+
+    Parameters
+    ----------
+    fstype : str
+        A type as in /proc/self/mountinfo.
+
+    Returns
+    -------
+    bool
+        True for NFS, SMB/CIFS, cluster file systems, 9p, virtiofs and every FUSE file system.
+    """
+    return fstype in NETWORK_FS_TYPES or fstype.startswith("fuse.")
+
+
+def _watched_inodes(fd: int) -> set[int] | None:
+    """Inode numbers of the directories an inotify file descriptor of ours watches.
+
+    /proc/self/fdinfo/<fd> lists one ``inotify wd:.. ino:<hex> sdev:<hex> ...`` line per
+    watch that the kernel really holds. Device numbers are left out: on btrfs the
+    superblock's device differs from what stat reports for a subvolume.
+    """
+    try:
+        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+            return None
+        text = Path(f"/proc/self/fdinfo/{fd}").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    inodes: set[int] = set()
+    for line in text.splitlines():
+        if not line.startswith("inotify "):
+            continue
+        for item in line.split():
+            if item.startswith("ino:"):
+                with contextlib.suppress(ValueError):
+                    inodes.add(int(item[4:], 16))
+                break
+    return inodes
+
+
+def _inotify_fd_of(observer: BaseObserver) -> int | None:
+    # watchdog keeps the inotify instance of an InotifyObserver in a private attribute; if a
+    # later version moves it, the watch check falls back to comparing with the limit.
+    holder = getattr(observer, "_inotify_fd", None)
+    fd = getattr(holder, "_inotify_fd", None)
+    return fd if isinstance(fd, int) else None
+
+
+def _errname(exc: OSError) -> str:
+    # Never str(exc): an OSError's text carries the file name.
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+
+
+def _observer_alive(observer: BaseObserver | None) -> bool:
+    if observer is None or not observer.is_alive():
+        return False
+    try:
+        emitters = list(observer.emitters)
+    except RuntimeError:  # the set changed while copied; ask again at the next check
+        return True
+    # An emitter stops by itself when its root is deleted.
+    return bool(emitters) and all(emitter.is_alive() for emitter in emitters)
+
+
+class FolderWatcher:
+    """Watch one folder tree and report settled files to a sink.
+
+    Parameters
+    ----------
+    folder_id : str
+        The configured folder id; it is the only folder information that is logged.
+    root : Path
+        The folder to watch (absolute or relative; it is made absolute, symlinks kept).
+    mode : WatchMode
+        ``INOTIFY``, ``POLL``, or ``AUTO`` (polling on network file systems, see
+        :func:`is_network_filesystem`).
+    settle_seconds : float
+        How long a created or modified file must keep its size and mtime before it is ready.
+        Files already present with an mtime older than this count as settled.
+    poll_seconds : float
+        Interval of the polling observer, and of the root reachability check in all modes.
+    reconcile_seconds : float
+        Interval of the periodic reconciliation scan; 0 disables it.
+    sink : callable
+        Receives each :class:`Change`, always on the watcher's worker thread, never under a
+        lock of the watcher; it may be slow. An exception it raises is logged; a failed
+        ``READY`` is offered again by the next scan.
+    clock : callable, optional
+        Monotonic clock in seconds, for every interval decision (injectable for tests).
+
+    Notes
+    -----
+    Settling: a close-after-write or a rename into place makes a file ready once its
+    signature (device, inode, size, mtime_ns) holds for a short check; a file that is only
+    created or modified (a move from an unwatched directory, a writer on another NFS client)
+    must keep its signature for ``settle_seconds``. A file whose signature equals the one
+    last reported is not reported again (chmod, a second close, a rescan).
+
+    Ignored: names ending in ``.part`` or ``.partial``, every path with a component (below the
+    root) starting with ``.``, and everything that is not a regular file. Symbolic links are
+    never followed, neither as files nor as directories: a link could point outside the
+    watched folder and pull another folder's (or another patient's) data into this view, and
+    a link to an ancestor would make the walk endless.
+
+    Inotify watch limit: watchdog silently skips subdirectories it cannot watch. After each
+    full scan the watcher compares the directories it found with the watches the kernel
+    holds for its inotify instance (``/proc/self/fdinfo``); when some are missing, or when
+    watching fails outright with ENOSPC/EMFILE, it logs a warning, switches this folder to
+    polling for the rest of its life and reports why in :attr:`degraded_reason`.
+
+    Root outages: when the root disappears or cannot be opened, every reported file is
+    reported ``GONE`` (the view must not serve what cannot be read), and the root is tried
+    again every ``poll_seconds``; when it is back, the observer restarts and a full scan
+    reports every file ``READY`` again.
+    """
+
+    def __init__(
+        self,
+        folder_id: str,
+        root: Path,
+        mode: WatchMode,
+        *,
+        settle_seconds: float,
+        poll_seconds: float,
+        reconcile_seconds: float,
+        sink: Callable[[Change], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if settle_seconds < 0 or poll_seconds <= 0 or reconcile_seconds < 0:
+            raise ValueError("settle_seconds/reconcile_seconds must be >= 0, poll_seconds > 0")
+        self._folder_id = folder_id
+        self._root_str = os.path.abspath(root)
+        self._root_prefix = self._root_str.rstrip("/") + "/"
+        self._mode = mode
+        self._settle = float(settle_seconds)
+        self._quick = min(_QUICK_SETTLE_SECONDS, self._settle)
+        self._poll = float(poll_seconds)
+        self._reconcile = float(reconcile_seconds)
+        self._sink = sink
+        self._clock = clock
+        self._tick = min(max(self._settle / 4, 0.02), 0.25)
+
+        self._lock = threading.Lock()  # guards the fields read by the properties
+        self._events: queue.SimpleQueue[_WorkItem] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Cmd] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._started = False
+        self._stopped = False
+        self._worker: threading.Thread | None = None
+        self._supervisor: threading.Thread | None = None
+
+        # Supervisor state (the observer is also read by properties, under the lock).
+        self._observer: BaseObserver | None = None
+        self._kind = "poll" if mode is WatchMode.POLL else "inotify"
+        self._degraded_reason: str | None = None
+        self._root_ok = False
+        self._outage = False  #: root lost; logged once until a full scan succeeds again
+        self._root_ident: tuple[int, int] | None = None
+        self._root_real = self._root_str  # resolved when the observer starts
+        # The observer watches the root's real path: with a symlink as the root itself,
+        # watchdog (which never follows links) would watch the link, not the directory.
+        self._observed_base = self._root_str
+        self._scan_id = 0
+        self._directories = 0
+        self._watches: int | None = None
+
+        # Worker state.
+        self._pending: dict[Path, _Pending] = {}
+        self._reported: dict[Path, _Sig] = {}
+        self._retry: set[Path] = set()  #: READY the sink failed on; not a missed event
+        self._scan_seen: set[Path] = set()
+        self._seen_scan_id = -1
+        self._next_sweep = 0.0
+        self._missed = 0
+        self._initial_done = False
+
+    # ----------------------------------------------------------------------------------
+    # Public interface
+
+    def start(self) -> None:
+        """Start the worker and supervisor threads and return at once.
+
+        The supervisor then starts the observer and runs the initial scan in the background.
+        """
+        if self._started:
+            raise RuntimeError("a FolderWatcher starts only once")
+        self._started = True
+        name = f"deidfs-watch-{self._folder_id}"
+        self._worker = threading.Thread(target=self._work, name=name, daemon=False)
+        self._supervisor = threading.Thread(
+            target=self._supervise, name=f"{name}-scan", daemon=False
+        )
+        self._worker.start()
+        self._supervisor.start()
+
+    def stop(self) -> None:
+        """Stop the observer and the threads and join them (each join is bounded).
+
+        Changes not yet handed to the sink are dropped. Safe to call more than once.
+        """
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        self._commands.put(_Cmd.STOP)
+        self._events.put(_STOP)
+        self._join(self._supervisor)
+        # Also when the supervisor is stuck: it never installs an observer once stopping.
+        self._stop_observer()
+        self._join(self._worker)
+
+    def _join(self, thread: threading.Thread | None) -> None:
+        if thread is None or thread is threading.current_thread():
+            return  # stop() called by the sink: the worker ends after this change
+        thread.join(_JOIN_SECONDS)
+        if thread.is_alive():
+            logger.warning(
+                "folder %s: thread %s did not stop within %.0f s",
+                self._folder_id,
+                thread.name,
+                _JOIN_SECONDS,
+            )
+
+    def rescan(self) -> None:
+        """Ask for a reconciliation scan now; returns at once."""
+        self._commands.put(_Cmd.RESCAN)
+
+    @property
+    def healthy(self) -> bool:
+        """True while the threads and the observer run and the root is reachable."""
+        with self._lock:
+            observer = self._observer
+            root_ok = self._root_ok
+        threads = (self._worker, self._supervisor)
+        return (
+            self._started
+            and not self._stopping.is_set()
+            and all(t is not None and t.is_alive() for t in threads)
+            and root_ok
+            and _observer_alive(observer)
+        )
+
+    @property
+    def kind(self) -> str:
+        """``"inotify"`` or ``"poll"``: how the folder is watched now.
+
+        In ``AUTO`` mode this is final once the supervisor has looked at the mount, right
+        after :meth:`start`.
+        """
+        with self._lock:
+            return self._kind
+
+    @property
+    def pending(self) -> int:
+        """Number of files seen but not yet settled."""
+        with self._lock:
+            return len(self._pending)
+
+    @property
+    def degraded_reason(self) -> str | None:
+        """Why the folder is polled although inotify was wanted (e.g. the watch limit)."""
+        with self._lock:
+            return self._degraded_reason
+
+    @property
+    def initial_scan_done(self) -> bool:
+        """True once the first full scan has been read and its files handled."""
+        with self._lock:
+            return self._initial_done
+
+    @property
+    def missed_files(self) -> int:
+        """Files that reconciliation scans found new or changed but inotify never reported."""
+        with self._lock:
+            return self._missed
+
+    @property
+    def directories(self) -> int:
+        """Directories below the root (root included) counted by the last full scan."""
+        with self._lock:
+            return self._directories
+
+    @property
+    def inotify_watches(self) -> int | None:
+        """Watches this folder's inotify instance held at the last check (None if polled)."""
+        with self._lock:
+            return self._watches
+
+    # ----------------------------------------------------------------------------------
+    # Paths
+
+    def _relative(self, path: str) -> str | None:
+        if not path.startswith(self._root_prefix):
+            return None
+        return path[len(self._root_prefix) :]
+
+    def _eligible_name(self, path: str) -> bool:
+        rel = self._relative(path)
+        if not rel:
+            return False
+        parts = rel.split("/")
+        if any(part.startswith(".") or not part for part in parts):
+            return False
+        return not parts[-1].lower().endswith(IGNORED_SUFFIXES)
+
+    def _within_root(self, path: str) -> bool:
+        """The path's directories are real directories below the root (no symlink on the way).
+
+        Observers do not descend into symlinked directories, but a directory can be replaced
+        by a link between an event and its handling.
+        """
+        rel = self._relative(path)
+        if rel is None:
+            return False
+        rel_dir = os.path.dirname(rel)
+        expected = os.path.join(self._root_real, rel_dir) if rel_dir else self._root_real
+        return os.path.realpath(os.path.dirname(path)) == expected
+
+    # ----------------------------------------------------------------------------------
+    # Worker thread: settles files and calls the sink
+
+    def _work(self) -> None:
+        while True:
+            try:
+                item: _WorkItem | None = self._events.get(timeout=self._tick)
+            except queue.Empty:
+                item = None
+            if isinstance(item, _Stop) or self._stopping.is_set():
+                return
+            out: list[tuple[Change, _Sig | None]] = []
+            try:
+                if item is not None:
+                    self._handle(item, out)
+                now = self._clock()
+                if now >= self._next_sweep:
+                    self._next_sweep = now + self._tick
+                    self._sweep(now, out)
+            except Exception as exc:  # contain: a watcher must outlive any one bad file
+                logger.error(
+                    "folder %s: internal error while settling files (%s)",
+                    self._folder_id,
+                    type(exc).__name__,
+                )
+            self._emit(out)
+
+    def _emit(self, out: list[tuple[Change, _Sig | None]]) -> None:
+        for change, sig in out:
+            if self._stopping.is_set():
+                return
+            try:
+                self._sink(change)
+            except Exception as exc:  # the sink's failure must not stop the watcher
+                logger.error(
+                    "folder %s: sink failed on a %s change (%s)",
+                    self._folder_id,
+                    change.kind.value,
+                    type(exc).__name__,
+                )
+                if change.kind is FileEvent.READY:
+                    # Forget it, so that the next scan offers it again.
+                    with self._lock:
+                        if self._reported.get(change.path) == sig:
+                            del self._reported[change.path]
+                            self._retry.add(change.path)
+
+    def _handle(self, item: _WorkItem, out: list[tuple[Change, _Sig | None]]) -> None:
+        if isinstance(item, _ScanBatch):
+            self._on_scan_batch(item, out)
+        elif isinstance(item, _ScanEnd):
+            self._on_scan_end(item, out)
+        elif isinstance(item, _RootLost):
+            self._on_root_lost(out)
+        elif isinstance(item, FileSystemEvent):
+            self._on_fs_event(item, out)
+
+    def _from_observer(self, path: bytes | str) -> str:
+        """Map an observer path (below the root's real path) to one below the root as given."""
+        text = os.fsdecode(path)
+        base = self._observed_base
+        if base == self._root_str:
+            return text
+        if text == base:
+            return self._root_str
+        if text.startswith(base + "/"):
+            return self._root_prefix + text[len(base) + 1 :]
+        return text
+
+    def _on_fs_event(self, event: FileSystemEvent, out: list[tuple[Change, _Sig | None]]) -> None:
+        src = self._from_observer(event.src_path)
+        now = self._clock()
+        if isinstance(event, FileMovedEvent):
+            self._check_gone(Path(src), out)
+            self._touch(self._from_observer(event.dest_path), now, quick=True)
+        elif isinstance(event, FileClosedEvent):
+            self._touch(src, now, quick=True)
+        elif isinstance(event, FileAttribEvent):
+            self._touch(src, now, quick=None)
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            self._touch(src, now, quick=False)
+        elif isinstance(event, FileDeletedEvent):
+            self._check_gone(Path(src), out)
+        elif isinstance(event, DirDeletedEvent | DirMovedEvent):
+            if src == self._root_str:
+                # The emitter stops on its own root's deletion; let the supervisor look now.
+                self._commands.put(_Cmd.CHECK)
+            prefix = src.rstrip("/") + "/"
+            with self._lock:
+                below = [p for p in (*self._reported, *self._pending) if str(p).startswith(prefix)]
+            for path in below:
+                self._check_gone(path, out)
+
+    def _touch(self, path: str, now: float, *, quick: bool | None) -> None:
+        """Record activity on a file; ``quick`` None keeps the current settle mode."""
+        if not self._eligible_name(path):
+            return
+        key = Path(path)
+        with self._lock:
+            entry = self._pending.get(key)
+            if entry is None:
+                self._pending[key] = _Pending(sig=None, since=now, quick=bool(quick))
+            else:
+                entry.since = now
+                if quick is not None:
+                    entry.quick = quick
+
+    def _check_gone(self, path: Path, out: list[tuple[Change, _Sig | None]]) -> None:
+        """Report GONE if a known file no longer exists as a regular file."""
+        with self._lock:
+            known = path in self._reported or path in self._pending
+        if not known:
+            return
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        except OSError:
+            return  # cannot tell now; the next scan decides
+        if st is not None and stat.S_ISREG(st.st_mode):
+            return
+        with self._lock:
+            self._pending.pop(path, None)
+            sig = self._reported.pop(path, None)
+        if sig is not None:
+            out.append((Change(self._folder_id, path, FileEvent.GONE), None))
+
+    def _sweep(self, now: float, out: list[tuple[Change, _Sig | None]]) -> None:
+        with self._lock:
+            items = list(self._pending.items())
+        for path, entry in items:
+            try:
+                st = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                st = None
+            except OSError:
+                continue  # transient (EIO, ESTALE on a share): keep it pending
+            if st is None or not stat.S_ISREG(st.st_mode):
+                with self._lock:
+                    self._pending.pop(path, None)
+                    gone = self._reported.pop(path, None)
+                if gone is not None:
+                    out.append((Change(self._folder_id, path, FileEvent.GONE), None))
+                continue
+            sig = _Sig.of(st)
+            if sig != entry.sig:
+                entry.sig = sig
+                entry.since = now
+                continue
+            if now - entry.since < (self._quick if entry.quick else self._settle):
+                continue
+            with self._lock:
+                if self._pending.get(path) is not entry:
+                    continue
+                del self._pending[path]
+                if self._reported.get(path) == sig:
+                    continue
+            if not self._within_root(str(path)):
+                continue
+            with self._lock:
+                self._reported[path] = sig
+            out.append((Change(self._folder_id, path, FileEvent.READY), sig))
+
+    def _on_scan_batch(self, batch: _ScanBatch, out: list[tuple[Change, _Sig | None]]) -> None:
+        if batch.scan_id != self._seen_scan_id:
+            self._seen_scan_id = batch.scan_id
+            self._scan_seen = set()
+        now = self._clock()
+        settled_before_ns = time.time_ns() - int(self._settle * 1e9)
+        for path, sig in batch.files:
+            self._scan_seen.add(path)
+            with self._lock:
+                if path in self._pending or self._reported.get(path) == sig:
+                    continue
+            old = sig.mtime_ns <= settled_before_ns
+            with self._lock:
+                retried = path in self._retry
+                self._retry.discard(path)
+                if batch.reconcile and old and not retried and self._kind == "inotify":
+                    self._missed += 1
+            if old:
+                # The scan's stat may be seconds old: confirm before reporting.
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and _Sig.of(st) == sig:
+                    with self._lock:
+                        self._reported[path] = sig
+                    out.append((Change(self._folder_id, path, FileEvent.READY), sig))
+                    continue
+            with self._lock:
+                self._pending.setdefault(path, _Pending(sig=sig, since=now, quick=False))
+
+    def _on_scan_end(self, end: _ScanEnd, out: list[tuple[Change, _Sig | None]]) -> None:
+        seen = self._scan_seen if end.scan_id == self._seen_scan_id else set()
+        self._scan_seen = set()
+        self._seen_scan_id = -1
+        if end.complete:
+            with self._lock:
+                absent = [p for p in self._reported if p not in seen]
+            for path in absent:
+                self._check_gone(path, out)
+        if end.initial:
+            with self._lock:
+                self._initial_done = True
+
+    def _on_root_lost(self, out: list[tuple[Change, _Sig | None]]) -> None:
+        with self._lock:
+            lost = list(self._reported)
+            self._reported.clear()
+            self._pending.clear()
+            self._retry.clear()
+        out.extend((Change(self._folder_id, p, FileEvent.GONE), None) for p in lost)
+
+    # ----------------------------------------------------------------------------------
+    # Supervisor thread: observer, root reachability, scans
+
+    def _supervise(self) -> None:
+        next_check = self._clock()
+        next_reconcile = math.inf
+        scan_needed = True
+        initial = True
+        while not self._stopping.is_set():
+            try:
+                now = self._clock()
+                if now >= next_check:
+                    next_check = now + self._poll
+                    if self._check_root():
+                        scan_needed = True
+                if self._root_ok and (scan_needed or now >= next_reconcile):
+                    reconcile = not scan_needed
+                    scan_needed = False
+                    if self._full_scan(initial=initial, reconcile=reconcile):
+                        initial = False
+                    next_reconcile = (
+                        self._clock() + self._reconcile if self._reconcile > 0 else math.inf
+                    )
+            except Exception as exc:  # contain, retry at the next check
+                logger.error(
+                    "folder %s: internal error in the folder supervisor (%s)",
+                    self._folder_id,
+                    type(exc).__name__,
+                )
+            wait = max(0.0, min(next_check, next_reconcile) - self._clock())
+            try:
+                cmd = self._commands.get(timeout=min(wait, self._poll))
+            except queue.Empty:
+                continue
+            if cmd is _Cmd.STOP:
+                break
+            if cmd is _Cmd.CHECK:
+                next_check = self._clock()
+            elif cmd is _Cmd.RESCAN and self._root_ok:
+                next_reconcile = self._clock()  # while the root is lost, its return rescans
+        self._stop_observer()
+
+    def _check_root(self) -> bool:
+        """Check the root and the observer; return True when a full scan is needed."""
+        try:
+            st = os.stat(self._root_str)
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "root is not a directory")
+            # Reachable is not enough: it must be readable (NFS root_squash, EACCES, EIO).
+            fd = os.open(self._root_str, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.close(fd)
+        except OSError as exc:
+            self._root_lost(_errname(exc))
+            return False
+        ident = (st.st_dev, st.st_ino)
+        with self._lock:
+            observer = self._observer
+        if self._root_ok and ident == self._root_ident and _observer_alive(observer):
+            return False
+        if self._root_ok:
+            logger.info(
+                "folder %s: restarting the observer (root replaced or observer stopped)",
+                self._folder_id,
+            )
+        self._stop_observer()
+        try:
+            self._start_observer(ident)
+        except OSError as exc:
+            self._root_lost(_errname(exc))
+            return False
+        with self._lock:
+            self._root_ok = True
+        return True
+
+    def _root_lost(self, reason: str) -> None:
+        was_ok = self._root_ok
+        with self._lock:
+            self._root_ok = False
+        if not self._outage:
+            self._outage = True
+            logger.warning(
+                "folder %s: root unreachable (%s); its files are withdrawn, retrying every %g s",
+                self._folder_id,
+                reason,
+                self._poll,
+            )
+        if was_ok:
+            self._stop_observer()
+            self._events.put(_RootLost())
+
+    def _decide_kind(self) -> None:
+        if self._degraded_reason is not None or self._mode is WatchMode.POLL:
+            kind = "poll"
+        elif self._mode is WatchMode.INOTIFY:
+            kind = "inotify"
+        else:
+            fstype = filesystem_type(Path(self._root_real))
+            kind = "poll" if fstype is not None and is_network_filesystem(fstype) else "inotify"
+            if kind == "poll" and self._kind != "poll":
+                logger.info(
+                    "folder %s: on a %s file system, watched by polling", self._folder_id, fstype
+                )
+        with self._lock:
+            self._kind = kind
+
+    def _start_observer(self, ident: tuple[int, int]) -> None:
+        """Start the observer of the current kind; OSError means the root is not usable."""
+        self._root_real = os.path.realpath(self._root_str)
+        self._observed_base = self._root_real
+        self._root_ident = ident
+        self._decide_kind()
+        observer: BaseObserver | None = None
+        handler = _Enqueuer(self._events.put)
+        if self._kind == "inotify":
+            try:
+                observer = InotifyObserver()
+                observer.schedule(
+                    handler, self._root_real, recursive=True, event_filter=_EVENT_FILTER
+                )
+                observer.start()
+            except OSError as exc:
+                if observer is not None:
+                    self._discard(observer)
+                    observer = None
+                if exc.errno == errno.ENOSPC:
+                    self._degrade(f"inotify watch limit reached (limit {inotify_watch_limit()})")
+                elif exc.errno == errno.EMFILE:
+                    limit = _read_int(_INSTANCE_LIMIT_FILE)
+                    self._degrade(f"inotify instance limit reached (limit {limit})")
+                else:
+                    raise
+        if observer is None:
+            # Not PollingObserver: its snapshots os.stat() every entry and so descend into
+            # symlinked directories; lstat keeps the walk inside the tree and finite.
+            observer = PollingObserverVFS(os.lstat, os.scandir, polling_interval=self._poll)
+            observer.schedule(handler, self._root_real, recursive=True, event_filter=_EVENT_FILTER)
+            try:
+                observer.start()
+            except BaseException:
+                self._discard(observer)
+                raise
+        with self._lock:
+            if not self._stopping.is_set():
+                self._observer = observer
+                observer = None
+        if observer is not None:  # stop() came while starting
+            self._discard(observer)
+
+    def _degrade(self, reason: str) -> None:
+        with self._lock:
+            self._degraded_reason = reason
+            self._kind = "poll"
+            self._watches = None
+        logger.warning(
+            "folder %s: %s; this folder is watched by polling from now on", self._folder_id, reason
+        )
+
+    def _stop_observer(self) -> None:
+        with self._lock:
+            observer = self._observer
+            self._observer = None
+        if observer is not None:
+            self._discard(observer)
+
+    def _discard(self, observer: BaseObserver) -> None:
+        try:
+            observer.stop()
+        except Exception as exc:  # a dead emitter must not prevent the shutdown
+            logger.error(
+                "folder %s: stopping the observer failed (%s)", self._folder_id, type(exc).__name__
+            )
+        with contextlib.suppress(RuntimeError):  # never started
+            observer.join(_JOIN_SECONDS)
+
+    def _full_scan(self, *, initial: bool, reconcile: bool) -> bool:
+        """Walk the tree and hand its files to the worker; return True if it completed."""
+        self._scan_id += 1
+        scan_id = self._scan_id
+        started = self._clock()
+        try:
+            stats = self._walk(scan_id, reconcile=reconcile)
+        except OSError as exc:
+            self._events.put(_ScanEnd(scan_id, complete=False, initial=False))
+            self._root_lost(_errname(exc))
+            return False
+        if stats is None:  # stopping
+            return False
+        with self._lock:
+            self._directories = len(stats.dirs)
+        self._events.put(_ScanEnd(scan_id, complete=True, initial=initial))
+        if self._outage:
+            self._outage = False
+            logger.info("folder %s: root reachable again", self._folder_id)
+        if initial:
+            logger.info(
+                "folder %s: initial scan read %d files in %d directories (%.1f s)",
+                self._folder_id,
+                stats.files,
+                len(stats.dirs),
+                self._clock() - started,
+            )
+        if self._kind == "inotify":
+            self._check_watches(stats.dirs)
+        return True
+
+    def _walk(self, scan_id: int, *, reconcile: bool) -> _ScanStats | None:
+        """Read the tree with scandir, never following symlinks.
+
+        Raises OSError when the root itself cannot be read; subdirectories that vanish or
+        cannot be read are skipped. Dot-directories are descended into only to count them
+        (inotify watches them too), their files are ignored.
+        """
+        stats = _ScanStats()
+        root_st = os.stat(self._root_str)
+        stats.dirs[root_st.st_ino] = self._root_str
+        stack: list[tuple[str, bool]] = [(self._root_str, False)]
+        batch: list[tuple[Path, _Sig]] = []
+        while stack:
+            if self._stopping.is_set():
+                return None
+            directory, hidden = stack.pop()
+            try:
+                entries = _scandir(directory)
+            except OSError:
+                if directory == self._root_str:
+                    raise
+                continue
+            with entries:
+                for entry in self._entries(entries, directory):
+                    name = entry.name
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stats.dirs[entry.inode()] = entry.path
+                            stack.append((entry.path, hidden or name.startswith(".")))
+                        elif (
+                            not hidden
+                            and not name.startswith(".")
+                            and not name.lower().endswith(IGNORED_SUFFIXES)
+                            and entry.is_file(follow_symlinks=False)
+                        ):
+                            st = entry.stat(follow_symlinks=False)
+                            batch.append((Path(entry.path), _Sig.of(st)))
+                    except OSError:
+                        continue  # vanished while read
+            if len(batch) >= _SCAN_BATCH:
+                stats.files += len(batch)
+                self._events.put(_ScanBatch(scan_id, batch, reconcile))
+                batch = []
+        stats.files += len(batch)
+        self._events.put(_ScanBatch(scan_id, batch, reconcile))
+        return stats
+
+    def _entries(
+        self, entries: Iterator[os.DirEntry[str]], directory: str
+    ) -> Iterator[os.DirEntry[str]]:
+        """Iterate a directory, treating a read error of the root as fatal, others as its end."""
+        while True:
+            try:
+                entry = next(entries)
+            except StopIteration:
+                return
+            except OSError:
+                if directory == self._root_str:
+                    raise
+                return
+            yield entry
+
+    def _check_watches(self, dirs: dict[int, str]) -> None:
+        """Detect directories watchdog silently left unwatched (inotify watch limit)."""
+        with self._lock:
+            observer = self._observer
+        if observer is None or self._kind != "inotify":
+            return
+        fd = _inotify_fd_of(observer)
+        watched = _watched_inodes(fd) if fd is not None else None
+        limit = inotify_watch_limit()
+        if watched is None:
+            if limit is not None and len(dirs) > limit:
+                self._degrade_to_polling(f"inotify watch limit reached (limit {limit})")
+            return
+        missing = {ino: path for ino, path in dirs.items() if ino not in watched}
+        if missing:
+            # Directories created during the scan get their watch a moment later.
+            if self._stopping.wait(_WATCH_CHECK_GRACE_SECONDS):
+                return
+            watched = _watched_inodes(fd) if fd is not None else None
+            if watched is None:
+                return
+            missing = {ino: path for ino, path in missing.items() if ino not in watched}
+            missing = {ino: path for ino, path in missing.items() if self._is_dir(path, ino)}
+        with self._lock:
+            self._watches = len(watched)
+        if missing:
+            self._degrade_to_polling(
+                f"inotify watch limit reached (limit {limit}, {len(dirs) - len(missing)} of "
+                f"{len(dirs)} directories watched)"
+            )
+
+    @staticmethod
+    def _is_dir(path: str, ino: int) -> bool:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_ino == ino
+
+    def _degrade_to_polling(self, reason: str) -> None:
+        self._degrade(reason)
+        self._stop_observer()
+        try:
+            st = os.stat(self._root_str)
+            self._start_observer((st.st_dev, st.st_ino))
+        except OSError as exc:
+            self._root_lost(_errname(exc))
+            return
+        # Files in the unwatched directories may have changed unseen.
+        self._full_scan(initial=False, reconcile=True)
