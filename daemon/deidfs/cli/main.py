@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from deidfs import __version__
-from deidfs.cli import anonymize_cmd, config_cmd, describe_cmd, run_cmd
+from deidfs.cli import admin_cmd, anonymize_cmd, config_cmd, describe_cmd, report_cmd, run_cmd
 from deidfs.errors import DeidfsError
 from deidfs.logs import setup_logging
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level (default: info)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (anonymize_cmd, describe_cmd, config_cmd, run_cmd):
+    for module in (anonymize_cmd, describe_cmd, config_cmd, run_cmd, report_cmd, admin_cmd):
         module.register(sub)
     return parser
 
