@@ -1,0 +1,785 @@
+"""``deidfs verify``: check what the mount or an export serves against the originals.
+
+Every served file is mapped to its original by rendering the folder's originals with the
+folder's configured profile and the installation's key and matching the view paths. Then:
+
+No original value of an attribute the profile does not keep appears in the served bytes
+    Each original value of an attribute whose action is not keep (anywhere in the data set:
+    nested sequences and private blocks included, file meta too) is searched as bytes in
+    the whole served file and in its served path: text as UTF-8 and Latin-1 (case as
+    stored), dates also as ``YYYY-MM-DD``, person names also by component, binary and UN
+    values as their bytes. Skipped, because a match would mean nothing: text shorter than
+    4 characters; binary values shorter than 8 bytes (4 when printable) or made of fewer
+    than 3 distinct bytes; numbers (IS, DS, US...); registered UIDs (SOP classes, transfer
+    syntaxes); the engine's own dummy values; values that also occur in an attribute the
+    profile keeps in the same file; dates whose year-only form is the date itself (year
+    only dates) and times of day (shifted dates move by whole days); and the text of
+    Clean (C) descriptors, which keep whatever part of them is not identifying (the
+    identifying values they might contain are searched for through their own attributes).
+    An all-digit value shorter than 8 characters counts only where it is not part of a
+    longer number (so ``123456`` is not found inside a served ``2.25.`` UID). In pixel
+    data, which is random-looking binary, only values of 8 bytes or more are searched.
+    Short and numeric values are checked structurally instead: a top-level attribute whose
+    action is not keep must not be served with its original value.
+UIDs are remapped consistently
+    Original and served UIDs are paired element by element (sequence items by position);
+    one original UID must map to one served UID across all files, two original UIDs must not
+    map to one, and a reference inside a sequence to an instance, series, study or frame of
+    reference of the folder must carry the same served UID as the referenced object.
+Pixel data is the original's
+    Where no pixel rule applies, the served Pixel Data element is byte for byte the
+    original's.
+Nothing else carries original values
+    Files of the served tree that are not served DICOM files (a manifest, a temporary file)
+    are searched for every original value of the folder. A DICOM file without an original is
+    a finding: verify cannot vouch for it.
+
+Findings name a kind, a tag and keyword, and the file as a keyed token of its path (the form
+in which logs name files); never a value or a path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
+
+from deidfs.config import FolderConfig
+from deidfs.deid.plan import Decision, Op, Plan, Source
+from deidfs.deid.profiles import DateModification
+from deidfs.deid.pseudonym import Pseudonymizer
+from deidfs.deid.standard import Action, Option
+from deidfs.deid.tags import format_tag, keyword_of
+from deidfs.errors import NotFound
+from deidfs.render import DEFLATED, MAX_INFLATED, PIXEL_TAGS
+from deidfs.report import render_folder
+
+log = logging.getLogger(__name__)
+
+MIN_CHARS = 4  #: shorter values are not searched: they occur by chance
+MIN_PIXEL_BYTES = 8  #: shortest value searched inside pixel data
+BOUNDED_BELOW = 8  #: all-digit values shorter than this must stand alone to count
+MIN_BINARY_BYTES = 8  #: shortest binary value searched (unless it is printable text)
+MAX_NEEDLE_BYTES = 256  #: a longer value is searched by its first bytes
+CHUNK = 1 << 20
+_NUMERIC_CHARS = frozenset(b"0123456789.")
+_NUMERIC_TEXT = re.compile(r"^[0-9.+\- ]+$")
+_NUMERIC_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "IS", "DS", "AT"})
+_BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV"})
+_DATE_VRS = frozenset({"DA", "DT", "TM"})
+#: Values the engine writes as dummies; an original equal to one proves nothing.
+_DUMMIES = frozenset(
+    {
+        "ANONYMIZED",
+        "000Y",
+        "19000101",
+        "19000101000000",
+        "000000",
+        "0",
+        "0.0",
+        "urn:deidfs:anonymized",
+    }
+)
+#: Attributes that define the objects references point to.
+_DEFINING_TAGS = frozenset({0x00080018, 0x0020000E, 0x0020000D, 0x00200052})
+#: File meta elements that carry no instance data: version, SOP class, transfer syntax, and
+#: the writing software's Implementation Class UID and Version Name (the view has its own).
+_META_SKIPPED = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020010, 0x00020012, 0x00020013})
+#: Text the table does not list, inside a D or C sequence: dummied or cleaned there.
+_SCRUB_VRS = frozenset({"AE", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+_SCRUB = {
+    Op.DUMMY: Decision(Op.DUMMY, Action.DUMMY, Source.DEFAULT),
+    Op.CLEAN: Decision(Op.CLEAN, Action.CLEAN, Source.DEFAULT),
+}
+_REMOVED = Decision(Op.REMOVE, Action.REMOVE, Source.PRIVATE)
+
+
+class FindingKind(Enum):
+    """What is wrong with a served file."""
+
+    VALUE_IN_HEADER = "value_in_header"  #: original value in served bytes outside pixel data
+    VALUE_IN_PIXEL_DATA = "value_in_pixel_data"  #: original value inside served pixel data
+    VALUE_IN_PATH = "value_in_path"  #: original value in the served path
+    VALUE_RETAINED = "value_retained"  #: top-level attribute served with its original value
+    VALUE_IN_OTHER_FILE = "value_in_other_file"  #: original value in a file that is no view
+    UID_NOT_REMAPPED = "uid_not_remapped"
+    UID_INCONSISTENT = "uid_inconsistent"  #: one original UID served as several
+    UID_COLLISION = "uid_collision"  #: several original UIDs served as one
+    REFERENCE_UNRESOLVED = "reference_unresolved"
+    PIXEL_DATA_DIFFERS = "pixel_data_differs"
+    NO_ORIGINAL = "no_original"  #: a served DICOM file no original of the folder renders to
+    UNREADABLE = "unreadable"  #: a served file that cannot be read or parsed
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One problem, without PHI: kind, attribute, and a keyed token of the file's path.
+
+    The token is that of the original's path for served files that have one (as in the
+    daemon's logs), else that of the served path relative to the tree.
+    """
+
+    kind: FindingKind
+    file: str
+    tag: str = ""  #: ``(gggg,eeee)``, ``""`` for a finding about the whole file
+    keyword: str = ""
+
+    @classmethod
+    def of(cls, kind: FindingKind, file: str, tag: int | None = None) -> Finding:
+        """A finding about ``tag`` (or the whole file) of the file whose token is ``file``."""
+        if tag is None:
+            return cls(kind, file)
+        return cls(kind, file, format_tag(tag), keyword_of(tag))
+
+    def sort_key(self) -> tuple[str, str, str]:
+        """Kind, file, tag: the order findings are listed in."""
+        return (self.kind.value, self.file, self.tag)
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """The outcome of :func:`verify_tree`."""
+
+    folder: str
+    profile: str
+    served_files: int  #: regular files in the served tree
+    matched: int  #: served files checked against their original
+    not_served: int  #: originals the profile serves that the tree does not hold
+    withheld: int  #: originals the profile withholds
+    other_files: int  #: non-DICOM files of the tree (searched for original values)
+    values_searched: int  #: distinct original values searched, over all files
+    uids_checked: int
+    references_checked: int
+    pixel_checked: int
+    pixel_skipped: int  #: images under a pixel rule, not compared
+    findings: tuple[Finding, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when there is no finding."""
+        return not self.findings
+
+
+@dataclass(frozen=True, slots=True)
+class _Needle:
+    data: bytes
+    tag: int
+    bounded: bool  #: all digits: must not be part of a longer number
+
+
+class _Searcher:
+    """Finds which of many byte strings occur in a buffer."""
+
+    def __init__(self, needles: Iterable[_Needle]) -> None:
+        self.needles = list(needles)
+        self._by_prefix: dict[bytes, list[_Needle]] | None = None
+        if len(self.needles) > 64:
+            # Many needles (every value of a folder): one pass over the data, looking each
+            # position's first bytes up, beats one scan of the data per needle.
+            self._by_prefix = defaultdict(list)
+            for n in self.needles:
+                self._by_prefix[n.data[:MIN_CHARS]].append(n)
+
+    @property
+    def longest(self) -> int:
+        return max((len(n.data) for n in self.needles), default=0)
+
+    @staticmethod
+    def _stands_alone(data: bytes, at: int, n: _Needle) -> bool:
+        if not n.bounded:
+            return True
+        end = at + len(n.data)
+        before = data[at - 1] if at > 0 else None
+        after = data[end] if end < len(data) else None
+        return before not in _NUMERIC_CHARS and after not in _NUMERIC_CHARS
+
+    def search(self, data: bytes) -> list[_Needle]:
+        if self._by_prefix is None:
+            return [n for n in self.needles if self._occurs(data, n)]
+        found: dict[bytes, _Needle] = {}
+        index = self._by_prefix
+        for at in range(len(data) - MIN_CHARS + 1):
+            candidates = index.get(data[at : at + MIN_CHARS])
+            if candidates is None:
+                continue
+            for n in candidates:
+                if (
+                    n.data not in found
+                    and data.startswith(n.data, at)
+                    and self._stands_alone(data, at, n)
+                ):
+                    found[n.data] = n
+        return list(found.values())
+
+    def _occurs(self, data: bytes, n: _Needle) -> bool:
+        at = data.find(n.data)
+        while at >= 0:
+            if self._stands_alone(data, at, n):
+                return True
+            at = data.find(n.data, at + 1)
+        return False
+
+    def search_stream(self, f: BinaryIO, start: int, length: int) -> list[_Needle]:
+        """Search ``length`` bytes of ``f`` from ``start``, chunk by chunk."""
+        overlap = max(self.longest, 1)
+        found: dict[bytes, _Needle] = {}
+        pos, end, tail = start, start + length, b""
+        while pos < end:
+            f.seek(pos)
+            chunk = f.read(min(CHUNK, end - pos))
+            if not chunk:
+                break
+            for n in self.search(tail + chunk):
+                found.setdefault(n.data, n)
+            tail = (tail + chunk)[-overlap:]
+            pos += len(chunk)
+        return list(found.values())
+
+
+# -- original values ------------------------------------------------------------------------
+def _texts(elem: DataElement) -> list[str]:
+    value: Any = elem.value
+    items = list(value) if isinstance(value, list | MultiValue) else [value]
+    out = []
+    for v in items:
+        if v is None:
+            continue
+        text = v.decode("latin-1") if isinstance(v, bytes) else str(v)
+        text = text.strip(" \x00")
+        if text:
+            out.append(text)
+    return out
+
+
+def _encodings(text: str) -> set[bytes]:
+    out = {text.encode("utf-8", "surrogateescape")}
+    with contextlib.suppress(UnicodeEncodeError):
+        out.add(text.encode("latin-1"))
+    return out
+
+
+def _element(ds: Dataset, key: Any) -> DataElement | None:
+    """The element at ``key``; a value pydicom cannot decode is given as its raw bytes."""
+    try:
+        elem: DataElement = ds[key]
+    except Exception as exc:  # pydicom raises many types on bad values
+        log.debug("element %08X not decodable: %s", int(key), type(exc).__name__)
+    else:
+        return elem
+    raw = ds.get_item(key)
+    value = getattr(raw, "value", None)
+    if isinstance(value, bytes):
+        return DataElement(int(key), "UN", value)
+    return None
+
+
+class _Values:
+    """The original values of one file, sorted into searched, kept and structurally checked."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.year_only = plan.profile.date_modification is DateModification.YEAR
+        self.secret: dict[bytes, _Needle] = {}
+        self.kept: set[bytes] = set()
+        #: top-level (tag, original text) pairs too short or numeric to search for
+        self.structural: list[tuple[int, str]] = []
+
+    # the element's value as search strings
+    @staticmethod
+    def _binary(elem: DataElement) -> bytes:
+        """A binary (or UN) value worth searching for as is, else ``b""``."""
+        raw = elem.value if isinstance(elem.value, bytes) else b""
+        raw = raw.strip(b" \x00")[:MAX_NEEDLE_BYTES]
+        printable = raw.isascii() and raw.decode("ascii").isprintable()
+        if len(raw) < (MIN_CHARS if printable else MIN_BINARY_BYTES) or len(set(raw)) < 3:
+            return b""  # short or nearly constant bytes occur anywhere by chance
+        return raw
+
+    def _candidates(self, elem: DataElement) -> list[str]:
+        vr = str(elem.VR)
+        if vr in _NUMERIC_VRS or vr in _BINARY_VRS or vr in ("SQ", "UN"):
+            return []
+        out = []
+        for text in _texts(elem):
+            out.append(text)
+            if vr == "PN":
+                out += [p.strip() for p in re.split(r"[\^=]", text)]
+            elif vr == "DA" and len(text) == 8 and text.isdigit():
+                out.append(f"{text[:4]}-{text[4:6]}-{text[6:]}")
+        return out
+
+    def _exempt(self, text: str, date_clean: bool) -> bool:
+        """True for a value whose presence in the output would prove nothing."""
+        if text in _DUMMIES or text in _REGISTERED_UIDS:
+            return True
+        # Year-only dates (HIPAA): a date whose year-only form is the date itself.
+        return date_clean and self.year_only and (len(text) == 4 or text[4:8] == "0101")
+
+    def _add_secret(self, elem: DataElement, tag: int, *, top: bool, date_clean: bool) -> None:
+        if elem.VR in _BINARY_VRS or elem.VR == "UN":
+            raw = self._binary(elem)
+            if raw:
+                self.secret.setdefault(raw, _Needle(raw, tag, bounded=False))
+            return
+        searched = False
+        for text in self._candidates(elem):
+            if len(text) < MIN_CHARS or self._exempt(text, date_clean):
+                continue
+            bounded = bool(_NUMERIC_TEXT.match(text)) and len(text) < BOUNDED_BELOW
+            for data in _encodings(text):
+                self.secret.setdefault(
+                    data[:MAX_NEEDLE_BYTES], _Needle(data[:MAX_NEEDLE_BYTES], tag, bounded)
+                )
+            searched = True
+        if top and not searched and str(elem.VR) not in ("SQ", "UN", *_BINARY_VRS):
+            text = "\\".join(_texts(elem))
+            if text and not self._exempt(text, date_clean):
+                self.structural.append((tag, text))
+
+    def _add_kept(self, elem: DataElement) -> None:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                self.walk(item, inherited="keep")
+            return
+        if elem.VR in _BINARY_VRS or elem.VR == "UN":
+            if isinstance(elem.value, bytes):
+                self.kept.add(elem.value)
+            return
+        for text in self._candidates(elem):
+            self.kept.update(_encodings(text))
+
+    def walk(
+        self, ds: Dataset, inherited: str = "", top: bool = False, scrub: Op | None = None
+    ) -> None:
+        """Sort every element of ``ds``.
+
+        ``inherited`` says a kept or removed sequence encloses it; ``scrub`` that a D or C
+        sequence does, whose text the table does not list is dummied or cleaned (see
+        :mod:`deidfs.deid.engine`).
+        """
+        creators: dict[int, str] = {}
+        for key in ds.keys():
+            tag = int(key)
+            elem = _element(ds, key)
+            if elem is None:
+                continue
+            group, number = tag >> 16, tag & 0xFFFF
+            if inherited == "keep":
+                self._add_kept(elem)
+                continue
+            if inherited == "secret":
+                if elem.VR == "SQ":
+                    for item in elem.value:
+                        self.walk(item, inherited="secret")
+                else:
+                    self._add_secret(elem, tag, top=False, date_clean=False)
+                continue
+            if number == 0:
+                continue  # group length
+            if group & 1:
+                if number < 0x10:  # outside any private block: always removed
+                    self._add_secret(elem, tag, top=False, date_clean=False)
+                    continue
+                if number <= 0xFF:  # private creator: names a vendor block, not a person
+                    creators[(group << 8) | number] = " ".join(_texts(elem))
+                    continue
+                creator = creators.get((group << 8) | number >> 8)
+                decision = self.plan.decide_private(tag, creator)
+                if decision.source is Source.OPTION and creator is not None:
+                    vrs = self.plan.safe_private_vrs(tag, creator)
+                    if vrs and elem.VR not in ("UN", *vrs):
+                        decision = _REMOVED  # the table vouches for the VR it names only
+            else:
+                decision = self.plan.decide(tag)
+                if (
+                    scrub is not None
+                    and decision.op is Op.KEEP
+                    and decision.source is Source.DEFAULT
+                    and elem.VR in _SCRUB_VRS
+                ):
+                    decision = _SCRUB[scrub]
+            op = decision.op
+            if op is Op.VERBATIM or (op is Op.KEEP and elem.VR != "SQ"):
+                self._add_kept(elem)
+            elif elem.VR == "SQ":
+                # Kept, cleaned, dummied sequences keep their items, each attribute decided
+                # by its own row; removed and emptied ones take every value inside with them.
+                sub = "secret" if op in (Op.REMOVE, Op.EMPTY, Op.SHIFT) else ""
+                inner = scrub
+                if op in (Op.DUMMY, Op.CLEAN) and scrub is not Op.DUMMY:
+                    inner = op  # D inside C scrubs harder, never softer
+                for item in elem.value:
+                    self.walk(item, inherited=sub, scrub=inner)
+            elif op is Op.CLEAN and str(elem.VR) not in _DATE_VRS and str(elem.VR) != "UI":
+                continue  # a cleaned descriptor keeps its non-identifying text
+            elif op is Op.CLEAN and elem.VR == "TM" and not self.year_only:
+                continue  # dates shift by whole days: the time of day stays as it was
+            else:
+                self._add_secret(elem, tag, top=top, date_clean=op is Op.CLEAN)
+
+    def walk_meta(self, ds: Dataset) -> None:
+        meta = getattr(ds, "file_meta", None)
+        if meta is None:
+            return
+        for key in meta.keys():
+            if int(key) in _META_SKIPPED:
+                continue
+            elem = _element(meta, key)
+            if elem is None:
+                continue
+            self._add_secret(elem, int(key), top=False, date_clean=False)
+
+    def needles(self) -> list[_Needle]:
+        """Secret values that no kept value of the file contains."""
+        kept = b"\x00".join(sorted(self.kept))
+        return [n for n in self.secret.values() if n.data not in kept]
+
+
+def _read_header(f: BinaryIO) -> Dataset:
+    f.seek(0)
+    return dcmread(f, stop_before_pixels=True, force=True)
+
+
+def _uid_texts(elem: DataElement) -> list[str]:
+    return [t.rstrip("\x00").strip() for t in _texts(elem)] if elem.VR == "UI" else []
+
+
+@dataclass(frozen=True, slots=True)
+class _Original:
+    path: Path
+    token: str
+    pixel_offset: int
+    pixel_length: int
+
+
+class _Verifier:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.findings: set[Finding] = set()
+        self.forward: dict[str, dict[str, tuple[int, str]]] = defaultdict(dict)
+        self.reverse: dict[str, dict[str, tuple[int, str]]] = defaultdict(dict)
+        self.definitions: dict[str, str] = {}
+        self.references: list[tuple[str, str, int, str]] = []
+        self.all_secret: dict[bytes, _Needle] = {}
+        self.all_kept: set[bytes] = set()
+        self.uids_checked = 0
+        self.pixel_checked = 0
+        self.pixel_skipped = 0
+        profile = plan.profile
+        self.pixel_rule = Option.CLEAN_PIXEL_DATA in profile.options or (
+            profile.apply_masks and any(m.enabled for m in profile.masks)
+        )
+
+    def add(self, kind: FindingKind, token: str, tag: int | None = None) -> None:
+        self.findings.add(Finding.of(kind, token, tag))
+
+    # -- one served file against its original ---------------------------------------------
+    def check(self, served: Path, rel: PurePosixPath, orig: _Original) -> None:
+        token = orig.token
+        try:
+            with open(orig.path, "rb") as f:
+                original = _read_header(f)
+        except Exception as exc:  # changed or vanished since it was rendered
+            log.debug("original %s unreadable: %s", token, type(exc).__name__)
+            self.add(FindingKind.UNREADABLE, token)
+            return
+        values = _Values(self.plan)
+        values.walk(original, top=True)
+        values.walk_meta(original)
+        needles = values.needles()
+        for n in needles:
+            self.all_secret.setdefault(n.data, n)
+        self.all_kept.update(values.kept)
+        everything = _Searcher(needles)
+        long_only = _Searcher(n for n in needles if len(n.data) >= MIN_PIXEL_BYTES)
+        for n in everything.search(str(rel).encode("utf-8", "surrogateescape")):
+            self.add(FindingKind.VALUE_IN_PATH, token, n.tag)
+        try:
+            with open(served, "rb") as f:
+                ds = _read_header(f)
+                header_end = f.tell()
+                size = os.fstat(f.fileno()).st_size
+                ts = str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
+                if ts == DEFLATED:
+                    self._check_deflated(f, orig, everything, token)
+                else:
+                    self._check_regions(f, header_end, size, orig, everything, long_only, token)
+        except (OSError, ValueError, EOFError, zlib.error) as exc:
+            log.debug("served file of %s unreadable: %s", token, type(exc).__name__)
+            self.add(FindingKind.UNREADABLE, token)
+            return
+        except Exception as exc:  # pydicom raises many types on bad input
+            log.debug("served file of %s unparseable: %s", token, type(exc).__name__)
+            self.add(FindingKind.UNREADABLE, token)
+            return
+        self._structural(values, ds, token)
+        self._pair_uids(original, ds, 0, token)
+
+    def _check_regions(
+        self,
+        f: BinaryIO,
+        header_end: int,
+        size: int,
+        orig: _Original,
+        everything: _Searcher,
+        long_only: _Searcher,
+        token: str,
+    ) -> None:
+        f.seek(0)
+        for n in everything.search(f.read(header_end)):
+            self.add(FindingKind.VALUE_IN_HEADER, token, n.tag)
+        f.seek(header_end)
+        head = f.read(4)
+        pixel_len = 0
+        if orig.pixel_length and len(head) == 4:
+            tag = int.from_bytes(head[:2], "little") << 16 | int.from_bytes(head[2:], "little")
+            tag_be = int.from_bytes(head[:2], "big") << 16 | int.from_bytes(head[2:], "big")
+            if tag in PIXEL_TAGS or tag_be in PIXEL_TAGS:
+                pixel_len = min(orig.pixel_length, size - header_end)
+        if orig.pixel_length and not pixel_len and not self.pixel_rule:
+            self.pixel_checked += 1
+            self.add(FindingKind.PIXEL_DATA_DIFFERS, token)  # not where the original has it
+        if pixel_len:
+            same = True
+            if self.pixel_rule:
+                self.pixel_skipped += 1
+            else:
+                self.pixel_checked += 1
+                same = pixel_len == orig.pixel_length and self._same_pixels(f, header_end, orig)
+                if not same:
+                    self.add(FindingKind.PIXEL_DATA_DIFFERS, token)
+            # Original pixel bytes are random-looking: only long values are meaningful
+            # there. Changed pixel bytes are not the original's: everything is searched.
+            searcher = long_only if same else everything
+            for n in searcher.search_stream(f, header_end, pixel_len):
+                self.add(FindingKind.VALUE_IN_PIXEL_DATA, token, n.tag)
+        rest = header_end + pixel_len
+        if rest < size:
+            for n in everything.search_stream(f, rest, size - rest):
+                self.add(FindingKind.VALUE_IN_HEADER, token, n.tag)
+
+    @staticmethod
+    def _same_pixels(f: BinaryIO, at: int, orig: _Original) -> bool:
+        fd = os.open(orig.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            done = 0
+            while done < orig.pixel_length:
+                want = min(CHUNK, orig.pixel_length - done)
+                f.seek(at + done)
+                if f.read(want) != os.pread(fd, want, orig.pixel_offset + done):
+                    return False
+                done += want
+            return True
+        finally:
+            os.close(fd)
+
+    def _check_deflated(
+        self, f: BinaryIO, orig: _Original, everything: _Searcher, token: str
+    ) -> None:
+        # The data set is one deflate stream: search it inflated, and compare pixel data
+        # element by element, since nothing is at a fixed offset.
+        f.seek(0)
+        data = f.read()
+        body_at = 144 + int.from_bytes(data[140:144], "little")
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        plain = inflater.decompress(data[body_at:], MAX_INFLATED)
+        for n in everything.search(data[:body_at] + plain):
+            self.add(FindingKind.VALUE_IN_HEADER, token, n.tag)
+        f.seek(0)
+        served = dcmread(f, force=True)
+        with open(orig.path, "rb") as src:
+            original = dcmread(src, force=True)
+        if "PixelData" in original:
+            if self.pixel_rule:
+                self.pixel_skipped += 1
+                return
+            self.pixel_checked += 1
+            if served.get("PixelData") is None or served.PixelData != original.PixelData:
+                self.add(FindingKind.PIXEL_DATA_DIFFERS, token)
+
+    def _structural(self, values: _Values, served: Dataset, token: str) -> None:
+        for tag, text in values.structural:
+            if text in _DUMMIES:
+                continue
+            elem = _element(served, tag) if tag in served else None
+            if elem is None or elem.VR == "SQ":
+                continue
+            if "\\".join(_texts(elem)) == text:
+                self.add(FindingKind.VALUE_RETAINED, token, tag)
+
+    def _pair_uids(self, original: Dataset, served: Dataset, depth: int, token: str) -> None:
+        for key in original.keys():
+            tag = int(key)
+            if tag >> 16 & 1 or tag >> 16 == 0x0002 or tag not in served:
+                continue
+            op = self.plan.decide(tag).op
+            if op is Op.VERBATIM:
+                continue
+            o, s = _element(original, key), _element(served, key)
+            if o is None or s is None:
+                continue
+            if o.VR == "SQ":
+                if s.VR == "SQ" and len(o.value) == len(s.value):
+                    for oi, si in zip(o.value, s.value, strict=True):
+                        self._pair_uids(oi, si, depth + 1, token)
+                continue
+            if op is Op.KEEP:
+                continue
+            before, after = _uid_texts(o), _uid_texts(s)
+            if len(before) != len(after):
+                continue
+            for a, b in zip(before, after, strict=True):
+                if not a or a in _REGISTERED_UIDS:
+                    continue
+                self.uids_checked += 1
+                if a == b:
+                    self.add(FindingKind.UID_NOT_REMAPPED, token, tag)
+                self.forward[a].setdefault(b, (tag, token))
+                self.reverse[b].setdefault(a, (tag, token))
+                if depth == 0 and tag in _DEFINING_TAGS:
+                    self.definitions.setdefault(a, b)
+                elif depth > 0:
+                    self.references.append((a, b, tag, token))
+
+    def finish_uids(self) -> int:
+        # Which variant is the wrong one is not knowable: every variant's first place is named.
+        for mapped in self.forward.values():
+            if len(mapped) > 1:
+                for tag, token in mapped.values():
+                    self.add(FindingKind.UID_INCONSISTENT, token, tag)
+        for sources in self.reverse.values():
+            if len(sources) > 1:
+                for tag, token in sources.values():
+                    self.add(FindingKind.UID_COLLISION, token, tag)
+        checked = 0
+        for a, b, tag, token in self.references:
+            target = self.definitions.get(a)
+            if target is None:
+                continue
+            checked += 1
+            if target != b:
+                self.add(FindingKind.REFERENCE_UNRESOLVED, token, tag)
+        return checked
+
+    def check_other(self, path: Path, token: str, searcher: _Searcher) -> None:
+        try:
+            with open(path, "rb") as f:
+                found = searcher.search_stream(f, 0, os.fstat(f.fileno()).st_size)
+        except OSError:
+            self.add(FindingKind.UNREADABLE, token)
+            return
+        for n in found:
+            self.add(FindingKind.VALUE_IN_OTHER_FILE, token, n.tag)
+
+    def other_searcher(self) -> _Searcher:
+        kept = b"\x00".join(sorted(self.all_kept))
+        small = len(kept) <= 1 << 20
+        # A value of one file kept in another is not secret either; beyond a size where a
+        # substring test of every value gets slow, only exact equality is exempted.
+        return _Searcher(
+            n
+            for n in self.all_secret.values()
+            if n.data not in self.all_kept and not (small and n.data in kept)
+        )
+
+
+def _served_files(root: Path) -> Iterator[tuple[Path, PurePosixPath]]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            yield path, PurePosixPath(path.relative_to(root).as_posix())
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def verify_tree(
+    folder: FolderConfig, plan: Plan, pseudo: Pseudonymizer, served_root: Path
+) -> Verification:
+    """Check every file under ``served_root`` (a mount's or export's folder tree).
+
+    Parameters
+    ----------
+    folder
+        The folder as configured: its sources are the originals.
+    plan
+        The folder's profile, compiled.
+    pseudo
+        The installation's key.
+    served_root
+        ``<mountpoint>/<folder>`` or ``<export_dir>/<folder>``.
+
+    Raises
+    ------
+    NotFound
+        When ``served_root`` or the folder's source directory is missing.
+    """
+    if not served_root.is_dir():
+        raise NotFound(f"folder {folder.id!r}: nothing served at {served_root}")
+    originals: dict[PurePosixPath, _Original] = {}
+    withheld = 0
+    for outcome in render_folder(folder, plan, pseudo):
+        view = outcome.view
+        if view is None:
+            withheld += 1
+            continue
+        originals.setdefault(
+            view.relpath,
+            _Original(outcome.path, outcome.token, view.pixel_offset, view.pixel_length),
+        )
+    v = _Verifier(plan)
+    seen: set[PurePosixPath] = set()
+    others: list[tuple[Path, str]] = []
+    served_files = 0
+    for path, rel in _served_files(served_root):
+        served_files += 1
+        orig = originals.get(rel)
+        if orig is not None and not rel.name.startswith("."):
+            seen.add(rel)
+            v.check(path, rel, orig)
+            continue
+        token = pseudo.token(str(rel), "path")
+        if _is_dicom(path) and not rel.name.startswith("."):
+            v.add(FindingKind.NO_ORIGINAL, token)
+        others.append((path, token))
+    references = v.finish_uids()
+    if others:
+        searcher = v.other_searcher()
+        for path, token in others:
+            v.check_other(path, token, searcher)
+    return Verification(
+        folder=folder.id,
+        profile=plan.profile.name,
+        served_files=served_files,
+        matched=len(seen),
+        not_served=len(set(originals) - seen),
+        withheld=withheld,
+        other_files=len(others),
+        values_searched=len(v.all_secret),
+        uids_checked=v.uids_checked,
+        references_checked=references,
+        pixel_checked=v.pixel_checked,
+        pixel_skipped=v.pixel_skipped,
+        findings=tuple(sorted(v.findings, key=Finding.sort_key)),
+    )
