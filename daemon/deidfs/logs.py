@@ -43,11 +43,12 @@ class JournalFormatter(logging.Formatter):
 class ThirdPartyRedactor(logging.Filter):
     """Replace the text of third-party records, which may carry raw paths.
 
-    watchdog, for one, logs the watched root and snapshot errors with their paths. Their
-    level and origin are kept; the message is replaced by its logger name and level.
+    watchdog logs the watched root and snapshot errors with their paths; pydicom's
+    warnings quote element values. Their level and origin are kept; the message is replaced
+    by its logger name and level.
     """
 
-    PREFIXES = ("watchdog", "mfusepy", "fuse")
+    PREFIXES = ("watchdog", "mfusepy", "fuse", "pydicom", "py.warnings")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith(self.PREFIXES):
@@ -71,3 +72,5 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Python warnings (pydicom's quote element values) go through logging and its redactor.
+    logging.captureWarnings(True)

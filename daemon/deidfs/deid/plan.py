@@ -29,7 +29,7 @@ from deidfs.deid.tags import format_tag, keyword_of
 
 #: Bumped whenever the engine's output for the same input, plan and key changes, so
 #: persisted indexes keyed by the plan digest are rebuilt.
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"
 
 
 class Op(Enum):
@@ -88,6 +88,14 @@ TYPE1_DUMMY_TAGS = frozenset(
         0x00181000,  # Device Serial Number
         0x0040A032,  # Observation DateTime
         0x00100020,  # Patient ID
+        # X/D rows that are Type 2 in the RT IODs (RT General Plan, RT General Treatment
+        # Record, RT Treatment Summary Record): X would break them and Z is not allowed.
+        0x300A0006,  # RT Plan Date
+        0x300A0007,  # RT Plan Time
+        0x30080250,  # Treatment Date
+        0x30080251,  # Treatment Time
+        0x30080054,  # First Treatment Date
+        0x30080056,  # Most Recent Treatment Date
     }
 )
 
@@ -153,8 +161,10 @@ _EMPTY_PERSON = Decision(
     Op.EMPTY, Action.EMPTY, Source.DEFAULT, note="person names the table does not list"
 )
 _PRIVATE_REMOVE = Decision(Op.REMOVE, Action.REMOVE, Source.PRIVATE)
+#: Kept (a listed private sequence is kept with the plan applied inside its items, like any
+#: kept sequence: being listed says what the element means, not what its items may hold).
 _PRIVATE_SAFE = Decision(
-    Op.VERBATIM, Action.CLEAN, Source.OPTION, Option.RETAIN_SAFE_PRIVATE, "Table E.3.10-1"
+    Op.KEEP, Action.CLEAN, Source.OPTION, Option.RETAIN_SAFE_PRIVATE, "Table E.3.10-1"
 )
 
 #: Data Set Trailing Padding and Digital Signatures: never carried into a view.
@@ -169,7 +179,8 @@ class Plan:
     digest: str
     exact: Mapping[int, Decision]
     patterns: tuple[tuple[TagPattern, Decision], ...]
-    safe_private: frozenset[tuple[int, int, str]]  #: (group, element low byte, creator)
+    #: (group, element low byte, creator) -> the VR(s) Table E.3.10-1 lists, e.g. "OW/OB"
+    safe_private: Mapping[tuple[int, int, str], str]
 
     @property
     def options(self) -> frozenset[Option]:
@@ -197,6 +208,11 @@ class Plan:
             return _EMPTY_PERSON
         return _KEEP_DEFAULT
 
+    def safe_private_vrs(self, tag: int, creator: str) -> frozenset[str]:
+        """The VRs Table E.3.10-1 lists for a safe private element (empty: any VR)."""
+        vr = self.safe_private.get((tag >> 16, tag & 0xFF, creator.strip()), "")
+        return frozenset(v.strip() for v in vr.split("/") if v.strip())
+
     def decide_private(self, tag: int, creator: str | None) -> Decision:
         """The decision for a private data element whose block belongs to ``creator``."""
         d = self.exact.get(tag)
@@ -218,7 +234,7 @@ def _digest(profile: Profile) -> str:
         "name": profile.name,
         "options": sorted(o.value for o in profile.options),
         "disabled": sorted(profile.disabled),
-        "rules": [(r.tag, r.act.value) for r in profile.rules],
+        "rules": sorted((r.tag, r.act.value) for r in profile.rules),  # order is not output
         "apply_masks": profile.apply_masks,
         "masks": [
             [m.modality, m.manufacturer, m.model, m.rows, m.columns, m.enabled]
@@ -244,9 +260,10 @@ def compile_plan(profile: Profile) -> Plan:
             exact[row.pattern.value] = decision
         else:
             patterns.append((row.pattern, decision))
-    if not any(p.value == 0x60003000 and d.op is not Op.REMOVE for p, d in patterns):
-        # Overlay Data removed: the rest of its overlay group would describe a missing plane
-        # and may carry a label, so the whole (60xx,xxxx) group goes with it.
+    if not any(p.value == 0x60003000 and d.op in (Op.KEEP, Op.VERBATIM) for p, d in patterns):
+        # Overlay Data removed (X, or C, which the engine cannot do on a bit plane and so
+        # removes): the rest of its overlay group would describe a missing plane and may
+        # carry a label, so the whole (60xx,xxxx) group goes with it.
         patterns.append(
             (
                 TagPattern(0x60000000, 0xFF000000),
@@ -258,7 +275,7 @@ def compile_plan(profile: Profile) -> Plan:
     for rule in profile.rules:
         op = Op.VERBATIM if rule.act is Action.KEEP else resolve_op(rule.act, rule.tag)
         exact[rule.tag] = Decision(op, rule.act, Source.CUSTOM, note=rule.note)
-    safe = frozenset((r.group, r.element_low, r.creator) for r in safe_private_rows())
+    safe = {(r.group, r.element_low, r.creator): r.vr for r in safe_private_rows()}
     return Plan(
         profile=profile,
         digest=_digest(profile),
@@ -283,7 +300,7 @@ def describe(plan: Plan) -> Iterator[DescribedRow]:
     for row in e1_1_rows():
         if row.pattern is None:
             d = Decision(
-                Op.VERBATIM if Option.RETAIN_SAFE_PRIVATE in plan.options else Op.REMOVE,
+                Op.KEEP if Option.RETAIN_SAFE_PRIVATE in plan.options else Op.REMOVE,
                 Action.CLEAN if Option.RETAIN_SAFE_PRIVATE in plan.options else Action.REMOVE,
                 Source.OPTION if Option.RETAIN_SAFE_PRIVATE in plan.options else Source.BASIC,
                 Option.RETAIN_SAFE_PRIVATE if Option.RETAIN_SAFE_PRIVATE in plan.options else None,

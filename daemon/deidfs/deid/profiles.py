@@ -211,6 +211,7 @@ def rules_from_json(text: str) -> tuple[Rule, ...]:
     if not isinstance(data, list):
         raise ProfileError('rules file must be a JSON array of {"id": ..., "act": ...} objects')
     rules = []
+    first: dict[int, int] = {}
     for i, item in enumerate(data):
         if not isinstance(item, dict):
             raise ProfileError(f"rule #{i + 1}: not an object")
@@ -223,9 +224,16 @@ def rules_from_json(text: str) -> tuple[Rule, ...]:
         if not isinstance(note, str):
             raise ProfileError(f'rule #{i + 1}: "note" must be a string')
         try:
-            rules.append(Rule.parse(item["id"], item["act"], note))
+            rule = Rule.parse(item["id"], item["act"], note)
         except ProfileError as exc:
             raise ProfileError(f"rule #{i + 1}: {exc}") from exc
+        if rule.tag in first:
+            raise ProfileError(
+                f"rule #{i + 1}: a second rule for {format_tag(rule.tag)} "
+                f"(first: rule #{first[rule.tag]})"
+            )
+        first[rule.tag] = i + 1
+        rules.append(rule)
     return tuple(rules)
 
 
