@@ -1,0 +1,994 @@
+"""The read-only FUSE view: an in-memory tree of view files and the mfusepy operations on it.
+
+The core (:class:`ViewTree`, :class:`ViewFS`) knows nothing of FUSE: it looks paths up,
+lists directories, opens a view (rendering its header from the source it holds open) and
+reads bytes. :class:`DeidOperations` only translates between it and mfusepy (not found ->
+ENOENT, failure -> EIO, any write -> EROFS), and :class:`FuseMount` runs the mfusepy loop in
+a thread. mfusepy is imported lazily, after ``FUSE_LIBRARY_NAME=fuse3`` is set, because on
+a machine with both libfuse2 and libfuse3 it would otherwise pick libfuse2.
+
+Performance (see notes/fuse-perf.md): ``getattr`` and ``readdir`` are dictionary lookups;
+headers are rendered in ``open`` into a bounded cache, never in ``read``.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import errno
+import itertools
+import logging
+import os
+import re
+import stat
+import subprocess
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import ModuleType
+from typing import Any
+
+from deidfs.deid.plan import Plan
+from deidfs.deid.pseudonym import Pseudonymizer
+from deidfs.errors import DeidfsError, NotFound, Refused
+from deidfs.render import Layout, SourceStat, View, read_view, render
+
+log = logging.getLogger(__name__)
+
+DIR_MODE = stat.S_IFDIR | 0o555
+FILE_MODE = stat.S_IFREG | 0o444
+#: File times are keyed pseudo-times within the year 2000, so they never reveal real dates.
+PSEUDO_EPOCH_NS = 946_684_800 * 1_000_000_000
+PSEUDO_SPAN_NS = 365 * 86_400 * 1_000_000_000
+#: Hint for readers to use large reads; each FUSE request costs a trip into Python.
+BLOCK_SIZE = 256 * 1024
+#: Kernel read-ahead for the mount's bdi; libfuse3 then gets 512 KiB-1 MiB read requests.
+READ_AHEAD_KB = 1024
+ATTR_TIMEOUT = 3600.0
+#: Short, so a name looked up before its file settled shows up within about a second.
+NEGATIVE_TIMEOUT = 1.0
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def pseudo_mtime_ns(pseudonymizer: Pseudonymizer, state: SourceStat, digest: str) -> int:
+    """A keyed pseudo-time for a view: new whenever its source state or digest changes.
+
+    ``auto_cache`` drops a file's cached pages when its mtime changes, so the time must move
+    with the source; it must not reveal the source's real time, hence keyed.
+    """
+    token = pseudonymizer.token(
+        f"{state.dev}:{state.ino}:{state.size}:{state.mtime_ns}:{digest}", "mtime"
+    )
+    return PSEUDO_EPOCH_NS + int.from_bytes(base64.b32decode(token), "big") % PSEUDO_SPAN_NS
+
+
+@dataclass(frozen=True, slots=True)
+class FolderView:
+    """What serving one folder needs: its root, compiled profile, key and layout.
+
+    Replaced as a whole on reload; open file handles keep the view they were opened with.
+    """
+
+    id: str
+    root: Path
+    plan: Plan
+    pseudonymizer: Pseudonymizer
+    layout: Layout
+    digest: str  #: digest of everything a view depends on (plan, layout, key, renderer)
+
+
+@dataclass(frozen=True, slots=True)
+class ViewFile:
+    """One file of the mount, as the index describes it; enough for ``getattr``."""
+
+    folder: str
+    source: str  #: absolute path of the original; never logged
+    state: SourceStat
+    digest: str
+    relpath: str  #: path under the folder's directory in the mount
+    size: int
+    mtime_ns: int
+    header_length: int = 0
+    pixel_offset: int = 0
+    pixel_length: int = 0
+    trailer_length: int = 0
+
+    @property
+    def mount_path(self) -> str:
+        """The file's path in the mount, ``/<folder>/<relpath>``."""
+        return f"/{self.folder}/{self.relpath}"
+
+
+@dataclass(frozen=True, slots=True)
+class TreeCounts:
+    """Per-folder numbers of the tree."""
+
+    visible: int
+    duplicates: int
+    bytes: int
+
+
+class ViewTree:
+    """Folders -> directories -> view files, with O(1) lookups by mount path.
+
+    Two sources claiming one view path: the one with the smaller source path is served
+    (deterministic across restarts), the other is counted as a duplicate and takes over if
+    the first goes away. Mutations notify ``invalidator`` (outside the lock) of every mount
+    path whose attributes changed, so the kernel drops its cached size and pages.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._files: dict[str, ViewFile] = {}
+        self._dupes: dict[str, dict[str, ViewFile]] = {}
+        self._by_source: dict[tuple[str, str], ViewFile] = {}
+        self._dirs: dict[str, dict[str, int]] = {"/": {}}
+        self._folders: dict[str, FolderView] = {}
+        self._visible: dict[str, int] = {}
+        self._dup_count: dict[str, int] = {}
+        self._bytes: dict[str, int] = {}
+        self.invalidator: Callable[[Iterable[str]], None] | None = None
+
+    # -- reads (hot path: no lock for single dict lookups, atomic under the GIL) -----------
+
+    def file(self, path: str) -> ViewFile | None:
+        """The view file served at a mount path, if any."""
+        return self._files.get(path)
+
+    def is_dir(self, path: str) -> bool:
+        """Whether a mount path is a directory."""
+        return path in self._dirs
+
+    def listdir(self, path: str) -> list[tuple[str, int]] | None:
+        """``(name, mode)`` of a directory's entries, or None if it is not a directory."""
+        with self._lock:
+            children = self._dirs.get(path)
+            return None if children is None else list(children.items())
+
+    def folder(self, folder_id: str) -> FolderView | None:
+        """The settings of a served folder."""
+        return self._folders.get(folder_id)
+
+    def by_source(self, folder_id: str, source: str) -> ViewFile | None:
+        """The view file (served or duplicate) of a source path."""
+        return self._by_source.get((folder_id, source))
+
+    def sources(self, folder_id: str) -> list[ViewFile]:
+        """Every view file (served or duplicate) of a folder."""
+        with self._lock:
+            return [vf for (f, _), vf in self._by_source.items() if f == folder_id]
+
+    def counts(self, folder_id: str) -> TreeCounts:
+        """Visible files, duplicates and bytes of one folder."""
+        return TreeCounts(
+            visible=self._visible.get(folder_id, 0),
+            duplicates=self._dup_count.get(folder_id, 0),
+            bytes=self._bytes.get(folder_id, 0),
+        )
+
+    def totals(self) -> tuple[int, int, int]:
+        """Files, directories and bytes of the whole mount."""
+        return len(self._files), len(self._dirs), sum(self._bytes.values())
+
+    # -- folders -------------------------------------------------------------------------
+
+    def set_folder(self, fv: FolderView) -> None:
+        """Add a folder, or replace its settings (reload) keeping its files."""
+        with self._lock:
+            self._folders[fv.id] = fv
+            self._dirs.setdefault(f"/{fv.id}", {})
+            self._dirs["/"][fv.id] = DIR_MODE
+
+    def drop_folder(self, folder_id: str) -> None:
+        """Remove a folder and everything under it."""
+        changed: list[str] = []
+        with self._lock:
+            for vf in [v for (f, _), v in self._by_source.items() if f == folder_id]:
+                self._unclaim(vf, changed)
+                del self._by_source[(folder_id, vf.source)]
+            self._folders.pop(folder_id, None)
+            self._dirs.pop(f"/{folder_id}", None)
+            self._dirs["/"].pop(folder_id, None)
+            changed.append(f"/{folder_id}")
+        self._notify(changed)
+
+    # -- files ---------------------------------------------------------------------------
+
+    def put(self, vf: ViewFile) -> None:
+        """Add or replace the view of ``vf.source``."""
+        changed: list[str] = []
+        with self._lock:
+            if vf.folder not in self._folders:
+                return  # the folder left the configuration while this was being indexed
+            key = (vf.folder, vf.source)
+            old = self._by_source.get(key)
+            if old == vf:
+                return
+            if old is not None:
+                self._unclaim(old, changed)
+            self._by_source[key] = vf
+            self._claim(vf, changed)
+        self._notify(changed)
+
+    def remove(self, folder_id: str, source: str) -> bool:
+        """Remove the view of a source; False if it had none."""
+        changed: list[str] = []
+        with self._lock:
+            old = self._by_source.pop((folder_id, source), None)
+            if old is None:
+                return False
+            self._unclaim(old, changed)
+        self._notify(changed)
+        return True
+
+    def _claim(self, vf: ViewFile, changed: list[str]) -> None:
+        path = vf.mount_path
+        cur = self._files.get(path)
+        if cur is None:
+            self._serve(vf)
+            changed.append(path)
+        elif vf.source < cur.source:
+            self._dupes.setdefault(path, {})[cur.source] = cur
+            self._bytes[vf.folder] += vf.size - cur.size
+            self._files[path] = vf
+            self._dup_count[vf.folder] = self._dup_count.get(vf.folder, 0) + 1
+            changed.append(path)
+        else:
+            self._dupes.setdefault(path, {})[vf.source] = vf
+            self._dup_count[vf.folder] = self._dup_count.get(vf.folder, 0) + 1
+
+    def _unclaim(self, vf: ViewFile, changed: list[str]) -> None:
+        path = vf.mount_path
+        cur = self._files.get(path)
+        waiting = self._dupes.get(path)
+        if cur is not None and cur.source == vf.source:
+            changed.append(path)
+            if waiting:
+                nxt = waiting.pop(min(waiting))
+                if not waiting:
+                    del self._dupes[path]
+                self._files[path] = nxt
+                self._bytes[vf.folder] += nxt.size - cur.size
+                self._dup_count[vf.folder] -= 1
+            else:
+                self._unserve(cur, changed)
+        elif waiting and waiting.pop(vf.source, None) is not None:
+            self._dup_count[vf.folder] -= 1
+            if not waiting:
+                del self._dupes[path]
+
+    def _serve(self, vf: ViewFile) -> None:
+        path = vf.mount_path
+        self._files[path] = vf
+        self._visible[vf.folder] = self._visible.get(vf.folder, 0) + 1
+        self._bytes[vf.folder] = self._bytes.get(vf.folder, 0) + vf.size
+        parent, _, name = path.rpartition("/")
+        mode = FILE_MODE
+        while True:
+            children = self._dirs.get(parent)
+            if children is not None:
+                children[name] = mode
+                break
+            self._dirs[parent] = {name: mode}
+            parent, _, name = parent.rpartition("/")
+            parent = parent or "/"
+            mode = DIR_MODE
+
+    def _unserve(self, vf: ViewFile, changed: list[str]) -> None:
+        path = vf.mount_path
+        del self._files[path]
+        self._visible[vf.folder] -= 1
+        self._bytes[vf.folder] -= vf.size
+        folder_root = f"/{vf.folder}"
+        while path != folder_root:
+            parent, _, name = path.rpartition("/")
+            children = self._dirs.get(parent)
+            if children is None:
+                break
+            children.pop(name, None)
+            if children or parent == folder_root:
+                break
+            del self._dirs[parent]
+            changed.append(parent)
+            path = parent
+
+    def _notify(self, paths: list[str]) -> None:
+        hook = self.invalidator
+        if hook is not None and paths:
+            hook(paths)
+
+
+class HeaderCache:
+    """A bounded LRU of rendered views (headers and trailers), by bytes held."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, SourceStat, str], View] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _weight(view: View) -> int:
+        return len(view.header) + len(view.trailer) + 512
+
+    def get(self, key: tuple[str, SourceStat, str]) -> View | None:
+        """The cached view for (source, state, digest), marking it recently used."""
+        with self._lock:
+            view = self._items.get(key)
+            if view is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return view
+
+    def put(self, key: tuple[str, SourceStat, str], view: View) -> None:
+        """Cache a view, evicting the least recently used beyond the bound."""
+        weight = self._weight(view)
+        if weight > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= self._weight(old)
+            self._items[key] = view
+            self._bytes += weight
+            while self._bytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= self._weight(dropped)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes held (headers, trailers and a per-entry overhead)."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(slots=True)
+class _Handle:
+    fd: int
+    view: View
+    ctime_ns: int
+    file: ViewFile
+    broken: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """An open view: its handle, and whether the kernel must bypass its page cache for it."""
+
+    fh: int
+    direct_io: bool
+
+
+def _version(vf: ViewFile) -> tuple[str, SourceStat, str]:
+    return (vf.source, vf.state, vf.digest)
+
+
+class ViewFS:
+    """open/read/release of view files over a :class:`ViewTree`.
+
+    A view is served only while its source is exactly the state that was indexed: open
+    checks the source's (dev, ino, size, mtime_ns) against the index and the rebuilt view's
+    size against the indexed size; read checks the held source after each source read, and
+    that the handle's version is still the one the tree serves. Any mismatch reports the
+    source through ``on_stale`` (to be indexed again) and fails that file only.
+
+    The kernel's page cache is per path, shared by every open of it. So that a handle still
+    open on an older version never reads pages a newer version filled (mixed bytes), a view
+    opened while such a handle exists is opened ``direct_io``: it bypasses the cache, and
+    the cache only ever holds bytes of one version (the tree invalidates it on each change).
+    """
+
+    def __init__(
+        self,
+        tree: ViewTree,
+        cache_bytes: int,
+        on_stale: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.tree = tree
+        self.cache = HeaderCache(cache_bytes)
+        self.on_stale = on_stale
+        self._handles: dict[int, _Handle] = {}
+        self._lock = threading.Lock()
+        #: mount path -> versions open on it, with their handle counts
+        self._open_versions: dict[str, Counter[tuple[str, SourceStat, str]]] = {}
+        self._next_fh = itertools.count(1)
+        self._stale_logged: set[tuple[str, SourceStat, str]] = set()
+        self.opens = 0
+        self.stale = 0
+
+    @property
+    def open_handles(self) -> int:
+        """Number of open file handles."""
+        return len(self._handles)
+
+    def _stale(self, vf: ViewFile, why: str) -> Refused:
+        self.stale += 1
+        version = _version(vf)
+        if version not in self._stale_logged:
+            # Once per version: a viewer retrying a changed file must not flood the log.
+            if len(self._stale_logged) > 4096:
+                self._stale_logged.clear()
+            self._stale_logged.add(version)
+            log.info("view withheld until indexed again: folder=%s reason=%s", vf.folder, why)
+        hook = self.on_stale
+        if hook is not None:
+            hook(vf.folder, vf.source)
+        return Refused("source_changed", why)
+
+    def open(self, path: str) -> Opened:
+        """Open the view at ``path``.
+
+        Raises
+        ------
+        NotFound
+            No view at ``path``.
+        Refused
+            The source changed, vanished or no longer renders to the indexed view.
+        """
+        vf = self.tree.file(path)
+        if vf is None:
+            raise NotFound("no such view")
+        folder = self.tree.folder(vf.folder)
+        if folder is None:
+            raise NotFound("folder not served")
+        try:
+            fd = _open_source(vf.source)
+        except OSError as exc:
+            raise self._stale(vf, "source cannot be opened") from exc
+        try:
+            st = os.fstat(fd)
+            if SourceStat.of(st) != vf.state:
+                raise self._stale(vf, "source state differs from the index")
+            view = self._view(fd, vf, folder)
+            if view.size != vf.size or str(view.relpath) != vf.relpath:
+                raise self._stale(vf, "rebuilt view differs from the index")
+        except BaseException:
+            os.close(fd)
+            raise
+        version = _version(vf)
+        with self._lock:
+            fh = next(self._next_fh)
+            self._handles[fh] = _Handle(fd, view, st.st_ctime_ns, vf)
+            versions = self._open_versions.setdefault(path, Counter())
+            direct = any(v != version for v in versions)
+            versions[version] += 1
+        self.opens += 1
+        return Opened(fh, direct)
+
+    def _view(self, fd: int, vf: ViewFile, folder: FolderView) -> View:
+        key = (vf.source, vf.state, vf.digest)
+        view = self.cache.get(key)
+        if view is not None:
+            return view
+        if folder.digest != vf.digest:
+            raise self._stale(vf, "profile changed since indexing")
+        rel = PurePosixPath(os.path.relpath(vf.source, folder.root))
+        try:
+            with open(fd, "rb", closefd=False) as f:
+                view = render(f, vf.state, folder.plan, folder.pseudonymizer, folder.layout, rel)
+        except Refused as exc:
+            raise self._stale(vf, "source no longer renders") from exc
+        self.cache.put(key, view)
+        return view
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of an open view.
+
+        Raises
+        ------
+        NotFound
+            Unknown handle.
+        Refused
+            The source changed under the open handle.
+        """
+        h = self._handles.get(fh)
+        if h is None:
+            raise NotFound("no such handle")
+        if h.broken:
+            raise Refused("source_changed", "source changed while open")
+        current = self.tree.file(h.file.mount_path)
+        if current is None or _version(current) != _version(h.file):
+            # A newer version is served (or none): never mix it with this one's bytes.
+            h.broken = True
+            raise Refused("source_changed", "a newer version replaced this view")
+        view = h.view
+        try:
+            data = read_view(view, h.fd, offset, size)
+        except (Refused, OSError) as exc:
+            h.broken = True
+            raise self._stale(h.file, "source shrank while open") from exc
+        header = len(view.header)
+        if offset + size > header and offset < header + view.pixel_length:
+            # Checked after the pread: a writer updates mtime before it changes data, so an
+            # unchanged state here means the bytes just read are the indexed ones.
+            st = os.fstat(h.fd)
+            if SourceStat.of(st) != view.source or st.st_ctime_ns != h.ctime_ns:
+                h.broken = True
+                raise self._stale(h.file, "source changed while open")
+        return data
+
+    def release(self, fh: int) -> None:
+        """Close a handle and its source descriptor (unknown handles are ignored)."""
+        with self._lock:
+            h = self._handles.pop(fh, None)
+            if h is None:
+                return
+            path = h.file.mount_path
+            versions = self._open_versions.get(path)
+            if versions is not None:
+                versions[_version(h.file)] -= 1
+                if versions[_version(h.file)] <= 0:
+                    del versions[_version(h.file)]
+                if not versions:
+                    del self._open_versions[path]
+        os.close(h.fd)
+
+    def close_all(self) -> None:
+        """Close every held source (at shutdown)."""
+        for fh in list(self._handles):
+            self.release(fh)
+
+
+def _open_source(path: str) -> int:
+    """Open an original read-only without following a final symlink or touching its atime."""
+    try:
+        return os.open(path, _OPEN_FLAGS | os.O_NOATIME)
+    except PermissionError:
+        # O_NOATIME needs ownership or CAP_FOWNER; reading is still allowed without it.
+        return os.open(path, _OPEN_FLAGS)
+
+
+class DeidOperations:
+    """mfusepy operations over a :class:`ViewFS`: translation only.
+
+    Not a subclass of ``mfusepy.Operations`` so that this module imports without mfusepy;
+    mfusepy registers exactly the methods defined here.
+    """
+
+    use_ns = True
+
+    def __init__(self, fs: ViewFS, uid: int | None = None, gid: int | None = None) -> None:
+        self.fs = fs
+        self.tree = fs.tree
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.initialized = threading.Event()
+        self._fuse_ptr: int | None = None
+        self._invalidate_fn: Any = None
+        self._inval_lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def init(self, path: str) -> None:
+        """libfuse is up: remember the session for later cache invalidations."""
+        # Called on a FUSE thread with the fuse context set: keep the `struct fuse *` so
+        # cache invalidations can be sent later from other threads.
+        try:
+            lib = _libfuse()
+            ptr = lib.fuse_get_context().contents.fuse
+            fn = lib.fuse_invalidate_path
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            fn.restype = ctypes.c_int
+            with self._inval_lock:
+                self._fuse_ptr = ptr
+                self._invalidate_fn = fn
+        except (AttributeError, OSError) as exc:
+            log.warning("kernel cache invalidation unavailable: %s", exc)
+        self.initialized.set()
+
+    def destroy(self, path: str) -> None:
+        """libfuse is going down: no more invalidations."""
+        with self._inval_lock:
+            self._fuse_ptr = None
+
+    def invalidate(self, paths: Iterable[str]) -> None:
+        """Drop the kernel's cached attributes and pages of ``paths`` (ignores unknown ones).
+
+        Never called from a FUSE callback: the kernel may wait on the request being served.
+        """
+        with self._inval_lock:
+            ptr, fn = self._fuse_ptr, self._invalidate_fn
+            if ptr is None or fn is None:
+                return
+            for path in paths:
+                fn(ctypes.c_void_p(ptr), path.encode("utf-8", "surrogateescape"))
+
+    # -- metadata ------------------------------------------------------------------------
+
+    def _file_attrs(self, vf: ViewFile) -> dict[str, int]:
+        t = vf.mtime_ns
+        return {
+            "st_mode": FILE_MODE,
+            "st_nlink": 1,
+            "st_size": vf.size,
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+            "st_atime": t,
+            "st_mtime": t,
+            "st_ctime": t,
+            "st_blksize": BLOCK_SIZE,
+            "st_blocks": (vf.size + 511) // 512,
+        }
+
+    def _dir_attrs(self) -> dict[str, int]:
+        return {
+            "st_mode": DIR_MODE,
+            "st_nlink": 2,
+            "st_size": 0,
+            "st_uid": self.uid,
+            "st_gid": self.gid,
+            "st_atime": PSEUDO_EPOCH_NS,
+            "st_mtime": PSEUDO_EPOCH_NS,
+            "st_ctime": PSEUDO_EPOCH_NS,
+            "st_blksize": BLOCK_SIZE,
+        }
+
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+        """stat(2) of a mount path: a dictionary lookup, never a parse."""
+        vf = self.tree.file(path)
+        if vf is not None:
+            return self._file_attrs(vf)
+        if self.tree.is_dir(path):
+            return self._dir_attrs()
+        raise OSError(errno.ENOENT, "no such view")
+
+    def readdir(self, path: str, fh: int) -> list[str | tuple[str, int, int]]:
+        """Entries of a directory as ``(name, mode, 0)``."""
+        entries = self.tree.listdir(path)
+        if entries is None:
+            raise OSError(errno.ENOTDIR if self.tree.file(path) else errno.ENOENT, path)
+        out: list[str | tuple[str, int, int]] = [".", ".."]
+        out.extend((name, mode, 0) for name, mode in entries)
+        return out
+
+    def statfs(self, path: str) -> dict[str, int]:
+        """statvfs(3): the mount's size and file count; nothing is free (read-only)."""
+        files, dirs, size = self.tree.totals()
+        return {
+            "f_bsize": BLOCK_SIZE,
+            "f_frsize": 4096,
+            "f_blocks": (size + 4095) // 4096,
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_files": files + dirs,
+            "f_ffree": 0,
+            "f_favail": 0,
+            "f_namemax": 255,
+        }
+
+    def access(self, path: str, amode: int) -> int:
+        """access(2): writing is never allowed."""
+        if amode & os.W_OK:
+            raise OSError(errno.EROFS, "read-only")
+        if self.tree.file(path) is None and not self.tree.is_dir(path):
+            raise OSError(errno.ENOENT, "no such view")
+        return 0
+
+    # -- data ----------------------------------------------------------------------------
+
+    # mfusepy runs with raw_fi=True: open, read and release get libfuse's fuse_file_info,
+    # so open can ask for direct_io per file.
+
+    def open(self, path: str, fi: Any) -> int:
+        """Open for reading only; sets ``fi.fh`` (and ``fi.direct_io`` when needed)."""
+        flags = int(fi.flags)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise OSError(errno.EROFS, "read-only")
+        try:
+            opened = self.fs.open(path)
+        except NotFound as exc:
+            raise OSError(errno.ENOENT, "no such view") from exc
+        except Refused as exc:
+            raise OSError(errno.EIO, exc.reason) from exc
+        except Exception as exc:
+            log.error("open failed: %s", type(exc).__name__)
+            raise OSError(errno.EIO, "open failed") from exc
+        fi.fh = opened.fh
+        if opened.direct_io:
+            fi.direct_io = 1
+        return 0
+
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        """Bytes of an open view; EIO if its source changed."""
+        try:
+            return self.fs.read(int(fi.fh), offset, size)
+        except NotFound as exc:
+            raise OSError(errno.EBADF, "no such handle") from exc
+        except Refused as exc:
+            raise OSError(errno.EIO, exc.reason) from exc
+        except Exception as exc:
+            log.error("read failed: %s", type(exc).__name__)
+            raise OSError(errno.EIO, "read failed") from exc
+
+    def release(self, path: str, fi: Any) -> int:
+        """Close an open view."""
+        self.fs.release(int(fi.fh))
+        return 0
+
+    # -- everything that would write: the mount is read-only -----------------------------
+
+    def _erofs(self, *args: object) -> int:
+        """Every operation below would change the mount: EROFS, before the kernel's own."""
+        raise OSError(errno.EROFS, "read-only file system")
+
+    def create(self, path: str, mode: int, fi: object = None) -> int:
+        return self._erofs()
+
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        return self._erofs()
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+        return self._erofs()
+
+    def mkdir(self, path: str, mode: int) -> int:
+        return self._erofs()
+
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        return self._erofs()
+
+    def rmdir(self, path: str) -> int:
+        return self._erofs()
+
+    def unlink(self, path: str) -> int:
+        return self._erofs()
+
+    def symlink(self, target: str, source: str) -> int:
+        return self._erofs()
+
+    def link(self, target: str, source: str) -> int:
+        return self._erofs()
+
+    def rename(self, old: str, new: str) -> int:
+        return self._erofs()
+
+    def chmod(self, path: str, mode: int) -> int:
+        return self._erofs()
+
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        return self._erofs()
+
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        return self._erofs()
+
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        return self._erofs()
+
+    def removexattr(self, path: str, name: str) -> int:
+        return self._erofs()
+
+    def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> int:
+        return self._erofs()
+
+
+# -- the mfusepy binding and the mount ----------------------------------------------------
+
+
+def load_mfusepy() -> ModuleType:
+    """Import mfusepy bound to libfuse3 (it prefers libfuse2 when both are installed).
+
+    Raises
+    ------
+    DeidfsError
+        mfusepy or libfuse3 is missing, or mfusepy was already imported with libfuse2.
+    """
+    os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+    try:
+        import mfusepy  # noqa: PLC0415  (lazy: the environment above must come first)
+    except (ImportError, OSError) as exc:
+        raise DeidfsError(f"cannot load mfusepy with libfuse3: {exc}") from exc
+    major = getattr(mfusepy, "fuse_version_major", None)
+    if major != 3:
+        raise DeidfsError(f"mfusepy is bound to libfuse {major}, libfuse3 is required")
+    module: ModuleType = mfusepy
+    return module
+
+
+def _libfuse() -> ctypes.CDLL:
+    mfusepy = load_mfusepy()
+    lib: ctypes.CDLL = mfusepy._libfuse  # the same library mfusepy mounted with
+    return lib
+
+
+def mount_options(allow_other: bool) -> dict[str, object]:
+    """The ``-o`` options of the mount (notes/fuse-perf.md, sections 2 and 6)."""
+    opts: dict[str, object] = {
+        "ro": True,
+        "default_permissions": True,
+        "fsname": "deidfs",
+        "subtype": "deidfs",
+        # Sources may be replaced: auto_cache drops cached pages when size or mtime change;
+        # explicit invalidations (DeidOperations.invalidate) cover the attribute cache.
+        "auto_cache": True,
+        "attr_timeout": ATTR_TIMEOUT,
+        "entry_timeout": ATTR_TIMEOUT,
+        "negative_timeout": NEGATIVE_TIMEOUT,
+        "no_rofd_flush": True,
+    }
+    if allow_other:
+        opts["allow_other"] = True
+    return opts
+
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(m: re.Match[str]) -> str:
+    return chr(int(m.group(1), 8))
+
+
+def mounted_fstype(mountpoint: Path) -> str | None:
+    """The file system type mounted exactly at ``mountpoint`` (from mountinfo), if any."""
+    target = os.path.abspath(mountpoint)
+    found: str | None = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) < 5:
+                    continue
+                if _OCTAL_ESCAPE.sub(_unescape, fields[4]) == target:
+                    found = right.split()[0] if right else "unknown"
+    except OSError:
+        return None
+    return found
+
+
+def fusermount(mountpoint: Path, lazy: bool = False, timeout: float = 10.0) -> bool:
+    """``fusermount3 -u [-z]``; True on success."""
+    argv = ["fusermount3", "-u", "-q"] + (["-z"] if lazy else []) + [os.fspath(mountpoint)]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _probe(mountpoint: Path, timeout: float) -> int | None:
+    """errno of ``statvfs`` on the mount (0 if it answers, None if it hangs).
+
+    statvfs is never answered from the kernel's attribute cache, so it reaches the daemon
+    (or finds the connection dead); it runs in a thread because a hung daemon blocks it.
+    """
+    result: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(mountpoint)
+            result.append(0)
+        except OSError as exc:
+            result.append(exc.errno or errno.EIO)
+
+    t = threading.Thread(target=probe, name="deidfs-mount-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else None
+
+
+def clear_stale_mount(mountpoint: Path, timeout: float = 3.0) -> bool:
+    """Unmount a dead FUSE mount left at ``mountpoint`` by a killed run.
+
+    Returns True if one was cleared.
+
+    Raises
+    ------
+    DeidfsError
+        A live FUSE file system is mounted there (another daemon serves it), or the dead
+        one cannot be unmounted.
+    """
+    fstype = mounted_fstype(mountpoint)
+    if fstype is None or not fstype.startswith("fuse"):
+        return False
+    err = _probe(mountpoint, timeout)
+    if err == 0:
+        raise DeidfsError(f"{mountpoint} is already mounted ({fstype}); is deidfs running?")
+    log.warning(
+        "stale mount found (a previous run was killed: %s); unmounting it",
+        "hung" if err is None else errno.errorcode.get(err, str(err)),
+    )
+    if not fusermount(mountpoint) and not fusermount(mountpoint, lazy=True):
+        raise DeidfsError(f"cannot clear the stale mount at {mountpoint}")
+    return True
+
+
+def _set_read_ahead(mountpoint: Path) -> None:
+    try:
+        dev = os.stat(mountpoint).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        bdi.write_text(f"{READ_AHEAD_KB}\n")
+        log.debug("read-ahead of the mount set to %d KiB", READ_AHEAD_KB)
+    except OSError as exc:
+        # Only root may write it; without it reads still work, in 128 KiB requests.
+        log.info("read-ahead of the mount left at the default: %s", exc.strerror)
+
+
+class FuseMount:
+    """Runs the mfusepy loop (multithreaded, foreground) in a thread.
+
+    The main thread stays free for signals: mfusepy skips installing its own SIGINT handler
+    outside the main thread, and libfuse leaves handlers alone that are not SIG_DFL.
+    """
+
+    def __init__(self, ops: DeidOperations, mountpoint: Path, *, allow_other: bool) -> None:
+        self.ops = ops
+        self.mountpoint = Path(os.path.abspath(mountpoint))
+        self.options = mount_options(allow_other)
+        self.error: BaseException | None = None
+        self.libfuse_version = ""
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+
+    @property
+    def alive(self) -> bool:
+        """True while the FUSE loop runs."""
+        return self._thread is not None and not self._done.is_set()
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Mount and wait until the kernel has initialized the connection.
+
+        Raises
+        ------
+        DeidfsError
+            The mount failed or did not come up within ``timeout``.
+        """
+        mfusepy = load_mfusepy()
+        self.libfuse_version = f"{mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor}"
+        self._thread = threading.Thread(
+            target=self._run, args=(mfusepy,), name="fuse-loop", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.ops.initialized.wait(0.05):
+            if self._done.is_set():
+                raise DeidfsError(f"mount failed: {self.error or 'libfuse exited'}")
+            if time.monotonic() > deadline:
+                raise DeidfsError("mount did not come up in time")
+        _set_read_ahead(self.mountpoint)
+        log.info("mounted (libfuse %s, options %s)", self.libfuse_version, self._describe())
+
+    def _describe(self) -> str:
+        return ",".join(k if v is True else f"{k}={v}" for k, v in self.options.items())
+
+    def _run(self, mfusepy: Any) -> None:
+        try:
+            mfusepy.FUSE(
+                self.ops,
+                os.fspath(self.mountpoint),
+                raw_fi=True,
+                foreground=True,
+                nothreads=False,
+                **self.options,
+            )
+        except RuntimeError as exc:
+            # libfuse3 returns the signal number when a signal ended the loop; a clean stop.
+            self.error = exc
+        except BaseException as exc:
+            self.error = exc
+            log.error("FUSE loop failed: %s", type(exc).__name__)
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the loop to end; True if it did."""
+        return self._done.wait(timeout)
+
+    def unmount(self, timeout: float = 5.0) -> bool:
+        """Unmount (lazily if busy) and wait, bounded, for the loop to end."""
+        if self._thread is None:
+            return True
+        if not self._done.is_set() and not fusermount(self.mountpoint, timeout=timeout):
+            log.warning("mount busy; detaching it lazily")
+            fusermount(self.mountpoint, lazy=True, timeout=timeout)
+        ended = self._done.wait(timeout)
+        if not ended:
+            log.warning("FUSE loop still running after unmount; leaving it to process exit")
+        return ended
