@@ -73,6 +73,20 @@ def load_or_create_key(state_dir: Path) -> bytes:
     return _read_key(path)
 
 
+def read_key_file(path: Path) -> bytes:
+    """Return the key held in the existing key file ``path`` (same format and checks).
+
+    Raises
+    ------
+    SecretError
+        The file does not exist, or is unsafe or malformed as for :func:`load_or_create_key`.
+    """
+    try:
+        return _read_key(path)
+    except FileNotFoundError:
+        raise SecretError(f"key file {path} does not exist") from None
+
+
 def _check_state_dir(state_dir: Path) -> None:
     try:
         st = os.stat(state_dir)

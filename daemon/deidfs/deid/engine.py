@@ -29,7 +29,7 @@ from deidfs import __version__
 from deidfs.deid.plan import Decision, Op, Plan, Source
 from deidfs.deid.profiles import DateModification
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.deid.standard import BASIC_PROFILE_CODE, OPTION_CODES, Option, cid_7050
+from deidfs.deid.standard import BASIC_PROFILE_CODE, OPTION_CODES, Action, Option, cid_7050
 from deidfs.deid.tags import keyword_of
 from deidfs.errors import Refused
 
@@ -74,7 +74,24 @@ _DUMMY_BY_VR: dict[str, Any] = {
     "UR": "urn:deidfs:anonymized",
 }
 _AGE = re.compile(r"^(\d{3})([DWMY])$")
+#: Text the table does not list, inside a sequence whose row says D or C: a dummy replaces
+#: the whole value of a D sequence (PS3.15 E.1.1), and its value is its items; C cleans it.
+_SCRUB_VRS = frozenset({"AE", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+_SCRUB = {
+    Op.DUMMY: Decision(Op.DUMMY, Action.DUMMY, Source.DEFAULT, note="text in a D sequence"),
+    Op.CLEAN: Decision(Op.CLEAN, Action.CLEAN, Source.DEFAULT, note="text in a C sequence"),
+}
+_SAFE_VR_MISMATCH = Decision(
+    Op.REMOVE, Action.REMOVE, Source.PRIVATE, note="VR differs from Table E.3.10-1"
+)
 _DATE_DIGITS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(.*)$")
+#: Well-formed DA, DT and TM values (PS3.5 6.2). Anything else is emptied by the date
+#: operations, never half-modified (a shifted year in front of the original "-03-15").
+_WELL_FORMED = {
+    "DA": re.compile(r"^\d{8}$"),
+    "DT": re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$"),
+    "TM": re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +195,8 @@ def _phi_pattern(root: Dataset, plan: Plan, charset: Any) -> re.Pattern[str] | N
         if tag >> 16 & 1 or tag >> 16 == 0x0002:
             continue
         decision = plan.decide(int(tag))
-        if decision.op in (Op.KEEP, Op.VERBATIM):
-            continue
+        if decision.op in (Op.KEEP, Op.VERBATIM, Op.CLEAN):
+            continue  # kept, or itself being cleaned: a descriptor, not an identifier
         try:
             vr = dictionary_VR(tag)
         except KeyError:
@@ -222,12 +239,24 @@ def _shift_date_text(text: str, days: int) -> str | None:
     return out + rest
 
 
+def _well_formed(vr: str, text: str) -> str | None:
+    """``text`` in its PS3.5 form, or None; ACR-NEMA ``2001.01.31`` and ``10:11:12`` are
+    read as the dates and times they are (PS3.5 6.2, notes on DA and TM)."""
+    if vr == "DA" and len(text) == 10 and text[4] == text[7] == ".":
+        text = text.replace(".", "")
+    elif vr == "TM" and ":" in text:
+        text = text.replace(":", "")
+    return text if _WELL_FORMED[vr].match(text) else None
+
+
 def _modify_dates(vr: str, values: list[Any], ctx: _Context, *, shift: bool) -> list[str] | None:
     """Modified Dates: shift by the patient's days, or keep only the year (HIPAA)."""
     year_only = not shift and ctx.plan.profile.date_modification is DateModification.YEAR
     out: list[str] = []
     for v in values:
-        text = str(v).strip()
+        text = _well_formed(vr, str(v).strip())
+        if text is None:
+            return None
         if vr == "TM":
             if year_only:
                 return None
@@ -284,29 +313,70 @@ def _fit(vr: str, text: str) -> str:
     return text[:limit] if limit else text
 
 
+#: Decisions of recently used plans by tag: :meth:`Plan.decide` tries every group pattern
+#: and the data dictionary for each tag the table does not list, on every element of every
+#: file. Keyed by the plan object's id, and checked by identity, so a plan is never mistaken
+#: for another; bounded.
+_DECISIONS: dict[int, tuple[Plan, dict[int, Decision]]] = {}
+_MAX_CACHED_PLANS = 8
+_MAX_CACHED_TAGS = 1 << 16
+
+
+def _decide(plan: Plan, tag: int) -> Decision:
+    """``plan.decide(tag)``, remembered."""
+    entry = _DECISIONS.get(id(plan))
+    if entry is None or entry[0] is not plan:
+        if len(_DECISIONS) >= _MAX_CACHED_PLANS:
+            _DECISIONS.clear()
+        entry = _DECISIONS[id(plan)] = (plan, {})
+    cache = entry[1]
+    decision = cache.get(tag)
+    if decision is None:
+        decision = plan.decide(tag)
+        if len(cache) < _MAX_CACHED_TAGS:
+            cache[tag] = decision
+    return decision
+
+
 class _Walker:
     """Walks one dataset level; recursion creates a walker per sequence item."""
 
-    def __init__(self, ctx: _Context) -> None:
+    def __init__(self, ctx: _Context, scrub: Op | None = None) -> None:
         self.ctx = ctx
+        self.scrub = scrub  #: Op.DUMMY or Op.CLEAN inside a D or C sequence (_SCRUB_VRS)
 
     def dataset(self, src: Dataset) -> Dataset:
         ctx = self.ctx
         out = Dataset()
         out.set_original_encoding(ctx.implicit, ctx.little, ctx.charset)
+        out_dict = out._dict
         creators: dict[int, str] = {}
         kept_private_blocks: set[tuple[int, int]] = set()
         private_out: dict[int, RawDataElement | DataElement] = {}
-        for key in src.keys():
+        for key, stored in src._dict.items():
             tag = int(key)
-            raw = src.get_item(key)
+            raw = stored
+            if isinstance(stored, RawDataElement) and stored.value is None:
+                raw = src.get_item(key)  # get_item converts a raw element without value
             if tag >> 16 & 1:
                 self._private(src, tag, raw, creators, kept_private_blocks, private_out)
                 continue
-            decision = ctx.plan.decide(tag)
+            decision = _decide(ctx.plan, tag)
+            if (
+                self.scrub is not None
+                and decision.op is Op.KEEP
+                and decision.source is Source.DEFAULT
+                and _vr_of(raw, tag) in _SCRUB_VRS
+            ):
+                decision = _SCRUB[self.scrub]
             elem = self.apply(src, tag, raw, decision)
             if elem is not None:
-                out[tag] = elem
+                if elem.VR == "SQ":
+                    out[tag] = elem
+                else:
+                    # What Dataset.__setitem__ does for a public element that is not a
+                    # sequence, into a new data set, without its checks (a tenth of the walk).
+                    out_dict[elem.tag] = elem
         # A private creator is kept only when an element of its block is kept.
         for tag, elem in private_out.items():
             if (tag & 0xFFFF) <= 0xFF and (tag >> 16, tag & 0xFF) not in kept_private_blocks:
@@ -338,6 +408,15 @@ class _Walker:
         block = elem_no >> 8
         creator = creators.get((group << 8) | block)
         decision = ctx.plan.decide_private(tag, creator)
+        if decision.source is Source.OPTION and creator is not None:
+            # Listed for this creator, but the table vouches only for the VR it names.
+            vrs = ctx.plan.safe_private_vrs(tag, creator)
+            if vrs and raw.VR not in (None, "UN") and raw.VR not in vrs:
+                decision = _SAFE_VR_MISMATCH
+            elif vrs == {"SQ"} and raw.VR in (None, "UN") and isinstance(raw, RawDataElement):
+                # Implicit VR (or UN): only the table says it is a sequence, and a kept
+                # sequence is de-identified inside, never passed through as opaque bytes.
+                raw = raw._replace(VR="SQ")
         elem = self.apply(src, tag, raw, decision)
         if elem is not None:
             private_out[tag] = elem
@@ -368,9 +447,13 @@ class _Walker:
             return _empty(tag, vr)
         if vr == "SQ":
             if op in (Op.DUMMY, Op.CLEAN, Op.UID, Op.PSEUDONYM):
-                # D and C on a sequence: keep its structure, de-identify every item with
-                # the same plan (each nested attribute has its own row).
-                return self._sequence(src, tag, raw)
+                # D and C on a sequence: keep its structure (a Type 1 sequence keeps its
+                # items), de-identify every item with the same plan (each nested attribute
+                # has its own row), and dummy (D) or clean (C) the text the table does not
+                # list, which a recursion alone would keep (e.g. Text Value in Content
+                # Sequence, Code Meaning in Person Identification Code Sequence).
+                scrub = op if op in (Op.DUMMY, Op.CLEAN) else None
+                return self._sequence(src, tag, raw, scrub)
             return _empty(tag, vr)
         if op is Op.UID or (vr == "UI" and op in (Op.DUMMY, Op.PSEUDONYM, Op.CLEAN)):
             return self._uids(src, tag, raw, vr, decision)
@@ -390,12 +473,17 @@ class _Walker:
         raise AssertionError(op)  # pragma: no cover
 
     # -- operations needing the value -----------------------------------------------------------
-    def _sequence(self, src: Dataset, tag: int, raw: RawDataElement | DataElement) -> DataElement:
+    def _sequence(
+        self, src: Dataset, tag: int, raw: RawDataElement | DataElement, scrub: Op | None = None
+    ) -> DataElement:
         elem = _convert(raw, self.ctx, src)
         items = elem.value if elem.VR == "SQ" else None
         if items is None:
             raise Refused("bad_sequence", f"element {tag:08X} is not a readable sequence")
-        return DataElement(tag, "SQ", Sequence([self.dataset(item) for item in items]))
+        walker = self
+        if scrub is not None and self.scrub is not Op.DUMMY and scrub is not self.scrub:
+            walker = _Walker(self.ctx, scrub)  # D inside C scrubs harder; never softer
+        return DataElement(tag, "SQ", Sequence([walker.dataset(item) for item in items]))
 
     def _uids(
         self, src: Dataset, tag: int, raw: RawDataElement | DataElement, vr: str, d: Decision
@@ -488,6 +576,10 @@ class _Walker:
         assert max_age is not None
         text = _plain(_convert(raw, self.ctx, src).value)
         m = _AGE.match(text)
+        if m is None and text:
+            # Not an age string ("95 years"): it cannot be capped, so it is not kept.
+            self.ctx.notes.add("age_unparseable_emptied")
+            return DataElement(tag, "AS", "")
         if m and m.group(2) == "Y" and int(m.group(1)) > max_age:
             self.ctx.notes.add("age_capped")
             return DataElement(tag, "AS", f"{max_age + 1:03d}Y")
@@ -609,6 +701,9 @@ def deidentify(
     walker = _Walker(ctx)
     out = walker.dataset(ds)
     out_trailer = walker.dataset(trailer) if trailer is not None and len(trailer) else None
+
+    if SOP_INSTANCE_UID not in out or not _plain(out.SOPInstanceUID):
+        raise Refused("no_sop_instance_uid", "the profile removes SOP Instance UID")
 
     max_age = plan.profile.max_age
     if max_age is not None and PATIENT_BIRTH_DATE in out and _age_over(ds, ctx, max_age):
