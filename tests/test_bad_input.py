@@ -66,8 +66,8 @@ REASONS = frozenset(
         "unwritable",
         "unreadable",
         "not_regular",
-        "pixel_clean_unavailable",
-        "mask_unavailable",
+        "burned_in_no_mask",
+        "pixel_unsupported",
     }
 )
 MARK = "QZX9SECRET"  #: planted in values of the bad files; never in a message

@@ -486,11 +486,14 @@ def test_engine_refusals(tmp_path: Path, sop_class: str, reason: str) -> None:
     assert info.value.reason == reason
 
 
-def test_pixel_profile_refuses_images_until_pixels_can_be_cleaned(tmp_path: Path) -> None:
-    ds = make_image(f"{UID_ROOT}82")
+def test_pixel_profile_withholds_images_that_may_carry_burned_in_text(tmp_path: Path) -> None:
+    ds = make_image(f"{UID_ROOT}82", BurnedInAnnotation="YES")
     with pytest.raises(Refused) as info:
         serve(write_source(tmp_path, "x.dcm", ds), compile_plan(PIXEL))
-    assert info.value.reason == "pixel_clean_unavailable"
+    assert info.value.reason == "burned_in_no_mask"
+    del ds.BurnedInAnnotation  # a CT without the flag: nothing suggests burned-in text
+    s = serve(write_source(tmp_path, "x.dcm", ds), compile_plan(PIXEL))
+    assert s.ds.PatientIdentityRemoved == "YES"
     for kw in ("PixelData", "Rows", "Columns", "BitsAllocated"):
         delattr(ds, kw)
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR: no pixels to clean

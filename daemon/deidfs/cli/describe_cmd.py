@@ -9,6 +9,7 @@ from typing import Any
 
 from deidfs.cli.common import load_profiles
 from deidfs.deid.plan import compile_plan, describe
+from deidfs.deid.standard import Option
 from deidfs.errors import NotFound
 
 
@@ -40,6 +41,19 @@ def run(args: argparse.Namespace) -> int:
             "base": profile.base,
             "digest": plan.digest,
             "options": sorted(o.value for o in profile.options),
+            "apply_masks": profile.apply_masks,
+            "masks": [
+                {
+                    "modality": m.modality,
+                    "manufacturer": m.manufacturer,
+                    "model": m.model,
+                    "rows": m.rows,
+                    "columns": m.columns,
+                    "enabled": m.enabled,
+                    "rects": [[r.left, r.top, r.width, r.height] for r in m.rects],
+                }
+                for m in profile.masks
+            ],
             "attributes": [
                 {
                     "tag": r.tag,
@@ -61,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"options: {opts}")
     if profile.date_modification.value != "shift" or profile.max_age is not None:
         print(f"dates: {profile.date_modification.value}; max age: {profile.max_age}")
+    applied = profile.apply_masks or Option.CLEAN_PIXEL_DATA in plan.options
+    print(
+        f"masks: {len(profile.masks)}, "
+        + ("applied" if applied else "not applied (apply_masks off, no clean_pixel_data)")
+    )
     for mask in profile.masks:
         crit = ", ".join(
             f"{k}={v}"
