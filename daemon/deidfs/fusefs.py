@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -29,11 +30,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import ModuleType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from deidfs.deid.plan import Plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, NotFound, Refused
+from deidfs.metrics import Metrics
 from deidfs.render import Layout, SourceStat, View, read_view, render
 
 log = logging.getLogger(__name__)
@@ -182,6 +184,26 @@ class ViewTree:
             self._dirs.setdefault(f"/{fv.id}", {})
             self._dirs["/"][fv.id] = DIR_MODE
 
+    def replace_folder(self, fv: FolderView) -> int:
+        """Serve a folder under new settings: every file of the old ones goes, at once.
+
+        Used when a reload changes what a folder's views depend on (profile, layout): the
+        folder's directory stays, its files disappear together with the switch, so no view
+        rendered under the old settings is served under the new ones. Returns how many
+        view files were withdrawn.
+        """
+        changed: list[str] = []
+        with self._lock:
+            old = [v for (f, _), v in self._by_source.items() if f == fv.id]
+            for vf in old:
+                self._unclaim(vf, changed)
+                del self._by_source[(fv.id, vf.source)]
+            self._folders[fv.id] = fv
+            self._dirs.setdefault(f"/{fv.id}", {})
+            self._dirs["/"][fv.id] = DIR_MODE
+        self._notify(changed)
+        return len(old)
+
     def drop_folder(self, folder_id: str) -> None:
         """Remove a folder and everything under it."""
         changed: list[str] = []
@@ -201,8 +223,11 @@ class ViewTree:
         """Add or replace the view of ``vf.source``."""
         changed: list[str] = []
         with self._lock:
-            if vf.folder not in self._folders:
+            served = self._folders.get(vf.folder)
+            if served is None:
                 return  # the folder left the configuration while this was being indexed
+            if served.digest != vf.digest:
+                return  # rendered under a profile the folder no longer has (reload race)
             key = (vf.folder, vf.source)
             old = self._by_source.get(key)
             if old == vf:
@@ -314,7 +339,7 @@ class HeaderCache:
 
     @staticmethod
     def _weight(view: View) -> int:
-        return len(view.header) + len(view.trailer) + 512
+        return len(view.header) + len(view.pixels) + len(view.trailer) + 512
 
     def get(self, key: tuple[str, SourceStat, str]) -> View | None:
         """The cached view for (source, state, digest), marking it recently used."""
@@ -326,6 +351,15 @@ class HeaderCache:
             self._items.move_to_end(key)
             self.hits += 1
             return view
+
+    def peek(self, key: tuple[str, SourceStat, str]) -> View | None:
+        """The cached view, if any, without counting a lookup or refreshing its age.
+
+        For readers other than the mount (exports), so they neither skew the hit ratio
+        nor push the mount's working set out.
+        """
+        with self._lock:
+            return self._items.get(key)
 
     def put(self, key: tuple[str, SourceStat, str], view: View) -> None:
         """Cache a view, evicting the least recently used beyond the bound."""
@@ -392,10 +426,12 @@ class ViewFS:
         tree: ViewTree,
         cache_bytes: int,
         on_stale: Callable[[str, str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.tree = tree
         self.cache = HeaderCache(cache_bytes)
         self.on_stale = on_stale
+        self.metrics = metrics
         self._handles: dict[int, _Handle] = {}
         self._lock = threading.Lock()
         #: mount path -> versions open on it, with their handle counts
@@ -472,11 +508,15 @@ class ViewFS:
         if folder.digest != vf.digest:
             raise self._stale(vf, "profile changed since indexing")
         rel = PurePosixPath(os.path.relpath(vf.source, folder.root))
+        started = time.perf_counter()
         try:
             with open(fd, "rb", closefd=False) as f:
                 view = render(f, vf.state, folder.plan, folder.pseudonymizer, folder.layout, rel)
         except Refused as exc:
             raise self._stale(vf, "source no longer renders") from exc
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe_render(vf.folder, time.perf_counter() - started)
         self.cache.put(key, view)
         return view
 
@@ -547,6 +587,32 @@ def _open_source(path: str) -> int:
         return os.open(path, _OPEN_FLAGS)
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_Op = Callable[Concatenate["DeidOperations", _P], _R]
+
+
+def _counted(op: str) -> Callable[[_Op[_P, _R]], _Op[_P, _R]]:
+    """Count calls of a FUSE operation, and its errors by errno, in the daemon's metrics."""
+
+    def wrap(fn: _Op[_P, _R]) -> _Op[_P, _R]:
+        def counted(self: DeidOperations, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            m = self.metrics
+            if m is None:
+                return fn(self, *args, **kwargs)
+            m.fuse_op(op)
+            try:
+                return fn(self, *args, **kwargs)
+            except OSError as exc:
+                m.fuse_error(op, exc.errno)
+                raise
+
+        functools.update_wrapper(counted, fn)
+        return counted
+
+    return wrap
+
+
 class DeidOperations:
     """mfusepy operations over a :class:`ViewFS`: translation only.
 
@@ -556,8 +622,15 @@ class DeidOperations:
 
     use_ns = True
 
-    def __init__(self, fs: ViewFS, uid: int | None = None, gid: int | None = None) -> None:
+    def __init__(
+        self,
+        fs: ViewFS,
+        uid: int | None = None,
+        gid: int | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.fs = fs
+        self.metrics = metrics
         self.tree = fs.tree
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
@@ -632,6 +705,7 @@ class DeidOperations:
             "st_blksize": BLOCK_SIZE,
         }
 
+    @_counted("getattr")
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
         """stat(2) of a mount path: a dictionary lookup, never a parse."""
         vf = self.tree.file(path)
@@ -641,6 +715,7 @@ class DeidOperations:
             return self._dir_attrs()
         raise OSError(errno.ENOENT, "no such view")
 
+    @_counted("readdir")
     def readdir(self, path: str, fh: int) -> list[str | tuple[str, int, int]]:
         """Entries of a directory as ``(name, mode, 0)``."""
         entries = self.tree.listdir(path)
@@ -650,6 +725,7 @@ class DeidOperations:
         out.extend((name, mode, 0) for name, mode in entries)
         return out
 
+    @_counted("statfs")
     def statfs(self, path: str) -> dict[str, int]:
         """statvfs(3): the mount's size and file count; nothing is free (read-only)."""
         files, dirs, size = self.tree.totals()
@@ -665,6 +741,7 @@ class DeidOperations:
             "f_namemax": 255,
         }
 
+    @_counted("access")
     def access(self, path: str, amode: int) -> int:
         """access(2): writing is never allowed."""
         if amode & os.W_OK:
@@ -678,6 +755,7 @@ class DeidOperations:
     # mfusepy runs with raw_fi=True: open, read and release get libfuse's fuse_file_info,
     # so open can ask for direct_io per file.
 
+    @_counted("open")
     def open(self, path: str, fi: Any) -> int:
         """Open for reading only; sets ``fi.fh`` (and ``fi.direct_io`` when needed)."""
         flags = int(fi.flags)
@@ -697,10 +775,14 @@ class DeidOperations:
             fi.direct_io = 1
         return 0
 
+    @_counted("read")
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
         """Bytes of an open view; EIO if its source changed."""
         try:
-            return self.fs.read(int(fi.fh), offset, size)
+            data = self.fs.read(int(fi.fh), offset, size)
+            if self.metrics is not None:
+                self.metrics.fuse_read(len(data))
+            return data
         except NotFound as exc:
             raise OSError(errno.EBADF, "no such handle") from exc
         except Refused as exc:
@@ -709,6 +791,7 @@ class DeidOperations:
             log.error("read failed: %s", type(exc).__name__)
             raise OSError(errno.EIO, "read failed") from exc
 
+    @_counted("release")
     def release(self, path: str, fi: Any) -> int:
         """Close an open view."""
         self.fs.release(int(fi.fh))
@@ -716,6 +799,7 @@ class DeidOperations:
 
     # -- everything that would write: the mount is read-only -----------------------------
 
+    @_counted("modify")
     def _erofs(self, *args: object) -> int:
         """Every operation below would change the mount: EROFS, before the kernel's own."""
         raise OSError(errno.EROFS, "read-only file system")
@@ -808,6 +892,12 @@ def mount_options(allow_other: bool) -> dict[str, object]:
         # Sources may be replaced: auto_cache drops cached pages when size or mtime change;
         # explicit invalidations (DeidOperations.invalidate) cover the attribute cache.
         "auto_cache": True,
+        # auto_cache compares size and mtime at open only when libfuse's own copy of the
+        # attributes is older than ac_attr_timeout (default: attr_timeout, an hour). Zero
+        # makes every open ask getattr (a dictionary lookup here), so an open that comes
+        # between a new version being published and the kernel invalidation still drops
+        # the previous version's pages instead of keeping them.
+        "ac_attr_timeout": 0,
         "attr_timeout": ATTR_TIMEOUT,
         "entry_timeout": ATTR_TIMEOUT,
         "negative_timeout": NEGATIVE_TIMEOUT,
@@ -976,6 +1066,14 @@ class FuseMount:
             log.error("FUSE loop failed: %s", type(exc).__name__)
         finally:
             self._done.set()
+
+    def responsive(self, timeout: float = 5.0) -> bool:
+        """True if the mount answers a ``statvfs`` within ``timeout`` (a liveness probe).
+
+        statvfs is never answered from the kernel's caches: it goes through the kernel,
+        libfuse and a worker of the loop, so a hung loop or a dead connection fails it.
+        """
+        return self.alive and _probe(self.mountpoint, timeout) == 0
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the loop to end; True if it did."""

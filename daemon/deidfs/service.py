@@ -2,22 +2,52 @@
 
 Threads:
 
-- the main thread (in :meth:`Service.run`) handles signals and supervises;
+- the main thread (in :meth:`Service.run`) handles signals and supervises: it polls the
+  configuration file, runs reloads asked for by SIGHUP, sends systemd's watchdog pings
+  (only while every part is alive) and ``STATUS=`` lines;
 - ``fuse-loop`` runs the mfusepy loop, which has its own worker threads;
 - each folder's :class:`~deidfs.watcher.FolderWatcher` reports settled and deleted files to
   :meth:`Service._sink`, which only queues them;
 - ``deidfs-index-N`` threads (``[daemon] workers``) render queued sources header-only,
   store the result in the index and update the mount's tree atomically;
 - ``deidfs-verify`` checks, once at start, that the sources loaded from the index still
-  exist (files deleted while the daemon was down are never reported by a watcher).
+  exist (files deleted while the daemon was down are never reported by a watcher);
+- ``deidfs-control`` serves the control socket (status, reload, export) and
+  ``deidfs-metrics-http`` the Prometheus endpoint.
 
 The mount is up at once with whatever the index already knows; the initial scans fill it
 in the background. Nothing here opens an original for writing, and nothing logs a source
 path: logs carry the folder id and a short keyed token of the path.
+
+Reload (SIGHUP, ``deidfs reload``, or a change of the configuration file) is a transaction:
+the file is read and validated, every folder's plan compiled, and only then is anything
+changed; any error leaves the running configuration untouched (the last good one keeps
+serving) and is reported with file, line and key. Applied by difference:
+
+- new folders appear and fill as they are scanned; removed folders go with their index rows;
+- a folder whose views change (its profile's rules, options or name, or its layout) is
+  **failed closed**: all its old views disappear at once with the switch, and every source
+  is queued to be indexed again under the new profile, so a view reappears only once it was
+  rendered with the new profile. Serving the old views meanwhile would show what a stricter
+  new profile removes; views of an unchanged plan are kept as they are. An open file handle
+  of a withdrawn view fails its next read (EIO) instead of mixing versions;
+- a changed watch mode or watch timing restarts the folder's watcher (files are not
+  parsed again); ``cache_mib`` and more ``workers`` apply at once;
+- settings that need a restart (``mountpoint``, ``state_dir``, ``metrics_address``,
+  ``control_socket``, ``allow_other``, fewer ``workers``) keep their running value and are
+  reported as warnings, never half-applied.
+
+The configuration file is polled (SHA-256 every half second) rather than watched with
+inotify: editors replace the file by rename, configuration management swaps symlinks, and
+``/etc`` may be on a network file system; a change is applied once the file has kept its new
+content for one more poll, so a file still being written in place is never loaded half
+written. A ``rules_file`` a profile refers to is not polled: ``deidfs reload`` picks its
+changes up.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -32,11 +62,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path, PurePosixPath
 from types import FrameType
+from typing import Any
 
-from deidfs.config import Config, FolderConfig
-from deidfs.deid.plan import compile_plan
+from deidfs import __version__
+from deidfs import export as export_module
+from deidfs.config import Config, ConfigInvalid, DaemonConfig, FolderConfig, load_config
+from deidfs.control import ControlServer, ErrorCode, ExportRequest, Reply, Request
+from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.errors import ConfigError, Refused
+from deidfs.errors import ConfigError, DeidfsError, NotFound, Refused
 from deidfs.fusefs import (
     DeidOperations,
     FolderView,
@@ -48,6 +82,8 @@ from deidfs.fusefs import (
     pseudo_mtime_ns,
 )
 from deidfs.index import Entry, Index, Status
+from deidfs.metrics import FolderState, Metrics, StateSnapshot
+from deidfs.metrics_http import MetricsServer
 from deidfs.render import SourceStat, View, render_path
 from deidfs.sdnotify import Notifier
 from deidfs.secret import load_or_create_key
@@ -60,6 +96,13 @@ log = logging.getLogger(__name__)
 RENDER_VERSION = "1"
 #: Bound of each join at shutdown.
 JOIN_SECONDS = 5.0
+#: How often the configuration file's SHA-256 is compared (see the module notes).
+CONFIG_POLL_SECONDS = 0.5
+#: How often ``STATUS=`` is sent to systemd.
+STATUS_SECONDS = 5.0
+#: ``[daemon]`` settings a running daemon cannot change: a reload keeps their old value.
+RESTART_SETTINGS = ("mountpoint", "state_dir", "metrics_address", "control_socket", "allow_other")
+_WATCH_SETTINGS = ("settle_seconds", "poll_seconds", "reconcile_seconds")
 _Key = tuple[str, str]
 
 
@@ -85,6 +128,10 @@ class FolderStatus:
     watch: str  #: "inotify" or "poll"
     watch_healthy: bool
     settling: int  #: files seen by the watcher, not yet settled
+    watch_degraded: str = ""  #: why the folder is polled although inotify was wanted
+    directories: int = 0
+    missed: int = 0  #: files reconciliation found that no event had reported
+    events: tuple[tuple[str, int], ...] = ()  #: observer events by type
 
     @property
     def refused_total(self) -> int:
@@ -93,8 +140,33 @@ class FolderStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class ReloadOutcome:
+    """How a configuration load or reload ended. Messages carry no PHI."""
+
+    ok: bool
+    trigger: str  #: "start", "signal", "control" or "file"
+    finished_at: float  #: Unix time
+    sha256: str = ""  #: of the file that was read ("" if it could not be read)
+    errors: tuple[str, ...] = ()  #: ``file:line: key: message`` per problem
+    warnings: tuple[str, ...] = ()  #: settings kept at their running value, and why
+    changes: tuple[str, ...] = ()  #: what was applied, one line each
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form (control socket)."""
+        return {
+            "ok": self.ok,
+            "trigger": self.trigger,
+            "finished_at": self.finished_at,
+            "sha256": self.sha256,
+            "errors": list(self.errors),
+            "warnings": list(self.warnings),
+            "changes": list(self.changes),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceStatus:
-    """A snapshot of the running daemon. Carries no path other than the mountpoint."""
+    """A snapshot of the running daemon. Carries no path but the mountpoint and config file."""
 
     mountpoint: str
     mounted: bool
@@ -108,6 +180,56 @@ class ServiceStatus:
     cache_entries: int
     stale_opens: int  #: opens or reads refused because the source had changed
     uptime_seconds: float
+    ready: bool = False
+    config_path: str = ""
+    config_sha256: str = ""
+    last_reload: ReloadOutcome | None = None
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form of ``status`` on the control socket (``deidfs status --json``)."""
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(self.uptime_seconds, 3),
+            "ready": self.ready,
+            "mount": {
+                "mountpoint": self.mountpoint,
+                "mounted": self.mounted,
+                "libfuse": self.libfuse,
+            },
+            "config": {"path": self.config_path, "sha256": self.config_sha256},
+            "last_reload": self.last_reload.to_json() if self.last_reload else None,
+            "folders": [
+                {
+                    "id": f.id,
+                    "profile": f.profile,
+                    "layout": f.layout,
+                    "visible": f.visible,
+                    "duplicates": f.duplicates,
+                    "bytes": f.bytes,
+                    "withheld": dict(f.refused),
+                    "withheld_total": f.refused_total,
+                    "watch": {
+                        "kind": f.watch,
+                        "healthy": f.watch_healthy,
+                        "degraded": f.watch_degraded,
+                        "settling": f.settling,
+                        "directories": f.directories,
+                    },
+                }
+                for f in self.folders
+            ],
+            "index": {"backlog": self.backlog, "rendered": self.rendered, "reused": self.reused},
+            "fuse": {"open_files": self.open_files, "stale_opens": self.stale_opens},
+            "cache": {
+                "bytes": self.cache_bytes,
+                "entries": self.cache_entries,
+                "hits": self.cache_hits,
+                "misses": self.cache_misses,
+            },
+        }
 
 
 @dataclass
@@ -120,6 +242,20 @@ class _Folder:
     watcher: FolderWatcher | None = None
     #: Withheld sources: path -> (state, digest, reason).
     refused: dict[str, tuple[SourceStat, str, str]] = field(default_factory=dict)
+
+
+@dataclass
+class _ReloadPlan:
+    """What a reload changes; built completely before anything is applied."""
+
+    config: Config  #: the configuration that will run (restart-only settings kept)
+    warnings: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+    added: list[_Folder] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    rerender: list[_Folder] = field(default_factory=list)  #: new views: fail closed
+    rebound: list[_Folder] = field(default_factory=list)  #: same views, other settings
+    restart_watchers: set[str] = field(default_factory=set)
 
 
 class _WorkQueue:
@@ -177,6 +313,60 @@ class _WorkQueue:
             return len(self._pending) + len(self._inflight)
 
 
+class _ConfigPoll:
+    """Tells when the configuration file has new content that has stopped changing."""
+
+    def __init__(self, path: Path, seen: str) -> None:
+        self.path = path
+        self.seen = seen  #: digest of the content last loaded or rejected
+        self._candidate: str | None = None
+
+    def due(self) -> bool:
+        """True when the file differs from :attr:`seen` and kept that content for a poll."""
+        digest = file_sha256(self.path)
+        if digest == self.seen:
+            self._candidate = None
+            return False
+        if digest != self._candidate:
+            self._candidate = digest  # changed since the last poll: maybe still being written
+            return False
+        self._candidate = None
+        return True
+
+
+class _CancelFlag:
+    """Set when the daemon stops or the export stops itself; an export never stops the daemon."""
+
+    def __init__(self, daemon_stop: threading.Event) -> None:
+        self._daemon_stop = daemon_stop
+        self._own = threading.Event()
+
+    def is_set(self) -> bool:
+        return self._daemon_stop.is_set() or self._own.is_set()
+
+    def set(self) -> None:
+        self._own.set()
+
+
+class _LogCounter(logging.Handler):
+    """Counts log records by level for ``deidfs_log_messages_total``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__(logging.DEBUG)
+        self._metrics = metrics
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._metrics.log_record(record.levelname.lower())
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes; "" when it cannot be read (missing, permissions)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
 def view_digest(plan_digest: str, layout: str, pseudonymizer: Pseudonymizer) -> str:
     """Digest of everything a folder's views depend on besides the source itself.
 
@@ -209,9 +399,13 @@ class Service:
     Parameters
     ----------
     config
-        The validated configuration.
+        The validated configuration. Its ``source`` (the file it came from) is what
+        reloads read again; without one, :meth:`reload` needs a configuration passed in.
     notifier
         systemd notifications (a no-op outside systemd).
+    metrics
+        The metrics to count in; a fresh :class:`~deidfs.metrics.Metrics` (own registry)
+        by default.
     clock
         Monotonic clock, injectable for tests.
     """
@@ -221,76 +415,128 @@ class Service:
         config: Config,
         *,
         notifier: Notifier | None = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.notifier = notifier if notifier is not None else Notifier({})
+        self.metrics = metrics if metrics is not None else Metrics()
         self._clock = clock
         self._started_at = clock()
         d = config.daemon
         self.mountpoint = Path(os.path.abspath(d.mountpoint))
         self.state_dir = Path(os.path.abspath(d.state_dir))
         self.tree = ViewTree()
-        self.fs = ViewFS(self.tree, d.cache_mib * 1024 * 1024, on_stale=self._on_stale)
-        self.ops = DeidOperations(self.fs)
+        self.fs = ViewFS(
+            self.tree, d.cache_mib * 1024 * 1024, on_stale=self._on_stale, metrics=self.metrics
+        )
+        self.ops = DeidOperations(self.fs, metrics=self.metrics)
         self.mount: FuseMount | None = None
         self.index: Index | None = None
+        self.http: MetricsServer | None = None
+        self.control: ControlServer | None = None
         self._pseudo: Pseudonymizer | None = None
+        #: Replaced as a whole (copy on write) by reloads; readers take a reference.
         self._folders: dict[str, _Folder] = {}
         self._queue = _WorkQueue()
         self._workers: list[threading.Thread] = []
         self._stop = threading.Event()
         self._stopped = False
+        self._ready = False
         self._reload_requested = threading.Event()
+        self._reload_trigger = "signal"
+        self._reload_lock = threading.Lock()
+        self._export_lock = threading.Lock()
+        self._config_poll: _ConfigPoll | None = None
         self._counter_lock = threading.Lock()
         self._hinted: dict[_Key, float] = {}
         self.rendered = 0
         self.reused = 0
+        self.last_reload: ReloadOutcome | None = None
 
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Bring everything up and return; the initial scans continue in the background.
 
+        Order: key, folders and index; the metrics endpoint (a port in use fails here,
+        before anything is mounted); the mount; indexing threads; the control socket;
+        the watchers. :attr:`ready` is true once all of it runs.
+
         Raises
         ------
         DeidfsError
-            The key, a folder's profile or the mount cannot be set up.
+            The key, a folder's profile, the metrics address, the control socket or the
+            mount cannot be set up.
         """
         key = load_or_create_key(self.state_dir)
         self._pseudo = Pseudonymizer(key)
+        folders: dict[str, _Folder] = {}
+        plans: dict[str, Plan] = {}
         for fc in self.config.folders.values():
-            self._folders[fc.id] = self._make_folder(fc)
+            folders[fc.id] = self._new_folder(fc, self.config, plans)
+        for folder in folders.values():
+            self.tree.set_folder(folder.view)
+            self.metrics.folder_added(folder.config.id)
+        self._folders = folders
         self.index = Index(self.state_dir)
         self._load_index()
+        self.metrics.set_state_source(self.metrics_state)
+        d = self.config.daemon
+        if d.metrics_address:
+            self.http = MetricsServer(d.metrics_address, self.metrics.registry, self.ready)
+            self.http.start()
         clear_stale_mount(self.mountpoint)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        self.mount = FuseMount(
-            self.ops, self.mountpoint, allow_other=self.config.daemon.allow_other
-        )
+        self.mount = FuseMount(self.ops, self.mountpoint, allow_other=d.allow_other)
         self.mount.start()
         self.tree.invalidator = self.ops.invalidate
-        for n in range(max(1, self.config.daemon.workers)):
-            t = threading.Thread(target=self._work, name=f"deidfs-index-{n}", daemon=True)
-            t.start()
-            self._workers.append(t)
+        self._start_workers(max(1, d.workers))
         threading.Thread(target=self._verify, name="deidfs-verify", daemon=True).start()
+        self.control = ControlServer(
+            Path(os.path.abspath(d.control_socket)),
+            {"status": self._cmd_status, "reload": self._cmd_reload, "export": self._cmd_export},
+            on_request=self.metrics.control_request,
+        )
+        self.control.start()
         for folder in self._folders.values():
             self._start_watcher(folder)
+        now = time.time()
+        self.last_reload = ReloadOutcome(True, "start", now, self.config.sha256)
+        self.metrics.config_loaded(True, now, reload=False)
+        if self.config.source is not None:
+            self._config_poll = _ConfigPoll(self.config.source, self.config.sha256)
+        self._ready = True
         log.info(
             "serving %d folder(s) at the mountpoint; %d file(s) from the index",
             len(self._folders),
             self.reused,
         )
 
-    def _make_folder(self, fc: FolderConfig) -> _Folder:
+    def _start_workers(self, count: int) -> None:
+        for _ in range(count):
+            n = len(self._workers)
+            t = threading.Thread(target=self._work, name=f"deidfs-index-{n}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def _new_folder(
+        self, fc: FolderConfig, config: Config, plans: dict[str, Plan] | None = None
+    ) -> _Folder:
+        """The state of a folder under ``config``; touches nothing (reloads build first).
+
+        ``plans`` caches compiled plans by profile name across the folders of one config.
+        """
         assert self._pseudo is not None
-        profile = self.config.profiles.get(fc.profile)
+        profile = config.profiles.get(fc.profile)
         if profile is None:
             raise ConfigError(f"folder {fc.id!r}: no profile named {fc.profile!r}")
         if not profile.enabled:
             raise ConfigError(f"folder {fc.id!r}: profile {fc.profile!r} is disabled")
-        plan = compile_plan(profile)
+        cache = plans if plans is not None else {}
+        plan = cache.get(fc.profile)
+        if plan is None:
+            plan = cache[fc.profile] = compile_plan(profile)
         root = Path(os.path.abspath(fc.path))
         view = FolderView(
             id=fc.id,
@@ -300,7 +546,6 @@ class Service:
             layout=fc.layout,
             digest=view_digest(plan.digest, fc.layout.value, self._pseudo),
         )
-        self.tree.set_folder(view)
         return _Folder(config=fc, view=view, prefix=str(root).rstrip("/") + "/")
 
     def _start_watcher(self, folder: _Folder) -> None:
@@ -325,12 +570,16 @@ class Service:
             log.info("folder %s left the configuration; forgetting its index rows", stale)
             self.index.remove_folder(stale)
         for folder in self._folders.values():
-            for entry in self.index.entries(folder.config.id):
-                if not entry.path.startswith(folder.prefix):
-                    self.index.remove(entry.folder, entry.path)  # the folder moved
-                elif entry.digest == folder.view.digest:
-                    self._apply(folder, entry)
-                    self.reused += 1
+            self._load_folder_index(folder)
+
+    def _load_folder_index(self, folder: _Folder) -> None:
+        assert self.index is not None
+        for entry in self.index.entries(folder.config.id):
+            if not entry.path.startswith(folder.prefix):
+                self.index.remove(entry.folder, entry.path)  # the folder moved
+            elif entry.digest == folder.view.digest:
+                self._apply(folder, entry)
+                self._count(reused=1)
 
     def _apply(self, folder: _Folder, entry: Entry) -> None:
         """Make the tree (and the refusal table) reflect one index entry."""
@@ -362,6 +611,7 @@ class Service:
     def _sink(self, change: Change) -> None:
         """Watcher callback (on the watcher's thread): only queue."""
         kind = _Kind.READY if change.kind is FileEvent.READY else _Kind.GONE
+        self.metrics.watch_change(change.folder_id, change.kind.value)
         self._queue.put((change.folder_id, os.fspath(change.path)), kind)
 
     def _on_stale(self, folder_id: str, source: str) -> None:
@@ -437,6 +687,7 @@ class Service:
             return
         rel = PurePosixPath(os.path.relpath(path, folder.view.root))
         view = folder.view
+        started = time.perf_counter()
         try:
             rendered: View | None = render_path(
                 path, view.plan, view.pseudonymizer, view.layout, rel
@@ -444,6 +695,7 @@ class Service:
             reason = ""
         except Refused as exc:
             rendered, reason = None, exc.reason
+        self.metrics.observe_render(fid, time.perf_counter() - started)
         self._count(rendered=1)
         if not self._still(path, state if rendered is None else rendered.source):
             # Written to while it was parsed (a copy in place): what was read may be a
@@ -521,6 +773,7 @@ class Service:
         self.index.put(entry)
         folder.refused[path] = (state, entry.digest, reason)
         if first:
+            self.metrics.file_refused(fid, reason)
             log.info("withheld: folder=%s file=%s reason=%s", fid, self._token(path), reason)
 
     def _forget(self, folder: _Folder, path: str) -> None:
@@ -580,6 +833,11 @@ class Service:
 
     # -- status --------------------------------------------------------------------------
 
+    def ready(self) -> bool:
+        """Mounted, observers started and not stopping (``/-/ready``)."""
+        m = self.mount
+        return self._ready and not self._stop.is_set() and m is not None and m.alive
+
     def status(self) -> ServiceStatus:
         """A consistent-enough snapshot for reporting (counts may move while it is taken)."""
         folders = []
@@ -599,9 +857,14 @@ class Service:
                     watch=w.kind if w is not None else "",
                     watch_healthy=w.healthy if w is not None else False,
                     settling=w.pending if w is not None else 0,
+                    watch_degraded=(w.degraded_reason or "") if w is not None else "",
+                    directories=w.directories if w is not None else 0,
+                    missed=w.missed_files if w is not None else 0,
+                    events=tuple(sorted(w.event_counts.items())) if w is not None else (),
                 )
             )
         m = self.mount
+        cache = self.fs.cache
         return ServiceStatus(
             mountpoint=str(self.mountpoint),
             mounted=m is not None and m.alive,
@@ -611,10 +874,48 @@ class Service:
             rendered=self.rendered,
             reused=self.reused,
             open_files=self.fs.open_handles,
-            cache_bytes=self.fs.cache.size_bytes,
-            cache_entries=len(self.fs.cache),
+            cache_bytes=cache.size_bytes,
+            cache_entries=len(cache),
             stale_opens=self.fs.stale,
             uptime_seconds=self._clock() - self._started_at,
+            ready=self.ready(),
+            config_path=str(self.config.source or ""),
+            config_sha256=self.config.sha256,
+            last_reload=self.last_reload,
+            cache_hits=cache.hits,
+            cache_misses=cache.misses,
+        )
+
+    def metrics_state(self) -> StateSnapshot:
+        """The state part of the metrics (read at each scrape, on the HTTP thread)."""
+        s = self.status()
+        return StateSnapshot(
+            mounted=s.mounted,
+            backlog=s.backlog,
+            open_files=s.open_files,
+            stale_opens=s.stale_opens,
+            cache_hits=s.cache_hits,
+            cache_misses=s.cache_misses,
+            cache_bytes=s.cache_bytes,
+            cache_entries=s.cache_entries,
+            folders=tuple(
+                FolderState(
+                    folder=f.id,
+                    profile=f.profile,
+                    layout=f.layout,
+                    visible=f.visible,
+                    duplicates=f.duplicates,
+                    view_bytes=f.bytes,
+                    withheld=f.refused,
+                    watch_polling=f.watch == "poll",
+                    watch_healthy=f.watch_healthy,
+                    settling=f.settling,
+                    directories=f.directories,
+                    missed=f.missed,
+                    events=f.events,
+                )
+                for f in s.folders
+            ),
         )
 
     def status_line(self) -> str:
@@ -622,10 +923,326 @@ class Service:
         s = self.status()
         visible = sum(f.visible for f in s.folders)
         refused = sum(f.refused_total for f in s.folders)
-        return (
+        line = (
             f"{len(s.folders)} folder(s), {visible} file(s) served, {refused} withheld, "
             f"{s.backlog} queued"
         )
+        last = self.last_reload
+        if last is not None and not last.ok:
+            line += "; configuration rejected, the last good one is serving"
+        return line
+
+    # -- reload --------------------------------------------------------------------------
+
+    def request_reload(self, trigger: str = "signal") -> None:
+        """Ask the supervising loop to reload (thread- and signal-safe); returns at once."""
+        self._reload_trigger = trigger
+        self._reload_requested.set()
+
+    def reload(self, trigger: str = "control", config: Config | None = None) -> ReloadOutcome:
+        """Read the configuration again and apply what changed; keep it all on any error.
+
+        Parameters
+        ----------
+        trigger
+            What asked for it (reported in ``status``): ``signal``, ``control``, ``file``.
+        config
+            Apply this configuration instead of reading the file (tests, embedding).
+
+        Returns
+        -------
+        ReloadOutcome
+            ``ok`` False with the problems (file:line: key: message) when the new
+            configuration was rejected; the running one is then unchanged.
+        """
+        with self._reload_lock:
+            if self._stop.is_set() or not self._ready:
+                return ReloadOutcome(
+                    False, trigger, time.time(), errors=("the daemon is not running",)
+                )
+            self.notifier.reloading()
+            started = time.monotonic()
+            try:
+                outcome = self._reload(trigger, config)
+            except Exception as exc:  # contain: a failed reload must never stop serving
+                log.error("reload failed unexpectedly: %s", type(exc).__name__)
+                outcome = ReloadOutcome(
+                    False, trigger, time.time(), errors=(f"internal error: {type(exc).__name__}",)
+                )
+            self.last_reload = outcome
+            self.metrics.config_loaded(outcome.ok, outcome.finished_at)
+            if outcome.ok:
+                log.info(
+                    "configuration reloaded (%s) in %.2f s: %s",
+                    trigger,
+                    time.monotonic() - started,
+                    "; ".join(outcome.changes) or "nothing changed",
+                )
+                for warning in outcome.warnings:
+                    log.warning("reload: %s", warning)
+            else:
+                for error in outcome.errors:
+                    log.error("configuration rejected, the last good one keeps serving: %s", error)
+            self.notifier.ready(self.status_line())
+            return outcome
+
+    def _reload(self, trigger: str, given: Config | None) -> ReloadOutcome:
+        digest = ""
+        if given is None:
+            path = self.config.source
+            if path is None:
+                return ReloadOutcome(
+                    False,
+                    trigger,
+                    time.time(),
+                    errors=("started without a configuration file: nothing to reload",),
+                )
+            digest = file_sha256(path)
+            if self._config_poll is not None:
+                self._config_poll.seen = digest  # this content is handled now
+            try:
+                new = load_config(path)
+            except ConfigError as exc:
+                errors = exc.errors if isinstance(exc, ConfigInvalid) else (exc,)
+                return ReloadOutcome(
+                    False, trigger, time.time(), digest, errors=tuple(str(e) for e in errors)
+                )
+        else:
+            new = given
+        try:
+            plan = self._plan(new)
+        except (DeidfsError, ValueError) as exc:
+            return ReloadOutcome(False, trigger, time.time(), digest, errors=(str(exc),))
+        self._apply_plan(plan)
+        return ReloadOutcome(
+            True,
+            trigger,
+            time.time(),
+            new.sha256 or digest,
+            warnings=tuple(plan.warnings),
+            changes=tuple(plan.changes),
+        )
+
+    def _plan(self, new: Config) -> _ReloadPlan:
+        """Work out what ``new`` changes; compiles every plan, changes nothing."""
+        old_d, new_d = self.config.daemon, new.daemon
+        keep: dict[str, Any] = {}
+        warnings_: list[str] = []
+        for name in RESTART_SETTINGS:
+            if getattr(new_d, name) != getattr(old_d, name):
+                keep[name] = getattr(old_d, name)
+                warnings_.append(
+                    f"[daemon] {name} changed: takes effect at the next restart "
+                    f"(running with {getattr(old_d, name)!s})"
+                )
+        if new_d.workers < len(self._workers):
+            keep["workers"] = len(self._workers)
+            warnings_.append(
+                f"[daemon] workers lowered to {new_d.workers}: takes effect at the next restart"
+            )
+        daemon: DaemonConfig = dataclasses.replace(new_d, **keep)
+        config = Config(
+            daemon=daemon,
+            folders=new.folders,
+            profiles=new.profiles,
+            source=new.source if new.source is not None else self.config.source,
+            sha256=new.sha256,
+        )
+        plan = _ReloadPlan(config=config, warnings=warnings_)
+        watch_timing = any(getattr(old_d, n) != getattr(daemon, n) for n in _WATCH_SETTINGS)
+        if watch_timing:
+            plan.changes.append("watch timing changed: watchers restarted")
+        if daemon.cache_mib != old_d.cache_mib:
+            plan.changes.append(f"header cache bound set to {daemon.cache_mib} MiB")
+        if daemon.workers > len(self._workers):
+            plan.changes.append(f"indexing workers raised to {daemon.workers}")
+        current = self._folders
+        plans: dict[str, Plan] = {}
+        for fid in sorted(set(current) - set(new.folders)):
+            plan.removed.append(fid)
+            plan.changes.append(f"folder {fid} removed")
+        for fid, fc in sorted(new.folders.items()):
+            folder = self._new_folder(fc, config, plans)
+            cur = current.get(fid)
+            if cur is None:
+                plan.added.append(folder)
+                plan.changes.append(f"folder {fid} added (profile {fc.profile})")
+            elif folder.view.root != cur.view.root:
+                plan.removed.append(fid)
+                plan.added.append(folder)
+                plan.changes.append(f"folder {fid} moved to another path: indexed anew")
+            elif folder.view.digest != cur.view.digest:
+                plan.rerender.append(folder)
+                what = (
+                    f"profile {cur.config.profile} -> {fc.profile}"
+                    if fc.profile != cur.config.profile
+                    else f"profile {fc.profile} changed"
+                )
+                if fc.layout != cur.config.layout:
+                    what += f", layout {cur.config.layout.value} -> {fc.layout.value}"
+                plan.changes.append(f"folder {fid}: {what}; views withdrawn and rendered again")
+                if fc.watch != cur.config.watch or watch_timing:
+                    plan.restart_watchers.add(fid)
+            else:
+                if fc.watch != cur.config.watch:
+                    plan.restart_watchers.add(fid)
+                    plan.changes.append(
+                        f"folder {fid}: watch {cur.config.watch.value} -> {fc.watch.value}"
+                    )
+                elif fc != cur.config:
+                    plan.changes.append(f"folder {fid}: settings changed, same views")
+                elif watch_timing:
+                    plan.restart_watchers.add(fid)
+                plan.rebound.append(folder)
+        return plan
+
+    def _apply_plan(self, plan: _ReloadPlan) -> None:
+        """Apply a reload plan; nothing here fails on configuration grounds."""
+        assert self.index is not None
+        self.config = plan.config
+        self.fs.cache.max_bytes = plan.config.daemon.cache_mib * 1024 * 1024
+        if plan.config.daemon.workers > len(self._workers):
+            self._start_workers(plan.config.daemon.workers - len(self._workers))
+        folders = dict(self._folders)
+        stop: list[FolderWatcher] = []
+        for fid in plan.removed:
+            gone = folders.pop(fid)
+            if gone.watcher is not None:
+                stop.append(gone.watcher)
+            self.tree.drop_folder(fid)
+            self.index.remove_folder(fid)
+            self.metrics.forget_folder(fid)
+        requeue: list[tuple[str, list[str]]] = []
+        for folder in plan.rerender:
+            fid = folder.config.id
+            old = folders[fid]
+            known = {vf.source for vf in self.tree.sources(fid)}
+            known.update(old.refused)
+            known.update(e.path for e in self.index.entries(fid))
+            # Fail closed: the old views go in the same step that installs the new settings.
+            withdrawn = self.tree.replace_folder(folder.view)
+            folder.watcher = old.watcher
+            folders[fid] = folder
+            requeue.append((fid, sorted(known)))
+            log.info(
+                "folder %s: %d view(s) withdrawn; %d source(s) queued for the new profile",
+                fid,
+                withdrawn,
+                len(known),
+            )
+        for folder in plan.rebound:
+            fid = folder.config.id
+            old = folders[fid]
+            folder.watcher = old.watcher
+            folder.refused = old.refused
+            self.tree.set_folder(folder.view)
+            folders[fid] = folder
+        for folder in plan.added:
+            fid = folder.config.id
+            self.tree.set_folder(folder.view)
+            folders[fid] = folder
+            self.metrics.folder_added(fid)
+        self._folders = folders
+        for fid, paths in requeue:
+            for path in paths:
+                self._queue.put((fid, path), _Kind.READY)
+        for folder in plan.added:
+            self._load_folder_index(folder)
+        for fid in sorted(plan.restart_watchers):
+            folder = folders[fid]
+            if folder.watcher is not None:
+                stop.append(folder.watcher)
+                folder.watcher = None
+        for watcher in stop:
+            watcher.stop()
+        for fid in sorted(plan.restart_watchers):
+            self._start_watcher(folders[fid])
+        for folder in plan.added:
+            self._start_watcher(folder)
+
+    # -- control socket ------------------------------------------------------------------
+
+    def _cmd_status(self, request: Request) -> Reply:
+        return Reply.success(self.status().to_json())
+
+    def _cmd_reload(self, request: Request) -> Reply:
+        wait = request.args.get("wait", True)
+        if not isinstance(wait, bool):
+            return Reply.failure(ErrorCode.BAD_REQUEST, "'wait' must be true or false")
+        if not self.ready():
+            return Reply.failure(ErrorCode.BUSY, "the daemon is starting or stopping; try again")
+        if not wait:
+            self.request_reload("control")
+            return Reply.success({"queued": True})
+        outcome = self.reload("control")
+        if outcome.ok:
+            return Reply.success(outcome.to_json())
+        return Reply.failure(
+            ErrorCode.CONFIG_INVALID,
+            "configuration rejected; the last good configuration keeps serving",
+            outcome.errors,
+        )
+
+    def _cmd_export(self, request: Request) -> Reply:
+        """``export``: :func:`deidfs.export.export_folder` with the daemon's key.
+
+        The destination is confined to ``export_dir``; one export runs at a time; a daemon
+        shutting down cancels it after the files in progress. Failures carry
+        ``exit_code=N`` in their details: the code the same export would exit with locally.
+        """
+        try:
+            req = ExportRequest.from_args(request.args)
+        except ValueError as exc:
+            return Reply.failure(ErrorCode.BAD_REQUEST, str(exc))
+        if req.folder not in self._folders:
+            return Reply.failure(
+                ErrorCode.NOT_FOUND,
+                f"no folder {req.folder!r} is configured",
+                (f"exit_code={os.EX_NOINPUT}",),
+            )
+        if not self._export_lock.acquire(blocking=False):
+            return Reply.failure(ErrorCode.BUSY, "another export is running; try again later")
+        try:
+            selection = export_module.Selection(
+                study=req.study, patient=req.patient, accession=req.accession, path=req.path
+            )
+            return self._forward_export(selection, req)
+        finally:
+            self._export_lock.release()
+
+    def _forward_export(self, selection: export_module.Selection, req: ExportRequest) -> Reply:
+        assert self._pseudo is not None
+        extra: dict[str, Any] = {}
+        folder = self._folders.get(req.folder)
+        same_profile = req.profile is None or (
+            folder is not None and req.profile == folder.config.profile
+        )
+        # The header cache holds views of the folder's own profile only: an export with
+        # another profile must render its own.
+        if folder is not None and same_profile and (req.workers or 1) <= 1:
+            # Headers rendered while indexing: an export of indexed files is mostly copying.
+            # (Worker processes cannot share the cache; they render for themselves.)
+            cache, digest = self.fs.cache, folder.view.digest
+            extra["cached"] = lambda path, state: cache.peek((path, state, digest))
+        try:
+            summary = export_module.export_folder(
+                self.config,
+                req.folder,
+                self._pseudo,
+                selection=selection,
+                to=Path(req.to) if req.to else None,
+                profile=req.profile,
+                workers=req.workers or 1,
+                confine=True,
+                metrics=self.metrics,
+                stop=_CancelFlag(self._stop),
+                **extra,
+            )
+        except NotFound as exc:
+            return Reply.failure(ErrorCode.NOT_FOUND, str(exc), (f"exit_code={exc.exit_code}",))
+        except DeidfsError as exc:
+            return Reply.failure(ErrorCode.FAILED, str(exc), (f"exit_code={exc.exit_code}",))
+        return Reply.success(summary.to_json())
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -635,20 +1252,32 @@ class Service:
             return
         self._stopped = True
         self._stop.set()
+        self._ready = False
         self.notifier.stopping()
-        for folder in self._folders.values():
-            if folder.watcher is not None:
-                folder.watcher.stop()
-        self._queue.close()
-        deadline = time.monotonic() + JOIN_SECONDS
-        for t in self._workers:
-            t.join(max(0.0, deadline - time.monotonic()))
-        self.tree.invalidator = None
-        if self.mount is not None:
-            self.mount.unmount(JOIN_SECONDS)
-        self.fs.close_all()
-        if self.index is not None:
-            self.index.close()
+        # A reload in progress finishes first, so nothing is half applied while stopping.
+        locked = self._reload_lock.acquire(timeout=30.0)
+        try:
+            if self.control is not None:
+                self.control.stop()
+            for folder in self._folders.values():
+                if folder.watcher is not None:
+                    folder.watcher.stop()
+            self._queue.close()
+            deadline = time.monotonic() + JOIN_SECONDS
+            for t in self._workers:
+                t.join(max(0.0, deadline - time.monotonic()))
+            self.tree.invalidator = None
+            if self.mount is not None:
+                self.mount.unmount(JOIN_SECONDS)
+            self.fs.close_all()
+            if self.index is not None:
+                self.index.close()
+            if self.http is not None:
+                self.http.stop()
+            self.metrics.set_state_source(None)
+        finally:
+            if locked:
+                self._reload_lock.release()
         log.info("stopped")
 
     # -- the foreground process ----------------------------------------------------------
@@ -668,48 +1297,77 @@ class Service:
             self._stop.set()
 
         def on_hup(signum: int, frame: FrameType | None) -> None:
-            self._reload_requested.set()
+            self.request_reload("signal")
 
         quiet_third_party_logs()
+        counter = _LogCounter(self.metrics)
+        logging.getLogger().addHandler(counter)
         # Installed before mounting: libfuse then keeps its own handlers off (it only
         # replaces SIG_DFL), and the shutdown sequence stays ours.
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
         try:
-            self.start()
-        except BaseException:
+            try:
+                self.start()
+            except BaseException:
+                self.stop()
+                raise
+            self.notifier.ready(self.status_line())
+            code = self._supervise()
             self.stop()
-            raise
-        self.notifier.ready(self.status_line())
-        code = self._supervise()
-        self.stop()
-        return code
+            return code
+        finally:
+            logging.getLogger().removeHandler(counter)
 
-    def _alive(self) -> bool:
-        # Watcher health is left out on purpose: an unreachable share is reported, and a
-        # restart would not bring it back.
-        return (
-            self.mount is not None and self.mount.alive and all(t.is_alive() for t in self._workers)
+    def alive(self) -> bool:
+        """Every part runs: FUSE loop, indexing threads, watcher threads, control, HTTP.
+
+        A watcher whose root is unreachable is alive (it retries and reports it); only a
+        dead thread counts, since a restart would not bring a share back.
+        """
+        parts_alive = (
+            self.mount is not None
+            and self.mount.alive
+            and all(t.is_alive() for t in self._workers)
+            and all(f.watcher is None or f.watcher.alive for f in self._folders.values())
+            and (self.control is None or self.control.alive)
+            and (self.http is None or self.http.alive)
         )
+        return bool(parts_alive)
+
+    def _healthy_for_watchdog(self, timeout: float) -> bool:
+        """:meth:`alive`, and the mount answers a request (the FUSE loop is not stuck)."""
+        return self.alive() and self.mount is not None and self.mount.responsive(timeout)
 
     def _supervise(self) -> int:
         ping = self.notifier.watchdog_seconds
         ping_every = ping / 2 if ping else None
-        last_ping = last_status = self._clock()
-        while not self._stop.wait(0.5):
+        tick = min(CONFIG_POLL_SECONDS, ping_every / 2) if ping_every else CONFIG_POLL_SECONDS
+        last_ping = last_status = last_poll = self._clock()
+        while not self._stop.wait(tick):
             now = self._clock()
             if self.mount is not None and not self.mount.alive:
                 log.error("the mount went away (unmounted from outside?); exiting")
                 return 1
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
-                log.warning("reload requested: not supported by this version; restart to apply")
-            if ping_every is not None and now - last_ping >= ping_every and self._alive():
+                trigger = self._reload_trigger
+                log.info("reload requested (%s)", "SIGHUP" if trigger == "signal" else trigger)
+                self.reload(trigger)
+            elif self._config_poll is not None and now - last_poll >= CONFIG_POLL_SECONDS:
+                last_poll = now
+                if self._config_poll.due():
+                    log.info("configuration file changed; reloading")
+                    self.reload("file")
+            if ping_every is not None and now - last_ping >= ping_every:
                 # Only a daemon whose parts all run pings; otherwise systemd restarts it.
-                last_ping = now
-                self.notifier.watchdog()
-            if now - last_status >= 5.0:
+                if self._healthy_for_watchdog(min(5.0, ping_every)):
+                    last_ping = now
+                    self.notifier.watchdog()
+                else:
+                    log.error("a part of the daemon is not alive; watchdog pings withheld")
+            if now - last_status >= STATUS_SECONDS:
                 last_status = now
                 self.notifier.status(self.status_line())
         return 0
@@ -721,7 +1379,8 @@ def run_service(config: Config, notifier: Notifier | None = None) -> int:
     Raises
     ------
     DeidfsError
-        Start-up failed (key, profiles, mount); nothing is left mounted.
+        Start-up failed (key, profiles, metrics address, control socket, mount); nothing
+        is left mounted.
     """
     service = Service(config, notifier=notifier if notifier is not None else Notifier())
     return service.run()

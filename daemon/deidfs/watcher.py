@@ -469,6 +469,7 @@ class FolderWatcher:
         self._next_sweep = 0.0
         self._missed = 0
         self._initial_done = False
+        self._event_counts: dict[str, int] = {}
 
     # ----------------------------------------------------------------------------------
     # Public interface
@@ -535,6 +536,26 @@ class FolderWatcher:
             and root_ok
             and _observer_alive(observer)
         )
+
+    @property
+    def alive(self) -> bool:
+        """True while the worker and supervisor threads run (whatever the root's state).
+
+        Unlike :attr:`healthy`, an unreachable root does not make a watcher dead: it keeps
+        retrying, and a restart of the daemon would not bring a share back.
+        """
+        threads = (self._worker, self._supervisor)
+        return (
+            self._started
+            and not self._stopping.is_set()
+            and all(t is not None and t.is_alive() for t in threads)
+        )
+
+    @property
+    def event_counts(self) -> dict[str, int]:
+        """Observer events received since start, by watchdog event type (for metrics)."""
+        with self._lock:
+            return dict(self._event_counts)
 
     @property
     def kind(self) -> str:
@@ -682,6 +703,9 @@ class FolderWatcher:
         return text
 
     def _on_fs_event(self, event: FileSystemEvent, out: list[tuple[Change, _Sig | None]]) -> None:
+        with self._lock:
+            kind = event.event_type
+            self._event_counts[kind] = self._event_counts.get(kind, 0) + 1
         src = self._from_observer(event.src_path)
         now = self._clock()
         if isinstance(event, FileMovedEvent):

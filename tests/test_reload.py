@@ -1,0 +1,224 @@
+"""Live refresh: a running daemon applies configuration changes without restart or unmount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from conftest import Daemon, mounted_type, sample_file, wait_for
+from deidfs import config_edit
+from deidfs.cli.ops_cmd import format_status
+from deidfs.config import parse_config
+from deidfs.config_edit import Edit, ProfileChanges
+from deidfs.control import call
+from deidfs.deid.standard import Option
+
+pytestmark = pytest.mark.fuse
+
+
+def _edit(d: Daemon, edit: Edit) -> None:
+    """Edit the daemon's configuration the way ``deidfs profile/folder`` does."""
+    config_edit.edit_config(d.config_path, edit, lambda text: parse_config(text, d.config_path))
+
+
+def _save_by_rename(path: Path, text: str) -> None:
+    """Save like an editor: write a new file beside it, then rename it over the old one."""
+    tmp = path.with_name(path.name + ".swp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _cli(d: Daemon, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deidfs", *argv, "--config", str(d.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _status(d: Daemon) -> dict[str, Any]:
+    reply = call(d.state / "control.sock", "status")
+    assert reply.ok
+    return dict(reply.result)
+
+
+def _uids(view: Path) -> tuple[str, str]:
+    ds = dcmread(view, stop_before_pixels=True)
+    return str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
+
+
+def _research_profile(d: Daemon) -> None:
+    """Add profile Research = Basic + Retain UIDs, not yet used by any folder."""
+    _edit(d, config_edit.add_profile("Research", base="Basic"))
+    _edit(
+        d,
+        config_edit.edit_profile("Research", ProfileChanges(options=((True, Option.RETAIN_UIDS),))),
+    )
+
+
+def test_profile_change_applies_to_views_of_a_mount_in_use(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory().start()
+    sources = [d.add(sample_file(n), n) for n in ("CT_small.dcm", "MR_small.dcm")]
+    originals = {_uids(s)[0] for s in sources}
+    views = d.wait_views(2)
+    old_names = {v.name for v in views}
+    assert {_uids(v)[0] for v in views}.isdisjoint(originals)  # Basic: new UIDs
+    # The mount is in use: a shell sits in it and a reader holds a view open.
+    cwd = os.open(d.folder, os.O_RDONLY | os.O_DIRECTORY)
+    held = os.open(views[0], os.O_RDONLY)
+    try:
+        _research_profile(d)
+        _edit(d, config_edit.set_folder_profile("samples", "Research"))
+        done = _cli(d, "reload", "--wait")
+        assert done.returncode == 0, done.stderr
+        # Fail closed: once the reload is done, no view of the old profile is served.
+        assert not {v.name for v in d.views()} & old_names
+        # The views come back rendered with the new profile: the original UIDs are kept.
+        new_views = d.wait_views(2)
+        assert {_uids(v)[0] for v in new_views} == originals
+        for src in sources:
+            rel, data = d.expected(src, profile="Research")
+            assert (d.folder / rel).read_bytes() == data
+        # The handle opened on the old view does not mix versions: it fails, never serves.
+        # (EIO from deidfs, or ENOENT from libfuse once the kernel dropped the old name.)
+        with pytest.raises(OSError, match=r"Input/output error|No such file") as failed:
+            os.pread(held, 4096, 0)
+        assert failed.value.errno in (errno.EIO, errno.ENOENT)
+        assert os.listdir(cwd)  # the directory the shell sits in still works
+    finally:
+        os.close(held)
+        os.close(cwd)
+    assert mounted_type(d.mnt) == "fuse.deidfs"
+    st = _status(d)
+    assert st["folders"][0]["profile"] == "Research"
+    assert st["last_reload"]["ok"] is True
+    assert st["config"]["sha256"] == d.config().sha256
+    log = d.log()
+    assert "Nominal -> Research" in log
+    for src in sources:
+        assert src.name not in log
+
+
+def test_file_changes_are_picked_up_by_themselves(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    d = daemon_factory().start()
+    d.add(sample_file("CT_small.dcm"), "ct.dcm")
+    d.wait_views(1)
+    other = tmp_path / "second"
+    other.mkdir()
+    (other / "sub").mkdir()
+    # A folder is added (editor-style save: new file renamed over the old one) ...
+    text = d.config_path.read_text()
+    added = text + f'\n[folders.second]\npath = "{other}"\nprofile = "Basic"\n'
+    _save_by_rename(d.config_path, added)
+    wait_for((d.mnt / "second").is_dir)
+    src = other / "sub" / "mr.dcm"
+    src.write_bytes(sample_file("MR_small.dcm").read_bytes())
+    wait_for(lambda: len([p for p in (d.mnt / "second").rglob("*") if p.is_file()]) == 1)
+    st = _status(d)
+    assert [f["id"] for f in st["folders"]] == ["samples", "second"]
+    assert st["last_reload"]["trigger"] == "file"
+    # ... and removed again: its directory goes, the other folder keeps serving.
+    _save_by_rename(d.config_path, text)
+    wait_for(lambda: not (d.mnt / "second").exists())
+    assert sorted(os.listdir(d.mnt)) == ["samples"]
+    assert len(d.views()) == 1
+    assert [f["id"] for f in _status(d)["folders"]] == ["samples"]
+    assert src.exists()  # originals are never touched
+
+
+def test_a_broken_config_is_reported_and_the_last_good_one_keeps_serving(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory().start()
+    src = d.add(sample_file("CT_small.dcm"), "ct.dcm")
+    (view,) = d.wait_views(1)
+    before = view.read_bytes()
+    good = d.config_path.read_text()
+    broken = good.replace('layout = "dicom"', 'layuot = "dicom"')
+    line = broken.splitlines().index('layuot = "dicom"') + 1
+    _save_by_rename(d.config_path, broken)
+    done = _cli(d, "reload", "--wait")
+    assert done.returncode == 78, done.stderr
+    assert f"{d.config_path}:{line}: folders.samples.layuot: unknown key" in done.stderr
+    assert "last good configuration keeps serving" in done.stderr
+    # Still serving the same bytes, and saying so.
+    assert view.read_bytes() == before
+    d.add(sample_file("MR_small.dcm"), "mr.dcm")
+    d.wait_views(2)
+    st = _status(d)
+    assert st["last_reload"]["ok"] is False
+    assert any("folders.samples.layuot" in e for e in st["last_reload"]["errors"])
+    assert st["config"]["sha256"] == parse_config(good, d.config_path).sha256
+    shown = format_status(st)  # what `deidfs status` prints
+    assert "REJECTED" in shown
+    assert "folders.samples.layuot" in shown
+    assert f"{d.config_path}:{line}: folders.samples.layuot" in d.log()
+    # The file watch does not retry the same broken content over and over.
+    assert d.log().count("folders.samples.layuot: unknown key") <= 2
+    # Fixed: accepted again.
+    _save_by_rename(d.config_path, good)
+    assert call(d.state / "control.sock", "reload", {"wait": True}).ok
+    st = _status(d)
+    assert st["last_reload"]["ok"] is True
+    assert view.read_bytes() == before
+    assert src.exists()
+
+
+def test_sighup_reloads(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
+    d = daemon_factory().start()
+    other = tmp_path / "hup"
+    other.mkdir()
+    d.config_path.write_text(
+        d.config_path.read_text() + f'\n[folders.hup]\npath = "{other}"\nprofile = "HIPAA"\n'
+    )
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for((d.mnt / "hup").is_dir)
+    wait_for(lambda: "reload requested (SIGHUP)" in d.log())
+    st = _status(d)
+    assert st["last_reload"]["ok"] is True
+    assert {f["id"]: f["profile"] for f in st["folders"]} == {"hup": "HIPAA", "samples": "Nominal"}
+    assert d.proc.poll() is None
+
+
+def test_settings_that_need_a_restart_are_warned_about_not_applied(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    d = daemon_factory().start()
+    d.add(sample_file("CT_small.dcm"), "ct.dcm")
+    d.wait_views(1)
+    text = d.config_path.read_text()
+    moved = text.replace(f'mountpoint = "{d.mnt}"', f'mountpoint = "{tmp_path / "elsewhere"}"')
+    moved = moved.replace("settle_seconds = 0.3", "settle_seconds = 0.2")
+    assert moved != text
+    d.config_path.write_text(moved)
+    done = _cli(d, "reload", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert "mountpoint changed: takes effect at the next restart" in done.stderr
+    assert mounted_type(d.mnt) == "fuse.deidfs"
+    assert not (tmp_path / "elsewhere").exists()
+    assert len(d.views()) == 1
+    st = _status(d)
+    assert st["mount"]["mountpoint"] == str(d.mnt)
+    assert any("mountpoint" in w for w in st["last_reload"]["warnings"])
+    # What can change did: the watchers run with the new timing and still report files.
+    d.add(sample_file("MR_small.dcm"), "mr.dcm")
+    d.wait_views(2)
+    done = _cli(d, "reload")
+    assert done.returncode == 0, done.stderr
+    assert "reload requested" in done.stdout
