@@ -6,7 +6,7 @@ crash, or ``kill -9``) never leaves a partial file under a final name. Renamed d
 fsynced too. Temporary files left by a killed writer are removed the next time a writer works
 in that directory; until then they are dotfiles, which deidfs never takes as sources.
 
-``fsync`` waits for the disk, so it runs on a commit thread while the caller renders and writes
+``fsync`` waits for the disk, so it runs on commit threads while the caller renders and writes
 the next view: :meth:`ExportWriter.put` returns once the bytes are in the temporary file, and
 :meth:`ExportWriter.finish` reports how each one ended.
 
@@ -19,27 +19,91 @@ Several sources may name one target (the same SOP Instance UID in two files). Wi
 ``link()``, which fails if another source created it meanwhile, and a view whose target already
 exists with other bytes is left ``PENDING`` in its (durable) temporary file for the caller to
 :meth:`~ExportWriter.settle` or :meth:`~ExportWriter.discard` once it knows which source wins.
+
+Exports of a configured folder (``deidfs export`` and the control socket's ``export``)
+are :func:`export_folder`; the daemon calls it as::
+
+    summary = export_folder(
+        config, req.folder, pseudonymizer,            # the daemon's config and key
+        selection=Selection(req.study, req.patient, req.accession, req.path),
+        to=Path(req.to) if req.to else None, profile=req.profile,
+        workers=req.workers, confine=True,            # --to only inside export_dir
+        metrics=metrics, stop=stopping_event,
+        # headers rendered while indexing: an export of indexed files is mostly copying
+        cached=lambda path, state: header_cache.get((path, state, folder_view_digest)),
+    )
+    reply = summary.to_json()                         # ExportSummary.from_json reads it back
+
+and maps its errors: :class:`~deidfs.errors.NotFound` (unknown folder, profile, selector:
+nothing written) to ``not_found``; any other :class:`~deidfs.errors.DeidfsError` to
+``failed`` with the detail ``exit_code=<n>`` (the exit code the same export has in the
+command: 73 unwritable, 75 full or cancelled, 77 ``to`` refused, 78 disabled profile).
+:func:`export_folder` counts its own metrics (per file and ``export_finished``).
+
+Its sources are the files the watcher takes (:func:`walk_sources`), read with the folder's
+profile (or another) and the key, in worker processes (:func:`run_batch`) that render and
+write a chunk of files each; the coordinating process settles sources naming one target
+(:class:`Claims`, the first by path wins, as in the mount) and writes a manifest. A full or
+read-only output stops the batch at once (:class:`ExportStopped`): files in place are
+complete, temporary files are removed, and the next run resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import errno
+import hashlib
+import io
+import json
 import logging
+import math
+import multiprocessing
 import os
 import queue
 import re
 import secrets
 import stat
+import struct
 import threading
-from collections.abc import Hashable
-from dataclasses import dataclass
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
+from dataclasses import dataclass, field, replace
 from enum import Enum
+from multiprocessing.context import BaseContext
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol
 
-from deidfs.deid.plan import Plan
+from pydicom.filereader import read_partial
+
+from deidfs import __version__
+from deidfs.config import Config, FolderConfig
+from deidfs.deid.plan import Plan, compile_plan
+from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.errors import DeidfsError, Refused
-from deidfs.render import Layout, SourceStat, View, render, source_unchanged, write_view
+from deidfs.errors import DeidfsError, NotFound, ProfileError, Refused
+from deidfs.render import (
+    DEFLATED,
+    Layout,
+    SourceStat,
+    View,
+    read_view,
+    render,
+    source_unchanged,
+    write_view,
+)
+
+if TYPE_CHECKING:
+    from deidfs.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +114,14 @@ _TEMP_NAME = re.compile(r"^\.deidfs-(\d+)-[0-9a-f]+\.tmp$")
 MAX_PENDING = 64
 #: Mode of written files (before the umask), like any file a user creates.
 FILE_MODE = 0o644
+#: Bytes read at a time to hash a written file.
+HASH_CHUNK = 1 << 20
+#: Threads that hash, flush and rename written files while the caller writes the next ones:
+#: hashing (without the GIL) takes longer than copying a file's pixels in the kernel.
+COMMIT_THREADS = 2
+#: Errors of the output that no further file can escape: the export stops.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_FATAL_ERRNOS = _FULL_ERRNOS | {errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 class Outcome(Enum):
@@ -62,13 +134,37 @@ class Outcome(Enum):
 
 
 class ExportError(DeidfsError):
-    """A view could not be written. The message names no source path and no value."""
+    """A view could not be written. The message names no source path and no value.
+
+    ``source`` is true when the source could not be read (the output is not at fault).
+    A full disk exits 75 (EX_TEMPFAIL: free space and run again, the export resumes), any
+    other failure to write 73 (EX_CANTCREAT).
+    """
 
     exit_code = os.EX_CANTCREAT
 
-    def __init__(self, message: str, errno_: int | None = None) -> None:
+    def __init__(self, message: str, errno_: int | None = None, *, source: bool = False) -> None:
         super().__init__(message)
         self.errno = errno_
+        self.source = source
+        if errno_ in _FULL_ERRNOS and not source:
+            self.exit_code = os.EX_TEMPFAIL
+
+    @property
+    def fatal(self) -> bool:
+        """The output cannot take more files (full, read-only, not permitted): stop."""
+        return not self.source and self.errno in _FATAL_ERRNOS
+
+    @property
+    def reason(self) -> str:
+        """A short bounded identifier of the failure, fit for a metric label."""
+        if self.source:
+            return "source_unreadable"
+        if self.errno in _FULL_ERRNOS:
+            return "disk_full"
+        if self.errno in _FATAL_ERRNOS:
+            return "unwritable"
+        return "io_error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +177,7 @@ class Result:
     relpath: PurePosixPath
     temp: Path | None = None  #: the temporary file of a ``PENDING`` view
     error: ExportError | None = None
+    sha256: str = ""  #: of the bytes written (``digest=True``; not for ``UNCHANGED``)
 
 
 def is_temp_name(name: str) -> bool:
@@ -99,9 +196,9 @@ def target_path(root: Path, relpath: PurePosixPath) -> Path:
     return root.joinpath(*parts)
 
 
-def _oserror(what: str, exc: OSError) -> ExportError:
+def _oserror(what: str, exc: OSError, *, source: bool = False) -> ExportError:
     # str(OSError) carries the file name, which may carry PHI; strerror does not.
-    return ExportError(f"{what}: {exc.strerror or type(exc).__name__}", exc.errno)
+    return ExportError(f"{what}: {exc.strerror or type(exc).__name__}", exc.errno, source=source)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -142,8 +239,12 @@ def remove_stale_temps(directory: Path) -> int:
     return removed
 
 
-def _same_file(target: Path, view: View) -> bool:
-    """The target already holds this view: same size, header and trailer, newer than source."""
+def _same_file(target: Path, view: View, src_fd: int) -> bool:
+    """The target already holds this view: same size, header and trailer, newer than source.
+
+    A view with redacted pixels (in memory or zeroed ranges) is compared in its pixel bytes
+    too: another mask leaves header and trailer as they were.
+    """
     try:
         fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
@@ -160,8 +261,18 @@ def _same_file(target: Path, view: View) -> bool:
         if os.pread(fd, len(header), 0) != header:
             return False
         trailer = view.trailer
-        return not trailer or os.pread(fd, len(trailer), view.size - len(trailer)) == trailer
-    except OSError:
+        if trailer and os.pread(fd, len(trailer), view.size - len(trailer)) != trailer:
+            return False
+        if view.pixels or view.zeroed:
+            at = len(header)
+            end = view.size - len(trailer)
+            while at < end:
+                n = min(end - at, 1 << 20)
+                if os.pread(fd, n, at) != read_view(view, src_fd, at, n):
+                    return False
+                at += n
+        return True
+    except (OSError, Refused):
         return False
     finally:
         os.close(fd)
@@ -194,6 +305,9 @@ class ExportWriter:
         The process whose id names the temporary files (default: this one). Writers in
         worker processes name the coordinating process, which outlives them and settles
         their ``PENDING`` files, so no other writer takes those for leftovers.
+    digest
+        Compute the SHA-256 of every file written (``Result.sha256``), from the temporary
+        file on the commit thread, before it is flushed and renamed.
     """
 
     def __init__(
@@ -203,17 +317,19 @@ class ExportWriter:
         durable: bool = True,
         replace: bool = True,
         owner_pid: int | None = None,
+        digest: bool = False,
     ) -> None:
         self.root = root
         self.durable = durable
         self.replace = replace
+        self.digest = digest
         self._pid = os.getpid() if owner_pid is None else owner_pid
         self._dirs_ready: set[Path] = set()
         self._dirs_touched: set[Path] = set()
         self._queue: queue.Queue[_Pending | None] = queue.Queue(MAX_PENDING)
         self._results: list[Result] = []
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # -- public ---------------------------------------------------------------------------------
     def check_root(self) -> None:
@@ -235,6 +351,7 @@ class ExportWriter:
             raise _oserror("cannot write to the output directory", exc) from None
         os.close(fd)
         os.unlink(temp)
+        remove_stale_temps(self.root)
         self._dirs_ready.add(self.root)
 
     def put(self, key: Hashable, view: View, src_fd: int) -> None:
@@ -251,17 +368,20 @@ class ExportWriter:
         target = target_path(self.root, view.relpath)
         directory = target.parent
         self._prepare_dir(directory)
-        if _same_file(target, view):
+        if _same_file(target, view, src_fd):
             self._add(Result(key, Outcome.UNCHANGED, view.size, view.relpath))
             return
         temp = directory / self._temp_name()
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            # Read-write: with ``digest`` the commit thread reads the bytes back to hash them.
+            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         except OSError as exc:
             raise _oserror("cannot create a temporary file", exc) from None
         try:
             with os.fdopen(os.dup(fd), "wb") as out:
                 write_view(view, src_fd, out)
+            if os.fstat(fd).st_size != view.size:
+                raise ExportError("cannot write the file: it came out short", errno.EIO)
             if not source_unchanged(view, src_fd):
                 raise Refused("source_changed", "source changed while it was written")
         except BaseException as exc:
@@ -270,8 +390,13 @@ class ExportWriter:
             if isinstance(exc, OSError):
                 raise _oserror("cannot write the file", exc) from None
             raise
+        pending = _Pending(key, fd, temp, target, view.relpath, view.size)
+        if not self.durable and not self.digest:
+            # Nothing to wait for: a commit thread would only cost hand-offs of the GIL.
+            self._add(self._commit(pending))
+            return
         self._ensure_thread()
-        self._queue.put(_Pending(key, fd, temp, target, view.relpath, view.size))
+        self._queue.put(pending)
 
     def put_path(
         self,
@@ -281,12 +406,15 @@ class ExportWriter:
         pseudonymizer: Pseudonymizer,
         layout: Layout = Layout.DICOM,
         source_rel: PurePosixPath | None = None,
-    ) -> None:
-        """Render the source at ``path`` and :meth:`put` its view.
+        cached: ViewLookup | None = None,
+    ) -> View:
+        """Render the source at ``path``, :meth:`put` its view and return the view.
 
         The source is opened once, read-only and without following a final symbolic link
         (as :func:`~deidfs.render.render_path` does); its pixel bytes are copied from that
         same open file, so a file replaced meanwhile can never mix into the output.
+        ``cached`` may hold the view already, for this path and the state the open file has
+        (built with the same plan, layout and key): then it is not rendered again.
 
         Raises
         ------
@@ -299,24 +427,24 @@ class ExportWriter:
             # O_NONBLOCK: opening a FIFO swapped in for the file must not wait for a writer.
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
-            raise _oserror("cannot open the source", exc) from None
+            raise _oserror("cannot open the source", exc, source=True) from None
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise Refused("not_regular", "not a regular file")
-            view = render(f, SourceStat.of(st), plan, pseudonymizer, layout, source_rel)
+            state = SourceStat.of(st)
+            view = cached(os.fspath(path), state) if cached is not None else None
+            if view is None or view.source != state:
+                view = render(f, state, plan, pseudonymizer, layout, source_rel)
             self.put(key, view, fd)
+        return view
 
     def finish(self) -> list[Result]:
         """Wait for every queued view to be on disk under its name; return all results.
 
         The writer can be used again afterwards.
         """
-        thread = self._thread
-        if thread is not None:
-            self._queue.put(None)
-            thread.join()
-            self._thread = None
+        self._stop_threads()
         with self._lock:
             results, self._results = self._results, []
             touched, self._dirs_touched = self._dirs_touched, set()
@@ -328,10 +456,9 @@ class ExportWriter:
 
     def abort(self) -> None:
         """Stop: views not yet renamed are dropped and their temporary files removed."""
-        thread = self._thread
-        if thread is None:
+        if not self._threads:
             return
-        while True:  # drain what the thread has not taken yet
+        while True:  # drain what the threads have not taken yet
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -339,9 +466,7 @@ class ExportWriter:
             if item is not None:
                 os.close(item.fd)
                 _unlink_quietly(item.temp)
-        self._queue.put(None)
-        thread.join()
-        self._thread = None
+        self._stop_threads()
 
     def __enter__(self) -> ExportWriter:
         return self
@@ -379,11 +504,19 @@ class ExportWriter:
         self._dirs_ready.add(directory)
 
     def _ensure_thread(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
+        while len(self._threads) < COMMIT_THREADS:
+            thread = threading.Thread(
                 target=self._commit_loop, name="deidfs-export-commit", daemon=True
             )
-            self._thread.start()
+            thread.start()
+            self._threads.append(thread)
+
+    def _stop_threads(self) -> None:
+        threads, self._threads = self._threads, []
+        for _ in threads:
+            self._queue.put(None)
+        for thread in threads:
+            thread.join()
 
     def _commit_loop(self) -> None:
         while True:
@@ -395,8 +528,11 @@ class ExportWriter:
     def _commit(self, item: _Pending) -> Result:
         outcome = Outcome.WRITTEN
         temp: Path | None = None
+        digest = ""
         try:
             try:
+                if self.digest:
+                    digest = sha256_fd(item.fd, item.size)
                 if self.durable:
                     os.fsync(item.fd)
             finally:
@@ -414,7 +550,7 @@ class ExportWriter:
         if temp is None:
             with self._lock:
                 self._dirs_touched.add(item.target.parent)
-        return Result(item.key, outcome, item.size, item.relpath, temp)
+        return Result(item.key, outcome, item.size, item.relpath, temp, sha256=digest)
 
     def settle(self, temp: Path, relpath: PurePosixPath) -> Outcome:
         """Put a ``PENDING`` view's temporary file in place, replacing its target.
@@ -439,6 +575,26 @@ class ExportWriter:
     def discard(temp: Path) -> None:
         """Remove a ``PENDING`` view's temporary file."""
         _unlink_quietly(temp)
+
+
+def sha256_fd(fd: int, size: int) -> str:
+    """SHA-256 of the first ``size`` bytes of the open file ``fd`` (read with ``pread``).
+
+    Raises
+    ------
+    OSError
+        When it cannot be read, or is shorter than ``size``.
+    """
+    h = hashlib.sha256()
+    at = 0
+    while at < size:
+        # pread and a large update both release the GIL: hashing overlaps other work.
+        chunk = os.pread(fd, min(size - at, HASH_CHUNK), at)
+        if not chunk:
+            raise OSError(errno.EIO, "file is shorter than written")
+        h.update(chunk)
+        at += len(chunk)
+    return h.hexdigest()
 
 
 def _link_new(temp: Path, target: Path) -> bool:
@@ -480,3 +636,1437 @@ def _fsync_dir(directory: Path) -> None:
         log.warning("could not flush a directory to disk: %s", exc.strerror)
     finally:
         os.close(fd)
+
+
+# ============================================================================================
+# Exports of a configured folder: sources, selection, worker processes, manifest.
+# ============================================================================================
+
+#: Transfers in progress (dcm4che ``.part``, RSNA CTP ``.partial``), as the watcher skips them.
+IGNORED_SUFFIXES = (".part", ".partial")
+#: Files per task handed to a worker process: large enough that inter-process traffic is
+#: noise, small enough that progress moves, workers finish together and a stop is quick.
+MAX_CHUNK = 32
+#: Refusal reasons that are not the fail-closed verdict on a file's content but a failure to
+#: read it consistently: counted as failures, since a second run may succeed.
+FAILURE_REASONS = frozenset({"source_changed"})
+MANIFEST_PREFIX = ".deidfs-manifest-"
+MANIFEST_SUFFIX = ".jsonl"
+_MANIFEST_NAME = re.compile(r"^\.deidfs-manifest-\d{8}T\d{6}Z(-\d+)?\.jsonl$")
+#: Bound of one selector value; a longer one cannot be an identifier or a path we serve.
+MAX_SELECTOR_CHARS = 4096
+
+STUDY_INSTANCE_UID = 0x0020000D
+SERIES_INSTANCE_UID = 0x0020000E
+SOP_INSTANCE_UID = 0x00080018
+PATIENT_ID = 0x00100020
+ACCESSION_NUMBER = 0x00080050
+_SELECTOR_TAGS = {"study": STUDY_INSTANCE_UID, "patient": PATIENT_ID, "accession": ACCESSION_NUMBER}
+_ID_TAGS = (STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, SOP_INSTANCE_UID, PATIENT_ID)
+
+#: (index, absolute source path, path relative to the folder): one source of a batch.
+Item = tuple[int, str, str]
+#: A view the caller holds already for (absolute source path, its state), or None.
+ViewLookup = Callable[[str, SourceStat], View | None]
+
+
+def is_ignored_name(name: str) -> bool:
+    """Names the watcher never takes: dotfiles and partial transfers."""
+    return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
+
+
+def is_manifest_name(name: str) -> bool:
+    """Whether ``name`` is an export manifest (a dotfile, never a source or a view)."""
+    return _MANIFEST_NAME.match(name) is not None
+
+
+def walk_sources(root: str) -> tuple[list[tuple[str, str]], int]:
+    """The files the watcher takes under the directory ``root``, sorted by path.
+
+    Skipped (and counted): dotfiles and everything in dot-directories, ``*.part`` and
+    ``*.partial``, symbolic links (never followed), special files, unreadable directories.
+
+    Returns
+    -------
+    tuple
+        [(absolute path, path relative to ``root`` with ``/``)], and how many were skipped.
+    """
+    found: list[tuple[str, str]] = []
+    skipped = 0
+    stack = [(root, "")]
+    while stack:
+        directory, rel = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            skipped += 1
+            continue
+        subdirs: list[tuple[str, str]] = []
+        for entry in entries:
+            name = entry.name
+            try:
+                if is_ignored_name(name) or entry.is_symlink():
+                    skipped += 1
+                elif entry.is_dir(follow_symlinks=False):
+                    subdirs.append((entry.path, f"{rel}{name}/"))
+                elif entry.is_file(follow_symlinks=False):
+                    found.append((entry.path, rel + name))
+                else:
+                    skipped += 1
+            except OSError:
+                skipped += 1
+        stack.extend(reversed(subdirs))
+    return found, skipped
+
+
+# -- identifiers and selection ------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ServedIds:
+    """The de-identified identifiers of a view, as the mount serves them (never originals,
+    unless the profile keeps them)."""
+
+    StudyInstanceUID: str = ""
+    SeriesInstanceUID: str = ""
+    SOPInstanceUID: str = ""
+    PatientID: str = ""
+
+
+def _values(f: BinaryIO, tags: Iterable[int]) -> dict[int, str]:
+    """The text of ``tags`` at the top level of the DICOM file ``f`` ("" when absent)."""
+    wanted = list(tags)
+    last = max(wanted)
+    f.seek(0)
+    try:
+        # Parsed only up to the last tag wanted: a fraction of a header.
+        ds = read_partial(
+            f, stop_when=lambda tag, vr, length: tag > last, force=True, specific_tags=wanted
+        )
+        out = {}
+        for tag in wanted:
+            elem = ds.get(tag)
+            value = "" if elem is None or elem.value is None else str(elem.value)
+            out[tag] = value.strip(" \x00")
+        return out
+    except Exception:  # pydicom raises many types; an unreadable value matches nothing
+        return dict.fromkeys(wanted, "")
+
+
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+_ENCODINGS = {
+    "1.2.840.10008.1.2": (True, "<"),  # implicit VR little endian
+    "1.2.840.10008.1.2.1": (False, "<"),
+    "1.2.840.10008.1.2.2": (False, ">"),
+}
+
+
+class _Malformed(Exception):
+    """The header cannot be walked here (pydicom is asked instead)."""
+
+
+#: Per byte order: (group, element, 32-bit length) and (group, element, VR, 16-bit length).
+_HEADS = {
+    e: (struct.Struct(e + "HHL").unpack_from, struct.Struct(e + "HH2sH").unpack_from)
+    for e in ("<", ">")
+}
+_LENGTH32 = {e: struct.Struct(e + "L").unpack_from for e in ("<", ">")}
+
+
+def _element(buf: bytes, pos: int, implicit: bool, e: str) -> tuple[int, int, int]:
+    """(tag, value offset, length) of the element at ``pos``."""
+    if pos + 8 > len(buf):
+        raise _Malformed
+    unpack32, unpack16 = _HEADS[e]
+    group, elem, length = unpack32(buf, pos)
+    if implicit or group == 0xFFFE:  # items and delimiters have no VR
+        return group << 16 | elem, pos + 8, length
+    group, elem, vr, length = unpack16(buf, pos)
+    if vr in _LONG_VRS:
+        if pos + 12 > len(buf):
+            raise _Malformed
+        length = _LENGTH32[e](buf, pos + 8)[0]
+        if vr == b"UN" and length == _UNDEFINED:
+            raise _Malformed  # its items are implicit VR (PS3.5 6.2.2): pydicom knows
+        return group << 16 | elem, pos + 12, length
+    return group << 16 | elem, pos + 8, length
+
+
+def _skip_items(buf: bytes, pos: int, implicit: bool, e: str, depth: int) -> int:
+    """Offset past the sequence delimiter of an undefined-length sequence at ``pos``."""
+    if depth > 64:
+        raise _Malformed
+    while True:
+        tag, at, length = _element(buf, pos, True, e)
+        if tag == _SEQUENCE_END:
+            return at
+        if tag != _ITEM:
+            raise _Malformed
+        if length != _UNDEFINED:
+            pos = at + length
+            continue
+        pos = at  # an undefined-length item: its elements up to the item delimiter
+        while True:
+            tag, at, length = _element(buf, pos, implicit, e)
+            if tag == _ITEM_END:
+                pos = at
+                break
+            pos = (
+                _skip_items(buf, at, implicit, e, depth + 1)
+                if length == _UNDEFINED
+                else at + length
+            )
+
+
+def _walk_values(buf: bytes, wanted: Iterable[int]) -> dict[int, str]:
+    """The top-level values of ``wanted`` in a Part 10 header deidfs wrote, without pydicom.
+
+    Raises
+    ------
+    _Malformed
+        A structure or a transfer syntax this walker does not take (pydicom does).
+    """
+    wanted = frozenset(wanted)
+    last = max(wanted)
+    if buf[128:132] != b"DICM":
+        raise _Malformed
+    tag, at, length = _element(buf, 132, False, "<")
+    if tag != 0x00020000 or length != 4:
+        raise _Malformed
+    start = at + 4 + struct.unpack_from("<L", buf, at)[0]
+    pos, syntax = at + 4, ""
+    while pos < start:
+        tag, at, length = _element(buf, pos, False, "<")
+        if tag == 0x00020010:
+            syntax = buf[at : at + length].decode("ascii").strip(" \x00")
+        pos = at + length
+    if not syntax or syntax == DEFLATED:
+        raise _Malformed  # one compressed stream: pydicom inflates it
+    # Every other transfer syntax (the encapsulated ones too) is explicit VR little endian.
+    implicit, e = _ENCODINGS.get(syntax, (False, "<"))
+    out = dict.fromkeys(wanted, "")
+    pos = start
+    while pos < len(buf):
+        tag, at, length = _element(buf, pos, implicit, e)
+        if tag > last:
+            break
+        if length == _UNDEFINED:
+            pos = _skip_items(buf, at, implicit, e, 0)
+            continue
+        if tag in wanted:
+            raw = buf[at : at + length]
+            if not raw.isascii():
+                raise _Malformed  # a character set to decode: pydicom's job
+            out[tag] = raw.decode("ascii").strip(" \x00")
+        pos = at + length
+    return out
+
+
+def served_ids(view: View) -> ServedIds:
+    """The identifiers in ``view``'s header."""
+    try:
+        values = _walk_values(view.header, _ID_TAGS)
+    except (_Malformed, struct.error, UnicodeDecodeError):
+        values = _values(io.BytesIO(view.header), _ID_TAGS)
+    return ServedIds(
+        StudyInstanceUID=values[STUDY_INSTANCE_UID],
+        SeriesInstanceUID=values[SERIES_INSTANCE_UID],
+        SOPInstanceUID=values[SOP_INSTANCE_UID],
+        PatientID=values[PATIENT_ID],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which files of a folder an export takes; all empty: the whole folder.
+
+    Values of one kind are ORed, kinds are ANDed: ``study=(A, B), patient=(P,)`` takes the
+    files of study A or B that belong to patient P. ``study``, ``patient`` and ``accession``
+    match the original StudyInstanceUID, PatientID and AccessionNumber, or the de-identified
+    ones the mount serves. ``path`` matches a file or a directory: relative paths against
+    the path of the source in its folder or the path of its view under the mount's folder;
+    absolute paths under the folder's directory or under ``<mountpoint>/<folder>``.
+    """
+
+    study: tuple[str, ...] = ()
+    patient: tuple[str, ...] = ()
+    accession: tuple[str, ...] = ()
+    path: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        """No selector at all: the whole folder."""
+        return not (self.study or self.patient or self.accession or self.path)
+
+    def kinds(self) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """(kind, values) of every kind given."""
+        for kind in ("study", "patient", "accession", "path"):
+            values: tuple[str, ...] = getattr(self, kind)
+            if values:
+                yield kind, values
+
+
+@dataclass(frozen=True, slots=True)
+class PathRule:
+    """A ``path`` selector resolved: ``rel`` ("." for everything) against the source path in
+    its folder (``source``) and/or the view path under the mount's folder (``served``)."""
+
+    rel: PurePosixPath
+    source: bool
+    served: bool
+
+    def matches(self, source_rel: PurePosixPath, served_rel: PurePosixPath) -> bool:
+        """Whether the file, or a directory above it, is the selected path."""
+        if str(self.rel) == ".":
+            return True
+        return (self.source and _at_or_under(source_rel, self.rel)) or (
+            self.served and _at_or_under(served_rel, self.rel)
+        )
+
+
+def _at_or_under(path: PurePosixPath, top: PurePosixPath) -> bool:
+    return path == top or top in path.parents
+
+
+@dataclass(frozen=True, slots=True)
+class Matcher:
+    """A :class:`Selection` ready to match files, in the worker processes of a scan."""
+
+    study: tuple[str, ...]
+    patient: tuple[str, ...]
+    accession: tuple[str, ...]
+    paths: tuple[PathRule, ...]
+
+    @property
+    def needs_values(self) -> bool:
+        """Whether the identifiers in the headers are needed (not only paths)."""
+        return bool(self.study or self.patient or self.accession)
+
+    def match(
+        self,
+        source_rel: PurePosixPath,
+        served_rel: PurePosixPath,
+        original: Mapping[int, str],
+        served: Mapping[int, str],
+    ) -> frozenset[tuple[str, int]]:
+        """The selectors, as (kind, position), that this file matches."""
+        hits: set[tuple[str, int]] = set()
+        for kind, tag in _SELECTOR_TAGS.items():
+            mine = {original.get(tag, ""), served.get(tag, "")} - {""}
+            for n, value in enumerate(getattr(self, kind)):
+                if value in mine:
+                    hits.add((kind, n))
+        for n, rule in enumerate(self.paths):
+            if rule.matches(source_rel, served_rel):
+                hits.add(("path", n))
+        return frozenset(hits)
+
+
+def _clean_value(kind: str, n: int, value: str) -> str:
+    text = value.strip(" \x00")
+    if not text or len(text) > MAX_SELECTOR_CHARS or "\x00" in text:
+        raise NotFound(f"--{kind} #{n + 1} is empty or not an identifier")
+    return text
+
+
+def make_matcher(selection: Selection, folder_root: Path, mount_root: Path) -> Matcher:
+    """Resolve ``selection`` for the folder at ``folder_root`` served at ``mount_root``.
+
+    Raises
+    ------
+    NotFound
+        A path that is neither in the folder nor in its mount, or leaves them with ``..``;
+        an empty value. Messages name the selector by position, never by value.
+    """
+    rules: list[PathRule] = []
+    for n, text in enumerate(selection.path):
+        if not text or len(text) > MAX_SELECTOR_CHARS or "\x00" in text:
+            raise NotFound(f"--path #{n + 1} is empty or not a path")
+        if os.path.isabs(text):
+            norm = os.path.normpath(text)
+            rule = None
+            for base, is_source in ((folder_root, True), (mount_root, False)):
+                rel = os.path.relpath(norm, base)
+                if rel != ".." and not rel.startswith("../"):
+                    rule = PathRule(PurePosixPath(rel), is_source, not is_source)
+                    break
+            if rule is None:
+                raise NotFound(f"--path #{n + 1} is neither in the folder nor in its mount")
+            rules.append(rule)
+            continue
+        rel = os.path.normpath(text)
+        if rel == ".." or rel.startswith("../"):
+            raise NotFound(f"--path #{n + 1} leaves the folder")
+        rules.append(PathRule(PurePosixPath(rel), True, True))
+
+    def clean(kind: str) -> tuple[str, ...]:
+        values: tuple[str, ...] = getattr(selection, kind)
+        return tuple(_clean_value(kind, n, v) for n, v in enumerate(values))
+
+    return Matcher(clean("study"), clean("patient"), clean("accession"), tuple(rules))
+
+
+# -- the work of one worker ---------------------------------------------------------------------
+class StopFlag(Protocol):
+    """A :class:`threading.Event` or a :class:`multiprocessing.Event`."""
+
+    def is_set(self) -> bool: ...
+
+    def set(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """Everything a writing worker needs; handed over once per worker process."""
+
+    plan: Plan
+    pseudo: Pseudonymizer
+    out: Path
+    layout: Layout
+    durable: bool
+    owner_pid: int  #: the coordinating process, which settles pending files
+    describe: bool = False  #: hash each file and read its identifiers (for a manifest)
+
+
+@dataclass(frozen=True, slots=True)
+class FileResult:
+    """How one file ended: ``status`` is an :class:`Outcome` value, "refused", "failed" or
+    (after :meth:`Claims.settle`) "duplicate"."""
+
+    index: int
+    status: str
+    detail: str = ""  #: refusal reason or a PHI-free error message
+    size: int = 0
+    relpath: str = ""  #: the output path below the output directory, when rendered
+    temp: str = ""  #: the temporary file of a "pending" view
+    sha256: str = ""  #: of the file written (``describe``; "" for "unchanged")
+    ids: ServedIds | None = None  #: its identifiers (``describe``)
+    reason: str = ""  #: bounded reason of a failure (metric label)
+    fatal: bool = False  #: the output takes no more files: the batch stops
+
+
+def _put_once_more_if_changed(
+    writer: ExportWriter, job: Job, item: Item, cached: ViewLookup | None
+) -> View:
+    index, path, rel = item
+    rel_path = PurePosixPath(rel)
+    try:
+        return writer.put_path(index, path, job.plan, job.pseudo, job.layout, rel_path, cached)
+    except Refused as exc:
+        if exc.reason != "source_changed":
+            raise
+    # Written to while it was exported: once more from its new state, from one open file.
+    return writer.put_path(index, path, job.plan, job.pseudo, job.layout, rel_path, cached)
+
+
+def run_chunk(
+    job: Job,
+    chunk: Sequence[Item],
+    stop: StopFlag | None = None,
+    cached: ViewLookup | None = None,
+) -> list[FileResult]:
+    """Render and write ``chunk``; never raises for a file.
+
+    Existing targets with other bytes are not replaced here but left pending, for the
+    coordinator to decide between sources that name the same target. A source that changes
+    while it is written is tried once more, then reported failed (``source_changed``).
+    On an error of the output that no file can escape (disk full, read-only), ``stop`` is
+    set and the rest of the chunk is left undone (not reported); a set ``stop`` does the same.
+    """
+    results: list[FileResult] = []
+    ids: dict[int, ServedIds] = {}
+    writer = ExportWriter(
+        job.out,
+        durable=job.durable,
+        replace=False,
+        owner_pid=job.owner_pid,
+        digest=job.describe,
+    )
+
+    def fail(index: int, exc: ExportError) -> None:
+        results.append(FileResult(index, "failed", str(exc), reason=exc.reason, fatal=exc.fatal))
+        if exc.fatal and stop is not None:
+            stop.set()
+
+    try:
+        for item in chunk:
+            if stop is not None and stop.is_set():
+                break
+            index = item[0]
+            try:
+                view = _put_once_more_if_changed(writer, job, item, cached)
+                if job.describe:
+                    ids[index] = served_ids(view)
+            except Refused as exc:
+                failed = exc.reason in FAILURE_REASONS
+                status = "failed" if failed else "refused"
+                results.append(FileResult(index, status, exc.reason, reason=exc.reason))
+            except ExportError as exc:
+                fail(index, exc)
+                if exc.fatal:
+                    break
+            except Exception as exc:  # one bad file must not stop the batch
+                detail = f"internal error {type(exc).__name__}"
+                results.append(FileResult(index, "failed", detail, reason="internal"))
+        for res in writer.finish():
+            assert isinstance(res.key, int)
+            if res.error is not None or res.outcome is None:
+                fail(res.key, res.error or ExportError("cannot commit the file"))
+            else:
+                results.append(
+                    FileResult(
+                        res.key,
+                        res.outcome.value,
+                        size=res.size,
+                        relpath=str(res.relpath),
+                        temp=str(res.temp) if res.temp is not None else "",
+                        sha256=res.sha256,
+                        ids=ids.get(res.key),
+                    )
+                )
+    except BaseException:
+        writer.abort()
+        raise
+    return results
+
+
+@dataclass(frozen=True, slots=True)
+class ScanJob:
+    """Everything a scanning worker needs: what the mount would serve, and the selection."""
+
+    plan: Plan
+    pseudo: Pseudonymizer
+    layout: Layout
+    matcher: Matcher
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    """One source seen by a scan: its view path, or why it is withheld; what it matched."""
+
+    index: int
+    relpath: str = ""
+    refused: str = ""
+    matched: frozenset[tuple[str, int]] = frozenset()
+
+
+def scan_chunk(
+    job: ScanJob,
+    chunk: Sequence[Item],
+    stop: StopFlag | None = None,
+    cached: ViewLookup | None = None,
+) -> list[ScanResult]:
+    """Render each source's header as the mount does and match it; never raises for a file.
+
+    Original identifiers are compared here, in the worker, and never leave it.
+    """
+    results: list[ScanResult] = []
+    matcher = job.matcher
+    for index, path, rel in chunk:
+        if stop is not None and stop.is_set():
+            break
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            results.append(ScanResult(index, refused="unreadable"))
+            continue
+        try:
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    results.append(ScanResult(index, refused="not_regular"))
+                    continue
+                source_rel = PurePosixPath(rel)
+                state = SourceStat.of(st)
+                view = cached(path, state) if cached is not None else None
+                if view is None or view.source != state:
+                    view = render(f, state, job.plan, job.pseudo, job.layout, source_rel)
+                original: dict[int, str] = {}
+                served: dict[int, str] = {}
+                if matcher.needs_values:
+                    original = _values(f, _SELECTOR_TAGS.values())
+                    served = _values(io.BytesIO(view.header), _SELECTOR_TAGS.values())
+                matched = matcher.match(source_rel, view.relpath, original, served)
+                results.append(ScanResult(index, str(view.relpath), "", matched))
+        except Refused as exc:
+            results.append(ScanResult(index, refused=exc.reason))
+        except Exception as exc:  # one bad file must not stop the scan
+            results.append(ScanResult(index, refused=f"internal_{type(exc).__name__}"))
+    return results
+
+
+# -- worker processes ---------------------------------------------------------------------------
+_worker_job: object = None
+_worker_stop: StopFlag | None = None
+
+
+def quiet_third_party() -> None:
+    """Silence pydicom for good in a worker process: it warns and logs element values."""
+    warnings.simplefilter("ignore")
+    lib_log = logging.getLogger("pydicom")
+    lib_log.setLevel(logging.CRITICAL + 1)
+    lib_log.propagate = False
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's warnings and logs (which carry element values) for a while.
+
+    Warning filters are process-wide: only the main thread changes them here. A daemon,
+    whose other threads read files too, silences pydicom once at start instead.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    lib_log = logging.getLogger("pydicom")
+    saved = lib_log.level, lib_log.propagate
+    with warnings.catch_warnings():
+        try:
+            quiet_third_party()
+            yield
+        finally:
+            lib_log.setLevel(saved[0])
+            lib_log.propagate = saved[1]
+
+
+def _init_worker(job: object, stop: StopFlag) -> None:
+    global _worker_job, _worker_stop  # one job per worker process, set once by the pool
+    _worker_job, _worker_stop = job, stop
+    quiet_third_party()
+
+
+def _write_in_worker(chunk: list[Item]) -> list[FileResult]:
+    assert isinstance(_worker_job, Job)
+    return run_chunk(_worker_job, chunk, _worker_stop)
+
+
+def _scan_in_worker(chunk: list[Item]) -> list[ScanResult]:
+    assert isinstance(_worker_job, ScanJob)
+    return scan_chunk(_worker_job, chunk, _worker_stop)
+
+
+def _chunks(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def pool_context() -> BaseContext:
+    """How worker processes start: ``fork`` from a single-threaded command (they inherit
+    the imported modules and start in milliseconds), else ``forkserver``: forking a process
+    with other threads (a daemon's) could copy a lock one of them holds."""
+    if threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["deidfs.export"])
+    return context
+
+
+class _EitherFlag:
+    """Set when either flag is; setting it sets the second."""
+
+    def __init__(self, outer: StopFlag, own: StopFlag) -> None:
+        self.outer, self.own = outer, own
+
+    def is_set(self) -> bool:
+        return self.outer.is_set() or self.own.is_set()
+
+    def set(self) -> None:
+        self.own.set()
+
+
+def run_batch(
+    job: Job | ScanJob,
+    items: Sequence[Item],
+    workers: int,
+    report: Callable[[list[Any]], None],
+    on_lost: Callable[[list[Item], str], list[Any]],
+    stop: StopFlag | None = None,
+    cached: ViewLookup | None = None,
+) -> bool:
+    """Run ``job`` over ``items`` in chunks: in this process (``workers`` 1) or a pool.
+
+    ``report`` gets each chunk's results, in this process, as they come; ``on_lost`` makes
+    the results of a chunk whose worker died. Returns False when ``stop`` (or a worker, on
+    an error of the output) stopped the batch early: some items were not reported. With
+    ``cached`` views (which live in this process) everything runs in this process.
+    """
+    worker_fn: Callable[[list[Item]], list[Any]]
+    worker_fn = _write_in_worker if isinstance(job, Job) else _scan_in_worker
+    outer: StopFlag = stop if stop is not None else threading.Event()
+    if workers <= 1 or len(items) <= 1 or cached is not None:
+        flag = _EitherFlag(outer, threading.Event())
+        for chunk in _chunks(items, MAX_CHUNK):
+            if flag.is_set():
+                return False
+            if isinstance(job, Job):
+                report(run_chunk(job, chunk, flag, cached))
+            else:
+                report(scan_chunk(job, chunk, flag, cached))
+        return not flag.is_set()
+    size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (workers * 4))))
+    context = pool_context()
+    flag2 = context.Event()
+    pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(job, flag2))
+    pending: dict[Future[list[Any]], list[Item]] = {}
+    try:
+        for chunk in _chunks(items, size):
+            pending[pool.submit(worker_fn, chunk)] = chunk
+        while pending:
+            done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            if outer.is_set() and not flag2.is_set():
+                flag2.set()
+            if flag2.is_set():
+                for future in list(pending):
+                    if future.cancel():
+                        del pending[future]
+            for future in done:
+                chunk = pending.pop(future)
+                try:
+                    results = future.result()
+                except Exception as exc:  # a worker died (killed, out of memory)
+                    results = on_lost(chunk, f"worker failed: {type(exc).__name__}")
+                report(results)
+    except BaseException:
+        flag2.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return not flag2.is_set()
+
+
+# -- claims: sources that name one target -------------------------------------------------------
+class Claims:
+    """Output names claimed in a batch; settles sources that name the same target.
+
+    Parameters
+    ----------
+    paths
+        The source path of each item index: the first by path wins a target, as in the
+        mount, so the choice is the same on every run.
+    """
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = paths
+        self.by_relpath: dict[str, list[FileResult]] = {}
+
+    def add(self, res: FileResult) -> None:
+        """Record a rendered file (any status but "refused" and "failed")."""
+        self.by_relpath.setdefault(res.relpath, []).append(res)
+
+    def settle(self, writer: ExportWriter) -> list[FileResult]:
+        """Put the winner of each target in place; the final result of every claim.
+
+        Losers end "duplicate"; a pending winner ends "written" or "replaced", or "failed"
+        when it cannot be renamed.
+        """
+        final: list[FileResult] = []
+        for relpath, claims in self.by_relpath.items():
+            claims.sort(key=lambda c: self.paths[c.index])
+            winner, losers = claims[0], claims[1:]
+            for loser in losers:
+                if loser.temp:
+                    writer.discard(Path(loser.temp))
+                final.append(replace(loser, status="duplicate", temp=""))
+            if winner.status == Outcome.PENDING.value:
+                try:
+                    outcome = writer.settle(Path(winner.temp), PurePosixPath(relpath))
+                    winner = replace(winner, status=outcome.value, temp="")
+                except ExportError as exc:
+                    winner = replace(
+                        winner,
+                        status="failed",
+                        detail=str(exc),
+                        reason=exc.reason,
+                        temp="",
+                        fatal=exc.fatal,
+                    )
+            final.append(winner)
+        self.by_relpath.clear()
+        writer.finish()
+        return final
+
+    def in_place(self) -> list[FileResult]:
+        """Claims whose file is under its name already (not pending), for a stopped run."""
+        return [
+            claim
+            for claims in self.by_relpath.values()
+            for claim in claims
+            if claim.status != Outcome.PENDING.value
+        ]
+
+    def discard_pending(self, writer: ExportWriter) -> None:
+        """Remove the temporary files of every pending claim (the run is interrupted)."""
+        for claims in self.by_relpath.values():
+            for claim in claims:
+                if claim.temp:
+                    writer.discard(Path(claim.temp))
+        self.by_relpath.clear()
+
+
+# -- folder export ------------------------------------------------------------------------------
+class ExportStopped(ExportError):
+    """The export stopped before its end: the output failed (full, read-only) or it was
+    cancelled. Files already in place are complete; no temporary file is left.
+
+    ``summary`` tells what was done before the stop.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        errno_: int | None = None,
+        *,
+        summary: ExportSummary | None = None,
+        exit_code: int | None = None,
+    ) -> None:
+        super().__init__(message, errno_)
+        self.summary = summary
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ExportRefused(ExportError):
+    """The destination is not allowed: inside the folder's sources, or (through the daemon)
+    outside the export directory."""
+
+    exit_code = os.EX_NOPERM
+
+
+@dataclass(frozen=True, slots=True)
+class ExportSummary:
+    """What one export did. Carries no original identifier and no source path.
+
+    ``files`` counts the files of the selection now in place (written, replaced or
+    unchanged); ``written`` includes ``replaced``; ``bytes`` are those of files written.
+    """
+
+    folder: str
+    profile: str
+    plan_digest: str
+    destination: str  #: ``<export_dir or --to>/<folder>``
+    sources: int  #: files found in the folder
+    selected: int  #: sources handed to the writer (the selection, or every source)
+    files: int = 0  #: files of the selection in place after this export
+    written: int = 0
+    replaced: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    skipped: int = 0  #: dotfiles, partial transfers, links, special files
+    refused: tuple[tuple[str, int], ...] = ()  #: (reason, count), sorted by reason
+    bytes: int = 0
+    seconds: float = 0.0
+    manifest: str = ""  #: path of the manifest written, "" when none was
+    complete: bool = True  #: False when the export stopped early
+
+    @property
+    def refused_total(self) -> int:
+        """Sources withheld by the profile (fail closed), all reasons."""
+        return sum(n for _, n in self.refused)
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as a JSON object (the control socket's ``export`` result)."""
+        return {
+            "folder": self.folder,
+            "destination": self.destination,
+            "files": self.files,
+            "written": self.written,
+            "unchanged": self.unchanged,
+            "failed": self.failed,
+            "bytes": self.bytes,
+            "replaced": self.replaced,
+            "duplicates": self.duplicates,
+            "skipped": self.skipped,
+            "refused": dict(self.refused),
+            "sources": self.sources,
+            "selected": self.selected,
+            "profile": self.profile,
+            "plan_digest": self.plan_digest,
+            "seconds": round(self.seconds, 3),
+            "manifest": self.manifest,
+            "complete": self.complete,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ExportSummary:
+        """Read :meth:`to_json`'s form back; missing or odd fields count as zero."""
+
+        def num(key: str) -> int:
+            value = data.get(key, 0)
+            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+        refused = data.get("refused", {})
+        if not isinstance(refused, Mapping):  # (reason, count) pairs, as dataclasses.asdict
+            refused = {r[0]: r[1] for r in refused if isinstance(r, list | tuple) and len(r) == 2}
+        pairs = tuple(sorted((str(k), v) for k, v in refused.items() if isinstance(v, int)))
+        seconds = data.get("seconds", 0.0)
+        return cls(
+            folder=str(data.get("folder", "")),
+            profile=str(data.get("profile", "")),
+            plan_digest=str(data.get("plan_digest", "")),
+            destination=str(data.get("destination", "")),
+            sources=num("sources"),
+            selected=num("selected"),
+            files=num("files"),
+            written=num("written"),
+            replaced=num("replaced"),
+            unchanged=num("unchanged"),
+            failed=num("failed"),
+            duplicates=num("duplicates"),
+            skipped=num("skipped"),
+            refused=pairs,
+            bytes=num("bytes"),
+            seconds=float(seconds) if isinstance(seconds, int | float) else 0.0,
+            manifest=str(data.get("manifest", "")),
+            complete=data.get("complete", True) is not False,
+        )
+
+
+class ExportListener:
+    """Hooks for progress; the default does nothing. Called in the exporting thread."""
+
+    def phase(self, name: str, total: int) -> None:
+        """A phase begins: ``scan`` (matching a selection) or ``export``, of ``total`` files."""
+
+    def advance(self, n: int) -> None:
+        """``n`` more files of the current phase are done."""
+
+    def file(self, status: str, detail: str, token: str) -> None:
+        """A file was refused or failed; ``token`` is a keyed token of its source path."""
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class _Tally:
+    written: int = 0
+    replaced: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    bytes: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+
+
+class _FolderExport:
+    """One export of one folder (see :func:`export_folder`)."""
+
+    def __init__(
+        self,
+        folder: FolderConfig,
+        profile: Profile,
+        plan: Plan,
+        pseudo: Pseudonymizer,
+        dest: Path,
+        *,
+        workers: int,
+        durable: bool,
+        listener: ExportListener,
+        metrics: Metrics | None,
+        stop: StopFlag | None,
+        clock: Callable[[], dt.datetime],
+        cached: ViewLookup | None,
+    ) -> None:
+        self.cached = cached
+        self.folder = folder
+        self.profile = profile
+        self.plan = plan
+        self.pseudo = pseudo
+        self.dest = dest
+        self.workers = workers
+        self.durable = durable
+        self.listener = listener
+        self.metrics = metrics
+        self.stop = stop
+        self.clock = clock
+        self.started = clock()
+        self.start = time.monotonic()
+        self.files: list[tuple[str, str]] = []
+        self.skipped = 0
+        self.selected = 0
+        self.tally = _Tally()
+        self.final: list[tuple[FileResult, str]] = []  #: (result, time) of files in place
+        self.fatal: FileResult | None = None
+
+    # -- phases ---------------------------------------------------------------------------------
+    def scan(self, matcher: Matcher) -> list[Item]:
+        """Which sources to write: the first source (by path) of every view path that a
+        matching source has. Raises NotFound for a selector that matches nothing."""
+        job = ScanJob(self.plan, self.pseudo, self.folder.layout, matcher)
+        items = [(i, p, r) for i, (p, r) in enumerate(self.files)]
+        self.listener.phase("scan", len(items))
+        scanned: list[ScanResult] = []
+
+        def report(results: list[ScanResult]) -> None:
+            scanned.extend(results)
+            self.listener.advance(len(results))
+
+        def lost(chunk: list[Item], why: str) -> list[ScanResult]:
+            return [ScanResult(i, refused="worker_failed") for i, _, _ in chunk]
+
+        if not run_batch(job, items, self.workers, report, lost, self.stop, self.cached):
+            self._raise_stopped()
+        matched: set[tuple[str, int]] = set()
+        winners: dict[str, int] = {}
+        chosen: set[str] = set()
+        selection = {
+            "study": matcher.study,
+            "patient": matcher.patient,
+            "accession": matcher.accession,
+            "path": matcher.paths,
+        }
+        kinds = [k for k, v in selection.items() if v]
+        for res in scanned:
+            if not res.relpath:
+                continue
+            matched |= res.matched
+            best = winners.get(res.relpath)
+            if best is None or self.files[res.index][0] < self.files[best][0]:
+                winners[res.relpath] = res.index
+            if all(any(m[0] == kind for m in res.matched) for kind in kinds):
+                chosen.add(res.relpath)
+        for kind in kinds:
+            values = selection[kind]
+            for n in range(len(values)):
+                if (kind, n) not in matched:
+                    raise NotFound(
+                        f"--{kind} #{n + 1} of {len(values)} matches no file that folder "
+                        f"{self.folder.id!r} serves"
+                    )
+        if not chosen:
+            raise NotFound(
+                f"no file that folder {self.folder.id!r} serves matches all of the selection "
+                "(each selector matches some file, but not together)"
+            )
+        return sorted(((winners[r], *self.files[winners[r]]) for r in chosen), key=lambda it: it[0])
+
+    def write(self, items: list[Item], writer: ExportWriter) -> None:
+        """Write ``items`` and settle their targets; record what ended in place."""
+        job = Job(
+            self.plan,
+            self.pseudo,
+            self.dest,
+            self.folder.layout,
+            self.durable,
+            os.getpid(),
+            describe=True,
+        )
+        self.selected = len(items)
+        claims = Claims([p for p, _ in self.files])
+        self.listener.phase("export", len(items))
+
+        def report(results: list[FileResult]) -> None:
+            for res in results:
+                if res.status in ("refused", "failed"):
+                    self._count(res)
+                else:
+                    claims.add(res)
+            self.listener.advance(len(results))
+
+        def lost(chunk: list[Item], why: str) -> list[FileResult]:
+            return [FileResult(i, "failed", why, reason="worker_failed") for i, _, _ in chunk]
+
+        try:
+            finished = run_batch(job, items, self.workers, report, lost, self.stop, self.cached)
+        except BaseException:
+            claims.discard_pending(writer)
+            raise
+        if not finished:
+            # Complete files already in place still count; pending ones are dropped.
+            for res in claims.in_place():
+                self._count(res)
+            claims.discard_pending(writer)
+            writer.finish()
+            self._raise_stopped()
+        for res in claims.settle(writer):
+            self._count(res)
+        if self.fatal is not None:
+            self._raise_stopped()
+
+    def _count(self, res: FileResult) -> None:
+        t = self.tally
+        status = res.status
+        folder = self.folder.id
+        if status == "refused":
+            t.refused[res.detail] += 1
+            self.listener.file(status, res.detail, self._token(res.index))
+            return
+        if status == "failed":
+            t.failed += 1
+            if res.fatal and self.fatal is None:
+                self.fatal = res
+            if self.metrics is not None:
+                self.metrics.export_failure(folder, res.reason or "io_error")
+            if not res.fatal or self.fatal is res:
+                self.listener.file(status, res.detail, self._token(res.index))
+            return
+        if status == "duplicate":
+            t.duplicates += 1
+            return
+        if status == Outcome.UNCHANGED.value:
+            t.unchanged += 1
+        else:
+            t.written += 1
+            t.bytes += res.size
+            if status == Outcome.REPLACED.value:
+                t.replaced += 1
+        if self.metrics is not None:
+            self.metrics.export_file(folder, status, res.size)
+        self.final.append((res, _iso(self.clock())))
+
+    def _token(self, index: int) -> str:
+        return self.pseudo.token(self.files[index][0], "path")[:12]
+
+    def _raise_stopped(self) -> NoReturn:
+        summary = self.summary("", complete=False)
+        fatal = self.fatal
+        if fatal is None:
+            raise ExportStopped(
+                "the export was cancelled", summary=summary, exit_code=os.EX_TEMPFAIL
+            )
+        code = os.EX_TEMPFAIL if fatal.reason == "disk_full" else os.EX_CANTCREAT
+        raise ExportStopped(f"export stopped: {fatal.detail}", summary=summary, exit_code=code)
+
+    # -- manifest -------------------------------------------------------------------------------
+    def hash_unchanged(self) -> None:
+        """Hash the files found already in place, so the manifest covers the selection."""
+        todo = [i for i, (res, _) in enumerate(self.final) if not res.sha256]
+
+        def digest(i: int) -> str:
+            res = self.final[i][0]
+            try:
+                fd = os.open(self.dest / res.relpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                return ""
+            try:
+                return sha256_fd(fd, res.size)
+            except OSError:
+                return ""
+            finally:
+                os.close(fd)
+
+        with ThreadPoolExecutor(max(1, min(self.workers, 8))) as pool:
+            for i, value in zip(todo, pool.map(digest, todo), strict=True):
+                res, when = self.final[i]
+                self.final[i] = (replace(res, sha256=value), when)
+
+    def write_manifest(self) -> Path:
+        """Write the manifest atomically next to the files; returns its path."""
+        lines = []
+        common = {
+            "profile": self.profile.name,
+            "plan_digest": self.plan.digest,
+            "deidfs_version": __version__,
+        }
+        for res, when in sorted(self.final, key=lambda rw: rw[0].relpath):
+            ids = res.ids or ServedIds()
+            record = {
+                "type": "file",
+                "path": res.relpath,
+                "size": res.size,
+                "sha256": res.sha256,
+                "status": res.status,
+                "StudyInstanceUID": ids.StudyInstanceUID,
+                "SeriesInstanceUID": ids.SeriesInstanceUID,
+                "SOPInstanceUID": ids.SOPInstanceUID,
+                "PatientID": ids.PatientID,
+                **common,
+                "time": when,
+            }
+            lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+        summary = self.summary("")
+        tail = {
+            "type": "summary",
+            "folder": self.folder.id,
+            **common,
+            "started": _iso(self.started),
+            "finished": _iso(self.clock()),
+            "files": summary.files,
+            "written": summary.written,
+            "replaced": summary.replaced,
+            "unchanged": summary.unchanged,
+            "failed": summary.failed,
+            "duplicates": summary.duplicates,
+            "refused": dict(summary.refused),
+            "skipped": summary.skipped,
+            "sources": summary.sources,
+            "selected": summary.selected,
+            "bytes": summary.bytes,
+        }
+        lines.append(json.dumps(tail, ensure_ascii=False, separators=(",", ":")))
+        data = ("\n".join(lines) + "\n").encode()
+        return write_manifest_file(self.dest, self.started, data, durable=self.durable)
+
+    def summary(self, manifest: str, *, complete: bool = True) -> ExportSummary:
+        t = self.tally
+        return ExportSummary(
+            folder=self.folder.id,
+            profile=self.profile.name,
+            plan_digest=self.plan.digest,
+            destination=str(self.dest),
+            sources=len(self.files),
+            selected=self.selected,
+            files=t.written + t.unchanged,
+            written=t.written,
+            replaced=t.replaced,
+            unchanged=t.unchanged,
+            failed=t.failed,
+            duplicates=t.duplicates,
+            skipped=self.skipped,
+            refused=tuple(sorted(t.refused.items())),
+            bytes=t.bytes,
+            seconds=time.monotonic() - self.start,
+            manifest=manifest,
+            complete=complete,
+        )
+
+
+def write_manifest_file(
+    directory: Path, when: dt.datetime, data: bytes, *, durable: bool = True
+) -> Path:
+    """Publish ``data`` as ``directory/.deidfs-manifest-<UTC time>[-n].jsonl``, atomically:
+    a temporary file (removed on failure), flushed, then linked under a name no other
+    manifest has.
+
+    Raises
+    ------
+    ExportError
+        When it cannot be written (full, read-only): no file is left.
+    """
+    stamp = when.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    temp = directory / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    except OSError as exc:
+        raise _oserror("cannot write the manifest", exc) from None
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        for n in range(1, 1000):
+            name = f"{MANIFEST_PREFIX}{stamp}{'' if n == 1 else f'-{n}'}{MANIFEST_SUFFIX}"
+            target = directory / name
+            try:
+                os.link(temp, target)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise OSError(errno.EEXIST, "too many manifests with this time")
+    except OSError as exc:
+        raise _oserror("cannot write the manifest", exc) from None
+    finally:
+        _unlink_quietly(temp)
+    if durable:
+        _fsync_dir(directory)
+    return target
+
+
+def _precheck_destination(dest: Path) -> None:
+    """Fail early, creating nothing, when the destination obviously cannot be written."""
+    probe = dest
+    while not probe.exists():
+        if probe.parent == probe:
+            return
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ExportError("the output directory is not a directory", errno.ENOTDIR)
+    try:
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+            raise ExportError(
+                "cannot write to the output directory: Read-only file system", errno.EROFS
+            )
+    except OSError:
+        return
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ExportError("cannot write to the output directory: Permission denied", errno.EACCES)
+
+
+def export_folder(
+    config: Config,
+    folder_id: str,
+    pseudonymizer: Pseudonymizer,
+    *,
+    selection: Selection | None = None,
+    to: Path | None = None,
+    profile: str | None = None,
+    workers: int | None = 1,
+    durable: bool = True,
+    confine: bool = False,
+    listener: ExportListener | None = None,
+    metrics: Metrics | None = None,
+    stop: StopFlag | None = None,
+    clock: Callable[[], dt.datetime] = _utcnow,
+    cached: ViewLookup | None = None,
+) -> ExportSummary:
+    """Export a configured folder as the mount serves it: ``deidfs export`` and the control
+    socket's ``export`` command both call this.
+
+    Every file is rendered with the folder's profile (or ``profile``) and ``pseudonymizer``
+    (the installation's key) and written with :class:`ExportWriter` to
+    ``<to or [daemon] export_dir>/<folder>/<view path>``: the bytes the mount serves, under
+    the path it serves them, written atomically; files already in place are left alone.
+    Sources are the files the watcher takes (:func:`walk_sources`); no index is needed.
+
+    With a non-empty ``selection``, every source's header is rendered first (a scan) and
+    matched; nothing is written unless each selector matches a file. Several sources with
+    one view path: the first by source path is exported, as the mount serves it.
+
+    A manifest, ``.deidfs-manifest-<UTC time>.jsonl`` in ``<...>/<folder>``, lists every
+    file of the selection (path, size, SHA-256, served identifiers, profile, plan digest,
+    version, time) and ends with a summary line; it holds no original identifier and no
+    source path. It is written only when this export put a file in place: a re-run that
+    finds everything in place writes nothing.
+
+    Parameters
+    ----------
+    config
+        The configuration: its folders, profiles, ``export_dir`` and ``mountpoint``.
+    folder_id
+        The folder to export.
+    pseudonymizer
+        The installation's key (the daemon's).
+    selection
+        Which files (:class:`Selection`); None or empty: all.
+    to
+        Export directory instead of ``[daemon] export_dir``; files go to ``to/<folder>``.
+    profile
+        A profile name instead of the folder's.
+    workers
+        Worker processes (1 or None: all in this thread). From a process with other
+        threads (the daemon), workers start through a fork server (see
+        :func:`pool_context`).
+    durable
+        fsync each file and directory before it appears.
+    confine
+        Refuse a ``to`` outside ``export_dir`` (exports requested through the daemon).
+    listener
+        Progress hooks.
+    metrics
+        Counted per file (``export_file``, ``export_failure``) and per export.
+    stop
+        Set from another thread to cancel: the export stops after the files in progress
+        and raises :class:`ExportStopped` (exit 75).
+    clock
+        Wall clock (UTC) for the manifest; injectable for tests.
+    cached
+        Views the caller holds already (the daemon's header cache of this folder), by
+        absolute source path and state, built with the folder's own profile, layout and
+        key: a hit is not rendered again, so an export of indexed files is mostly copying.
+        Ignored when ``profile`` names another profile. Runs the export in this thread.
+
+    Returns
+    -------
+    ExportSummary
+        Counts, destination and manifest path. ``failed`` > 0 when some source could not be
+        read or its file not written (the others are in place).
+
+    Raises
+    ------
+    NotFound
+        Unknown folder or profile, a missing folder directory, a selector that matches
+        nothing (exit 66). Nothing is written.
+    ProfileError
+        The profile is disabled (exit 78). Nothing is written.
+    ExportRefused
+        A destination inside the folder's source directory, or ``to`` outside
+        ``export_dir`` with ``confine`` (exit 77).
+    ExportError
+        The destination cannot be created or written (exit 73).
+    ExportStopped
+        The output failed during the export (full: exit 75; read-only or not permitted:
+        73) or it was cancelled (75). Files in place are complete, no temporary file is
+        left, no manifest is written; running the export again resumes it.
+    """
+    listener = listener if listener is not None else ExportListener()
+    folder = config.folders.get(folder_id)
+    if folder is None:
+        known = ", ".join(sorted(config.folders)) or "none"
+        raise NotFound(f"no folder {folder_id!r} in the configuration (have: {known})")
+    name = profile or folder.profile
+    prof = config.profiles.get(name)
+    if prof is None:
+        raise NotFound(f"no profile named {name!r} (have: {', '.join(sorted(config.profiles))})")
+    if not prof.enabled:
+        raise ProfileError(f"profile {name!r} is disabled")
+    plan = compile_plan(prof)
+    root = Path(os.path.abspath(folder.path))
+    if not root.is_dir():
+        raise NotFound(f"folder {folder.id!r}: its source directory does not exist")
+    export_dir = Path(os.path.abspath(config.daemon.export_dir))
+    base = Path(os.path.abspath(to)) if to is not None else export_dir
+    if confine and not (base == export_dir or export_dir in base.parents):
+        raise ExportRefused("an export through the daemon must go inside its export_dir")
+    dest = base / folder.id
+    if dest == root or root in dest.parents:
+        # Its files would be sources of the next export (and of the mount) in turn.
+        raise ExportRefused("the destination is inside the folder's own source directory")
+    sel = selection if selection is not None else Selection()
+    mount_root = Path(os.path.abspath(config.daemon.mountpoint)) / folder.id
+    matcher = None if sel.empty else make_matcher(sel, root, mount_root)
+    _precheck_destination(dest)
+    run = _FolderExport(
+        folder,
+        prof,
+        plan,
+        pseudonymizer,
+        dest,
+        workers=max(1, workers or 1),
+        durable=durable,
+        listener=listener,
+        metrics=metrics,
+        stop=stop,
+        clock=clock,
+        cached=cached if name == folder.profile else None,
+    )
+    ok = False
+    try:
+        with quiet_pydicom():
+            run.files, run.skipped = walk_sources(str(root))
+            if matcher is None:
+                items = [(i, p, r) for i, (p, r) in enumerate(run.files)]
+            else:
+                items = run.scan(matcher)
+            writer = ExportWriter(dest, durable=durable)
+            writer.check_root()
+            run.write(items, writer)
+            manifest = ""
+            if run.tally.written:
+                run.hash_unchanged()
+                try:
+                    manifest = str(run.write_manifest())
+                except ExportError as exc:
+                    code = os.EX_TEMPFAIL if exc.reason == "disk_full" else os.EX_CANTCREAT
+                    raise ExportStopped(
+                        str(exc),
+                        exc.errno,
+                        summary=run.summary("", complete=False),
+                        exit_code=code,
+                    ) from None
+        summary = run.summary(manifest)
+        ok = summary.failed == 0
+        log.debug(
+            "export: folder=%s profile=%s files=%d written=%d unchanged=%d failed=%d",
+            folder.id,
+            prof.name,
+            summary.files,
+            summary.written,
+            summary.unchanged,
+            summary.failed,
+        )
+        return summary
+    finally:
+        if metrics is not None:
+            metrics.export_finished(folder.id, time.monotonic() - run.start, ok, time.time())

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import multiprocessing
 import os
 import shutil
 import signal
@@ -19,34 +17,36 @@ import stat
 import sys
 import threading
 import time
-import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, TextIO
 
 from deidfs.cli.common import config_path, load_profiles
 from deidfs.config import load_config
-from deidfs.deid.plan import Plan, compile_plan
+from deidfs.deid.plan import compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.errors import NotFound, ProfileError, Refused
-from deidfs.export import ExportError, ExportWriter, Outcome
+from deidfs.errors import NotFound, ProfileError
+from deidfs.export import (
+    Claims,
+    ExportError,
+    ExportStopped,
+    ExportWriter,
+    FileResult,
+    Item,
+    Job,
+    Outcome,
+    quiet_pydicom,
+    run_batch,
+    walk_sources,
+)
 from deidfs.render import Layout
 from deidfs.secret import load_or_create_key, read_key_file
 
 log = logging.getLogger(__name__)
 
 KEY_FILE_ENV = "DEIDFS_KEY_FILE"
-#: Transfers in progress (dcm4che ``.part``, RSNA CTP ``.partial``), as the watcher skips them.
-IGNORED_SUFFIXES = (".part", ".partial")
-#: Files per task handed to a worker process: large enough that inter-process traffic is
-#: noise, small enough that the progress bar moves and the workers finish together.
-MAX_CHUNK = 32
-#: Refusal reasons that are not the fail-closed verdict on a file's content but a failure to
-#: read it: counted as failures (exit 1), since a second run may succeed.
-_FAILURE_REASONS = frozenset({"source_changed"})
 
 DESCRIPTION = """\
 De-identify DICOM files once and write them into DIR, named by the layout: by default
@@ -80,6 +80,7 @@ exit codes:
   0   every file written, unchanged, skipped or refused (refusals are fail-closed, not errors)
   1   some file could not be read or written
   66  a SRC does not exist; 73 DIR cannot be created or written; 78 bad profile, key or config
+  75  DIR ran out of space (run again once there is room: files in place are complete)
 """
 
 
@@ -155,10 +156,6 @@ class Sources:
     skipped: int  #: dotfiles, partial transfers, links and special files
 
 
-def _ignored(name: str) -> bool:
-    return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
-
-
 def collect_sources(srcs: Sequence[str]) -> Sources:
     """Walk ``srcs`` (files and folders) the way the watcher does; never follow inner links.
 
@@ -176,7 +173,7 @@ def collect_sources(srcs: Sequence[str]) -> Sources:
         except OSError as exc:
             raise NotFound(f"SRC #{number} of {len(srcs)} cannot be read: {exc.strerror}") from None
         if stat.S_ISDIR(st.st_mode):
-            found, skips = _walk(path)
+            found, skips = walk_sources(path)
             files.extend(found)
             skipped += skips
         elif stat.S_ISREG(st.st_mode):
@@ -184,36 +181,6 @@ def collect_sources(srcs: Sequence[str]) -> Sources:
         else:
             skipped += 1
     return Sources(files, skipped)
-
-
-def _walk(root: str) -> tuple[list[tuple[str, str]], int]:
-    found: list[tuple[str, str]] = []
-    skipped = 0
-    stack = [(root, "")]
-    while stack:
-        directory, rel = stack.pop()
-        try:
-            with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            skipped += 1
-            continue
-        subdirs: list[tuple[str, str]] = []
-        for entry in entries:
-            name = entry.name
-            try:
-                if _ignored(name) or entry.is_symlink():
-                    skipped += 1
-                elif entry.is_dir(follow_symlinks=False):
-                    subdirs.append((entry.path, f"{rel}{name}/"))
-                elif entry.is_file(follow_symlinks=False):
-                    found.append((entry.path, rel + name))
-                else:
-                    skipped += 1
-            except OSError:
-                skipped += 1
-        stack.extend(reversed(subdirs))
-    return found, skipped
 
 
 # -- key and profile ----------------------------------------------------------------------------
@@ -236,87 +203,6 @@ def load_key(key_file: str | None, config: str | None) -> bytes:
     return load_or_create_key(user_state_dir())
 
 
-# -- the work of one worker ---------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Job:
-    """Everything a worker needs; handed over once per worker process."""
-
-    plan: Plan
-    pseudo: Pseudonymizer
-    out: Path
-    layout: Layout
-    durable: bool
-    owner_pid: int  #: the coordinating process, which settles pending files
-
-
-@dataclass(frozen=True, slots=True)
-class FileResult:
-    """How one file ended: ``status`` is an :class:`Outcome` value, "refused" or "failed"."""
-
-    index: int
-    status: str
-    detail: str = ""  #: refusal reason or a PHI-free error message
-    size: int = 0
-    relpath: str = ""  #: the output path below DIR, when rendered
-    temp: str = ""  #: the temporary file of a "pending" view
-
-
-_job: Job | None = None
-
-
-def _init_worker(job: Job) -> None:
-    global _job  # noqa: PLW0603 - one job per worker process, set once by the pool
-    _job = job
-    _quiet_third_party()
-
-
-def _run_chunk_in_worker(chunk: list[tuple[int, str, str]]) -> list[FileResult]:
-    assert _job is not None
-    return run_chunk(_job, chunk)
-
-
-def run_chunk(job: Job, chunk: list[tuple[int, str, str]]) -> list[FileResult]:
-    """Render and write ``chunk`` of (index, path, relative path); never raises for a file.
-
-    Existing targets with other bytes are not replaced here but left pending, for the
-    coordinator to decide between sources that name the same target.
-    """
-    results: list[FileResult] = []
-    writer = ExportWriter(job.out, durable=job.durable, replace=False, owner_pid=job.owner_pid)
-    try:
-        for index, path, rel in chunk:
-            try:
-                writer.put_path(index, path, job.plan, job.pseudo, job.layout, PurePosixPath(rel))
-            except Refused as exc:
-                status = "failed" if exc.reason in _FAILURE_REASONS else "refused"
-                results.append(FileResult(index, status, exc.reason))
-            except ExportError as exc:
-                results.append(FileResult(index, "failed", str(exc)))
-            except Exception as exc:  # one bad file must not stop the batch
-                results.append(FileResult(index, "failed", f"internal error {type(exc).__name__}"))
-        for res in writer.finish():
-            assert isinstance(res.key, int)
-            if res.error is not None or res.outcome is None:
-                results.append(FileResult(res.key, "failed", str(res.error)))
-            else:
-                temp = str(res.temp) if res.temp is not None else ""
-                results.append(
-                    FileResult(res.key, res.outcome.value, "", res.size, str(res.relpath), temp)
-                )
-    except BaseException:
-        writer.abort()
-        raise
-    return results
-
-
-def _quiet_third_party() -> None:
-    # pydicom warns and logs with element values in the message (names, IDs, dates).
-    warnings.simplefilter("ignore")
-    lib_log = logging.getLogger("pydicom")
-    lib_log.setLevel(logging.CRITICAL + 1)
-    lib_log.propagate = False
-
-
 # -- progress and summary -----------------------------------------------------------------------
 class Progress:
     """A one-line progress bar on a terminal; does nothing when disabled."""
@@ -327,8 +213,10 @@ class Progress:
         stream: TextIO,
         enabled: bool,
         clock: Callable[[], float] = time.monotonic,
+        label: str = "",
     ) -> None:
         self.total = total
+        self.label = label
         self.stream = stream
         self.enabled = enabled and total > 0
         self.clock = clock
@@ -353,6 +241,8 @@ class Progress:
         bar_width = max(10, min(40, width - len(tail) - 3))
         filled = int(bar_width * pct)
         line = "[" + "#" * filled + "-" * (bar_width - filled) + "]" + tail
+        if self.label:
+            line = f"{self.label} {line}"
         self.stream.write("\r" + line[: width - 1])
         self.stream.flush()
         self._shown = True
@@ -418,54 +308,7 @@ def _summary(tally: Tally, seconds: float, out: TextIO) -> None:
         print(f"  {name:<10}{n:>8}" + (f"   {note}" if note and n else ""), file=out)
 
 
-class _Claims:
-    """Output names claimed in this run; settles sources that name the same target."""
-
-    def __init__(self, files: list[tuple[str, str]]) -> None:
-        self.files = files
-        self.by_relpath: dict[str, list[FileResult]] = {}
-
-    def add(self, res: FileResult) -> None:
-        self.by_relpath.setdefault(res.relpath, []).append(res)
-
-    def settle(self, writer: ExportWriter, tally: Tally) -> list[FileResult]:
-        """Count every claim; put the winner of each target in place. Returns failures."""
-        failures: list[FileResult] = []
-        for relpath, claims in self.by_relpath.items():
-            # The first source path wins, as in the mount: deterministic across runs.
-            claims.sort(key=lambda c: self.files[c.index][0])
-            winner, losers = claims[0], claims[1:]
-            for loser in losers:
-                if loser.temp:
-                    writer.discard(Path(loser.temp))
-                tally.add("duplicate")
-            status = winner.status
-            if status == Outcome.PENDING.value:
-                try:
-                    status = writer.settle(Path(winner.temp), PurePosixPath(relpath)).value
-                except ExportError as exc:
-                    failed = FileResult(winner.index, "failed", str(exc))
-                    tally.add("failed")
-                    failures.append(failed)
-                    continue
-            tally.add(status, "", winner.size)
-        writer.finish()
-        return failures
-
-    def discard_pending(self, writer: ExportWriter) -> None:
-        """Remove the temporary files of every pending claim (the run is interrupted)."""
-        for claims in self.by_relpath.values():
-            for claim in claims:
-                if claim.temp:
-                    writer.discard(Path(claim.temp))
-
-
 # -- the command --------------------------------------------------------------------------------
-def _chunks(files: list[tuple[str, str]], size: int) -> Iterator[list[tuple[int, str, str]]]:
-    for start in range(0, len(files), size):
-        yield [(i, p, r) for i, (p, r) in enumerate(files[start : start + size], start=start)]
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``deidfs anonymize``; returns the exit code."""
     config = getattr(args, "config", None)
@@ -489,8 +332,9 @@ def run(args: argparse.Namespace) -> int:
     job = Job(plan, pseudo, out, layout, not args.no_fsync, os.getpid())
     files = sources.files
     tally = Tally(skipped=sources.skipped)
-    claims = _Claims(files)
+    claims = Claims([path for path, _ in files])
     progress = Progress(len(files), sys.stderr, sys.stderr.isatty() and not args.quiet)
+    fatal: list[FileResult] = []
 
     def show(res: FileResult) -> None:
         if res.status == "failed" or not args.quiet:
@@ -502,11 +346,19 @@ def run(args: argparse.Namespace) -> int:
         for res in results:
             if res.status in ("refused", "failed"):
                 tally.add(res.status, res.detail)
+                if res.fatal:
+                    if fatal:
+                        continue  # the files after the first of a full disk say the same
+                    fatal.append(res)
                 show(res)
             else:
                 claims.add(res)
         progress.advance(len(results))
 
+    def lost(chunk: list[Item], why: str) -> list[FileResult]:
+        return [FileResult(index, "failed", why, reason="worker_failed") for index, _, _ in chunk]
+
+    items = [(index, path, rel) for index, (path, rel) in enumerate(files)]
     workers = min(args.workers or os.cpu_count() or 1, max(1, len(files)))
     start = time.monotonic()
     previous = signal.getsignal(signal.SIGTERM)
@@ -515,73 +367,38 @@ def run(args: argparse.Namespace) -> int:
     )
     if own_handler:
         signal.signal(signal.SIGTERM, _terminate)
-    with warnings.catch_warnings():
-        saved = _save_pydicom_logging()
+    with quiet_pydicom():
         try:
-            _quiet_third_party()
-            if workers == 1:
-                for chunk in _chunks(files, MAX_CHUNK):
-                    report(run_chunk(job, chunk))
-            else:
-                _run_pool(job, files, workers, report)
+            finished = run_batch(job, items, workers, report, lost)
         except BaseException:
             claims.discard_pending(writer)
             raise
         finally:
-            _restore_pydicom_logging(saved)
             progress.clear()
             if own_handler:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    for res in claims.settle(writer, tally):
-        show(res)
+    if not finished:
+        # The output takes no more files (full, read-only): what is in place is complete.
+        for res in claims.in_place():
+            tally.add(res.status, "", res.size)
+        claims.discard_pending(writer)
+        writer.finish()
+        if not args.quiet:
+            _summary(tally, time.monotonic() - start, sys.stdout)
+        first = fatal[0] if fatal else None
+        detail = first.detail if first is not None else "interrupted"
+        code = os.EX_TEMPFAIL if first is None or first.reason == "disk_full" else os.EX_CANTCREAT
+        raise ExportStopped(f"stopped: {detail}", exit_code=code)
+    for res in claims.settle(writer):
+        tally.add(res.status, res.detail, res.size)
+        if res.status == "failed":
+            show(res)
     seconds = time.monotonic() - start
     if not args.quiet:
         _summary(tally, seconds, sys.stdout)
     return 1 if tally.failed else 0
 
 
-def _run_pool(
-    job: Job,
-    files: list[tuple[str, str]],
-    workers: int,
-    report: Callable[[list[FileResult]], None],
-) -> None:
-    size = max(1, min(MAX_CHUNK, math.ceil(len(files) / (workers * 4))))
-    # fork: the workers inherit the imported modules and the compiled plan, so they start in
-    # milliseconds; the parent has no other threads at this point.
-    context = multiprocessing.get_context("fork")
-    pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(job,))
-    pending: dict[Future[list[FileResult]], list[tuple[int, str, str]]] = {}
-    try:
-        for chunk in _chunks(files, size):
-            pending[pool.submit(_run_chunk_in_worker, chunk)] = chunk
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                chunk = pending.pop(future)
-                try:
-                    results = future.result()
-                except Exception as exc:  # a worker died (killed, out of memory)
-                    reason = f"worker failed: {type(exc).__name__}"
-                    results = [FileResult(index, "failed", reason) for index, _, _ in chunk]
-                report(results)
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-
-
 def _terminate(signum: int, frame: object) -> None:
     # SIGTERM: stop like Ctrl-C, so workers are shut down and temporary files removed.
     raise KeyboardInterrupt
-
-
-def _save_pydicom_logging() -> tuple[int, bool]:
-    lib_log = logging.getLogger("pydicom")
-    return lib_log.level, lib_log.propagate
-
-
-def _restore_pydicom_logging(saved: tuple[int, bool]) -> None:
-    lib_log = logging.getLogger("pydicom")
-    lib_log.setLevel(saved[0])
-    lib_log.propagate = saved[1]

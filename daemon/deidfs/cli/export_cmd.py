@@ -1,0 +1,348 @@
+"""``deidfs export FOLDER``: permanent de-identified copies of what the mount serves.
+
+The work is :func:`deidfs.export.export_folder`, in this process (which then reads the
+installation's key) or, with ``--via-daemon``, in the running daemon through its control
+socket (the key never leaves the daemon). This module parses arguments, shows progress and
+the summary, and maps errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, TextIO
+
+from deidfs.cli.anonymize_cmd import Progress
+from deidfs.cli.common import config_path
+from deidfs.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, load_config
+from deidfs.control import ErrorCode, Reply, call
+from deidfs.deid.pseudonym import Pseudonymizer
+from deidfs.errors import ConfigError, SecretError
+from deidfs.export import (
+    ExportListener,
+    ExportStopped,
+    ExportSummary,
+    Selection,
+    export_folder,
+)
+from deidfs.secret import load_or_create_key
+
+#: How long ``--via-daemon`` waits for the daemon's answer (an export can be long).
+DAEMON_TIMEOUT_SECONDS = 24 * 3600.0
+
+DESCRIPTION = """\
+Write permanent de-identified copies of a configured folder's files: exactly the bytes the
+mount serves (same profile, same key), under the path it serves them, into
+<export_dir>/FOLDER/ ([daemon] export_dir), or DIR/FOLDER/ with --to DIR. `deidfs verify
+FOLDER --export [DIR]` checks such a tree against the originals.
+
+Selection (without any, the whole folder). Each option may be repeated: values of one
+option are ORed, different options are ANDed (--study A --study B --patient P: the files of
+study A or B that belong to patient P). Every value must match some file, else nothing is
+written (exit 66).
+  --study UID       StudyInstanceUID, original (as in your PACS) or de-identified (as served)
+  --patient ID      PatientID, original or de-identified (the token the mount shows)
+  --accession NO    AccessionNumber, original or as served
+  --path REL        a file or directory: relative to the folder (its original layout) or to
+                    <mountpoint>/FOLDER (the served layout); an absolute path under either
+A selection is matched by rendering every file's header first (a scan), then the selected
+files are exported. Files the profile withholds (not DICOM, unsafe) are never exported.
+
+The export is atomic per file and idempotent: each file is written to a temporary dotfile
+beside its target, flushed to disk (fsync) and renamed, so no partial file is ever visible
+under its name; a file already in place with the same bytes is left alone. An export that
+was killed, or stopped on a full disk, resumes where it was when run again; temporary files
+left behind are removed by the next run. A re-run that finds everything in place writes
+nothing and says so.
+
+Manifest: an export that writes anything also writes FOLDER/.deidfs-manifest-<UTC time>.jsonl,
+one JSON object per line for every file of the selection (path, size, sha256, status,
+de-identified StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID and PatientID, profile,
+plan digest, deidfs version, time), then one summary line (counts). It holds no original
+identifier and no original path (under the mirror layout, the files are named by their
+original relative paths, and so are their lines).
+
+Without --via-daemon this command reads the configuration's pseudonym key
+([daemon] state_dir/secret.key). With --via-daemon the running daemon exports with its own
+key: an operator needs access to the control socket only, not to the key. The daemon
+writes only inside its [daemon] export_dir (a --to DIR must lie there), one export at a time,
+and shows no progress bar: it answers once the export is done.
+"""
+
+EPILOG = """\
+exit codes:
+  0   every selected file is in place (written or unchanged); refused files are withheld by
+      the profile (fail closed), not errors
+  1   some file could not be read consistently or written (the others are in place)
+  66  unknown folder, profile, study, patient, accession or path; nothing is written
+  69  --via-daemon: the daemon is not running
+  73  the destination cannot be created or written; 75 the destination is full (free space
+      and run again: it resumes); 77 no access to the control socket or --to outside
+      export_dir through the daemon; 78 bad configuration, disabled profile, unreadable key
+"""
+
+#: Exit codes of the daemon's error codes (``--via-daemon``).
+_EXIT_CODES = {
+    ErrorCode.BAD_REQUEST: os.EX_USAGE,
+    ErrorCode.UNSUPPORTED_VERSION: os.EX_UNAVAILABLE,
+    ErrorCode.UNKNOWN_COMMAND: os.EX_UNAVAILABLE,
+    ErrorCode.NOT_AVAILABLE: os.EX_UNAVAILABLE,
+    ErrorCode.CONFIG_INVALID: os.EX_CONFIG,
+    ErrorCode.NOT_FOUND: os.EX_NOINPUT,
+    ErrorCode.BUSY: os.EX_TEMPFAIL,
+    ErrorCode.FAILED: 1,
+    ErrorCode.INTERNAL: os.EX_SOFTWARE,
+}
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add ``export`` to ``sub``."""
+    p = sub.add_parser(
+        "export",
+        help="write de-identified copies of a folder, as the mount serves them",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("folder", metavar="FOLDER", help="a folder id of the configuration")
+    for name, metavar, what in (
+        ("study", "UID", "StudyInstanceUID"),
+        ("patient", "ID", "PatientID"),
+        ("accession", "NO", "AccessionNumber"),
+    ):
+        p.add_argument(
+            f"--{name}",
+            action="append",
+            default=[],
+            metavar=metavar,
+            help=f"only files with this {what}, original or de-identified (repeatable)",
+        )
+    p.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        metavar="REL",
+        help="only this file or directory, relative to the folder or to its mount (repeatable)",
+    )
+    p.add_argument(
+        "--to",
+        metavar="DIR",
+        help="export directory instead of [daemon] export_dir; files go to DIR/FOLDER/",
+    )
+    p.add_argument("--profile", metavar="NAME", help="a profile instead of the folder's")
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"worker processes (default: the number of CPUs, {os.cpu_count() or 1} here)",
+    )
+    p.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="do not wait for each file to reach the disk before it appears (faster; after a "
+        "machine crash, files may be empty under their names)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar, no summary, no refusal lines (failures and errors still shown)",
+    )
+    p.add_argument(
+        "--via-daemon",
+        action="store_true",
+        help="ask the running daemon to export (through [daemon] control_socket), with its key",
+    )
+    p.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="configuration file (default: $DEIDFS_CONFIG or /etc/deidfs/deidfs.toml)",
+    )
+    p.set_defaults(func=run)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+class _Terminal(ExportListener):
+    """Progress bar and per-file lines on stderr."""
+
+    def __init__(self, quiet: bool, stream: TextIO) -> None:
+        self.quiet = quiet
+        self.stream = stream
+        self.progress: Progress | None = None
+
+    def phase(self, name: str, total: int) -> None:
+        self.clear()
+        label = "scanning" if name == "scan" else "exporting"
+        enabled = self.stream.isatty() and not self.quiet
+        self.progress = Progress(total, self.stream, enabled, label=label)
+
+    def advance(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(n)
+
+    def file(self, status: str, detail: str, token: str) -> None:
+        if status == "failed" or not self.quiet:
+            self.clear()
+            print(f"deidfs: {status} ({detail}): file {token}", file=self.stream)
+
+    def clear(self) -> None:
+        if self.progress is not None:
+            self.progress.clear()
+
+
+def _load_config(arg: str | None) -> Config:
+    path = config_path(arg)
+    if path is None:
+        raise ConfigError(
+            f"no configuration: give --config, set ${CONFIG_ENV} or create {DEFAULT_CONFIG_PATH}"
+        )
+    return load_config(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``deidfs export``; returns the exit code."""
+    config = _load_config(getattr(args, "config", None))
+    selection = Selection(
+        study=tuple(args.study),
+        patient=tuple(args.patient),
+        accession=tuple(args.accession),
+        path=tuple(args.path),
+    )
+    if args.via_daemon:
+        return _via_daemon(args, config, selection)
+    try:
+        key = load_or_create_key(config.daemon.state_dir)
+    except SecretError as exc:
+        raise SecretError(f"{exc} (to export without reading the key, use --via-daemon)") from None
+    terminal = _Terminal(args.quiet, sys.stderr)
+    previous = signal.getsignal(signal.SIGTERM)
+    own_handler = (
+        previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
+    )
+    if own_handler:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        summary = export_folder(
+            config,
+            args.folder,
+            Pseudonymizer(key),
+            selection=selection,
+            to=Path(args.to) if args.to else None,
+            profile=args.profile,
+            workers=args.workers or os.cpu_count() or 1,
+            durable=not args.no_fsync,
+            listener=terminal,
+        )
+    except ExportStopped as exc:
+        terminal.clear()
+        if exc.summary is not None and not args.quiet:
+            print_summary(exc.summary, sys.stdout)
+        print(f"deidfs export: {exc}", file=sys.stderr)
+        print(
+            "deidfs export: the files in place are complete; run the same export again to resume",
+            file=sys.stderr,
+        )
+        return exc.exit_code
+    finally:
+        terminal.clear()
+        if own_handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if not args.quiet:
+        print_summary(summary, sys.stdout)
+    return 1 if summary.failed else 0
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM: stop like Ctrl-C, so workers are shut down and temporary files removed.
+    raise KeyboardInterrupt
+
+
+def _via_daemon(args: argparse.Namespace, config: Config, selection: Selection) -> int:
+    if args.no_fsync:
+        print("deidfs export: --no-fsync cannot be used with --via-daemon", file=sys.stderr)
+        return 2
+    request: dict[str, Any] = {"folder": args.folder}
+    for kind, values in selection.kinds():
+        request[kind] = list(values)
+    if args.to:
+        # The daemon runs elsewhere: a relative DIR means this shell's working directory.
+        request["to"] = os.path.abspath(args.to)
+    if args.profile:
+        request["profile"] = args.profile
+    if args.workers:
+        request["workers"] = args.workers
+    reply = call(config.daemon.control_socket, "export", request, timeout=DAEMON_TIMEOUT_SECONDS)
+    if reply.ok:
+        summary = ExportSummary.from_json(reply.result)
+        if not args.quiet:
+            print_summary(summary, sys.stdout)
+        return 1 if summary.failed else 0
+    return _failure(reply)
+
+
+def _failure(reply: Reply) -> int:
+    error = reply.error
+    assert error is not None
+    code = _EXIT_CODES.get(error.code, 1)
+    for detail in error.details:
+        # The daemon may name the exit code the same export would have in this process.
+        key, _, value = detail.partition("=")
+        if key == "exit_code" and value.isdigit() and 0 < int(value) < 126:
+            code = int(value)
+    print(f"deidfs export: the daemon refused: {error.message}", file=sys.stderr)
+    return code
+
+
+def print_summary(summary: ExportSummary, out: TextIO) -> None:
+    """The summary of an export, for people."""
+    seconds = summary.seconds
+    rate = summary.written / seconds if seconds > 0 else 0.0
+    mbps = summary.bytes / seconds / 1e6 if seconds > 0 else 0.0
+    print(
+        f"deidfs export {summary.folder} (profile {summary.profile}): {summary.files} files "
+        f"in place in {seconds:.2f} s ({rate:.0f} files/s, {mbps:.0f} MB/s written) at "
+        f"{summary.destination}",
+        file=out,
+    )
+    replaced = summary.replaced
+    rows = [
+        ("written", summary.written, f"{replaced} replaced an older file" if replaced else ""),
+        ("unchanged", summary.unchanged, "already in place"),
+        (
+            "refused",
+            summary.refused_total,
+            ", ".join(f"{reason} {n}" for reason, n in summary.refused),
+        ),
+        ("failed", summary.failed, ""),
+        (
+            "duplicate",
+            summary.duplicates,
+            "same output name as another file; the first by source path is kept, as served",
+        ),
+        ("skipped", summary.skipped, "dotfiles, partial transfers, links"),
+    ]
+    for name, n, note in rows:
+        print(f"  {name:<10}{n:>8}" + (f"   {note}" if note and n else ""), file=out)
+    if summary.manifest:
+        print(f"manifest: {summary.manifest}", file=out)
+    elif not summary.files:
+        print("nothing to export: no file of the folder is served", file=out)
+    elif summary.complete and not summary.failed:
+        print(
+            f"nothing new: all {summary.files} files were already in place; no manifest written",
+            file=out,
+        )
