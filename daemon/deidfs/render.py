@@ -7,10 +7,16 @@ element is located by walking its item headers, never by decoding it.
 
 Deflated sources are the one exception: the whole dataset is one compressed stream, so it
 is inflated (with a size limit), de-identified whole, deflated again and held in memory.
+
+Pixel masks (:mod:`deidfs.deid.pixels`): in native pixel data the bytes the rectangles cover
+are listed in ``View.zeroed`` and read as zeros, the rest still streams from the source.
+Encapsulated (compressed) pixel data is decoded, redacted and encoded again losslessly; that
+view holds its new Pixel Data element in memory (``View.pixels``), bounded in size.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 import stat
@@ -32,8 +38,23 @@ from pydicom.uid import UID
 from pydicom.valuerep import AMBIGUOUS_VR, EXPLICIT_VR_LENGTH_32, STANDARD_VR
 
 from deidfs.deid.engine import Report, deidentify
-from deidfs.deid.layout import Layout, layout_path
+from deidfs.deid.fastpath import Decline, NeedMore, deidentify_header
+from deidfs.deid.layout import Layout, layout_path, layout_path_of
+from deidfs.deid.pixels import (
+    MAX_DECODED_BYTES,
+    PATCHABLE_PHOTOMETRICS,
+    ImageInfo,
+    decoded_size,
+    image_info,
+    merge_ranges,
+    native_geometry,
+    native_ranges,
+    reencode,
+    update_header,
+    zero_ranges,
+)
 from deidfs.deid.plan import Plan
+from deidfs.deid.profiles import Rect
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import Refused
 
@@ -57,6 +78,10 @@ EXPLICIT_BE = "1.2.840.10008.1.2.2"
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 #: Largest inflated size accepted for a deflated source (a deflate bomb is refused).
 MAX_INFLATED = 512 * 1024 * 1024
+#: Bytes inflated at a time (the memory a deflate bomb costs beyond the limit).
+_INFLATE_CHUNK = 16 * 1024 * 1024
+#: Bytes read to find the transfer syntax in the file meta group.
+_MAX_META_READ = 64 * 1024
 _LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UC", b"UR", b"UT"})
 #: Explicit VR encodings of the standard VRs, and those with a 32-bit length (PS3.5 7.1.2).
 _VR_BYTES = {
@@ -73,7 +98,13 @@ _PACKERS = {
     little: (struct.Struct(e + "HH").pack, struct.Struct(e + "L").pack, struct.Struct(e + "H").pack)
     for little, e in ((True, "<"), (False, ">"))
 }
-_IMAGE_PIXEL_TAGS = (0x00280010, 0x00280011, 0x00280100)  #: Rows, Columns, Bits Allocated
+_IMAGE_PIXEL_TAGS = (0x00280010, 0x00280011)  #: Rows, Columns (Pixel Data is Type 1C with them)
+#: Bytes the fast path reads first (headers are mostly a few KiB), and at most.
+_FAST_FIRST_READ = 16 * 1024
+_FAST_MAX_READ = 16 * 1024 * 1024
+#: Bytes of patched pixel data :func:`write_view` reads and writes at a time.
+_PATCH_CHUNK = 1 << 20
+_END = 1 << 62  #: beyond any offset (a bisect key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +123,8 @@ class SourceStat:
 
 @dataclass(frozen=True, slots=True)
 class View:
-    """A de-identified file: ``header`` + source[pixel_offset:+pixel_length] + ``trailer``."""
+    """A de-identified file: ``header`` + ``pixels`` + source[pixel_offset:+pixel_length]
+    (with the ``zeroed`` ranges read as zeros) + ``trailer``."""
 
     header: bytes
     pixel_offset: int
@@ -101,10 +133,16 @@ class View:
     relpath: PurePosixPath
     report: Report
     source: SourceStat
+    #: Sorted, disjoint ``[start, end)`` ranges of the source pixel bytes (counted from
+    #: ``pixel_offset``) that are served as zeros: mask rectangles in native pixel data.
+    zeroed: tuple[tuple[int, int], ...] = ()
+    #: A Pixel Data element built in memory (redacted compressed pixels); the source range is
+    #: then empty.
+    pixels: bytes = b""
 
     @property
     def size(self) -> int:
-        return len(self.header) + self.pixel_length + len(self.trailer)
+        return len(self.header) + len(self.pixels) + self.pixel_length + len(self.trailer)
 
 
 def _pixel_element_end(f: BinaryIO, pos: int, size: int, implicit: bool, little: bool) -> int:
@@ -127,6 +165,10 @@ def _pixel_element_end(f: BinaryIO, pos: int, size: int, implicit: bool, little:
         else:
             length = int(struct.unpack(e + "H", head[6:8])[0])
             value_start = pos + 8
+        if length == 0xFFFFFFFF and vr not in (b"OB", b"OW"):
+            # Encapsulated pixel data is OB (PS3.5 A.4; OW is seen in the wild); served as
+            # is, an undefined length UN (or SQ) would be read as a sequence by readers.
+            raise Refused("bad_pixel_data", "encapsulated pixel data with a VR other than OB")
     if length != 0xFFFFFFFF:
         end = value_start + length
         if end > size:
@@ -352,18 +394,31 @@ def render(
     pseudonymizer: Pseudonymizer,
     layout: Layout = Layout.DICOM,
     source_rel: PurePosixPath | None = None,
+    *,
+    fast: bool = True,
 ) -> View:
     """Build the view of the open source ``f`` whose state is ``st``.
+
+    With ``fast`` (the default), :mod:`deidfs.deid.fastpath` builds the view straight from
+    the source's bytes when it can, with the very bytes and report this function builds
+    otherwise (pydicom parse, engine, encoder); it declines everything else.
 
     Raises
     ------
     Refused
         For anything that is not DICOM, cannot be parsed, or cannot be de-identified safely.
     """
+    if fast:
+        view = _render_fast(f, st, plan, pseudonymizer, layout, source_rel)
+        if view is not None:
+            return view
     size = st.size
     preamble = _has_preamble(f)
     if not preamble and not _looks_like_raw_dataset(f):
         raise Refused("not_dicom", "no DICM marker and no recognizable data set")
+    if preamble and _meta_transfer_syntax(f) == DEFLATED:
+        # Before pydicom: dcmread inflates a deflated data set whole, with no size limit.
+        return _render_deflated(f, st, plan, pseudonymizer, layout, source_rel)
     f.seek(0)
     try:
         ds = dcmread(f, stop_before_pixels=True, force=not preamble)
@@ -412,6 +467,12 @@ def render(
     actual_ts = IMPLICIT_LE if implicit else (EXPLICIT_LE if little else EXPLICIT_BE)
     if str(out.file_meta.TransferSyntaxUID) in (IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE):
         out.file_meta.TransferSyntaxUID = UID(actual_ts)
+    zeroed: tuple[tuple[int, int], ...] = ()
+    pixels = b""
+    if result.report.redactions:
+        zeroed, pixels = _redact(f, ds, out, result.report, pixel_offset, pixel_end, preamble)
+        if pixels:
+            pixel_offset = pixel_end = 0
     try:
         header = _encode_header(out, implicit, little)
         trailer_bytes = (
@@ -427,7 +488,212 @@ def render(
         relpath=layout_path(out, layout, source_rel),
         report=result.report,
         source=st,
+        zeroed=zeroed,
+        pixels=pixels,
     )
+
+
+def _render_fast(
+    f: BinaryIO,
+    st: SourceStat,
+    plan: Plan,
+    pseudonymizer: Pseudonymizer,
+    layout: Layout,
+    source_rel: PurePosixPath | None,
+) -> View | None:
+    """The view by :func:`~deidfs.deid.fastpath.deidentify_header`, or None when it declines
+    (or anything is amiss: the reference path then decides, refusals included)."""
+    size = st.size
+    f.seek(0)
+    data = f.read(min(size, _FAST_FIRST_READ))
+    try:
+        while True:
+            try:
+                fast = deidentify_header(data, size, plan, pseudonymizer)
+                break
+            except NeedMore as more:
+                want = min(max(more.length, 2 * len(data)), size)
+                if want <= len(data) or want > _FAST_MAX_READ:
+                    return None
+                data += f.read(want - len(data))
+                if len(data) != want:
+                    return None  # the source shrank
+        pixel_end = fast.pixel_offset
+        if fast.has_pixels:
+            pixel_end = _fast_pixel_end(f, data, fast.pixel_offset, size)
+            if pixel_end < 0:
+                return None
+            if pixel_end < size:
+                f.seek(pixel_end)
+                trailer = f.read(size - pixel_end)
+                if len(trailer) != size - pixel_end:
+                    return None
+                fast = deidentify_header(data, size, plan, pseudonymizer, trailer)
+    except (Decline, RecursionError):
+        # RecursionError: sequences nested deeper than the fast path recurses; the reference
+        # path refuses them (or handles them) like any other malformed input.
+        return None
+    sop, patient, study, series = fast.names
+    return View(
+        header=fast.header,
+        pixel_offset=fast.pixel_offset,
+        pixel_length=pixel_end - fast.pixel_offset,
+        trailer=fast.trailer,
+        relpath=layout_path_of(layout, sop, patient, study, series, source_rel=source_rel),
+        report=fast.report,
+        source=st,
+    )
+
+
+def _fast_pixel_end(f: BinaryIO, data: bytes, pos: int, size: int) -> int:
+    """:func:`_pixel_element_end` of explicit VR little endian Pixel Data at ``pos``, from
+    ``data`` when its value has a defined length; -1 where that function refuses."""
+    head = data[pos : pos + 12]
+    if len(head) == 12:
+        if head[4:6] in _LONG_VRS:
+            length, value_start = int(struct.unpack("<L", head[8:12])[0]), pos + 12
+        else:
+            length, value_start = int(struct.unpack("<H", head[6:8])[0]), pos + 8
+        if length != 0xFFFFFFFF:
+            return value_start + length if value_start + length <= size else -1
+    try:
+        return _pixel_element_end(f, pos, size, False, True)
+    except Refused:
+        return -1
+
+
+def _pixel_value_at(f: BinaryIO, pos: int, implicit: bool, little: bool) -> tuple[int, int]:
+    """Offset and length of the value of the pixel data element at ``pos``."""
+    f.seek(pos)
+    head = f.read(12)
+    e = "<" if little else ">"
+    if implicit:
+        return pos + 8, int(struct.unpack(e + "L", head[4:8])[0])
+    if head[4:6] in _LONG_VRS:
+        return pos + 12, int(struct.unpack(e + "L", head[8:12])[0])
+    return pos + 8, int(struct.unpack(e + "H", head[6:8])[0])
+
+
+def native_zeroed(
+    f: BinaryIO,
+    info: ImageInfo,
+    rects: tuple[Rect, ...],
+    pixel_offset: int,
+    implicit: bool,
+    little: bool,
+) -> tuple[tuple[int, int], ...] | None:
+    """The :attr:`View.zeroed` ranges that redact ``rects`` in the native pixel data element
+    at ``pixel_offset``, or None when that pixel data is not patched in place (encapsulated,
+    or a colour space where zero is not uniform: it is decoded and encoded instead).
+
+    Raises
+    ------
+    Refused
+        For pixel data shorter than its image, or a layout zero bytes cannot redact.
+    """
+    value_at, length = _pixel_value_at(f, pixel_offset, implicit, little)
+    if (
+        not info.is_native
+        or length == 0xFFFFFFFF
+        or info.photometric not in (PATCHABLE_PHOTOMETRICS)
+    ):
+        return None
+    geom = native_geometry(info)
+    if geom.total_bytes > length:
+        raise Refused("bad_pixel_data", "native pixel data shorter than its image")
+    shift = value_at - pixel_offset
+    ranges = native_ranges(geom, rects)
+    if length > geom.total_bytes:
+        # Bytes past the last frame the header declares (padding, or frames Number of
+        # Frames does not count, which some readers still show): zeroed, fail closed.
+        ranges = (*ranges, (geom.total_bytes, length))
+    return tuple((a + shift, b + shift) for a, b in merge_ranges(ranges))
+
+
+def _redact(
+    f: BinaryIO,
+    ds: Dataset,
+    out: Dataset,
+    report: Report,
+    pixel_offset: int,
+    pixel_end: int,
+    preamble: bool,
+) -> tuple[tuple[tuple[int, int], ...], bytes]:
+    """Apply ``report.redactions`` to the source's pixel data: the zeroed byte ranges of
+    native pixel data (relative to ``pixel_offset``), or a new Pixel Data element (and
+    ``out`` updated to describe it)."""
+    implicit, little = ds.original_encoding
+    ts = str(out.file_meta.TransferSyntaxUID)
+    info = image_info(ds, "", ts)
+    zeroed = native_zeroed(f, info, report.redactions, pixel_offset, bool(implicit), bool(little))
+    if zeroed is not None:
+        return zeroed, b""
+    if pixel_end - pixel_offset > MAX_DECODED_BYTES or decoded_size(info) > MAX_DECODED_BYTES:
+        raise Refused("too_large", "pixel data to redact exceeds the size limit")
+    f.seek(0)
+    try:
+        full = dcmread(f, force=not preamble)
+    except Exception as exc:  # read before without error; changed meanwhile
+        raise Refused("unparseable", type(exc).__name__) from exc
+    if not hasattr(full, "file_meta"):
+        full.file_meta = FileMetaDataset()
+    full.file_meta.TransferSyntaxUID = UID(ts)
+    new = reencode(
+        full, info, report.redactions, allow_rle=not info.is_native, little_endian=bool(little)
+    )
+    update_header(out, new)
+    try:
+        element = _pydicom_element(new.element, bool(implicit), bool(little), default_encoding)
+    except Exception as exc:  # pragma: no cover - pydicom writes what it made
+        raise Refused("unwritable", type(exc).__name__) from exc
+    return (), element
+
+
+def _meta_transfer_syntax(f: BinaryIO) -> str:
+    """The Transfer Syntax UID of a Part 10 file meta group, read without pydicom ("" if
+    not found). Only the file meta group is read (explicit VR little endian, PS3.10 7.1)."""
+    f.seek(132)
+    head = f.read(_MAX_META_READ)
+    pos = 0
+    while pos + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            break
+        if head[pos + 4 : pos + 6] in _LONG_VRS:
+            if pos + 12 > len(head):
+                break
+            length, value_at = struct.unpack_from("<L", head, pos + 8)[0], pos + 12
+        else:
+            length, value_at = struct.unpack_from("<H", head, pos + 6)[0], pos + 8
+        if element == 0x0010:
+            return head[value_at : value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = value_at + length
+    return ""
+
+
+def _inflate(stream: bytes) -> bytes:
+    """Inflate a raw deflate stream, refusing it as soon as it passes :data:`MAX_INFLATED`:
+    a deflate bomb costs at most the limit plus one chunk of memory."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    chunks: list[bytes] = []
+    inflated = 0
+    pending = stream
+    try:
+        while not inflater.eof:
+            before = len(pending)
+            chunk = inflater.decompress(pending, _INFLATE_CHUNK)
+            pending = inflater.unconsumed_tail
+            if not chunk and len(pending) == before:
+                break  # no input left to make progress with
+            inflated += len(chunk)
+            if inflated > MAX_INFLATED:
+                raise Refused("too_large", "deflated data set inflates past the size limit")
+            chunks.append(chunk)
+    except zlib.error as exc:
+        raise Refused("unparseable", "deflate stream is corrupt") from exc
+    if not inflater.eof:
+        raise Refused("truncated", "deflate stream ends early")
+    return b"".join(chunks)
 
 
 def _render_deflated(
@@ -444,15 +710,7 @@ def _render_deflated(
         raise Refused("unparseable", "deflated file without a standard file meta group")
     meta_len = struct.unpack("<L", data[140:144])[0]
     body_at = 144 + meta_len
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        body = inflater.decompress(data[body_at:], MAX_INFLATED)
-    except zlib.error as exc:
-        raise Refused("unparseable", "deflate stream is corrupt") from exc
-    if inflater.unconsumed_tail:
-        raise Refused("too_large", "deflated data set inflates past the size limit")
-    if not inflater.eof:
-        raise Refused("truncated", "deflate stream ends early")
+    body = _inflate(data[body_at:])
     try:
         # The body is already inflated: read it as the explicit VR little endian data set
         # it is (dcmread would try to inflate it again, going by the meta's syntax).
@@ -466,6 +724,14 @@ def _render_deflated(
     try:
         result = deidentify(ds, plan, pseudonymizer, has_pixels=has_pixels)
         out = result.dataset
+        if result.report.redactions:
+            # Native pixel data inside the deflated stream, already in memory: redacted and
+            # stored native again, then deflated with the rest.
+            new = reencode(
+                ds, image_info(ds, "", DEFLATED), result.report.redactions, allow_rle=False
+            )
+            update_header(out, new)
+            out[0x7FE00010] = new.element
         out.file_meta.TransferSyntaxUID = UID(DEFLATED)
         buf = DicomBytesIO()
         buf.write(PREAMBLE)
@@ -524,10 +790,15 @@ def read_view(view: View, fd: int, offset: int, size: int) -> bytes:
     if offset >= end:
         return b""
     h = len(view.header)
-    p_end = h + view.pixel_length
     parts: list[bytes] = []
     if offset < h:
         parts.append(view.header[offset : min(end, h)])
+    if view.pixels:
+        m_end = h + len(view.pixels)
+        if end > h and offset < m_end:
+            parts.append(view.pixels[max(offset, h) - h : min(end, m_end) - h])
+        h = m_end
+    p_end = h + view.pixel_length
     if end > h and offset < p_end and view.pixel_length:
         start = max(offset, h)
         stop = min(end, p_end)
@@ -535,10 +806,27 @@ def read_view(view: View, fd: int, offset: int, size: int) -> bytes:
         chunk = os.pread(fd, want, view.pixel_offset + (start - h))
         if len(chunk) != want:
             raise Refused("source_changed", "source is shorter than when it was indexed")
+        if view.zeroed:
+            chunk = _zero_chunk(chunk, start - h, view.zeroed)
         parts.append(chunk)
     if end > p_end:
         parts.append(view.trailer[max(offset, p_end) - p_end : end - p_end])
     return b"".join(parts) if len(parts) != 1 else parts[0]
+
+
+def _zero_chunk(chunk: bytes, at: int, zeroed: tuple[tuple[int, int], ...]) -> bytes:
+    """``chunk`` (source pixel bytes from offset ``at``) with the ``zeroed`` ranges zeroed;
+    the same object when none overlaps."""
+    # The first range that may overlap: the last one starting at or before ``at``.
+    first = max(0, bisect.bisect_right(zeroed, (at, _END)) - 1)
+    end = at + len(chunk)
+    if first >= len(zeroed) or (
+        zeroed[first][1] <= at and (first + 1 >= len(zeroed) or zeroed[first + 1][0] >= end)
+    ):
+        return chunk
+    data = bytearray(chunk)
+    zero_ranges(data, at, zeroed, first)
+    return bytes(data)
 
 
 def source_unchanged(view: View, fd: int) -> bool:
@@ -549,6 +837,15 @@ def source_unchanged(view: View, fd: int) -> bool:
 def write_view(view: View, src_fd: int, out: BinaryIO) -> None:
     """Write the whole view to ``out``; pixel bytes are copied in the kernel where possible."""
     out.write(view.header)
+    if view.pixels:
+        out.write(view.pixels)
+    if view.zeroed:
+        # Patched pixel bytes pass through memory, in the bytes read_view serves.
+        h = len(view.header) + len(view.pixels)
+        for at in range(0, view.pixel_length, _PATCH_CHUNK):
+            out.write(read_view(view, src_fd, h + at, min(_PATCH_CHUNK, view.pixel_length - at)))
+        out.write(view.trailer)
+        return
     out.flush()
     remaining = view.pixel_length
     src_at = view.pixel_offset
@@ -562,8 +859,7 @@ def write_view(view: View, src_fd: int, out: BinaryIO) -> None:
             chunk = os.pread(src_fd, min(remaining, 1 << 20), src_at)
             if not chunk:
                 raise Refused("source_changed", "source is shorter than when it was read")
-            os.write(out_fd, chunk)
-            n = len(chunk)
+            n = os.write(out_fd, chunk)  # may be short (a full disk): the rest comes next
         remaining -= n
         src_at += n
     out.write(view.trailer)

@@ -1,21 +1,54 @@
 """``deidfs`` entry point: global options and subcommand dispatch.
 
 Each subcommand lives in its own module with ``register(subparsers)``, which adds a parser
-whose ``func`` default takes the parsed arguments and returns an exit code.
+whose ``func`` default takes the parsed arguments and returns an exit code. A run imports only
+the module of its subcommand (the daemon's modules cost a one-shot ``deidfs anonymize`` a good
+part of its start-up); ``--help`` and anything unexpected import them all.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from deidfs import __version__
-from deidfs.cli import admin_cmd, anonymize_cmd, config_cmd, describe_cmd, report_cmd, run_cmd
 from deidfs.errors import DeidfsError
 from deidfs.logs import setup_logging
+
+#: Subcommand modules of :mod:`deidfs.cli`, in the order ``--help`` lists them.
+MODULES = (
+    "anonymize_cmd",
+    "describe_cmd",
+    "export_cmd",
+    "mask_cmd",
+    "config_cmd",
+    "run_cmd",
+    "ops_cmd",
+    "report_cmd",
+    "admin_cmd",
+)
+#: The module registering each subcommand (a name missing here only costs time: all load).
+COMMANDS = {
+    "anonymize": "anonymize_cmd",
+    "describe-profile": "describe_cmd",
+    "export": "export_cmd",
+    "mask": "mask_cmd",
+    "check-config": "config_cmd",
+    "run": "run_cmd",
+    "unmount": "run_cmd",
+    "demo": "run_cmd",
+    "status": "ops_cmd",
+    "reload": "ops_cmd",
+    "report": "report_cmd",
+    "verify": "report_cmd",
+    "profile": "admin_cmd",
+    "folder": "admin_cmd",
+}
+_GLOBAL_OPTIONS_WITH_VALUE = ("--config", "--log-level")
 
 EPILOG = """exit codes:
   0 success, 1 failure, 2 usage error, 66 input missing, 69 daemon unavailable,
@@ -23,7 +56,8 @@ EPILOG = """exit codes:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, just the subcommands of that module."""
     parser = argparse.ArgumentParser(
         prog="deidfs",
         description="DICOM folders served as a read-only, de-identified FUSE mount.",
@@ -42,13 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level (default: info)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (anonymize_cmd, describe_cmd, config_cmd, run_cmd, report_cmd, admin_cmd):
-        module.register(sub)
+    for name in MODULES if only is None else (only,):
+        importlib.import_module(f"deidfs.cli.{name}").register(sub)
     return parser
 
 
+def command_module(argv: Sequence[str]) -> str | None:
+    """The module of the subcommand ``argv`` names, when that is plain: its first argument
+    that is neither a global option nor an option's value. None (all modules) otherwise."""
+    at = 0
+    while at < len(argv):
+        arg = argv[at]
+        if arg in _GLOBAL_OPTIONS_WITH_VALUE:
+            at += 2
+        elif arg.startswith(tuple(f"{option}=" for option in _GLOBAL_OPTIONS_WITH_VALUE)):
+            at += 1
+        elif arg.startswith("-"):
+            return None  # --help, --version, an abbreviation: the whole parser
+        else:
+            return COMMANDS.get(arg)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_module(argv))
     args = parser.parse_args(argv)
     setup_logging(getattr(logging, args.log_level.upper()))
     try:

@@ -26,8 +26,9 @@ from pydicom.uid import UID
 from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
 
 from deidfs import __version__
+from deidfs.deid.pixels import PixelDecision, PixelPolicy, decide, image_info
 from deidfs.deid.plan import Decision, Op, Plan, Source
-from deidfs.deid.profiles import DateModification
+from deidfs.deid.profiles import DateModification, Rect
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import BASIC_PROFILE_CODE, OPTION_CODES, Action, Option, cid_7050
 from deidfs.deid.tags import keyword_of
@@ -103,6 +104,11 @@ class Report:
     counts: tuple[tuple[str, int], ...]
     burned_in_annotation: bool
     notes: tuple[str, ...] = ()
+    #: Served with pixels unchanged although they may carry burned-in text (no mask matched
+    #: and no Clean Pixel Data): see :mod:`deidfs.deid.pixels`.
+    burned_in_risk: bool = False
+    #: Rectangles (inside the image) to zero in every frame; the renderer does it.
+    redactions: tuple[Rect, ...] = ()
 
     def count(self, op: Op) -> int:
         return dict(self.counts).get(op.value, 0)
@@ -602,9 +608,12 @@ def _age_over(root: Dataset, ctx: _Context, max_age: int) -> bool:
     return False
 
 
-def _method_codes(plan: Plan) -> Sequence:
+def _method_codes(plan: Plan, *, pixels_cleaned: bool = False) -> Sequence:
     codes = cid_7050()
-    values = [BASIC_PROFILE_CODE, *sorted(OPTION_CODES[o] for o in plan.options)]
+    options = set(plan.options)
+    if pixels_cleaned:
+        options.add(Option.CLEAN_PIXEL_DATA)  # masks cleaned this instance's pixels
+    values = [BASIC_PROFILE_CODE, *sorted(OPTION_CODES[o] for o in options)]
     items = []
     for value in values:
         item = Dataset()
@@ -626,34 +635,27 @@ def _transfer_syntax(ds: Dataset, implicit: bool, little: bool) -> str:
     return "1.2.840.10008.1.2.1" if little else "1.2.840.10008.1.2.2"
 
 
-def _image_attr(ds: Dataset, keyword: str) -> Any:
-    try:
-        return ds.get(keyword)
-    except Exception:  # an undecodable value matches no mask
-        return None
-
-
 def _check_refusals(ds: Dataset, plan: Plan, has_pixels: bool, sop_class: str) -> None:
     if sop_class == MEDIA_DIRECTORY_CLASS:
         raise Refused("dicomdir", "DICOMDIR files are not served")
     if sop_class in ENCAPSULATED_DOCUMENT_CLASSES:
         raise Refused("encapsulated_document", "encapsulated documents cannot be cleaned")
+
+
+def _pixel_decision(
+    ds: Dataset, plan: Plan, has_pixels: bool, sop_class: str, transfer_syntax: str
+) -> PixelDecision:
+    """The pixel rule for this instance (:func:`deidfs.deid.pixels.decide`); withheld ones
+    raise here, before any work."""
     if not has_pixels:
-        return
-    if Option.CLEAN_PIXEL_DATA in plan.options:
-        raise Refused("pixel_clean_unavailable", "Clean Pixel Data is not available for images")
-    if plan.profile.apply_masks and plan.profile.masks:
-        rows = _image_attr(ds, "Rows")
-        cols = _image_attr(ds, "Columns")
-        for mask in plan.profile.masks:
-            if mask.matches(
-                str(_image_attr(ds, "Modality") or ""),
-                str(_image_attr(ds, "Manufacturer") or ""),
-                str(_image_attr(ds, "ManufacturerModelName") or ""),
-                int(rows) if rows is not None else None,
-                int(cols) if cols is not None else None,
-            ):
-                raise Refused("mask_unavailable", "pixel masks are not available for images")
+        return PixelDecision(PixelPolicy.AS_IS)
+    decision = decide(plan.profile, plan.options, image_info(ds, sop_class, transfer_syntax))
+    if decision.policy is PixelPolicy.WITHHOLD:
+        raise Refused(
+            "burned_in_no_mask",
+            "the pixels may carry burned-in text and no mask matches (Clean Pixel Data)",
+        )
+    return decision
 
 
 def deidentify(
@@ -683,7 +685,7 @@ def deidentify(
     ------
     Refused
         When the instance cannot be served safely (PS3.15 cannot be applied, bad values,
-        a pixel rule that is not available).
+        pixels that may carry burned-in text under Clean Pixel Data with no mask).
     """
     implicit, little = ds.original_encoding
     if implicit is None or little is None:
@@ -694,6 +696,8 @@ def deidentify(
     if not sop_class and meta is not None:
         sop_class = str(meta.get("MediaStorageSOPClassUID", "")).strip()
     _check_refusals(ds, plan, has_pixels, sop_class)
+    ts = _transfer_syntax(ds, bool(implicit), bool(little))
+    pixel_rule = _pixel_decision(ds, plan, has_pixels, sop_class, ts)
     if SOP_INSTANCE_UID not in ds or not _plain(_raw_value(ds, SOP_INSTANCE_UID, charset)):
         raise Refused("no_sop_instance_uid", "SOP Instance UID is missing")
 
@@ -711,10 +715,19 @@ def deidentify(
         ctx.notes.add("birth_date_emptied_age_cap")
 
     burned_in = _plain(_raw_value(ds, BURNED_IN_ANNOTATION, charset)).upper() == "YES"
-    pixels_clean = Option.CLEAN_PIXEL_DATA in plan.options
-    out.PatientIdentityRemoved = "NO" if (burned_in and not pixels_clean) else "YES"
+    redacted = pixel_rule.policy is PixelPolicy.REDACT
+    at_risk = pixel_rule.policy is PixelPolicy.AT_RISK
+    if redacted:
+        # A mask covered the burned-in text (PS3.3 C.7.6.1.1.6: no burned-in annotation
+        # "that identifies the patient" remains).
+        out[BURNED_IN_ANNOTATION] = DataElement(BURNED_IN_ANNOTATION, "CS", "NO")
+        ctx.notes.add("pixels_masked")
+    # Patient Identity Removed covers the pixels too (PS3.3 C.12.1.1.7): not claimed where
+    # the source says text is burned in and no mask covered it. Images that merely may
+    # carry such text (no flag, a modality where it is usual) are flagged in the report.
+    out.PatientIdentityRemoved = "NO" if (burned_in and not redacted) else "YES"
     out.DeidentificationMethod = f"deidfs {__version__} {plan.profile.name}"[:64]
-    out.DeidentificationMethodCodeSequence = _method_codes(plan)
+    out.DeidentificationMethodCodeSequence = _method_codes(plan, pixels_cleaned=redacted)
     if Option.RETAIN_LONGITUDINAL_FULL_DATES in plan.options:
         out.LongitudinalTemporalInformationModified = "UNMODIFIED"
     elif Option.RETAIN_LONGITUDINAL_MODIFIED_DATES in plan.options:
@@ -728,7 +741,7 @@ def deidentify(
     new_meta.FileMetaInformationVersion = b"\x00\x01"
     new_meta.MediaStorageSOPClassUID = UID(sop_class or "1.2.840.10008.5.1.4.1.1.7")
     new_meta.MediaStorageSOPInstanceUID = UID(str(out.SOPInstanceUID))
-    new_meta.TransferSyntaxUID = UID(_transfer_syntax(ds, bool(implicit), bool(little)))
+    new_meta.TransferSyntaxUID = UID(ts)
     new_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     new_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     out.file_meta = new_meta
@@ -739,5 +752,7 @@ def deidentify(
         counts=tuple(sorted(ctx.counts.items())),
         burned_in_annotation=burned_in,
         notes=tuple(sorted(ctx.notes)),
+        burned_in_risk=at_risk,
+        redactions=pixel_rule.rects,
     )
     return Result(out, out_trailer, report)

@@ -28,7 +28,30 @@ def layout_path(
     ds: Dataset, layout: Layout, source_rel: PurePosixPath | None = None
 ) -> PurePosixPath:
     """The view path of a de-identified dataset. Only de-identified values are used."""
-    sop = _component(ds.get("SOPInstanceUID"), "NO_SOP_INSTANCE_UID") + ".dcm"
+    sop = ds.get("SOPInstanceUID")
+    if layout is not Layout.DICOM:
+        return layout_path_of(layout, sop, source_rel=source_rel)
+    return layout_path_of(
+        layout,
+        sop,
+        ds.get("PatientID"),
+        ds.get("StudyInstanceUID"),
+        ds.get("SeriesInstanceUID"),
+        source_rel=source_rel,
+    )
+
+
+def layout_path_of(
+    layout: Layout,
+    sop_instance_uid: object,
+    patient_id: object = None,
+    study_instance_uid: object = None,
+    series_instance_uid: object = None,
+    *,
+    source_rel: PurePosixPath | None = None,
+) -> PurePosixPath:
+    """The view path named by de-identified values (as :meth:`Dataset.get` returns them)."""
+    sop = _component(sop_instance_uid, "NO_SOP_INSTANCE_UID") + ".dcm"
     if layout is Layout.FLAT:
         return PurePosixPath(sop)
     if layout is Layout.MIRROR:
@@ -36,8 +59,8 @@ def layout_path(
             raise ValueError("mirror layout needs the source's relative path")
         return source_rel
     return PurePosixPath(
-        _component(ds.get("PatientID"), "NO_PATIENT_ID"),
-        _component(ds.get("StudyInstanceUID"), "NO_STUDY_UID"),
-        _component(ds.get("SeriesInstanceUID"), "NO_SERIES_UID"),
+        _component(patient_id, "NO_PATIENT_ID"),
+        _component(study_instance_uid, "NO_STUDY_UID"),
+        _component(series_instance_uid, "NO_SERIES_UID"),
         sop,
     )

@@ -29,7 +29,7 @@ from deidfs.deid.tags import format_tag, keyword_of
 
 #: Bumped whenever the engine's output for the same input, plan and key changes, so
 #: persisted indexes keyed by the plan digest are rebuilt.
-ENGINE_VERSION = "2"
+ENGINE_VERSION = "3"
 
 
 class Op(Enum):
@@ -153,6 +153,11 @@ _REMOVE_UNKNOWN = Decision(
 _REMOVE_PADDING = Decision(
     Op.REMOVE, Action.REMOVE, Source.DEFAULT, note="padding and signatures are not served"
 )
+#: File meta elements (group 0002) found inside a data set, where a damaged file meta group
+#: leaves them: the engine builds the file meta group anew, so none is carried from a source.
+_REMOVE_FILE_META = Decision(
+    Op.REMOVE, Action.REMOVE, Source.DEFAULT, note="file meta elements are never carried"
+)
 _KEEP_DEFAULT = Decision(Op.KEEP, Action.KEEP, Source.DEFAULT)
 _UID_DEFAULT = Decision(
     Op.UID, Action.UID, Source.DEFAULT, note="instance UIDs the table does not list"
@@ -198,6 +203,8 @@ class Plan:
             return _REMOVE_GROUP_LENGTH
         if tag in _ALWAYS_REMOVED:
             return _REMOVE_PADDING
+        if tag >> 16 == 0x0002:
+            return _REMOVE_FILE_META
         try:
             vr = dictionary_VR(tag)
         except KeyError:

@@ -15,6 +15,8 @@ from deidfs.errors import SecretError
 MIN_KEY_BYTES = 16
 TOKEN_LENGTH = 16  #: fits SH (16) and every longer string VR; base32 fits CS too
 MAX_SHIFT_DAYS = 3650
+#: Digest bytes that make the first TOKEN_LENGTH base32 characters: 8 per 5 bytes.
+_TOKEN_BYTES = (TOKEN_LENGTH * 5 + 39) // 40 * 5
 
 
 class Pseudonymizer:
@@ -24,17 +26,18 @@ class Pseudonymizer:
     never collide.
     """
 
-    __slots__ = ("_key", "_uids")
+    __slots__ = ("_key", "_tokens", "_uids")
 
     def __init__(self, key: bytes) -> None:
         if len(key) < MIN_KEY_BYTES:
             raise SecretError(f"pseudonym key must be at least {MIN_KEY_BYTES} bytes")
         self._key = key
         self._uids: dict[str, str] = {}
+        self._tokens: dict[tuple[str, str], str] = {}
 
     def _mac(self, domain: str, value: str) -> bytes:
         msg = domain.encode() + b"\x00" + value.encode("utf-8", "surrogateescape")
-        return hmac.new(self._key, msg, hashlib.sha256).digest()
+        return hmac.digest(self._key, msg, hashlib.sha256)
 
     def uid(self, uid: str) -> str:
         """``2.25.<decimal of 128 keyed bits>`` (PS3.5 B.2), at most 44 characters."""
@@ -48,8 +51,14 @@ class Pseudonymizer:
 
     def token(self, value: str, domain: str = "id") -> str:
         """A fixed-length token of upper-case letters and digits 2-7 (base32)."""
-        digest = self._mac(domain, value.strip())
-        return base64.b32encode(digest).decode()[:TOKEN_LENGTH]
+        value = value.strip()
+        out = self._tokens.get((domain, value))
+        if out is None:
+            digest = self._mac(domain, value)[:_TOKEN_BYTES]
+            out = base64.b32encode(digest).decode()[:TOKEN_LENGTH]
+            if len(self._tokens) < 65536 and len(value) <= 256:
+                self._tokens[(domain, value)] = out
+        return out
 
     def date_shift_days(self, patient_key: str) -> int:
         """Days (1 to 3650) by which every date of this patient moves into the past."""
