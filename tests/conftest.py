@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -105,6 +107,8 @@ class Daemon:
     layout: str = "dicom"
     settle: float = 0.3
     reconcile: float = 0.0
+    #: argv put before the daemon's own (e.g. ``setpriv`` to drop capabilities)
+    command_prefix: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
     runs: int = 0
     _log_files: list[Path] = field(default_factory=list)
@@ -139,6 +143,7 @@ class Daemon:
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [
+                    *self.command_prefix,
                     sys.executable,
                     "-m",
                     "deidfs",
@@ -217,7 +222,10 @@ class Daemon:
         return dest
 
     def views(self) -> list[Path]:
-        return sorted(p for p in self.folder.rglob("*") if p.is_file())
+        # os.walk ignores directories that vanish mid-walk (a view removed while listing);
+        # Path.rglob raises FileNotFoundError for them.
+        found = [Path(top, name) for top, _dirs, files in os.walk(self.folder) for name in files]
+        return sorted(found)
 
     def wait_views(self, count: int, timeout: float = 10.0) -> list[Path]:
         def ready() -> tuple[list[Path]] | None:
@@ -282,3 +290,127 @@ def _testdata_untouched() -> Iterator[None]:
     yield
     after = {n: sha256(sample_file(n)) for n in names}
     assert after == before
+
+
+# -- reliability, hostile input and security helpers ---------------------------------------
+
+#: What no log line of the suite may ever contain: the leak corpus markers (``MRK0<5 digits>1``,
+#: never a base32 token), the bad-input marker, the leak corpus UID root, and the markers
+#: planted by the security, fuzz and reliability tests (``QZXLOG<digits>``).
+LOG_LEAK_PATTERN = re.compile(
+    rb"MRK0\d{5}1|QZX9SECRET|QZXLOG\d+|1\.2\.826\.0\.1\.3680043\.10\.999\."
+)
+#: Log files scanned at the end of the session: daemon logs and captured CLI stderr.
+LOG_GLOBS = ("daemon-*.log", "*.stderr.log")
+
+
+def rss_kib(pid: int) -> int | None:
+    """Resident set size of a process (``VmRSS`` in /proc), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def error_lines(log: str) -> list[str]:
+    """Lines of a daemon log at level ERROR or CRITICAL, and Python tracebacks."""
+    return [
+        line
+        for line in log.splitlines()
+        if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
+    ]
+
+
+def add_folder(d: Daemon, folder_id: str, path: Path, profile: str = "Nominal") -> None:
+    """Add a watched folder to a daemon's configuration (before it starts)."""
+    with open(d.config_path, "a", encoding="utf-8") as f:
+        f.write(f'\n[folders.{folder_id}]\npath = "{path}"\nprofile = "{profile}"\n')
+
+
+def set_daemon_option(d: Daemon, line: str) -> None:
+    """Add one ``key = value`` line to a daemon's ``[daemon]`` table (before it starts)."""
+    text = d.config_path.read_text(encoding="utf-8")
+    d.config_path.write_text(text.replace("[daemon]\n", f"[daemon]\n{line}\n", 1))
+
+
+def run_cli(
+    args: list[str], log_dir: Path, name: str, timeout: float = 300.0
+) -> subprocess.CompletedProcess[str]:
+    """``python -m deidfs --log-level debug ARGS``; stderr is kept in ``<name>.stderr.log``
+    (scanned for leak markers at the end of the session)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "deidfs", "--log-level", "debug", *args],
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / f"{name}.stderr.log").write_text(done.stderr, errors="surrogateescape")
+    return done
+
+
+class Originals:
+    """Checksums, modes and times of original files, to prove nothing changed them."""
+
+    def __init__(self) -> None:
+        self._state: dict[Path, tuple[str, int, int]] = {}
+
+    @staticmethod
+    def _of(path: Path) -> tuple[str, int, int]:
+        st = path.lstat()
+        return sha256(path), st.st_mtime_ns, stat.S_IMODE(st.st_mode)
+
+    def record(self, *paths: Path) -> None:
+        """Remember files, or every regular file below directories (links not followed)."""
+        for p in paths:
+            if p.is_dir() and not p.is_symlink():
+                self.record(*(c for c in p.rglob("*") if c.is_file() and not c.is_symlink()))
+            elif p.is_file() and not p.is_symlink():
+                self._state[p] = self._of(p)
+
+    def forget(self, *paths: Path) -> None:
+        """Stop checking files the test itself changes or deletes."""
+        for p in paths:
+            self._state.pop(p, None)
+
+    def changed(self) -> list[Path]:
+        """Recorded files that are gone or differ from when they were recorded."""
+        bad = []
+        for p, before in sorted(self._state.items()):
+            try:
+                if self._of(p) != before:
+                    bad.append(p)
+            except OSError:
+                bad.append(p)
+        return bad
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+@pytest.fixture(scope="module")
+def originals() -> Iterator[Originals]:
+    """Originals recorded by a module's tests; checked unchanged at the end of the module."""
+    registry = Originals()
+    yield registry
+    assert registry.changed() == [], "originals were changed"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leak_marker_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every daemon log and captured CLI stderr of the session is free of leak markers."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    found: list[str] = []
+    for pattern in LOG_GLOBS:
+        for path in base.rglob(pattern):
+            for m in LOG_LEAK_PATTERN.finditer(path.read_bytes()):
+                found.append(f"{path.relative_to(base)}: {m.group().decode(errors='replace')}")
+    assert found == [], found[:20]
