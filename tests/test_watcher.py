@@ -371,8 +371,13 @@ def test_root_removed_and_recreated_comes_back(
     third = write(root / "t" / "c.dcm")
     assert sink.wait_for(FileEvent.READY, third) == [Change(FOLDER, third, FileEvent.READY)]
     messages = [r.getMessage() for r in caplog.records if r.name == "deidfs.watcher"]
-    assert any(f"folder {FOLDER}: root unreachable (ENOENT)" in m for m in messages)
-    assert any(f"folder {FOLDER}: root reachable again" in m for m in messages)
+    # Which of the two the watcher notices first depends on timing: the root check finding
+    # it gone, or inotify's observer stopping with its root (then restarted on the new one).
+    assert any(
+        f"folder {FOLDER}: root unreachable (ENOENT)" in m
+        or f"folder {FOLDER}: restarting the observer" in m
+        for m in messages
+    )
     # Paths may carry patient names: no log line shows one.
     assert not [m for m in messages if str(root.parent) in m or ".dcm" in m]
 
