@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from deidfs import config_edit
-from deidfs.cli.common import config_path
+from deidfs.cli.common import config_path, described_json, mask_json
 from deidfs.config import DEFAULT_CONFIG_PATH, Config, WatchMode, load_config, parse_config
 from deidfs.config_edit import Edit, ProfileChanges
 from deidfs.deid.layout import Layout
@@ -470,30 +470,8 @@ def _profile_doc(
         "options": sorted(o.value for o in profile.options),
         "disabled": [format_tag(t) for t in sorted(profile.disabled)],
         "rules": json.loads(rules_json(profile.rules)),
-        "masks": [
-            {
-                "modality": m.modality,
-                "manufacturer": m.manufacturer,
-                "model": m.model,
-                "rows": m.rows,
-                "columns": m.columns,
-                "enabled": m.enabled,
-                "rects": [[r.left, r.top, r.width, r.height] for r in m.rects],
-            }
-            for m in profile.masks
-        ],
-        "attributes": [
-            {
-                "tag": r.tag,
-                "name": r.name,
-                "action": r.decision.action.value,
-                "op": r.decision.op.value,
-                "source": r.decision.source.value,
-                "option": r.decision.option.value if r.decision.option else None,
-                "note": r.decision.note,
-            }
-            for r in rows
-        ],
+        "masks": [mask_json(m) for m in profile.masks],
+        "attributes": [described_json(r) for r in rows],
     }
 
 

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from deidfs.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_config
-from deidfs.deid.profiles import BUILTIN_PROFILES, Profile
+from deidfs.deid.plan import DescribedRow
+from deidfs.deid.profiles import BUILTIN_PROFILES, Mask, Profile
 
 
 def config_path(arg: str | None) -> Path | None:
@@ -26,3 +27,30 @@ def load_profiles(arg: str | None) -> Mapping[str, Profile]:
     if path is None:
         return dict(BUILTIN_PROFILES)
     return load_config(path).profiles
+
+
+def mask_json(mask: Mask) -> dict[str, object]:
+    """A mask as ``profile show --json`` and ``describe-profile --json`` print it."""
+    return {
+        "modality": mask.modality,
+        "manufacturer": mask.manufacturer,
+        "model": mask.model,
+        "rows": mask.rows,
+        "columns": mask.columns,
+        "enabled": mask.enabled,
+        "rects": [[r.left, r.top, r.width, r.height] for r in mask.rects],
+    }
+
+
+def described_json(row: DescribedRow) -> dict[str, object]:
+    """One attribute's decision, as the ``--json`` outputs print it."""
+    d = row.decision
+    return {
+        "tag": row.tag,
+        "name": row.name,
+        "action": d.action.value,
+        "op": d.op.value,
+        "source": d.source.value,
+        "option": d.option.value if d.option else None,
+        "note": d.note,
+    }

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from deidfs.cli.common import load_profiles
+from deidfs.cli.common import described_json, load_profiles, mask_json
 from deidfs.deid.plan import compile_plan, describe
 from deidfs.deid.standard import Option
 from deidfs.errors import NotFound
@@ -42,30 +42,8 @@ def run(args: argparse.Namespace) -> int:
             "digest": plan.digest,
             "options": sorted(o.value for o in profile.options),
             "apply_masks": profile.apply_masks,
-            "masks": [
-                {
-                    "modality": m.modality,
-                    "manufacturer": m.manufacturer,
-                    "model": m.model,
-                    "rows": m.rows,
-                    "columns": m.columns,
-                    "enabled": m.enabled,
-                    "rects": [[r.left, r.top, r.width, r.height] for r in m.rects],
-                }
-                for m in profile.masks
-            ],
-            "attributes": [
-                {
-                    "tag": r.tag,
-                    "name": r.name,
-                    "action": r.decision.action.value,
-                    "op": r.decision.op.value,
-                    "source": r.decision.source.value,
-                    "option": r.decision.option.value if r.decision.option else None,
-                    "note": r.decision.note,
-                }
-                for r in rows
-            ],
+            "masks": [mask_json(m) for m in profile.masks],
+            "attributes": [described_json(r) for r in rows],
         }
         json.dump(doc, sys.stdout, indent=2)
         print()
