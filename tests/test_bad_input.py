@@ -31,6 +31,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from deidfs import reference
 from deidfs import render as render_module
 from deidfs.deid.profiles import BASIC, HIPAA
 from deidfs.deid.standard import Option, safe_private_rows
@@ -291,7 +292,7 @@ def test_deflate_bomb_corrupt_and_cut(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(data) < 64 << 10
     path = tmp_path / "bomb.dcm"
     path.write_bytes(data)
-    monkeypatch.setattr(render_module, "MAX_INFLATED", 1 << 20)
+    monkeypatch.setattr(reference, "MAX_INFLATED", 1 << 20)
     _refused(_render_both_ways(path), "too_large")
     monkeypatch.undo()
     s = _served(_render_both_ways(path))  # within the real limit: served, private removed

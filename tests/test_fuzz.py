@@ -56,7 +56,8 @@ from deidfs.deid.profiles import BASIC
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
 from deidfs.errors import Refused
-from deidfs.render import MAX_INFLATED, SourceStat, render
+from deidfs.reference import MAX_INFLATED
+from deidfs.render import SourceStat, render
 from deidfs.secret import load_or_create_key
 from leak_corpus import (
     build_leak_dataset,

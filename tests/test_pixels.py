@@ -455,11 +455,11 @@ def test_one_bit_pixels_under_a_mask_are_withheld(tmp_path: Path) -> None:
 
 
 def test_compressed_redaction_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from deidfs import render
+    from deidfs import reference
 
     path = tmp_path / "mr.dcm"
     shutil.copyfile(sample_file("MR_small_RLE.dcm"), path)
-    monkeypatch.setattr(render, "MAX_DECODED_BYTES", 1000)
+    monkeypatch.setattr(reference, "MAX_DECODED_BYTES", 1000)
     profile = Profile("M", apply_masks=True, masks=(Mask(rects=(Rect(0, 0, 8, 8),)),))
     with pytest.raises(Refused) as info:
         serve(path, compile_plan(profile))

@@ -31,10 +31,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TypeVar
-
-import tomlkit
-from tomlkit.exceptions import ParseError, TOMLKitError
+from typing import TYPE_CHECKING, TypeVar
 
 from deidfs.deid.layout import Layout
 from deidfs.deid.profiles import (
@@ -50,6 +47,9 @@ from deidfs.deid.profiles import (
 from deidfs.deid.standard import Option
 from deidfs.deid.tags import format_tag, parse_tag
 from deidfs.errors import ConfigError, ProfileError
+
+if TYPE_CHECKING:
+    from tomlkit.exceptions import TOMLKitError
 
 DEFAULT_CONFIG_PATH = Path("/etc/deidfs/deidfs.toml")
 CONFIG_ENV = "DEIDFS_CONFIG"
@@ -240,6 +240,10 @@ def parse_config(text: str, path: Path | None = None) -> Config:
 
 
 def _parse(text: str, path: Path | None, digest: str) -> Config:
+    # tomlkit loads with the first configuration read: commands that read none stay quick.
+    import tomlkit  # noqa: PLC0415
+    from tomlkit.exceptions import TOMLKitError  # noqa: PLC0415
+
     where = str(path) if path is not None else "<config>"
     try:
         doc = tomlkit.parse(text).unwrap()
@@ -281,6 +285,8 @@ def _syntax_error(text: str, where: str, exc: TOMLKitError) -> ConfigError:
             reason = message.removesuffix(" (at end of document)") + " at the end of the file"
             line = text.count("\n") + (0 if text.endswith("\n") else 1)
             return ConfigError(f"invalid TOML: {reason}", path=where, line=max(line, 1))
+    from tomlkit.exceptions import ParseError  # noqa: PLC0415
+
     if isinstance(exc, ParseError):
         reason = re.sub(r" at line \d+ col \d+$", "", str(exc))
         return ConfigError(f"invalid TOML: {reason} (column {exc.col})", path=where, line=exc.line)

@@ -83,10 +83,7 @@ from multiprocessing.context import BaseContext
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol
 
-from pydicom.filereader import read_partial
-
 from deidfs import __version__
-from deidfs.config import Config, FolderConfig
 from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer
@@ -103,6 +100,7 @@ from deidfs.render import (
 )
 
 if TYPE_CHECKING:
+    from deidfs.config import Config, FolderConfig
     from deidfs.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -734,6 +732,8 @@ class ServedIds:
 
 def _values(f: BinaryIO, tags: Iterable[int]) -> dict[int, str]:
     """The text of ``tags`` at the top level of the DICOM file ``f`` ("" when absent)."""
+    from pydicom.filereader import read_partial  # noqa: PLC0415  (selection by value only)
+
     wanted = list(tags)
     last = max(wanted)
     f.seek(0)

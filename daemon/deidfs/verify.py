@@ -65,7 +65,8 @@ from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Action, Option
 from deidfs.deid.tags import format_tag, keyword_of
 from deidfs.errors import NotFound
-from deidfs.render import DEFLATED, MAX_INFLATED, PIXEL_TAGS
+from deidfs.reference import MAX_INFLATED
+from deidfs.render import DEFLATED, PIXEL_TAGS
 from deidfs.report import render_folder
 
 log = logging.getLogger(__name__)

@@ -100,6 +100,9 @@ def command_module(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:
+        print(f"deidfs {__version__}")  # without loading every subcommand
+        return 0
     parser = build_parser(command_module(argv))
     args = parser.parse_args(argv)
     setup_logging(getattr(logging, args.log_level.upper()))

@@ -26,29 +26,20 @@ from pydicom.uid import UID
 from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
 
 from deidfs import __version__
+from deidfs.deid.outcome import (
+    ENCAPSULATED_DOCUMENT_CLASSES,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    MEDIA_DIRECTORY_CLASS,
+    Report,
+)
 from deidfs.deid.pixels import PixelDecision, PixelPolicy, decide, image_info
 from deidfs.deid.plan import Decision, Op, Plan, Source
-from deidfs.deid.profiles import DateModification, Rect
+from deidfs.deid.profiles import DateModification
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.deid.standard import BASIC_PROFILE_CODE, OPTION_CODES, Action, Option, cid_7050
+from deidfs.deid.standard import Action, Option, method_codes
 from deidfs.deid.tags import keyword_of
 from deidfs.errors import Refused
-
-#: deidfs's Implementation Class UID (PS3.7 D.3.3.2): a 2.25 UUID-derived UID of its own.
-IMPLEMENTATION_CLASS_UID = "2.25.176488052718411917049390183011526716049"
-IMPLEMENTATION_VERSION_NAME = ("DEIDFS_" + __version__)[:16]
-
-#: SOP classes whose content is an opaque document the engine cannot clean: withheld.
-ENCAPSULATED_DOCUMENT_CLASSES = frozenset(
-    {
-        "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
-        "1.2.840.10008.5.1.4.1.1.104.2",  # Encapsulated CDA
-        "1.2.840.10008.5.1.4.1.1.104.3",  # Encapsulated STL
-        "1.2.840.10008.5.1.4.1.1.104.4",  # Encapsulated OBJ
-        "1.2.840.10008.5.1.4.1.1.104.5",  # Encapsulated MTL
-    }
-)
-MEDIA_DIRECTORY_CLASS = "1.2.840.10008.1.3.10"
 
 PATIENT_ID = 0x00100020
 PATIENT_NAME = 0x00100010
@@ -93,25 +84,6 @@ _WELL_FORMED = {
     "DT": re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$"),
     "TM": re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$"),
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Report:
-    """What the engine did to one instance: counts by operation and PHI-free notes."""
-
-    profile: str
-    digest: str
-    counts: tuple[tuple[str, int], ...]
-    burned_in_annotation: bool
-    notes: tuple[str, ...] = ()
-    #: Served with pixels unchanged although they may carry burned-in text (no mask matched
-    #: and no Clean Pixel Data): see :mod:`deidfs.deid.pixels`.
-    burned_in_risk: bool = False
-    #: Rectangles (inside the image) to zero in every frame; the renderer does it.
-    redactions: tuple[Rect, ...] = ()
-
-    def count(self, op: Op) -> int:
-        return dict(self.counts).get(op.value, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,15 +581,12 @@ def _age_over(root: Dataset, ctx: _Context, max_age: int) -> bool:
 
 
 def _method_codes(plan: Plan, *, pixels_cleaned: bool = False) -> Sequence:
-    codes = cid_7050()
     options = set(plan.options)
     if pixels_cleaned:
         options.add(Option.CLEAN_PIXEL_DATA)  # masks cleaned this instance's pixels
-    values = [BASIC_PROFILE_CODE, *sorted(OPTION_CODES[o] for o in options)]
     items = []
-    for value in values:
+    for code in method_codes(options):
         item = Dataset()
-        code = codes[value]
         item.CodeValue = code.value
         item.CodingSchemeDesignator = code.scheme
         item.CodeMeaning = code.meaning

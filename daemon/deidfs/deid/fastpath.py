@@ -2,7 +2,7 @@
 
 :func:`deidentify_header` returns, byte for byte, the header the reference path builds (pydicom
 parse up to Pixel Data, :func:`~deidfs.deid.engine.deidentify`, the view encoder of
-:mod:`deidfs.render`), with the same :class:`~deidfs.deid.engine.Report`, at a fraction of its
+:mod:`deidfs.render`), with the same :class:`~deidfs.deid.outcome.Report`, at a fraction of its
 cost: it walks the encoded elements with :mod:`struct`, copies kept elements as the bytes they
 are and encodes only what an action changes. Whatever it does not reproduce exactly raises
 :class:`Decline`, and the caller takes the reference path: implicit VR, big endian, deflate,
@@ -34,26 +34,27 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pydicom import config as pydicom_config
-from pydicom.datadict import dictionary_VR
-from pydicom.uid import PrivateTransferSyntaxes
-from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
-
 from deidfs import __version__
-from deidfs.deid.engine import (
+from deidfs.deid.dictionary import (
+    LONG_LENGTH_VRS,
+    STANDARD_VRS,
+    datetime_conversion,
+    is_registered_uid,
+    private_transfer_syntaxes,
+    vr_of,
+)
+from deidfs.deid.outcome import (
     ENCAPSULATED_DOCUMENT_CLASSES,
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     MEDIA_DIRECTORY_CLASS,
     Report,
 )
-from deidfs.deid.engine import _method_codes as method_codes
 from deidfs.deid.pixels import ImageInfo, PixelPolicy
 from deidfs.deid.pixels import decide as pixel_decision
 from deidfs.deid.plan import Decision, Op, Plan, Source
 from deidfs.deid.pseudonym import TOKEN_LENGTH, Pseudonymizer
-from deidfs.deid.standard import Action, Option
+from deidfs.deid.standard import Action, Option, method_codes
 from deidfs.deid.tags import keyword_of
 
 __all__ = ["Decline", "FastHeader", "NeedMore", "deidentify_header"]
@@ -122,8 +123,8 @@ _LUT_DESCRIPTOR_TAGS: Final = frozenset({0x00281101, 0x00281102, 0x00281103, 0x0
 #: pydicom writes ASCII text in as ASCII.
 _ASCII_CHARSETS: Final = frozenset({b"ISO_IR 100", b"ISO_IR 192", b"ISO_IR 6"})
 
-_VR_LONG: Final = frozenset(str(vr).encode() for vr in EXPLICIT_VR_LENGTH_32)
-_VR_SHORT: Final = frozenset(str(vr).encode() for vr in STANDARD_VR) - _VR_LONG
+_VR_LONG: Final = frozenset(vr.encode() for vr in LONG_LENGTH_VRS)
+_VR_SHORT: Final = frozenset(vr.encode() for vr in STANDARD_VRS) - _VR_LONG
 #: What the short branch of _Run.dataset does with an element (see _Run.fast_op).
 _OTHER, _REMOVE, _EMPTY, _KEEP, _KEEP_IMAGE = 0, 1, 2, 3, 4
 #: Kept elements that are never copied as they are: sequences are rebuilt, pydicom reads UN
@@ -331,11 +332,11 @@ def _added_attributes(plan: Plan, burned_in: bool) -> tuple[tuple[int, bytes], .
     removed = b"NO" if burned_in else b"YES"  # no mask redacts anything here
     method = f"deidfs {__version__} {plan.profile.name}"[:64]
     items = []
-    for item in method_codes(plan):
+    for code in method_codes(plan.options):
         items.append(
-            _element(0x00080100, "SH", _padded(_ascii(str(item.CodeValue))))
-            + _element(0x00080102, "SH", _padded(_ascii(str(item.CodingSchemeDesignator))))
-            + _element(0x00080104, "LO", _padded(_ascii(str(item.CodeMeaning))))
+            _element(0x00080100, "SH", _padded(_ascii(code.value)))
+            + _element(0x00080102, "SH", _padded(_ascii(code.scheme)))
+            + _element(0x00080104, "LO", _padded(_ascii(code.meaning)))
         )
     if Option.RETAIN_LONGITUDINAL_FULL_DATES in plan.options:
         longitudinal = b"UNMODIFIED"
@@ -402,7 +403,7 @@ def _values(vr: str, value: bytes) -> list[str]:
     if vr in ("ST", "LT", "UT"):
         return [text.rstrip("\x00 ")]
     if vr in ("CS", "AS", "DA", "DT", "TM"):
-        if pydicom_config.datetime_conversion:
+        if datetime_conversion():
             raise Decline("datetime_conversion")
         return text.rstrip(" \x00").split("\\")
     if vr == "UI":
@@ -1101,7 +1102,7 @@ class _Run:
         default = decision.source is Source.DEFAULT
         for item in _engine_values("UI", value):
             text = item.strip().rstrip("\x00")
-            if default and (text in _REGISTERED_UIDS or not text):
+            if default and (not text or is_registered_uid(text)):
                 out.append(text)
             else:
                 out.append(uid(text))
@@ -1129,7 +1130,7 @@ class _Run:
         found = vrs.get(tag)
         if found is None:
             try:
-                found = str(dictionary_VR(tag))
+                found = vr_of(tag)
             except KeyError:
                 found = "UN"
             if found.encode() not in _VR_INFO or found == "SQ":
@@ -1302,7 +1303,7 @@ def _transfer_syntax(data: bytes) -> tuple[int, str, str]:
     ts = values[0]
     if ts in (IMPLICIT_LE, EXPLICIT_BE, DEFLATED):
         raise Decline("encoding")
-    if ts in PrivateTransferSyntaxes:
+    if ts in private_transfer_syntaxes():
         raise Decline("private_transfer_syntax")
     sop_class = ""
     if media_class is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
-from pydicom.dataset import Dataset
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._^-]")
 

@@ -44,19 +44,14 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate
-from pydicom.pixels.decoders.base import get_decoder
-from pydicom.pixels.encoders.base import get_encoder
-from pydicom.uid import UID
-
 from deidfs.deid.profiles import Mask, Profile, Rect
 from deidfs.deid.standard import Option
 from deidfs.errors import Refused
 
 if TYPE_CHECKING:
     import numpy as np
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -407,6 +402,8 @@ def decoded_size(info: ImageInfo) -> int:
 
 
 def _rle_encoder() -> tuple[Any, str] | None:
+    from pydicom.pixels.encoders.base import get_encoder  # noqa: PLC0415  (codecs load on use)
+
     encoder = get_encoder(RLE_LOSSLESS)
     if not encoder.is_available:
         return None
@@ -448,6 +445,12 @@ def reencode(
         ``too_large``, ``pixel_unsupported`` (no decoder for the transfer syntax, or a layout
         deidfs does not redact), ``bad_pixel_data`` (decoding failed).
     """
+    # pydicom's codecs (and numpy) load here, for the few views that redact pixels: a
+    # process that never does (the fast path, most exports) never pays their import.
+    from pydicom.dataelem import DataElement  # noqa: PLC0415
+    from pydicom.encaps import encapsulate  # noqa: PLC0415
+    from pydicom.pixels.decoders.base import get_decoder  # noqa: PLC0415
+
     geom = native_geometry(info)
     if decoded_size(info) > max_bytes:
         raise Refused("too_large", "decoded pixel data exceeds the size limit")
@@ -532,4 +535,6 @@ def update_header(ds: Dataset, new: Reencoded) -> None:
         if new.lossy_method and "LossyImageCompressionMethod" not in ds:
             ds.LossyImageCompressionMethod = new.lossy_method
     if hasattr(ds, "file_meta"):
+        from pydicom.uid import UID  # noqa: PLC0415
+
         ds.file_meta.TransferSyntaxUID = UID(new.transfer_syntax)

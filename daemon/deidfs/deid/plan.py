@@ -13,8 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from pydicom.datadict import dictionary_VR, get_entry
-
+from deidfs.deid.dictionary import name_of, vr_of
 from deidfs.deid.profiles import Profile
 from deidfs.deid.standard import (
     Action,
@@ -206,7 +205,7 @@ class Plan:
         if tag >> 16 == 0x0002:
             return _REMOVE_FILE_META
         try:
-            vr = dictionary_VR(tag)
+            vr = vr_of(tag)
         except KeyError:
             return _REMOVE_UNKNOWN
         if vr == "UI":
@@ -324,7 +323,7 @@ def describe(plan: Plan) -> Iterator[DescribedRow]:
         name = keyword_of(tag)
         if not name:
             try:
-                name = get_entry(tag)[2]
+                name = name_of(tag)
             except KeyError:
                 name = "(private or unknown)"
         yield DescribedRow(format_tag(tag), name, plan.exact[tag])

@@ -7,6 +7,7 @@ The JSON files under ``data/`` are verbatim copies of the project's ``standard/`
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache
@@ -196,6 +197,14 @@ def cid_7050() -> dict[str, Code]:
         r["code_value"]: Code(r["code_value"], r["scheme_designator"], r["code_meaning"])
         for r in _load(CID_7050_FILE)["rows"]
     }
+
+
+def method_codes(options: Iterable[Option]) -> tuple[Code, ...]:
+    """The De-identification Method Code Sequence's codes for a profile with ``options``:
+    the Basic Profile, then each option, by code value (PS3.15 E.1.1)."""
+    codes = cid_7050()
+    values = [BASIC_PROFILE_CODE, *sorted(OPTION_CODES[o] for o in set(options))]
+    return tuple(codes[value] for value in values)
 
 
 def table_digest_source() -> str:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import re
 
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
-
+from deidfs.deid.dictionary import keyword_for_tag, tag_for_keyword
 from deidfs.errors import ProfileError
 
 _HEX_TAG = re.compile(r"^\(?\s*([0-9A-Fa-f]{4})\s*[,.]?\s*([0-9A-Fa-f]{4})\s*\)?$")
@@ -43,7 +42,7 @@ def format_tag(tag: int) -> str:
 
 def keyword_of(tag: int) -> str:
     """The DICOM keyword of ``tag``, or ``""`` for private and unknown tags."""
-    return keyword_for_tag(tag) or ""
+    return keyword_for_tag(tag)
 
 
 def is_private(tag: int) -> bool:

@@ -1,0 +1,181 @@
+"""The DICOM data dictionary and registered UIDs, as pydicom ships them, read without
+importing the ``pydicom`` package.
+
+Importing ``pydicom`` also imports numpy and its pixel codecs (about 0.3 s), while the fast
+path (:mod:`deidfs.deid.fastpath`) only needs pydicom's tables: the VR and keyword of a tag,
+and whether a UID is registered in PS3.6. This module loads pydicom's own table modules
+(``pydicom/_dicom_dict.py`` and ``pydicom/_uid_dict.py``, with their compiled bytecode)
+from pydicom's installed package directory, so a run whose files all take the fast path
+starts in a fraction of the time. The answers are pydicom's: the same tables, with the
+same repeating-group rules as ``pydicom.datadict`` (a test compares them tag by tag). Where
+the tables cannot be loaded that way (a zipped or frozen install), it imports them from
+pydicom the usual way.
+
+Also here: the VR sets of PS3.5 Table 7.1-1 the encoders need, and the settings of
+pydicom's that change how it reads values, taken from pydicom only once something imported it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Final
+
+__all__ = [
+    "LONG_LENGTH_VRS",
+    "STANDARD_VRS",
+    "datetime_conversion",
+    "entry",
+    "is_registered_uid",
+    "keyword_for_tag",
+    "name_of",
+    "private_transfer_syntaxes",
+    "tag_for_keyword",
+    "vr_of",
+]
+
+#: Every VR of PS3.5 Table 7.1-1 (as ``pydicom.valuerep.STANDARD_VR``).
+STANDARD_VRS: Final = frozenset(
+    {
+        "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FL", "FD", "IS", "LO", "LT", "OB", "OD",
+        "OF", "OL", "OW", "OV", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI",
+        "UL", "UN", "UR", "US", "UT", "UV",
+    }
+)  # fmt: skip
+#: VRs whose explicit VR encoding has a 32-bit length (PS3.5 7.1.2; as
+#: ``pydicom.valuerep.EXPLICIT_VR_LENGTH_32``).
+LONG_LENGTH_VRS: Final = frozenset(
+    {"OB", "OD", "OF", "OL", "OW", "OV", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
+
+_Entry = tuple[str, str, str, str, str]  #: (VR, VM, name, retired, keyword)
+
+
+@dataclass(frozen=True, slots=True)
+class _Tables:
+    exact: dict[int, _Entry]
+    #: (value, mask, entry) of repeating-group rows such as ``(60xx,3000)``.
+    repeaters: tuple[tuple[int, int, _Entry], ...]
+    uids: frozenset[str]
+
+
+def _load(name: str) -> ModuleType:
+    """pydicom's table module ``name``, loaded from its file without running pydicom's
+    package ``__init__``; imported normally when pydicom is already loaded or has no
+    such file."""
+    full = f"pydicom.{name}"
+    loaded = sys.modules.get(full)
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.find_spec("pydicom")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / f"{name}.py"
+        if not path.is_file():
+            continue
+        # A private name: pydicom, imported later, loads its own copy under its own name.
+        sub = importlib.util.spec_from_file_location(f"deidfs.deid._pydicom{name}", path)
+        if sub is None or sub.loader is None:
+            break
+        module = importlib.util.module_from_spec(sub)
+        sub.loader.exec_module(module)
+        return module
+    return importlib.import_module(full)
+
+
+@cache
+def _tables() -> _Tables:
+    dicom = _load("_dicom_dict")
+    uid = _load("_uid_dict")
+    repeaters = []
+    for masked, row in dicom.RepeatersDictionary.items():
+        # "60xx3000": the x digits may be anything, every other digit must match.
+        value = int(masked.replace("x", "0"), 16)
+        mask = int("".join("0" if c == "x" else "F" for c in masked), 16)
+        repeaters.append((value, mask, row))
+    return _Tables(dict(dicom.DicomDictionary), tuple(repeaters), frozenset(uid.UID_dictionary))
+
+
+def entry(tag: int) -> _Entry:
+    """The dictionary row of a public ``tag``: (VR, VM, name, retired, keyword), repeating
+    groups such as ``(50xx,eeee)`` and ``(60xx,eeee)`` included.
+
+    Raises
+    ------
+    KeyError
+        For private and unknown tags.
+    """
+    tables = _tables()
+    row = tables.exact.get(tag)
+    if row is not None:
+        return row
+    if not tag >> 16 & 1:
+        for value, mask, repeated in tables.repeaters:
+            if (tag ^ value) & mask == 0:
+                return repeated
+    raise KeyError(tag)
+
+
+def vr_of(tag: int) -> str:
+    """The dictionary VR of ``tag`` (``pydicom.datadict.dictionary_VR``).
+
+    Raises
+    ------
+    KeyError
+        For private and unknown tags.
+    """
+    return entry(tag)[0]
+
+
+def name_of(tag: int) -> str:
+    """The dictionary name of ``tag``.
+
+    Raises
+    ------
+    KeyError
+        For private and unknown tags.
+    """
+    return entry(tag)[2]
+
+
+def keyword_for_tag(tag: int) -> str:
+    """The keyword of ``tag``, ``""`` for private and unknown tags."""
+    try:
+        return entry(tag)[4]
+    except KeyError:
+        return ""
+
+
+@cache
+def _keywords() -> dict[str, int]:
+    return {row[4]: tag for tag, row in _tables().exact.items()}
+
+
+def tag_for_keyword(keyword: str) -> int | None:
+    """The tag of a DICOM ``keyword`` of the main dictionary, or None."""
+    return _keywords().get(keyword)
+
+
+def is_registered_uid(uid: str) -> bool:
+    """True for UIDs PS3.6 registers (transfer syntaxes, SOP classes, coding schemes...)."""
+    return uid in _tables().uids
+
+
+def _pydicom_attribute(module: str, name: str, default: Any) -> Any:
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name, default) if loaded is not None else default
+
+
+def private_transfer_syntaxes() -> tuple[str, ...]:
+    """Transfer syntaxes registered with pydicom as private (none until pydicom is imported
+    and something registers one)."""
+    return tuple(str(ts) for ts in _pydicom_attribute("pydicom.uid", "PrivateTransferSyntaxes", ()))
+
+
+def datetime_conversion() -> bool:
+    """pydicom's ``config.datetime_conversion`` (False until pydicom is imported)."""
+    return bool(_pydicom_attribute("pydicom.config", "datetime_conversion", False))

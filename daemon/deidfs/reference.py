@@ -1,0 +1,571 @@
+"""The reference path of :func:`deidfs.render.render`: pydicom parses the header up to
+Pixel Data, :func:`~deidfs.deid.engine.deidentify` applies the plan, and an encoder writes
+the result byte for byte as pydicom's ``write_dataset`` would.
+
+It handles every source the fast path declines: implicit VR and big endian data sets, files
+without a preamble, deflated data sets, masked pixels, character sets other than ASCII, and
+anything malformed, which it refuses. Importing it imports pydicom.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import PurePosixPath
+from typing import Any, BinaryIO
+
+from pydicom import dcmread
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
+from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
+from pydicom.uid import UID
+from pydicom.valuerep import AMBIGUOUS_VR, EXPLICIT_VR_LENGTH_32, STANDARD_VR
+
+from deidfs.deid.engine import deidentify
+from deidfs.deid.layout import Layout, layout_path
+from deidfs.deid.outcome import Report
+from deidfs.deid.pixels import (
+    MAX_DECODED_BYTES,
+    PATCHABLE_PHOTOMETRICS,
+    ImageInfo,
+    decoded_size,
+    image_info,
+    merge_ranges,
+    native_geometry,
+    native_ranges,
+    reencode,
+    update_header,
+)
+from deidfs.deid.plan import Plan
+from deidfs.deid.profiles import Rect
+from deidfs.deid.pseudonym import Pseudonymizer
+from deidfs.errors import Refused
+from deidfs.render import (
+    _LONG_VRS,
+    DEFLATED,
+    EXPLICIT_BE,
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    PIXEL_TAGS,
+    PREAMBLE,
+    SourceStat,
+    View,
+    _pixel_element_end,
+)
+
+__all__ = ["MAX_INFLATED", "native_zeroed", "render_reference"]
+
+#: Largest inflated size accepted for a deflated source (a deflate bomb is refused).
+MAX_INFLATED = 512 * 1024 * 1024
+#: Bytes inflated at a time (the memory a deflate bomb costs beyond the limit).
+_INFLATE_CHUNK = 16 * 1024 * 1024
+#: Bytes read to find the transfer syntax in the file meta group.
+_MAX_META_READ = 64 * 1024
+#: Explicit VR encodings of the standard VRs, and those with a 32-bit length (PS3.5 7.1.2).
+_VR_BYTES = {
+    str(vr): str(vr).encode("ascii") + (b"\x00\x00" if vr in EXPLICIT_VR_LENGTH_32 else b"")
+    for vr in STANDARD_VR
+}
+_VR_LENGTH_32 = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
+#: pydicom's write_string VRs (any character set) and their padding; write_text VRs.
+_STRING_PADDING = {"AE": " ", "AS": " ", "CS": " ", "DA": " ", "DT": " ", "TM": " ", "UR": " "}
+_STRING_PADDING["UI"] = "\x00"
+_TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT"})
+_ASCII_SAFE_ENCODINGS = frozenset({"iso8859", "latin_1", "UTF8", "iso8859_2", "iso8859_3"})
+_PACKERS = {
+    little: (struct.Struct(e + "HH").pack, struct.Struct(e + "L").pack, struct.Struct(e + "H").pack)
+    for little, e in ((True, "<"), (False, ">"))
+}
+_IMAGE_PIXEL_TAGS = (0x00280010, 0x00280011)  #: Rows, Columns (Pixel Data is Type 1C with them)
+
+
+def render_reference(
+    f: BinaryIO,
+    st: SourceStat,
+    plan: Plan,
+    pseudonymizer: Pseudonymizer,
+    layout: Layout = Layout.DICOM,
+    source_rel: PurePosixPath | None = None,
+) -> View:
+    """:func:`~deidfs.render.render` without its fast path: parse the header with pydicom,
+    de-identify it with :func:`~deidfs.deid.engine.deidentify`, encode it.
+
+    Raises
+    ------
+    Refused
+        For anything that is not DICOM, cannot be parsed, or cannot be de-identified safely.
+    """
+    size = st.size
+    preamble = _has_preamble(f)
+    if not preamble and not _looks_like_raw_dataset(f):
+        raise Refused("not_dicom", "no DICM marker and no recognizable data set")
+    if preamble and _meta_transfer_syntax(f) == DEFLATED:
+        # Before pydicom: dcmread inflates a deflated data set whole, with no size limit.
+        return _render_deflated(f, st, plan, pseudonymizer, layout, source_rel)
+    f.seek(0)
+    try:
+        ds = dcmread(f, stop_before_pixels=True, force=not preamble)
+    except (InvalidDicomError, EOFError) as exc:
+        raise Refused("unparseable", type(exc).__name__) from exc
+    except Exception as exc:  # pydicom raises many types on bad input
+        raise Refused("unparseable", type(exc).__name__) from exc
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    if ts == DEFLATED:
+        return _render_deflated(f, st, plan, pseudonymizer, layout, source_rel)
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        raise Refused("unparseable", "transfer syntax could not be determined")
+    if len(ds) == 0:
+        raise Refused("not_dicom", "empty data set")
+    pos = f.tell()
+    _check_complete(ds, pos, size)
+    pixel_offset = pixel_end = pos
+    trailer: Dataset | None = None
+    if pos < size:
+        f.seek(pos)
+        head = f.read(4)
+        tag = struct.unpack("<HH" if little else ">HH", head) if len(head) == 4 else (0, 0)
+        if ((tag[0] << 16) | tag[1]) in PIXEL_TAGS:
+            pixel_end = _pixel_element_end(f, pos, size, implicit, little)
+        if pixel_end < size:
+            f.seek(pixel_end)
+            try:
+                trailer = read_dataset(f, implicit, little, bytelength=size - pixel_end)
+            except Exception as exc:  # bad trailing data: fail closed
+                raise Refused("unparseable", "elements after pixel data") from exc
+            _check_complete(trailer, f.tell(), size, pixel_end)
+    has_pixels = pixel_end > pixel_offset
+    if not has_pixels and all(t in ds for t in _IMAGE_PIXEL_TAGS):
+        # The Image Pixel module announces pixels that are not there (PS3.3 C.7.6.3: Pixel
+        # Data is Type 1C with Rows): most likely a file cut at an element boundary just
+        # before Pixel Data, which the size check above cannot see.
+        raise Refused("no_pixel_data", "image pixel attributes without pixel data")
+    try:
+        result = deidentify(ds, plan, pseudonymizer, has_pixels=has_pixels, trailer=trailer)
+    except Refused:
+        raise
+    except Exception as exc:  # pydicom value errors on hostile input
+        raise Refused("unparseable", type(exc).__name__) from exc
+    out = result.dataset
+    actual_ts = IMPLICIT_LE if implicit else (EXPLICIT_LE if little else EXPLICIT_BE)
+    if str(out.file_meta.TransferSyntaxUID) in (IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE):
+        out.file_meta.TransferSyntaxUID = UID(actual_ts)
+    zeroed: tuple[tuple[int, int], ...] = ()
+    pixels = b""
+    if result.report.redactions:
+        zeroed, pixels = _redact(f, ds, out, result.report, pixel_offset, pixel_end, preamble)
+        if pixels:
+            pixel_offset = pixel_end = 0
+    try:
+        header = _encode_header(out, implicit, little)
+        trailer_bytes = (
+            _encode(result.trailer, implicit, little) if result.trailer is not None else b""
+        )
+    except Exception as exc:  # a value pydicom cannot write: fail closed
+        raise Refused("unwritable", type(exc).__name__) from exc
+    return View(
+        header=header,
+        pixel_offset=pixel_offset,
+        pixel_length=pixel_end - pixel_offset,
+        trailer=trailer_bytes,
+        relpath=layout_path(out, layout, source_rel),
+        report=result.report,
+        source=st,
+        zeroed=zeroed,
+        pixels=pixels,
+    )
+
+
+def _encode(ds: Dataset, implicit: bool, little: bool) -> bytes:
+    """``write_dataset`` of pydicom, byte for byte, without its cost per unchanged element.
+
+    Elements the engine kept are still the raw elements read from the source: their value
+    bytes are written back as they are, behind a tag and length encoded here, exactly as
+    pydicom's ``write_data_element`` does for raw elements. Elements the engine made go
+    through pydicom's own writer; sequences are walked here so their kept items stay raw.
+    A data set whose encoding or character set differs from its source's, which pydicom
+    re-encodes whole, is handed to pydicom whole.
+    """
+    parts: list[bytes] = []
+    _encode_into(parts, ds, implicit, little, default_encoding)
+    return b"".join(parts)
+
+
+def _pydicom_encode(
+    ds: Dataset, implicit: bool, little: bool, parent_encoding: str | list[str]
+) -> bytes:
+    buf = DicomBytesIO()
+    buf.is_implicit_VR = implicit
+    buf.is_little_endian = little
+    write_dataset(buf, ds, parent_encoding)
+    return buf.getvalue()
+
+
+def _pydicom_element(
+    elem: DataElement | RawDataElement, implicit: bool, little: bool, encoding: Any
+) -> bytes:
+    buf = DicomBytesIO()
+    buf.is_implicit_VR = implicit
+    buf.is_little_endian = little
+    write_data_element(buf, elem, encoding)
+    return buf.getvalue()
+
+
+def _encode_into(
+    parts: list[bytes], ds: Dataset, implicit: bool, little: bool, parent_encoding: Any
+) -> None:
+    # The same test as pydicom's write_dataset for re-encoding a whole data set. Re-encoding
+    # corrects ambiguous VRs, recursing into sequences, then decodes each raw element (its
+    # own __getitem__); where there is no sequence and no ambiguous VR, the first does
+    # nothing and the second is done below as pydicom does it.
+    reencode = (
+        ds.original_encoding != (implicit, little) or ds.original_character_set != ds._character_set
+    )
+    if reencode and any(elem.VR == "SQ" or elem.VR in AMBIGUOUS_VR for elem in ds._dict.values()):
+        parts.append(_pydicom_encode(ds, implicit, little, parent_encoding))
+        return
+    encoding = ds.get("SpecificCharacterSet", parent_encoding)
+    pack_tag, pack_ul, pack_us = _PACKERS[little]
+    append = parts.append
+    get_item = ds.get_item
+    stored = ds._dict
+    for tag in sorted(stored):
+        group, element = tag >> 16, tag & 0xFFFF
+        if element == 0 and group > 6:
+            continue  # retired group lengths are not written (PS3.5 7.2)
+        elem: DataElement | RawDataElement = ds[tag] if reencode else stored[tag]
+        if isinstance(elem, RawDataElement) and elem.value is None:
+            elem = get_item(tag)  # get_item converts a raw element without value
+        if isinstance(elem, RawDataElement):
+            value = elem.value
+            if tag != 0x7FE00010 and isinstance(value, bytes):
+                raw_vr = elem.VR
+                undefined = elem.length == 0xFFFFFFFF
+                length = 0xFFFFFFFF if undefined else len(value)
+                if implicit:
+                    head = pack_tag(group, element) + pack_ul(length)
+                elif raw_vr in _VR_LENGTH_32:
+                    head = pack_tag(group, element) + _VR_BYTES[raw_vr] + pack_ul(length)
+                elif raw_vr in _VR_BYTES and not undefined and length <= 0xFFFF:
+                    head = pack_tag(group, element) + _VR_BYTES[raw_vr] + pack_us(length)
+                else:
+                    append(_pydicom_element(elem, implicit, little, encoding))
+                    continue
+                append(head)
+                append(value)
+                if undefined:
+                    append(pack_tag(0xFFFE, 0xE0DD) + b"\x00\x00\x00\x00")
+                continue
+            append(_pydicom_element(elem, implicit, little, encoding))
+            continue
+        vr = elem.VR
+        if vr == "SQ" and not elem.is_buffered:
+            _encode_sequence(parts, elem, implicit, little, encoding)
+            continue
+        text = _ascii_value(elem, vr, encoding)
+        if text is not None:
+            if implicit:
+                append(pack_tag(group, element) + pack_ul(len(text)))
+            elif vr in _VR_LENGTH_32:
+                append(pack_tag(group, element) + _VR_BYTES[vr] + pack_ul(len(text)))
+            else:
+                append(pack_tag(group, element) + _VR_BYTES[vr] + pack_us(len(text)))
+            append(text)
+            continue
+        append(_pydicom_element(elem, implicit, little, encoding))
+
+
+def _ascii_value(elem: DataElement, vr: str, encoding: Any) -> bytes | None:
+    """The value bytes pydicom writes for a single ASCII string value, or None to let
+    pydicom write it (any other value, a text VR in a character set that could escape)."""
+    value = elem.value
+    if not isinstance(value, str) or not value.isascii() or len(value) > 0xFFFE:
+        return None
+    pad = _STRING_PADDING.get(vr)
+    if pad is None:
+        if vr not in _TEXT_VRS:
+            return None
+        # write_text encodes with the data set's first character set: ASCII maps to
+        # itself in these, while ISO 2022 and multi-byte sets may add escape sequences.
+        first = convert_encodings(encoding or [default_encoding])[0]
+        if first not in _ASCII_SAFE_ENCODINGS:
+            return None
+        pad = " "
+    if len(value) % 2:
+        value += pad
+    return value.encode("ascii")
+
+
+def _encode_sequence(
+    parts: list[bytes], elem: DataElement, implicit: bool, little: bool, encoding: Any
+) -> None:
+    """pydicom's write_data_element and write_sequence(_item) for a sequence, items here."""
+    e = "<" if little else ">"
+    tag = int(elem.tag)
+    encodings = convert_encodings(encoding or [default_encoding])
+    body: list[bytes] = []
+    if not elem.is_empty:
+        item_head = struct.pack(e + "HH", 0xFFFE, 0xE000)
+        for item in elem.value:
+            inner: list[bytes] = []
+            _encode_into(inner, item, implicit, little, encodings)
+            data = b"".join(inner)
+            if getattr(item, "is_undefined_length_sequence_item", False):
+                body.append(item_head + b"\xff\xff\xff\xff" + data)
+                body.append(struct.pack(e + "HHL", 0xFFFE, 0xE00D, 0))
+            else:
+                body.append(item_head + struct.pack(e + "L", len(data)) + data)
+    value = b"".join(body)
+    undefined = elem.is_undefined_length
+    length = struct.pack(e + "L", 0xFFFFFFFF if undefined else len(value))
+    head = struct.pack(e + "HH", tag >> 16, tag & 0xFFFF)
+    parts.append(head + length if implicit else head + b"SQ\x00\x00" + length)
+    parts.append(value)
+    if undefined:
+        parts.append(struct.pack(e + "HHL", 0xFFFE, 0xE0DD, 0))
+
+
+def _encode_header(ds: Dataset, implicit: bool, little: bool) -> bytes:
+    return PREAMBLE + _encode_file_meta(ds.file_meta) + _encode(ds, implicit, little)
+
+
+def _encode_file_meta(meta: FileMetaDataset) -> bytes:
+    """pydicom's ``write_file_meta_info(..., enforce_standard=True)``, with :func:`_encode`."""
+    validate_file_meta(meta, enforce_standard=True)
+    if "FileMetaInformationGroupLength" not in meta:
+        meta.FileMetaInformationGroupLength = 0
+    body = _encode(meta, False, True)
+    # The group length comes first (lowest tag) and is always 12 bytes (explicit VR UL).
+    meta.FileMetaInformationGroupLength = len(body) - 12
+    return _pydicom_element(meta[0x00020000], False, True, default_encoding) + body[12:]
+
+
+def _has_preamble(f: BinaryIO) -> bool:
+    f.seek(128)
+    return f.read(4) == b"DICM"
+
+
+def _looks_like_raw_dataset(f: BinaryIO) -> bool:
+    """A file without preamble is accepted only if it starts with a plausible tag."""
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        return False
+    # Little or (retired) big endian: pydicom tells them apart by the first tag too.
+    return any(struct.unpack(e, head[:2])[0] in (0x0002, 0x0008) for e in ("<H", ">H"))
+
+
+def _check_complete(ds: Dataset, pos: int, size: int, start: int = 0) -> None:
+    """Refuse a header cut short: pydicom reads a short value or a partial element header
+    at the end of a file without complaint, and would hand us a partial data set."""
+    last_end = start
+    # The stored elements, as get_item(key, keep_deferred=True) returns them, without its
+    # tag conversion per element.
+    for raw in ds._dict.values():
+        if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
+            last_end = 0  # undefined length: pydicom raises if its delimiter is missing
+            continue
+        if raw.value is not None and len(raw.value) < raw.length:
+            raise Refused("truncated", "an element value is cut short")
+        last_end = raw.value_tell + raw.length
+    if pos >= size and last_end and last_end != size:
+        raise Refused("truncated", "the file ends inside an element header")
+
+
+def _pixel_value_at(f: BinaryIO, pos: int, implicit: bool, little: bool) -> tuple[int, int]:
+    """Offset and length of the value of the pixel data element at ``pos``."""
+    f.seek(pos)
+    head = f.read(12)
+    e = "<" if little else ">"
+    if implicit:
+        return pos + 8, int(struct.unpack(e + "L", head[4:8])[0])
+    if head[4:6] in _LONG_VRS:
+        return pos + 12, int(struct.unpack(e + "L", head[8:12])[0])
+    return pos + 8, int(struct.unpack(e + "H", head[6:8])[0])
+
+
+def native_zeroed(
+    f: BinaryIO,
+    info: ImageInfo,
+    rects: tuple[Rect, ...],
+    pixel_offset: int,
+    implicit: bool,
+    little: bool,
+) -> tuple[tuple[int, int], ...] | None:
+    """The :attr:`View.zeroed` ranges that redact ``rects`` in the native pixel data element
+    at ``pixel_offset``, or None when that pixel data is not patched in place (encapsulated,
+    or a colour space where zero is not uniform: it is decoded and encoded instead).
+
+    Raises
+    ------
+    Refused
+        For pixel data shorter than its image, or a layout zero bytes cannot redact.
+    """
+    value_at, length = _pixel_value_at(f, pixel_offset, implicit, little)
+    if (
+        not info.is_native
+        or length == 0xFFFFFFFF
+        or info.photometric not in (PATCHABLE_PHOTOMETRICS)
+    ):
+        return None
+    geom = native_geometry(info)
+    if geom.total_bytes > length:
+        raise Refused("bad_pixel_data", "native pixel data shorter than its image")
+    shift = value_at - pixel_offset
+    ranges = native_ranges(geom, rects)
+    if length > geom.total_bytes:
+        # Bytes past the last frame the header declares (padding, or frames Number of
+        # Frames does not count, which some readers still show): zeroed, fail closed.
+        ranges = (*ranges, (geom.total_bytes, length))
+    return tuple((a + shift, b + shift) for a, b in merge_ranges(ranges))
+
+
+def _redact(
+    f: BinaryIO,
+    ds: Dataset,
+    out: Dataset,
+    report: Report,
+    pixel_offset: int,
+    pixel_end: int,
+    preamble: bool,
+) -> tuple[tuple[tuple[int, int], ...], bytes]:
+    """Apply ``report.redactions`` to the source's pixel data: the zeroed byte ranges of
+    native pixel data (relative to ``pixel_offset``), or a new Pixel Data element (and
+    ``out`` updated to describe it)."""
+    implicit, little = ds.original_encoding
+    ts = str(out.file_meta.TransferSyntaxUID)
+    info = image_info(ds, "", ts)
+    zeroed = native_zeroed(f, info, report.redactions, pixel_offset, bool(implicit), bool(little))
+    if zeroed is not None:
+        return zeroed, b""
+    if pixel_end - pixel_offset > MAX_DECODED_BYTES or decoded_size(info) > MAX_DECODED_BYTES:
+        raise Refused("too_large", "pixel data to redact exceeds the size limit")
+    f.seek(0)
+    try:
+        full = dcmread(f, force=not preamble)
+    except Exception as exc:  # read before without error; changed meanwhile
+        raise Refused("unparseable", type(exc).__name__) from exc
+    if not hasattr(full, "file_meta"):
+        full.file_meta = FileMetaDataset()
+    full.file_meta.TransferSyntaxUID = UID(ts)
+    new = reencode(
+        full, info, report.redactions, allow_rle=not info.is_native, little_endian=bool(little)
+    )
+    update_header(out, new)
+    try:
+        element = _pydicom_element(new.element, bool(implicit), bool(little), default_encoding)
+    except Exception as exc:  # pragma: no cover - pydicom writes what it made
+        raise Refused("unwritable", type(exc).__name__) from exc
+    return (), element
+
+
+def _meta_transfer_syntax(f: BinaryIO) -> str:
+    """The Transfer Syntax UID of a Part 10 file meta group, read without pydicom ("" if
+    not found). Only the file meta group is read (explicit VR little endian, PS3.10 7.1)."""
+    f.seek(132)
+    head = f.read(_MAX_META_READ)
+    pos = 0
+    while pos + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            break
+        if head[pos + 4 : pos + 6] in _LONG_VRS:
+            if pos + 12 > len(head):
+                break
+            length, value_at = struct.unpack_from("<L", head, pos + 8)[0], pos + 12
+        else:
+            length, value_at = struct.unpack_from("<H", head, pos + 6)[0], pos + 8
+        if element == 0x0010:
+            return head[value_at : value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = value_at + length
+    return ""
+
+
+def _inflate(stream: bytes) -> bytes:
+    """Inflate a raw deflate stream, refusing it as soon as it passes :data:`MAX_INFLATED`:
+    a deflate bomb costs at most the limit plus one chunk of memory."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    chunks: list[bytes] = []
+    inflated = 0
+    pending = stream
+    try:
+        while not inflater.eof:
+            before = len(pending)
+            chunk = inflater.decompress(pending, _INFLATE_CHUNK)
+            pending = inflater.unconsumed_tail
+            if not chunk and len(pending) == before:
+                break  # no input left to make progress with
+            inflated += len(chunk)
+            if inflated > MAX_INFLATED:
+                raise Refused("too_large", "deflated data set inflates past the size limit")
+            chunks.append(chunk)
+    except zlib.error as exc:
+        raise Refused("unparseable", "deflate stream is corrupt") from exc
+    if not inflater.eof:
+        raise Refused("truncated", "deflate stream ends early")
+    return b"".join(chunks)
+
+
+def _render_deflated(
+    f: BinaryIO,
+    st: SourceStat,
+    plan: Plan,
+    pseudonymizer: Pseudonymizer,
+    layout: Layout,
+    source_rel: PurePosixPath | None,
+) -> View:
+    f.seek(0)
+    data = f.read(st.size)
+    if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
+        raise Refused("unparseable", "deflated file without a standard file meta group")
+    meta_len = struct.unpack("<L", data[140:144])[0]
+    body_at = 144 + meta_len
+    body = _inflate(data[body_at:])
+    try:
+        # The body is already inflated: read it as the explicit VR little endian data set
+        # it is (dcmread would try to inflate it again, going by the meta's syntax).
+        meta = FileMetaDataset(read_dataset(io.BytesIO(data[132:body_at]), False, True))
+        ds = read_dataset(io.BytesIO(body), False, True)
+        ds.file_meta = meta
+    except Exception as exc:  # pydicom raises many types on bad input
+        raise Refused("unparseable", type(exc).__name__) from exc
+    _check_complete(ds, len(body), len(body))
+    has_pixels = any(int(t) in PIXEL_TAGS for t in ds.keys())
+    try:
+        result = deidentify(ds, plan, pseudonymizer, has_pixels=has_pixels)
+        out = result.dataset
+        if result.report.redactions:
+            # Native pixel data inside the deflated stream, already in memory: redacted and
+            # stored native again, then deflated with the rest.
+            new = reencode(
+                ds, image_info(ds, "", DEFLATED), result.report.redactions, allow_rle=False
+            )
+            update_header(out, new)
+            out[0x7FE00010] = new.element
+        out.file_meta.TransferSyntaxUID = UID(DEFLATED)
+        buf = DicomBytesIO()
+        buf.write(PREAMBLE)
+        write_file_meta_info(buf, out.file_meta, enforce_standard=True)
+        deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        plain = _encode(out, False, True)
+        payload = deflater.compress(plain) + deflater.flush()
+        if len(payload) % 2:
+            payload += b"\x00"
+    except Refused:
+        raise
+    except Exception as exc:  # pydicom value errors on hostile input
+        raise Refused("unparseable", type(exc).__name__) from exc
+    return View(
+        header=buf.getvalue() + payload,
+        pixel_offset=0,
+        pixel_length=0,
+        trailer=b"",
+        relpath=layout_path(out, layout, source_rel),
+        report=result.report,
+        source=st,
+    )
