@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any
 
 import pydicom
 import pytest
@@ -553,17 +554,17 @@ def test_disk_full_stops_with_complete_files_and_no_temporary_file(
 def test_a_source_changing_during_export_is_tried_again(
     src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = export_module.write_view
+    real = export_module.write_view_fd
     changes = {"left": 1}
 
-    def touching(view: Any, src_fd: int, out: BinaryIO) -> None:
+    def touching(view: Any, src_fd: int, out: int) -> None:
         real(view, src_fd, out)
         if changes["left"]:
             changes["left"] -= 1
             st = os.fstat(src_fd)
             os.utime(src_fd, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a writer came by
 
-    monkeypatch.setattr(export_module, "write_view", touching)
+    monkeypatch.setattr(export_module, "write_view_fd", touching)
     summary = run_export(make_config(tmp_path, src))
     assert (summary.written, summary.failed) == (6, 0)
     assert tree(tmp_path / "export" / "ct") == expected_tree(src)
@@ -572,16 +573,16 @@ def test_a_source_changing_during_export_is_tried_again(
 def test_a_source_that_keeps_changing_is_reported_failed(
     src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = export_module.write_view
+    real = export_module.write_view_fd
     victim = os.stat(src / SOURCES[0]).st_ino
 
-    def touching(view: Any, src_fd: int, out: BinaryIO) -> None:
+    def touching(view: Any, src_fd: int, out: int) -> None:
         real(view, src_fd, out)
         st = os.fstat(src_fd)
         if st.st_ino == victim:
             os.utime(src_fd, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
 
-    monkeypatch.setattr(export_module, "write_view", touching)
+    monkeypatch.setattr(export_module, "write_view_fd", touching)
     summary = run_export(make_config(tmp_path, src))
     assert (summary.written, summary.failed) == (5, 1)
     dest = tmp_path / "export" / "ct"
@@ -836,3 +837,60 @@ def test_export_bytes_equal_the_bytes_the_mount_serves(
     assert main([*argv, "--via-daemon", "--study", "1.2.3.4.5"]) == 66
     assert main([*argv, "--via-daemon", "--to", str(d.root / "outside")]) == 77
     assert not (d.root / "outside").exists()
+
+
+# -- durable writes in groups -------------------------------------------------------------------
+def test_durable_files_are_flushed_in_groups_of_syncfs(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six views, groups of two: three syncfs calls (plus nothing per file), every file whole
+    under its name, no temporary file left."""
+    real = export_module._syncfs_function()
+    assert real is not None  # glibc on Linux has syncfs
+    calls: list[int] = []
+    fsynced_files: list[int] = []
+
+    def counting(fd: int) -> int:
+        calls.append(fd)
+        return real(fd)
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if path.parent != tmp_path / "export" / "ct":  # a view's file, not the manifest
+                fsynced_files.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(export_module, "MAX_PENDING", 2)
+    monkeypatch.setattr(export_module, "_syncfs_function", lambda: counting)
+    monkeypatch.setattr(export_module.os, "fsync", fsync)
+    summary = run_export(make_config(tmp_path, src), durable=True)
+    assert (summary.written, summary.failed) == (6, 0)
+    assert len(calls) == 3
+    assert fsynced_files == []  # directories are still flushed one by one, files never
+    assert tree(tmp_path / "export" / "ct") == expected_tree(src)
+    assert temp_files(tmp_path) == []
+
+
+def test_a_failing_syncfs_falls_back_to_fsync_per_file(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsynced_files: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if path.parent != tmp_path / "export" / "ct":  # a view's file, not the manifest
+                fsynced_files.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(export_module, "_syncfs_function", lambda: lambda fd: -1)
+    monkeypatch.setattr(export_module.os, "fsync", fsync)
+    summary = run_export(make_config(tmp_path, src), durable=True)
+    assert (summary.written, summary.failed) == (6, 0)
+    assert len(fsynced_files) == 6
+    assert tree(tmp_path / "export" / "ct") == expected_tree(src)
+    assert temp_files(tmp_path) == []

@@ -21,6 +21,7 @@ view holds its new Pixel Data element in memory (``View.pixels``), bounded in si
 from __future__ import annotations
 
 import bisect
+import errno
 import os
 import stat
 import struct
@@ -328,20 +329,38 @@ def source_unchanged(view: View, fd: int) -> bool:
 
 def write_view(view: View, src_fd: int, out: BinaryIO) -> None:
     """Write the whole view to ``out``; pixel bytes are copied in the kernel where possible."""
-    out.write(view.header)
-    if view.pixels:
-        out.write(view.pixels)
     if view.zeroed:
         # Patched pixel bytes pass through memory, in the bytes read_view serves.
+        out.write(view.header)
+        out.write(view.pixels)
         h = len(view.header) + len(view.pixels)
         for at in range(0, view.pixel_length, _PATCH_CHUNK):
             out.write(read_view(view, src_fd, h + at, min(_PATCH_CHUNK, view.pixel_length - at)))
         out.write(view.trailer)
         return
     out.flush()
+    write_view_fd(view, src_fd, out.fileno())
+
+
+def write_view_fd(view: View, src_fd: int, out_fd: int) -> None:
+    """Write the whole view at the position of the file descriptor ``out_fd``, without a
+    buffered file object; pixel bytes are copied in the kernel where possible.
+
+    Raises
+    ------
+    Refused
+        When the source is shorter than the view says (it changed).
+    OSError
+        When the output cannot be written (a full disk raises ENOSPC).
+    """
+    if view.zeroed:
+        with os.fdopen(os.dup(out_fd), "wb") as out:
+            write_view(view, src_fd, out)
+        return
+    _write_all(out_fd, view.header)
+    _write_all(out_fd, view.pixels)
     remaining = view.pixel_length
     src_at = view.pixel_offset
-    out_fd = out.fileno()
     while remaining > 0:
         try:
             n = os.copy_file_range(src_fd, out_fd, remaining, src_at)
@@ -354,4 +373,13 @@ def write_view(view: View, src_fd: int, out: BinaryIO) -> None:
             n = os.write(out_fd, chunk)  # may be short (a full disk): the rest comes next
         remaining -= n
         src_at += n
-    out.write(view.trailer)
+    _write_all(out_fd, view.trailer)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # pragma: no cover - write(2) returns a count or raises
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
