@@ -840,36 +840,42 @@ def test_export_bytes_equal_the_bytes_the_mount_serves(
 
 
 # -- durable writes in groups -------------------------------------------------------------------
+def _view_fsyncs(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[int]:
+    """Record every fsync of a view's file (not of a directory, nor of the manifest in
+    ``folder``) from now on."""
+    fsynced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular and Path(os.readlink(f"/proc/self/fd/{fd}")).parent != folder:
+            fsynced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(export_module.os, "fsync", fsync)
+    return fsynced
+
+
 def test_durable_files_are_flushed_in_groups_of_syncfs(
     src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Six views, groups of two: three syncfs calls (plus nothing per file), every file whole
+    """Six views, groups of two: three syncfs calls and no fsync of a file, every file whole
     under its name, no temporary file left."""
     real = export_module._syncfs_function()
     assert real is not None  # glibc on Linux has syncfs
     calls: list[int] = []
-    fsynced_files: list[int] = []
 
     def counting(fd: int) -> int:
         calls.append(fd)
         return real(fd)
 
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
-            if path.parent != tmp_path / "export" / "ct":  # a view's file, not the manifest
-                fsynced_files.append(fd)
-        real_fsync(fd)
-
     monkeypatch.setattr(export_module, "MAX_PENDING", 2)
     monkeypatch.setattr(export_module, "_syncfs_function", lambda: counting)
-    monkeypatch.setattr(export_module.os, "fsync", fsync)
+    fsynced = _view_fsyncs(monkeypatch, tmp_path / "export" / "ct")
     summary = run_export(make_config(tmp_path, src), durable=True)
     assert (summary.written, summary.failed) == (6, 0)
     assert len(calls) == 3
-    assert fsynced_files == []  # directories are still flushed one by one, files never
+    assert fsynced == []  # directories are still flushed one by one, files never
     assert tree(tmp_path / "export" / "ct") == expected_tree(src)
     assert temp_files(tmp_path) == []
 
@@ -877,20 +883,10 @@ def test_durable_files_are_flushed_in_groups_of_syncfs(
 def test_a_failing_syncfs_falls_back_to_fsync_per_file(
     src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fsynced_files: list[int] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
-            if path.parent != tmp_path / "export" / "ct":  # a view's file, not the manifest
-                fsynced_files.append(fd)
-        real_fsync(fd)
-
     monkeypatch.setattr(export_module, "_syncfs_function", lambda: lambda fd: -1)
-    monkeypatch.setattr(export_module.os, "fsync", fsync)
+    fsynced = _view_fsyncs(monkeypatch, tmp_path / "export" / "ct")
     summary = run_export(make_config(tmp_path, src), durable=True)
     assert (summary.written, summary.failed) == (6, 0)
-    assert len(fsynced_files) == 6
+    assert len(fsynced) == 6
     assert tree(tmp_path / "export" / "ct") == expected_tree(src)
     assert temp_files(tmp_path) == []
