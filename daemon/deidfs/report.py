@@ -576,6 +576,30 @@ def _md(text: object) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
+def _quasi_identifier_table(r: Assessment) -> tuple[list[str], list[tuple[object, ...]]]:
+    """Headers and rows of the quasi-identifier table, in either format."""
+    headers = [
+        "Quasi-identifier",
+        "Group",
+        "Retained",
+        "Distinct values",
+        "Patients with a value",
+        f"Values (patients; {MAX_LISTED_VALUES} most frequent)",
+    ]
+    rows: list[tuple[object, ...]] = [
+        (
+            s.qi.name,
+            s.qi.group.value,
+            "yes" if s.retained else "no",
+            s.distinct,
+            s.patients_with_value,
+            _values_text(s.values, s.more_values) or "-",
+        )
+        for s in r.summaries
+    ]
+    return headers, rows
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
@@ -641,27 +665,7 @@ def render_markdown(report: ExpertReport) -> str:
             "",
         ]
     lines += [*_md_table(["Measure", "Value"], _risk_facts(f)), "", "### Quasi-identifiers", ""]
-    lines += _md_table(
-        [
-            "Quasi-identifier",
-            "Group",
-            "Retained",
-            "Distinct values",
-            "Patients with a value",
-            f"Values (patients; {MAX_LISTED_VALUES} most frequent)",
-        ],
-        [
-            (
-                s.qi.name,
-                s.qi.group.value,
-                "yes" if s.retained else "no",
-                s.distinct,
-                s.patients_with_value,
-                _values_text(s.values, s.more_values) or "-",
-            )
-            for s in r.summaries
-        ],
-    )
+    lines += _md_table(*_quasi_identifier_table(r))
     lines += ["", "### Equivalence class sizes", ""]
     lines += _md_table(
         ["Class size", "Classes", "Patients"],
@@ -949,28 +953,7 @@ def _html_risk(f: FolderAssessment) -> list[str]:
     )
     out += [
         "<h3>Quasi-identifiers</h3>",
-        _html_table(
-            [
-                "Quasi-identifier",
-                "Group",
-                "Retained",
-                "Distinct values",
-                "Patients with a value",
-                f"Values (patients; {MAX_LISTED_VALUES} most frequent)",
-            ],
-            [
-                (
-                    s.qi.name,
-                    s.qi.group.value,
-                    "yes" if s.retained else "no",
-                    s.distinct,
-                    s.patients_with_value,
-                    _values_text(s.values, s.more_values) or "-",
-                )
-                for s in r.summaries
-            ],
-            numeric=(3, 4),
-        ),
+        _html_table(*_quasi_identifier_table(r), numeric=(3, 4)),
         "<h3>What makes unique patients unique</h3>",
     ]
     if not r.unique:

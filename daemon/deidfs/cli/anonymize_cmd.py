@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from deidfs.cli.common import config_path, load_profiles
+from deidfs.cli.common import add_writer_options, config_path, load_profiles
 from deidfs.config import load_config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
@@ -111,40 +111,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "folder: original names, which may carry PHI)",
     )
     p.add_argument(
-        "--workers",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help=f"worker processes (default: the number of CPUs, {os.cpu_count() or 1} here)",
-    )
-    p.add_argument(
         "--key-file",
         metavar="FILE",
         help=f"pseudonym key file (default: ${KEY_FILE_ENV}, else as described above)",
     )
-    p.add_argument(
-        "--no-fsync",
-        action="store_true",
-        help="do not wait for each file to reach the disk before it appears (faster; after a "
-        "machine crash, files may be empty under their final names)",
-    )
-    p.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="no progress bar, no summary, no per-file refusal lines (failures still shown)",
-    )
+    add_writer_options(p)
     p.set_defaults(func=run)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 # -- sources ------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,3 +55,39 @@ def described_json(row: DescribedRow) -> dict[str, object]:
         "option": d.option.value if d.option else None,
         "note": d.note,
     }
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def add_writer_options(p: argparse.ArgumentParser) -> None:
+    """``--workers``, ``--no-fsync`` and ``--quiet``, as the commands that write views share
+    them (``anonymize``, ``export``)."""
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"worker processes (default: the number of CPUs, {os.cpu_count() or 1} here)",
+    )
+    p.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="do not wait for files to reach the disk before they appear (faster; after a "
+        "machine crash, files may be empty under their final names)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar, no summary, no per-file refusal lines (failures and errors "
+        "still shown)",
+    )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from deidfs.cli.anonymize_cmd import Progress
-from deidfs.cli.common import config_path
+from deidfs.cli.common import add_writer_options, config_path
 from deidfs.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, load_config
 from deidfs.control import ErrorCode, Reply, call
 from deidfs.deid.pseudonym import Pseudonymizer
@@ -135,25 +135,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument("--profile", metavar="NAME", help="a profile instead of the folder's")
     p.add_argument(
-        "--workers",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help=f"worker processes (default: the number of CPUs, {os.cpu_count() or 1} here)",
-    )
-    p.add_argument(
-        "--no-fsync",
-        action="store_true",
-        help="do not wait for each file to reach the disk before it appears (faster; after a "
-        "machine crash, files may be empty under their names)",
-    )
-    p.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="no progress bar, no summary, no refusal lines (failures and errors still shown)",
-    )
-    p.add_argument(
         "--via-daemon",
         action="store_true",
         help="ask the running daemon to export (through [daemon] control_socket), with its key",
@@ -163,17 +144,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         default=argparse.SUPPRESS,
         help="configuration file (default: $DEIDFS_CONFIG or /etc/deidfs/deidfs.toml)",
     )
+    add_writer_options(p)
     p.set_defaults(func=run)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 class _Terminal(ExportListener):
