@@ -890,3 +890,40 @@ def test_a_failing_syncfs_falls_back_to_fsync_per_file(
     assert len(fsynced) == 6
     assert tree(tmp_path / "export" / "ct") == expected_tree(src)
     assert temp_files(tmp_path) == []
+
+
+# -- unnamed files ------------------------------------------------------------------------------
+def test_views_have_no_name_until_they_are_flushed(src: Path, tmp_path: Path) -> None:
+    """A durable view is written to an unnamed file (O_TMPFILE): until the group flush the
+    directory holds no entry for it at all, so a killed writer leaves nothing behind."""
+    out = tmp_path / "out"
+    writer = export_module.ExportWriter(out, durable=True)
+    writer.check_root()
+    plan = compile_plan(BUILTIN_PROFILES["Basic"])
+    views = [writer.put_path(i, src / rel, plan, PSEUDO) for i, rel in enumerate(SOURCES)]
+    before = [p for p in out.rglob("*") if p.is_file()]
+    assert before == []  # directories exist, no file is named yet
+    results = writer.finish()
+    assert sorted(r.outcome.value for r in results if r.outcome) == ["written"] * 6
+    for view in views:
+        assert (out / view.relpath).stat().st_size == view.size
+    assert temp_files(out) == []
+
+
+def test_without_unnamed_files_named_temporaries_are_used(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No /proc (or no O_TMPFILE): dotfile temporaries renamed into place, the same result."""
+    monkeypatch.setattr(export_module, "_proc_fd_dir", lambda: None)
+    out = tmp_path / "out"
+    writer = export_module.ExportWriter(out, durable=True)
+    writer.check_root()
+    plan = compile_plan(BUILTIN_PROFILES["Basic"])
+    for i, rel in enumerate(SOURCES):
+        writer.put_path(i, src / rel, plan, PSEUDO)
+    assert len(temp_files(out)) == 6  # named, hidden, until the flush
+    writer.finish()
+    assert temp_files(out) == []
+    summary = run_export(make_config(tmp_path, src), durable=True)
+    assert (summary.written, summary.failed) == (6, 0)
+    assert tree(tmp_path / "export" / "ct") == expected_tree(src)

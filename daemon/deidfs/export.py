@@ -1,13 +1,16 @@
 """Write views as files: atomically, durably and idempotently.
 
-A view is written to a temporary dotfile in its target directory (``.deidfs-<pid>-<rand>.tmp``),
-flushed to disk with ``fsync``, and only then renamed to its final name, so a reader (or a
-crash, or ``kill -9``) never leaves a partial file under a final name. Renamed directories are
-fsynced too. Temporary files left by a killed writer are removed the next time a writer works
-in that directory; until then they are dotfiles, which deidfs never takes as sources.
+A view is written to a file without a name (``O_TMPFILE``) in its target directory, flushed to
+disk, and only then linked under its final name, so a reader (or a crash, or ``kill -9``)
+never sees a partial file under a final name, and an interrupted writer leaves nothing behind.
+Where the file system has no ``O_TMPFILE``, the file is a temporary dotfile
+(``.deidfs-<pid>-<rand>.tmp``) renamed into place; temporary files left by a killed writer are
+removed the next time a writer works in that directory, and until then they are dotfiles,
+which deidfs never takes as sources. Directories that gain entries are fsynced too.
 
-``fsync`` waits for the disk, so it runs on commit threads while the caller renders and writes
-the next view: :meth:`ExportWriter.put` returns once the bytes are in the temporary file, and
+Flushing waits for the disk, so it is done for groups of files (one ``syncfs``), and hashing
+for the manifest runs on commit threads while the caller renders and writes the next view:
+:meth:`ExportWriter.put` returns once the bytes are in the file, and
 :meth:`ExportWriter.finish` reports how each one ended.
 
 A target that exists with the same size, the same header and trailer bytes, and was written
@@ -106,6 +109,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Each process's open descriptor of its /proc/self/fd (to link unnamed files), by pid.
+_PROC_FD_DIRS: dict[int, int | None] = {}
 TEMP_PREFIX = ".deidfs-"
 TEMP_SUFFIX = ".tmp"
 _TEMP_NAME = re.compile(r"^\.deidfs-(\d+)-[0-9a-f]+\.tmp$")
@@ -282,7 +287,7 @@ def _same_file(target: Path, view: View, src_fd: int) -> bool:
 class _Pending:
     key: Hashable
     fd: int
-    temp: Path
+    temp: Path | None  #: None: an unnamed file (``O_TMPFILE``), linked into place by ``fd``
     target: Path
     relpath: PurePosixPath
     size: int
@@ -332,6 +337,10 @@ class ExportWriter:
         self.digest = digest
         self._pid = os.getpid() if owner_pid is None else owner_pid
         self._dirs_ready: set[Path] = set()
+        #: Directories this writer found missing and created: they hold no earlier file.
+        self._dirs_new: set[Path] = set()
+        #: Unnamed files work here (O_TMPFILE, and /proc to link them by descriptor).
+        self._unnamed = _proc_fd_dir() is not None
         self._dirs_touched: set[Path] = set()
         self._queue: queue.Queue[_Pending | None] = queue.Queue(MAX_PENDING)
         #: Durable views written (and hashed) that wait for the group flush.
@@ -378,15 +387,10 @@ class ExportWriter:
         target = target_path(self.root, view.relpath)
         directory = target.parent
         self._prepare_dir(directory)
-        if _same_file(target, view, src_fd):
+        if directory not in self._dirs_new and _same_file(target, view, src_fd):
             self._add(Result(key, Outcome.UNCHANGED, view.size, view.relpath))
             return
-        temp = directory / self._temp_name()
-        try:
-            # Read-write: with ``digest`` the commit thread reads the bytes back to hash them.
-            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        except OSError as exc:
-            raise _oserror("cannot create a temporary file", exc) from None
+        fd, temp = self._create(directory)
         try:
             write_view_fd(view, src_fd, fd)
             written = os.fstat(fd)
@@ -396,7 +400,8 @@ class ExportWriter:
                 raise Refused("source_changed", "source changed while it was written")
         except BaseException as exc:
             os.close(fd)
-            _unlink_quietly(temp)
+            if temp is not None:
+                _unlink_quietly(temp)
             if isinstance(exc, OSError):
                 raise _oserror("cannot write the file", exc) from None
             raise
@@ -479,8 +484,7 @@ class ExportWriter:
             except queue.Empty:
                 break
             if item is not None:
-                os.close(item.fd)
-                _unlink_quietly(item.temp)
+                self._discard_pending(item)
         self._stop_threads()
         self._drop_unsynced()
 
@@ -494,6 +498,56 @@ class ExportWriter:
     # -- internals ------------------------------------------------------------------------------
     def _temp_name(self) -> str:
         return f"{TEMP_PREFIX}{self._pid}-{secrets.token_hex(6)}{TEMP_SUFFIX}"
+
+    def _create(self, directory: Path) -> tuple[int, Path | None]:
+        """A new empty file in ``directory``, open read-write (a digest reads it back):
+        unnamed where the file system can, else a temporary dotfile."""
+        if self._unnamed:
+            try:
+                flags = os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC
+                return os.open(directory, flags, FILE_MODE), None
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise _oserror("cannot create a file", exc) from None
+                self._unnamed = False  # not on this file system: named temporary files
+        temp = directory / self._temp_name()
+        try:
+            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        except OSError as exc:
+            raise _oserror("cannot create a temporary file", exc) from None
+        return fd, temp
+
+    def _name(self, item: _Pending) -> Path:
+        """Give the unnamed file of ``item`` a temporary name in its directory."""
+        temp = item.target.parent / self._temp_name()
+        _link_unnamed(item.fd, temp)
+        return temp
+
+    def _publish(self, item: _Pending) -> tuple[Outcome, Path | None]:
+        """Put ``item``'s file under its target name (its fd still open); returns the outcome
+        and, for ``PENDING``, the temporary file that holds the view."""
+        if item.temp is None:
+            try:
+                _link_unnamed(item.fd, item.target)
+                return Outcome.WRITTEN, None
+            except FileExistsError:
+                item.temp = self._name(item)  # replaced below, or left pending
+            if not self.replace:
+                return Outcome.PENDING, item.temp
+            os.rename(item.temp, item.target)
+            return Outcome.REPLACED, None
+        if self.replace:
+            outcome = Outcome.REPLACED if os.path.lexists(item.target) else Outcome.WRITTEN
+            os.rename(item.temp, item.target)
+            return outcome, None
+        if not _link_new(item.temp, item.target):
+            return Outcome.PENDING, item.temp
+        return Outcome.WRITTEN, None
+
+    def _discard_pending(self, item: _Pending) -> None:
+        os.close(item.fd)
+        if item.temp is not None:
+            _unlink_quietly(item.temp)
 
     def _add(self, result: Result) -> None:
         with self._lock:
@@ -515,6 +569,7 @@ class ExportWriter:
             # A new directory is durable only once the directory holding it is synced.
             with self._lock:
                 self._dirs_touched.update(p.parent for p in missing)
+            self._dirs_new.add(directory)
         else:
             remove_stale_temps(directory)
         self._dirs_ready.add(directory)
@@ -584,37 +639,24 @@ class ExportWriter:
         with self._lock:
             group, self._unsynced = self._unsynced, []
         for item in group:
-            os.close(item.fd)
-            _unlink_quietly(item.temp)
+            self._discard_pending(item)
 
     def _fail(self, item: _Pending, exc: OSError) -> Result:
-        os.close(item.fd)
-        _unlink_quietly(item.temp)
+        self._discard_pending(item)
         error = _oserror("cannot commit the file", exc)
         return Result(item.key, None, item.size, item.relpath, error=error)
 
     def _commit(self, item: _Pending) -> Result:
         """Close ``item``'s file and rename it into place (its data is flushed already, or
         need not be); non-durable views with a digest are hashed here."""
-        outcome = Outcome.WRITTEN
-        temp: Path | None = None
         digest = item.sha256
         try:
-            try:
-                if self.digest and not digest:
-                    digest = sha256_fd(item.fd, item.size)
-            finally:
-                os.close(item.fd)
-            if self.replace:
-                if os.path.lexists(item.target):
-                    outcome = Outcome.REPLACED
-                os.rename(item.temp, item.target)
-            elif not _link_new(item.temp, item.target):
-                outcome, temp = Outcome.PENDING, item.temp
+            if self.digest and not digest:
+                digest = sha256_fd(item.fd, item.size)
+            outcome, temp = self._publish(item)
         except OSError as exc:
-            _unlink_quietly(item.temp)
-            error = _oserror("cannot commit the file", exc)
-            return Result(item.key, None, item.size, item.relpath, error=error)
+            return self._fail(item, exc)
+        os.close(item.fd)
         if temp is None:
             with self._lock:
                 self._dirs_touched.add(item.target.parent)
@@ -663,6 +705,35 @@ def sha256_fd(fd: int, size: int) -> str:
         h.update(chunk)
         at += len(chunk)
     return h.hexdigest()
+
+
+def _proc_fd_dir() -> int | None:
+    """This process's /proc/self/fd, open (a forked worker opens its own); None without
+    /proc."""
+    pid = os.getpid()
+    if pid not in _PROC_FD_DIRS:
+        try:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            _PROC_FD_DIRS[pid] = os.open("/proc/self/fd", flags)
+        except OSError:
+            _PROC_FD_DIRS[pid] = None
+    return _PROC_FD_DIRS[pid]
+
+
+def _link_unnamed(fd: int, target: Path) -> None:
+    """Give the unnamed (``O_TMPFILE``) file open as ``fd`` the name ``target``.
+
+    Raises
+    ------
+    FileExistsError
+        When ``target`` exists.
+    """
+    proc = _proc_fd_dir()
+    if proc is None:  # pragma: no cover - checked before any unnamed file is made
+        raise OSError(errno.ENOENT, "no /proc/self/fd")
+    # linkat(AT_SYMLINK_FOLLOW) through /proc (open(2), O_TMPFILE): os.link takes that path
+    # only with a directory descriptor; plain link(2) would not follow the magic link.
+    os.link(str(fd), target, src_dir_fd=proc, follow_symlinks=True)
 
 
 def _link_new(temp: Path, target: Path) -> bool:
