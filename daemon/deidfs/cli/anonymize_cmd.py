@@ -62,10 +62,11 @@ themselves are followed. Originals are only ever opened read-only.
 Files that are not DICOM or cannot be de-identified safely are refused (fail closed): they
 are counted by reason and named only by a keyed token of their path, never by the path.
 
-Writing is atomic and idempotent: each file is written to a temporary dotfile in its target
-folder, flushed to disk (fsync) and renamed into place, so no partial file is ever visible
-under its final name; temporary files of an interrupted run are removed by the next run. A
-target that already holds the same view is left alone and counted "unchanged".
+Writing is atomic and idempotent: each file is written without a name (or, where the file
+system cannot, as a temporary dotfile) in its target folder, flushed to disk and only then
+given its final name, so no partial file is ever visible under it; an interrupted run leaves
+nothing behind (temporary dotfiles are removed by the next run). A target that already holds
+the same view is left alone and counted "unchanged".
 
 Pseudonym key (the same key gives the same UIDs, IDs and dates as the mount):
   1. --key-file FILE, or $DEIDFS_KEY_FILE: an existing key file (hex, mode 0600);

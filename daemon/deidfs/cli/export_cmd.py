@@ -52,12 +52,12 @@ written (exit 66).
 A selection is matched by rendering every file's header first (a scan), then the selected
 files are exported. Files the profile withholds (not DICOM, unsafe) are never exported.
 
-The export is atomic per file and idempotent: each file is written to a temporary dotfile
-beside its target, flushed to disk (fsync) and renamed, so no partial file is ever visible
-under its name; a file already in place with the same bytes is left alone. An export that
-was killed, or stopped on a full disk, resumes where it was when run again; temporary files
-left behind are removed by the next run. A re-run that finds everything in place writes
-nothing and says so.
+The export is atomic per file and idempotent: each file is written without a name (or, where
+the file system cannot, as a temporary dotfile) beside its target, flushed to disk and only
+then given its name, so no partial file is ever visible under it; a file already in place
+with the same bytes is left alone. An export that was killed, or stopped on a full disk,
+resumes where it was when run again; temporary dotfiles left behind are removed by the next
+run. A re-run that finds everything in place writes nothing and says so.
 
 Manifest: an export that writes anything also writes FOLDER/.deidfs-manifest-<UTC time>.jsonl,
 one JSON object per line for every file of the selection (path, size, sha256, status,
