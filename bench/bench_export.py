@@ -1,6 +1,6 @@
 """Benchmark ``deidfs export`` against ``cp -r`` of the same tree, and 2 workers against 1.
 
-See ``bench/README.md``. Builds the synthetic CT tree of ``bench_anonymize.py`` (1,000 files
+See ``bench/README.md``. Builds the synthetic CT tree of ``synth.py`` (1,000 files
 of 0.5 MB by default), configures it as a folder, reads it once to warm the page cache, then
 runs in this one invocation: ``cp -r``; ``deidfs export`` with 1 and 2 workers, fsync on (the
 default) and off; a re-run that finds everything in place; and the export of indexed files as
@@ -23,13 +23,14 @@ from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_anonymize import Timing, Tree, _count_files, _warm, build_tree
+from bench_anonymize import Timing, _count_files, _warm
 from deidfs.config import load_config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.export import export_folder, walk_sources
 from deidfs.render import SourceStat, View, render_path
 from deidfs.secret import read_key_file
+from synth import Tree, build_tree
 
 CONFIG = """\
 [daemon]

@@ -28,15 +28,13 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.profiles import BASIC, Mask, Profile, Rect
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.render import SourceStat, read_view, render, render_path
+from synth import write_minimal_ct
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 READ = 128 * 1024
 MASK = Mask(rects=(Rect(0, 0, 512, 40), Rect(350, 470, 162, 42)), modality="CT")
 MASKED = Profile("Masked", base="Basic", apply_masks=True, masks=(MASK,))
@@ -60,35 +58,6 @@ COMPRESSED = (
     "examples_jpeg2k.dcm",
     "examples_ybr_color.dcm",
 )
-
-
-def make_ct(path: Path, rng: np.random.Generator, n: int) -> None:
-    ds = Dataset()
-    ds.SOPClassUID = CT_IMAGE_STORAGE
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = f"Bench^Patient{n % 7}"
-    ds.PatientID = f"PID{n % 7:04d}"
-    ds.PatientBirthDate = "19600101"
-    ds.StudyDate = "20240312"
-    ds.Modality = "CT"
-    ds.Manufacturer = "ACME"
-    ds.InstanceNumber = n
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = ds.Columns = 512
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    ds.PixelData = rng.integers(0, 4096, (512, 512), dtype=np.uint16).tobytes()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    ds.save_as(path, enforce_file_format=True)
 
 
 def serve_all(files: list[Path], plan: Plan, pseudo: Pseudonymizer, fast: bool = True) -> int:
@@ -243,7 +212,7 @@ def main() -> None:
         files = []
         for n in range(args.files):
             path = src / f"ct{n:05d}.dcm"
-            make_ct(path, rng, n)
+            write_minimal_ct(path, rng, n)
             files.append(path)
         read_tree(src)  # warm the page cache
         pseudo = Pseudonymizer(bytes(range(32)))
