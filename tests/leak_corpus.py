@@ -178,7 +178,7 @@ class Served:
 
 def serve_bytes(data: bytes, plan: Plan, pseudo: Pseudonymizer | None = None) -> Served:
     """Render an in-memory source (no file name) and parse the served bytes back."""
-    stat = SourceStat(0, 0, len(data), 0)
+    stat = SourceStat(0, 0, len(data), 0, 0)
     view = render(io.BytesIO(data), stat, plan, pseudo or pseudonymizer())
     pixels = data[view.pixel_offset : view.pixel_offset + view.pixel_length]
     served = view.header + pixels + view.trailer

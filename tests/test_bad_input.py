@@ -219,7 +219,7 @@ def test_truncated_anywhere(cut: int, ts: str) -> None:
             try:
                 view = render(
                     io.BytesIO(data[:cut]),
-                    render_module.SourceStat(0, 0, cut, 0),
+                    render_module.SourceStat(0, 0, cut, 0, 0),
                     plan_of(BASIC),
                     pseudonymizer(),
                 )
@@ -230,6 +230,21 @@ def test_truncated_anywhere(cut: int, ts: str) -> None:
         assert view.pixel_length == 0  # pixels are never served from a cut file
         assert MARK.encode() not in out
         assert "Rows" not in dcmread(io.BytesIO(out))
+
+
+def test_a_cut_between_rows_and_columns_is_refused() -> None:
+    """Rows without Columns (or Pixel Data): a file cut inside the Image Pixel module."""
+    data = part10_bytes(_image(), ExplicitVRLittleEndian)
+    cut = data.find(b"\x28\x00\x11\x00US")  # the Columns element, explicit VR LE
+    assert cut > 0
+    with pytest.raises(Refused) as info:
+        render(
+            io.BytesIO(data[:cut]),
+            render_module.SourceStat(0, 0, cut, 0, 0),
+            plan_of(BASIC),
+            pseudonymizer(),
+        )
+    assert info.value.reason == "no_pixel_data"
 
 
 # -- other encodings ---------------------------------------------------------------------
@@ -604,7 +619,7 @@ def test_arbitrary_bodies(body: bytes, with_head: bool) -> None:
             try:
                 view = render(
                     io.BytesIO(data),
-                    render_module.SourceStat(0, 0, len(data), 0),
+                    render_module.SourceStat(0, 0, len(data), 0, 0),
                     plan_of(BASIC),
                     pseudonymizer(),
                 )
@@ -661,7 +676,7 @@ def test_garbage_values(
             try:
                 view = render(
                     io.BytesIO(data),
-                    render_module.SourceStat(0, 0, len(data), 0),
+                    render_module.SourceStat(0, 0, len(data), 0, 0),
                     plan_of(BASIC, *options),
                     pseudonymizer(),
                 )

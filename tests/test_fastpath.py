@@ -154,7 +154,7 @@ def views(
     data: bytes, the_plan: Plan, layout: Layout = Layout.DICOM
 ) -> tuple[View | str, View | None]:
     """(reference view or refusal reason, fast view or None when the fast path declines)."""
-    stat = SourceStat(0, 0, len(data), 0)
+    stat = SourceStat(0, 0, len(data), 0, 0)
     try:
         reference: View | str = render(
             io.BytesIO(data), stat, the_plan, PSEUDO, layout, SOURCE_REL, fast=False
@@ -500,7 +500,7 @@ def test_the_fast_path_costs_less_than_the_reference() -> None:
 
     def calls(fast: bool) -> int:
         profile = cProfile.Profile()
-        stat = SourceStat(0, 0, len(data), 0)
+        stat = SourceStat(0, 0, len(data), 0, 0)
         profile.enable()
         render(io.BytesIO(data), stat, plan("Basic"), PSEUDO, fast=fast)
         profile.disable()

@@ -350,7 +350,7 @@ def _worker_main(conn: Connection) -> None:
         try:
             view = render(
                 io.BytesIO(data),
-                SourceStat(0, 0, len(data), 0),
+                SourceStat(0, 0, len(data), 0, 0),
                 plan(plan_name),
                 pseudo if key is None else Pseudonymizer(key),
             )
@@ -1038,3 +1038,16 @@ def test_setpriv_really_drops_the_override(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert b"Permission denied" in done.stderr
     assert subprocess.run(["cat", str(locked)], capture_output=True, check=False).returncode == 0
+
+
+def test_a_sop_class_uid_that_swallowed_elements_is_refused(worker: FuzzWorker) -> None:
+    """Found by the campaign: a duplicated run of bytes gave SOP Class UID a length that took
+    in the Accession Number after it; the engine copied the value, marker included, into
+    the file meta's Media Storage SOP Class UID. A SOP Class UID that is not a UID is refused."""
+    mutated = mutate(seeds()["MR_small_implicit.dcm"], [Mutation("duplicate", 1401, 2630, b"\x00")])
+    for plan_name in PLANS:
+        outcome = worker.render(mutated, plan_name)
+        assert outcome.kind in ("served", "refused"), outcome.detail
+        if outcome.kind == "served":
+            assert leaked_markers(outcome.output, plan(plan_name)) == []
+    assert worker.render(mutated, "basic").kind == "refused"

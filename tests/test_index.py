@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from deidfs.index import FILE_NAME, SCHEMA_VERSION, Entry, Index, Status
+from deidfs import index as index_module
+from deidfs.index import BATCH_ROWS, BATCH_SECONDS, FILE_NAME, SCHEMA_VERSION, Entry, Index, Status
 from deidfs.render import SourceStat
 
 
@@ -19,7 +20,13 @@ def _entry(n: int, folder: str = "ct", status: Status = Status.OK) -> Entry:
     return Entry(
         folder=folder,
         path=f"/data/{folder}/file{n}.dcm",
-        source=SourceStat(dev=64768, ino=1000 + n, size=39206 + n, mtime_ns=1_700_000_000 + n),
+        source=SourceStat(
+            dev=64768,
+            ino=1000 + n,
+            size=39206 + n,
+            mtime_ns=1_700_000_000 + n,
+            ctime_ns=1_700_000_000 + n,
+        ),
         digest="d" * 64,
         status=status,
         reason="" if ok else "not_dicom",
@@ -106,7 +113,7 @@ def test_damaged_pages_are_detected(tmp_path: Path) -> None:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     data = bytearray(path.read_bytes())
     assert len(data) > 3 * 4096
-    data[4096 + 100 : 4096 + 2000] = os.urandom(1900)
+    data[4096 : 4096 + 2000] = b"\xa5" * 2000  # page 2: no valid page type, garbage cells
     path.write_bytes(bytes(data))
     index = Index(tmp_path)
     assert index.rebuilt
@@ -177,3 +184,70 @@ def test_a_row_this_version_cannot_read_is_skipped(tmp_path: Path) -> None:
 def test_status_values_are_stable(status: Status) -> None:
     # Stored in the database: renaming a value would orphan every existing row.
     assert status.value in ("ok", "refused")
+
+
+def _rows_seen_elsewhere(state: Path) -> int:
+    """Rows another connection sees: the committed ones."""
+    with sqlite3.connect(state / FILE_NAME) as conn:
+        (count,) = conn.execute("SELECT COUNT(*) FROM sources").fetchone()
+    conn.close()
+    return int(count)
+
+
+def test_writes_are_committed_in_batches(tmp_path: Path) -> None:
+    now = [0.0]
+    index = Index(tmp_path, clock=lambda: now[0])
+    for n in range(5):
+        index.put(_entry(n))
+    assert len(index.entries()) == 5  # the daemon's own reads see every row at once
+    assert _rows_seen_elsewhere(tmp_path) == 0
+    index.flush()
+    assert _rows_seen_elsewhere(tmp_path) == 5
+    # A full batch is committed by the write that fills it.
+    for n in range(100, 100 + BATCH_ROWS):
+        index.put(_entry(n))
+    assert _rows_seen_elsewhere(tmp_path) == 5 + BATCH_ROWS
+    # So is a batch whose oldest write is BATCH_SECONDS old, at the next write.
+    index.put(_entry(1000))
+    now[0] += BATCH_SECONDS
+    index.remove("ct", _entry(0).path)
+    assert _rows_seen_elsewhere(tmp_path) == 5 + BATCH_ROWS  # one added, one removed
+    assert index.get("ct", _entry(1000).path) == _entry(1000)
+    index.put(_entry(1001))
+    index.close()  # commits what is pending
+    assert _rows_seen_elsewhere(tmp_path) == 6 + BATCH_ROWS
+
+
+def test_a_write_after_close_leaves_the_index_alone(tmp_path: Path) -> None:
+    index = Index(tmp_path)
+    index.put(_entry(1))
+    index.close()
+    index.put(_entry(2))  # a worker still running at shutdown
+    index.remove("ct", _entry(1).path)
+    index.flush()
+    assert not index.rebuilt
+    assert [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name] == []
+    again = Index(tmp_path)
+    assert again.entries() == [_entry(1)]
+    again.close()
+
+
+def test_a_folder_is_read_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_module, "CHUNK_ROWS", 3)
+    index = Index(tmp_path)
+    entries = [_entry(n) for n in range(10)] + [_entry(1, "mr")]
+    for e in entries:
+        index.put(e)
+    seen = []
+    for e in index.iter_entries("ct"):
+        seen.append(e)
+        index.remove("ct", e.path)  # writing between chunks is allowed
+    assert seen == sorted(entries[:10], key=lambda e: os.fsencode(e.path))
+    assert index.entries() == [_entry(1, "mr")]
+    # Rows share one object per folder id and digest.
+    index.put(_entry(20))
+    index.put(_entry(21))
+    a, b = index.iter_entries("ct")
+    assert a.digest is b.digest
+    assert a.folder is b.folder
+    index.close()

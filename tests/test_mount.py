@@ -211,6 +211,58 @@ def test_replacing_a_source_changes_the_view_never_mixing_bytes(daemon: Daemon) 
     assert outcome in (old, errno.EIO)
 
 
+def test_a_rewrite_that_keeps_size_and_mtime_is_still_seen(daemon: Daemon) -> None:
+    """``rsync --inplace -t`` or ``touch -r``: same inode, same size, mtime set back. Only
+    ctime tells the versions apart; the mount must follow, not serve the old header with the
+    new pixels."""
+    work = daemon.root / "variants"
+    work.mkdir()
+    v1, v2 = work / "v1.dcm", work / "v2.dcm"
+    _variant(sample_file("CT_small.dcm"), v1, "ONE", 10)
+    _variant(sample_file("CT_small.dcm"), v2, "TWO", 10)
+    assert v1.stat().st_size == v2.stat().st_size
+    src = daemon.add(v1, "ct.dcm")
+    (view,) = daemon.wait_views(1)
+    _, old = daemon.expected(v1)
+    _, new = daemon.expected(v2)
+    assert old != new
+    assert len(old) == len(new)
+    assert view.read_bytes() == old
+    before = src.stat()
+    with open(src, "r+b") as f:
+        f.write(v2.read_bytes())
+    os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = src.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+    wait_for(lambda: _content(view) == new)
+
+
+def test_chmod_of_a_source_keeps_its_view(daemon: Daemon) -> None:
+    """A chmod moves only ctime, which stat cannot tell from a rewrite that set mtime back:
+    the source is indexed again, the view never disappears and never serves other bytes;
+    a read in flight at that moment may get EIO (retried, it succeeds)."""
+    src = daemon.add(sample_file("CT_small.dcm"), "ct.dcm")
+    (view,) = daemon.wait_views(1)
+    _, want = daemon.expected(src)
+    assert view.read_bytes() == want
+    src.chmod(0o600)
+    outcomes: list[str] = []
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        try:
+            outcomes.append("same" if view.read_bytes() == want else "OTHER")
+        except OSError as exc:
+            outcomes.append(errno.errorcode.get(exc.errno or 0, "?"))
+        time.sleep(0.01)
+    assert set(outcomes) <= {"same", "EIO"}, set(outcomes)
+    assert outcomes.count("EIO") <= 2
+    assert view.read_bytes() == want
+
+
 def _open_for_writing(path: Path, mode: str) -> None:
     with open(path, mode) as f:
         f.write(b"x")

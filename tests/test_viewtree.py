@@ -40,7 +40,7 @@ def _folder(root: Path, fid: str = "ct", digest: str = "dg") -> FolderView:
 
 
 def _vf(source: str, relpath: str, size: int = 10, folder: str = "ct") -> ViewFile:
-    state = SourceStat(1, abs(hash(source)) % 10**6, size, 5)
+    state = SourceStat(1, abs(hash(source)) % 10**6, size, 5, 5)
     return ViewFile(
         folder, source, state, "dg", relpath, size, pseudo_mtime_ns(PSEUDO, state, "dg")
     )
@@ -109,23 +109,25 @@ def test_replacing_a_view_moves_it_and_ignores_unknown_folders() -> None:
 
 def test_header_cache_is_bounded() -> None:
     def view(n: int) -> View:
-        return View(b"h" * 1000, 0, 0, b"", PurePosixPath(f"{n}.dcm"), None, SourceStat(0, n, 0, 0))  # type: ignore[arg-type]
+        return View(
+            b"h" * 1000, 0, 0, b"", PurePosixPath(f"{n}.dcm"), None, SourceStat(0, n, 0, 0, 0)
+        )  # type: ignore[arg-type]
 
     cache = HeaderCache(max_bytes=5000)
     for n in range(10):
-        cache.put((str(n), SourceStat(0, n, 0, 0), "d"), view(n))
+        cache.put((str(n), SourceStat(0, n, 0, 0, 0), "d"), view(n))
     assert cache.size_bytes <= 5000
     assert len(cache) == 3
-    assert cache.get(("9", SourceStat(0, 9, 0, 0), "d")) is not None
-    assert cache.get(("0", SourceStat(0, 0, 0, 0), "d")) is None
+    assert cache.get(("9", SourceStat(0, 9, 0, 0, 0), "d")) is not None
+    assert cache.get(("0", SourceStat(0, 0, 0, 0, 0), "d")) is None
 
 
 def test_pseudo_times_are_keyed_and_move_with_the_source() -> None:
-    st = SourceStat(1, 2, 3, 1_700_000_000_000_000_000)
+    st = SourceStat(1, 2, 3, 1_700_000_000_000_000_000, 1_700_000_000_000_000_000)
     t = pseudo_mtime_ns(PSEUDO, st, "dg")
     assert PSEUDO_EPOCH_NS <= t < PSEUDO_EPOCH_NS + 366 * 86400 * 10**9
     assert t != st.mtime_ns
-    assert pseudo_mtime_ns(PSEUDO, SourceStat(1, 2, 3, st.mtime_ns + 1), "dg") != t
+    assert pseudo_mtime_ns(PSEUDO, SourceStat(1, 2, 3, st.mtime_ns + 1, st.ctime_ns), "dg") != t
     assert pseudo_mtime_ns(Pseudonymizer(b"another-key-0123456789abcdef"), st, "dg") != t
 
 

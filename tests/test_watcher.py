@@ -265,9 +265,10 @@ def test_modified_file_is_ready_again(make_watcher: Factory, root: Path, mode: W
     with path.open("ab") as f:
         f.write(b"more")
     assert sink.wait_for(FileEvent.READY, path) == [Change(FOLDER, path, FileEvent.READY)]
-    # chmod changes no content: not reported again.
+    # chmod moves ctime, as does a rewrite whose mtime is set back (touch -r): the watcher
+    # cannot tell them apart, so both are reported (the daemon parses the file again).
     path.chmod(0o600)
-    assert sink.quiet() == []
+    assert sink.wait_for(FileEvent.READY, path) == [Change(FOLDER, path, FileEvent.READY)]
 
 
 @BOTH_MODES

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import dataclasses
 import errno
 import functools
 import itertools
@@ -62,7 +63,8 @@ def pseudo_mtime_ns(pseudonymizer: Pseudonymizer, state: SourceStat, digest: str
     with the source; it must not reveal the source's real time, hence keyed.
     """
     token = pseudonymizer.token(
-        f"{state.dev}:{state.ino}:{state.size}:{state.mtime_ns}:{digest}", "mtime"
+        f"{state.dev}:{state.ino}:{state.size}:{state.mtime_ns}:{state.ctime_ns}:{digest}",
+        "mtime",
     )
     return PSEUDO_EPOCH_NS + int.from_bytes(base64.b32decode(token), "big") % PSEUDO_SPAN_NS
 
@@ -120,6 +122,13 @@ class ViewTree:
     (deterministic across restarts), the other is counted as a duplicate and takes over if
     the first goes away. Mutations notify ``invalidator`` (outside the lock) of every mount
     path whose attributes changed, so the kernel drops its cached size and pages.
+
+    Until the invalidator has returned for a changed path, the kernel may still hold the
+    previous version's size: it clamps reads of the new version to it (the new bytes cut
+    short, bytes of no version). Such a path is *unsettled* (:meth:`settled`) from the
+    change, made under the lock, until the invalidator reports success; an invalidator that
+    fails or raises leaves it unsettled for good, so the mount never relies on a kernel
+    cache it could not clear.
     """
 
     def __init__(self) -> None:
@@ -132,7 +141,11 @@ class ViewTree:
         self._visible: dict[str, int] = {}
         self._dup_count: dict[str, int] = {}
         self._bytes: dict[str, int] = {}
-        self.invalidator: Callable[[Iterable[str]], None] | None = None
+        #: mount path -> changes whose kernel invalidation has not succeeded (yet)
+        self._unsettled: dict[str, int] = {}
+        #: Drops the kernel's cached attributes and pages of mount paths; returns False when
+        #: it could not (None counts as success).
+        self.invalidator: Callable[[Iterable[str]], bool | None] | None = None
 
     # -- reads (hot path: no lock for single dict lookups, atomic under the GIL) -----------
 
@@ -149,6 +162,15 @@ class ViewTree:
         with self._lock:
             children = self._dirs.get(path)
             return None if children is None else list(children.items())
+
+    def settled(self, path: str) -> bool:
+        """Whether the kernel has been told of every change of ``path`` (see the class doc).
+
+        Takes the lock, so a caller that found a new version in :meth:`file` also sees that
+        version's change as unsettled until its invalidation has succeeded.
+        """
+        with self._lock:
+            return path not in self._unsettled
 
     def folder(self, folder_id: str) -> FolderView | None:
         """The settings of a served folder."""
@@ -201,7 +223,8 @@ class ViewTree:
             self._folders[fv.id] = fv
             self._dirs.setdefault(f"/{fv.id}", {})
             self._dirs["/"][fv.id] = DIR_MODE
-        self._notify(changed)
+            hook = self._unsettle(changed)
+        self._notify(changed, hook)
         return len(old)
 
     def drop_folder(self, folder_id: str) -> None:
@@ -215,7 +238,8 @@ class ViewTree:
             self._dirs.pop(f"/{folder_id}", None)
             self._dirs["/"].pop(folder_id, None)
             changed.append(f"/{folder_id}")
-        self._notify(changed)
+            hook = self._unsettle(changed)
+        self._notify(changed, hook)
 
     # -- files ---------------------------------------------------------------------------
 
@@ -236,7 +260,8 @@ class ViewTree:
                 self._unclaim(old, changed)
             self._by_source[key] = vf
             self._claim(vf, changed)
-        self._notify(changed)
+            hook = self._unsettle(changed)
+        self._notify(changed, hook)
 
     def remove(self, folder_id: str, source: str) -> bool:
         """Remove the view of a source; False if it had none."""
@@ -246,7 +271,8 @@ class ViewTree:
             if old is None:
                 return False
             self._unclaim(old, changed)
-        self._notify(changed)
+            hook = self._unsettle(changed)
+        self._notify(changed, hook)
         return True
 
     def _claim(self, vf: ViewFile, changed: list[str]) -> None:
@@ -320,10 +346,32 @@ class ViewTree:
             changed.append(parent)
             path = parent
 
-    def _notify(self, paths: list[str]) -> None:
+    def _unsettle(self, paths: list[str]) -> Callable[[Iterable[str]], bool | None] | None:
+        """Mark changed paths unsettled (under the lock, with the change); the hook to call.
+
+        Without an invalidator nothing is mounted (or the mount is going away): no kernel
+        cache to clear, nothing to wait for.
+        """
         hook = self.invalidator
-        if hook is not None and paths:
-            hook(paths)
+        if hook is not None:
+            for path in paths:
+                self._unsettled[path] = self._unsettled.get(path, 0) + 1
+        return hook
+
+    def _notify(
+        self, paths: list[str], hook: Callable[[Iterable[str]], bool | None] | None
+    ) -> None:
+        if hook is None or not paths:
+            return
+        if hook(paths) is False:
+            return  # the kernel may still cache them: they stay unsettled
+        with self._lock:
+            for path in paths:
+                left = self._unsettled.get(path, 0) - 1
+                if left > 0:
+                    self._unsettled[path] = left
+                else:
+                    self._unsettled.pop(path, None)
 
 
 class HeaderCache:
@@ -419,6 +467,12 @@ class ViewFS:
     open on an older version never reads pages a newer version filled (mixed bytes), a view
     opened while such a handle exists is opened ``direct_io``: it bypasses the cache, and
     the cache only ever holds bytes of one version (the tree invalidates it on each change).
+    The kernel also caches a path's size and clamps cached reads to it: a view opened
+    between a change and the kernel's invalidation of it (:meth:`ViewTree.settled`) is
+    opened ``direct_io`` too, or its reads would stop at the previous version's size.
+
+    A header is rendered only from a source state that can no longer change unseen (see
+    :func:`unsettled_ns`), and is used only if the source kept that state while it was read.
     """
 
     def __init__(
@@ -439,6 +493,7 @@ class ViewFS:
         self._next_fh = itertools.count(1)
         self._stale_logged: set[tuple[str, SourceStat, str]] = set()
         self.opens = 0
+        self.direct_opens = 0  #: opens that bypass the kernel's page cache
         self.stale = 0
 
     @property
@@ -480,45 +535,75 @@ class ViewFS:
             fd = _open_source(vf.source)
         except OSError as exc:
             raise self._stale(vf, "source cannot be opened") from exc
+        version = _version(vf)
         try:
             st = os.fstat(fd)
-            if SourceStat.of(st) != vf.state:
+            state = SourceStat.of(st)
+            # Only ctime moved (chmod, chown, a link; or a rewrite whose mtime was set back):
+            # served from a header rendered now, off the page cache, until indexed again.
+            recheck = state != vf.state
+            if recheck and dataclasses.replace(state, ctime_ns=vf.state.ctime_ns) != vf.state:
                 raise self._stale(vf, "source state differs from the index")
-            view = self._view(fd, vf, folder)
+            view, rendered = self._view(fd, vf, folder, st, state, fresh=recheck)
             if view.size != vf.size or str(view.relpath) != vf.relpath:
                 raise self._stale(vf, "rebuilt view differs from the index")
         except BaseException:
             os.close(fd)
             raise
-        version = _version(vf)
+        if rendered and not recheck:
+            self.cache.put(version, view)
+        # After the lookup above: a version found there stays unsettled until the kernel
+        # has dropped the previous version's size.
+        unsettled = not self.tree.settled(path)
         with self._lock:
             fh = next(self._next_fh)
             self._handles[fh] = _Handle(fd, view, st.st_ctime_ns, vf)
             versions = self._open_versions.setdefault(path, Counter())
-            direct = any(v != version for v in versions)
+            direct = recheck or unsettled or any(v != version for v in versions)
             versions[version] += 1
         self.opens += 1
+        if direct:
+            self.direct_opens += 1
         return Opened(fh, direct)
 
-    def _view(self, fd: int, vf: ViewFile, folder: FolderView) -> View:
-        key = (vf.source, vf.state, vf.digest)
-        view = self.cache.get(key)
+    def _view(
+        self,
+        fd: int,
+        vf: ViewFile,
+        folder: FolderView,
+        st: os.stat_result,
+        state: SourceStat,
+        *,
+        fresh: bool = False,
+    ) -> tuple[View, bool]:
+        """The view of ``vf`` from the cache (unless ``fresh``), or rendered from ``fd``
+        (whose fstat is ``st``, state ``state``); True when rendered (to be cached once
+        checked against the index)."""
+        view = None if fresh else self.cache.get(_version(vf))
         if view is not None:
-            return view
+            return view, False
         if folder.digest != vf.digest:
             raise self._stale(vf, "profile changed since indexing")
+        wait = unsettled_ns(st, time.time_ns())
+        if wait:
+            # Changed within a timestamp tick: read once it is over, so that every write
+            # after the reads below moves ctime (checked after them).
+            time.sleep(wait / 1e9)
         rel = PurePosixPath(os.path.relpath(vf.source, folder.root))
         started = time.perf_counter()
         try:
             with open(fd, "rb", closefd=False) as f:
-                view = render(f, vf.state, folder.plan, folder.pseudonymizer, folder.layout, rel)
+                view = render(f, state, folder.plan, folder.pseudonymizer, folder.layout, rel)
         except Refused as exc:
             raise self._stale(vf, "source no longer renders") from exc
         finally:
             if self.metrics is not None:
                 self.metrics.observe_render(vf.folder, time.perf_counter() - started)
-        self.cache.put(key, view)
-        return view
+        after = os.fstat(fd)
+        if SourceStat.of(after) != state:
+            # Written to while it was parsed: the header may mix two contents.
+            raise self._stale(vf, "source changed while rendered")
+        return view, True
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of an open view.
@@ -576,6 +661,25 @@ class ViewFS:
         """Close every held source (at shutdown)."""
         for fh in list(self._handles):
             self.release(fh)
+
+
+#: How long after a change a source's state may still hide another change. File systems
+#: without multigrain timestamps (Linux before 6.13, and others) stamp mtime and ctime from a
+#: coarse clock: a write in the same tick (one jiffy, at most 10 ms) as a stat leaves the
+#: stat unchanged. Two ticks at the slowest tick rate.
+SOURCE_TICK_NS = 20_000_000
+
+
+def unsettled_ns(st: os.stat_result, now_ns: int) -> int:
+    """Nanoseconds until the state in ``st`` shows every later change of the file (0: now).
+
+    A view built from bytes read once this is 0 stays valid exactly as long as the state:
+    any later write moves ctime to a later tick. ctime, not mtime: utimes(2) can set mtime
+    to anything, ctime is always the kernel's time of the change. A ctime ahead of
+    ``now_ns`` (the clock was set back) is in a tick no later write can share.
+    """
+    age = now_ns - st.st_ctime_ns
+    return SOURCE_TICK_NS - age if 0 <= age < SOURCE_TICK_NS else 0
 
 
 def _open_source(path: str) -> int:
@@ -663,17 +767,26 @@ class DeidOperations:
         with self._inval_lock:
             self._fuse_ptr = None
 
-    def invalidate(self, paths: Iterable[str]) -> None:
-        """Drop the kernel's cached attributes and pages of ``paths`` (ignores unknown ones).
+    def invalidate(self, paths: Iterable[str]) -> bool:
+        """Drop the kernel's cached attributes and pages of ``paths``.
 
-        Never called from a FUSE callback: the kernel may wait on the request being served.
+        Returns False if the kernel may still cache one of them: no session (not mounted
+        yet, or going down), or an error other than ENOENT (a path the kernel never looked
+        up, so holds nothing of). Never called from a FUSE callback: the kernel may wait on
+        the request being served.
         """
+        ok = True
         with self._inval_lock:
             ptr, fn = self._fuse_ptr, self._invalidate_fn
             if ptr is None or fn is None:
-                return
+                return False
             for path in paths:
-                fn(ctypes.c_void_p(ptr), path.encode("utf-8", "surrogateescape"))
+                rc = fn(ctypes.c_void_p(ptr), path.encode("utf-8", "surrogateescape"))
+                if rc not in (0, -errno.ENOENT):
+                    ok = False
+        if not ok:
+            log.warning("kernel cache invalidation failed: affected views bypass the cache")
+        return ok
 
     # -- metadata ------------------------------------------------------------------------
 

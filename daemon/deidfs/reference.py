@@ -140,10 +140,10 @@ def render_reference(
                 raise Refused("unparseable", "elements after pixel data") from exc
             _check_complete(trailer, f.tell(), size, pixel_end)
     has_pixels = pixel_end > pixel_offset
-    if not has_pixels and all(t in ds for t in _IMAGE_PIXEL_TAGS):
+    if not has_pixels and any(t in ds for t in _IMAGE_PIXEL_TAGS):
         # The Image Pixel module announces pixels that are not there (PS3.3 C.7.6.3: Pixel
-        # Data is Type 1C with Rows): most likely a file cut at an element boundary just
-        # before Pixel Data, which the size check above cannot see.
+        # Data is Type 1C with Rows): most likely a file cut at an element boundary before
+        # Pixel Data (even between Rows and Columns), which the size check cannot see.
         raise Refused("no_pixel_data", "image pixel attributes without pixel data")
     try:
         result = deidentify(ds, plan, pseudonymizer, has_pixels=has_pixels, trailer=trailer)

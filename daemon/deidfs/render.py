@@ -66,16 +66,22 @@ _END = 1 << 62  #: beyond any offset (a bisect key)
 
 @dataclass(frozen=True, slots=True)
 class SourceStat:
-    """The identity of a source file's state; a view is valid for exactly this state."""
+    """The identity of a source file's state; a view is valid for exactly this state.
+
+    ctime is part of it: a file rewritten in place to the same size, its mtime then set back
+    (``touch -r``, ``rsync --inplace``, tools that keep timestamps), keeps every other field,
+    while its ctime is always the kernel's time of the last change.
+    """
 
     dev: int
     ino: int
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> SourceStat:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass(frozen=True, slots=True)

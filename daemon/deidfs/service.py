@@ -9,7 +9,13 @@ Threads:
 - each folder's :class:`~deidfs.watcher.FolderWatcher` reports settled and deleted files to
   :meth:`Service._sink`, which only queues them;
 - ``deidfs-index-N`` threads (``[daemon] workers``) render queued sources header-only,
-  store the result in the index and update the mount's tree atomically;
+  store the result in the index and update the mount's tree atomically. They read sources
+  ahead in parallel (the first bytes, into the page cache: slow storage is read
+  concurrently), but one at a time indexes what is read ahead, for up to a tenth of a
+  second before another takes over (``_index_lock``). Rendering is Python holding the
+  GIL: two threads rendering at once on two cores hand the GIL (and the interpreter's hot
+  cache lines) back and forth at every system call; that took about twice the CPU time
+  per file and indexed slower than one thread alone;
 - ``deidfs-verify`` checks, once at start, that the sources loaded from the index still
   exist (files deleted while the daemon was down are never reported by a watcher);
 - ``deidfs-control`` serves the control socket (status, reload, export) and
@@ -80,6 +86,7 @@ from deidfs.fusefs import (
     ViewTree,
     clear_stale_mount,
     pseudo_mtime_ns,
+    unsettled_ns,
 )
 from deidfs.index import Entry, Index, Status
 from deidfs.metrics import FolderState, Metrics, StateSnapshot
@@ -100,6 +107,13 @@ JOIN_SECONDS = 5.0
 CONFIG_POLL_SECONDS = 0.5
 #: How often ``STATUS=`` is sent to systemd.
 STATUS_SECONDS = 5.0
+#: Bytes of a source an indexing worker reads ahead, outside the index lock: what the
+#: renderer reads first (a typical header fits).
+READ_AHEAD_BYTES = 16 * 1024
+#: Sources read ahead beyond which a worker waits for the index lock instead of reading on.
+READ_AHEAD_DEPTH = 16
+#: How long a worker holding the index lock keeps indexing before it lets another take over.
+INDEX_HOLD_SECONDS = 0.1
 #: ``[daemon]`` settings a running daemon cannot change: a reload keeps their old value.
 RESTART_SETTINGS = ("mountpoint", "state_dir", "metrics_address", "control_socket", "allow_other")
 _WATCH_SETTINGS = ("settle_seconds", "poll_seconds", "reconcile_seconds")
@@ -449,6 +463,10 @@ class Service:
         self._export_lock = threading.Lock()
         self._config_poll: _ConfigPoll | None = None
         self._counter_lock = threading.Lock()
+        #: Held by the indexing worker that indexes (see the module notes).
+        self._index_lock = threading.Lock()
+        #: Sources taken from the queue and read ahead, not indexed yet (still in flight).
+        self._ahead: deque[tuple[_Key, _Kind]] = deque()
         self._hinted: dict[_Key, float] = {}
         self.rendered = 0
         self.reused = 0
@@ -574,7 +592,7 @@ class Service:
 
     def _load_folder_index(self, folder: _Folder) -> None:
         assert self.index is not None
-        for entry in self.index.entries(folder.config.id):
+        for entry in self.index.iter_entries(folder.config.id):
             if not entry.path.startswith(folder.prefix):
                 self.index.remove(entry.folder, entry.path)  # the folder moved
             elif entry.digest == folder.view.digest:
@@ -592,11 +610,13 @@ class Service:
 
     def _view_file(self, folder: _Folder, entry: Entry) -> ViewFile:
         assert self._pseudo is not None
+        # One folder id and digest object for all of a folder's files, not one per file.
+        fid, digest = folder.config.id, folder.view.digest
         return ViewFile(
-            folder=entry.folder,
+            folder=fid if entry.folder == fid else entry.folder,
             source=entry.path,
             state=entry.source,
-            digest=entry.digest,
+            digest=digest if entry.digest == digest else entry.digest,
             relpath=entry.relpath,
             size=entry.view_size,
             mtime_ns=pseudo_mtime_ns(self._pseudo, entry.source, entry.digest),
@@ -631,29 +651,88 @@ class Service:
         self._queue.put(key, _Kind.HINT)
 
     def _work(self) -> None:
+        """An indexing worker: read the next source ahead, then index what is read ahead
+        unless another worker is doing so (see the module notes)."""
         while not self._stop.is_set():
             item = self._queue.get(timeout=0.5)
             if item is None:
+                self._flush_index()
                 continue
             key, kind = item
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("event: folder=%s file=%s %s", key[0], self._token(key[1]), kind.value)
-            try:
+            if kind is not _Kind.GONE:
                 folder = self._folders.get(key[0])
-                if folder is not None:
-                    if kind is _Kind.GONE:
-                        self._forget(folder, key[1])
-                    else:
-                        self._index_source(folder, key[1], hint=kind is _Kind.HINT)
-            except Exception as exc:  # contain: one bad file must not stop indexing
-                log.error(
-                    "indexing failed: folder=%s file=%s error=%s",
-                    key[0],
-                    self._token(key[1]),
-                    type(exc).__name__,
-                )
+                if folder is not None and not self._indexed_as_is(folder, key[1]):
+                    _read_ahead(key[1])  # in parallel with the worker that indexes
+            self._ahead.append(item)
+            # Far enough ahead: wait for the lock (and index) rather than read on.
+            self._index_ahead(block=len(self._ahead) >= READ_AHEAD_DEPTH)
+
+    def _index_ahead(self, block: bool) -> None:
+        """Index the sources read ahead (any worker's), holding the index lock.
+
+        The holder keeps indexing for up to :data:`INDEX_HOLD_SECONDS` before it lets
+        another worker take over: passing the lock on at every file moved the work from core
+        to core at every file, which cost almost as much as rendering in parallel.
+        """
+        while self._index_lock.acquire(blocking=block):
+            try:
+                until = self._clock() + INDEX_HOLD_SECONDS
+                while not self._stop.is_set():
+                    try:
+                        item = self._ahead.popleft()
+                    except IndexError:
+                        break
+                    self._index_item(*item)
+                    if self._clock() >= until:
+                        break
             finally:
-                self._queue.done(key)
+                self._index_lock.release()
+            if not self._ahead or self._stop.is_set():
+                break
+            # More was read ahead meanwhile: index it, unless another worker took over.
+            block = False
+        if not len(self._queue):
+            self._flush_index()
+
+    def _index_item(self, key: _Key, kind: _Kind) -> None:
+        """Handle one queued source (index lock held); a failure is logged, never raised."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("event: folder=%s file=%s %s", key[0], self._token(key[1]), kind.value)
+        try:
+            folder = self._folders.get(key[0])
+            if folder is not None:
+                if kind is _Kind.GONE:
+                    self._forget(folder, key[1])
+                else:
+                    self._index_source(folder, key[1], hint=kind is _Kind.HINT)
+        except Exception as exc:  # contain: one bad file must not stop indexing
+            log.error(
+                "indexing failed: folder=%s file=%s error=%s",
+                key[0],
+                self._token(key[1]),
+                type(exc).__name__,
+            )
+        finally:
+            self._queue.done(key)
+
+    def _indexed_as_is(self, folder: _Folder, path: str) -> bool:
+        """Whether the source is served or withheld in its current state already (a
+        restart's scan reports every file: those need no reading ahead)."""
+        try:
+            state = SourceStat.of(os.lstat(path))
+        except OSError:
+            return True  # nothing to read; indexing decides what it means
+        digest = folder.view.digest
+        served = self.tree.by_source(folder.config.id, path)
+        if served is not None and served.state == state and served.digest == digest:
+            return True
+        known = folder.refused.get(path)
+        return known is not None and known[0] == state and known[1] == digest
+
+    def _flush_index(self) -> None:
+        """Nothing (more) to index for now: commit the index rows written in a batch."""
+        if self.index is not None:
+            self.index.flush()
 
     def _index_source(self, folder: _Folder, path: str, hint: bool = False) -> None:
         assert self.index is not None
@@ -685,7 +764,21 @@ class Service:
         if reason:
             self._withhold(folder, path, state, reason)
             return
-        rel = PurePosixPath(os.path.relpath(path, folder.view.root))
+        wait = unsettled_ns(st, time.time_ns())
+        if wait:
+            # Changed within a timestamp tick: a write later in that tick would not show in
+            # the state. Render once the tick is over, from the same state.
+            time.sleep(wait / 1e9)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                return  # gone or unreadable: the watcher reports it
+            if SourceStat.of(st) != state:
+                return  # changed again: the watcher reports it once it has settled
+            if unsettled_ns(st, time.time_ns()):
+                self._queue.put((fid, path), _Kind.READY)  # only its ctime moved: again
+                return
+        rel = _relative(path, folder.prefix, folder.view.root)
         view = folder.view
         started = time.perf_counter()
         try:
@@ -697,10 +790,17 @@ class Service:
             rendered, reason = None, exc.reason
         self.metrics.observe_render(fid, time.perf_counter() - started)
         self._count(rendered=1)
-        if not self._still(path, state if rendered is None else rendered.source):
+        after = self._still(path, state)
+        if after is None or (rendered is not None and rendered.source != state):
             # Written to while it was parsed (a copy in place): what was read may be a
             # mix. The watcher reports the file again once it has settled.
             log.debug("folder=%s file=%s changed while indexed", fid, self._token(path))
+            return
+        if after.st_ctime_ns != st.st_ctime_ns:
+            # Same state, later ctime: a chmod (which the watcher does not report), or a
+            # rewrite that kept size and mtime. What was read may be a mix: again (as
+            # READY: the watcher reported this state and will not report it again).
+            self._queue.put((fid, path), _Kind.READY)
             return
         if rendered is None:
             log.debug("folder=%s file=%s refused at size %d", fid, self._token(path), state.size)
@@ -714,11 +814,13 @@ class Service:
         self.fs.cache.put(key, rendered)
 
     @staticmethod
-    def _still(path: str, state: SourceStat) -> bool:
+    def _still(path: str, state: SourceStat) -> os.stat_result | None:
+        """The source's lstat if it still has ``state``."""
         try:
-            return SourceStat.of(os.lstat(path)) == state
+            st = os.lstat(path)
         except OSError:
-            return False
+            return None
+        return st if SourceStat.of(st) == state else None
 
     def _unsafe(self, folder: _Folder, path: str, st: os.stat_result) -> str:
         """Why a path must not be served although it may be DICOM ("" if it may)."""
@@ -729,8 +831,8 @@ class Service:
         if not path.startswith(folder.prefix):
             return "outside_folder"
         # A directory on the way replaced by a link would lead out of the folder.
-        real_root = os.path.realpath(folder.view.root)
-        real_dir = os.path.realpath(os.path.dirname(path))
+        real_root = _real_directory(str(folder.view.root))
+        real_dir = _real_directory(os.path.dirname(path))
         if real_dir != real_root and not real_dir.startswith(real_root.rstrip("/") + "/"):
             return "outside_folder"
         return ""
@@ -1371,6 +1473,58 @@ class Service:
                 last_status = now
                 self.notifier.status(self.status_line())
         return 0
+
+
+def _read_ahead(path: str) -> None:
+    """Bring a regular file's first :data:`READ_AHEAD_BYTES` into the page cache.
+
+    Opened as the renderer opens sources (read-only, no final symlink, O_NONBLOCK so a FIFO
+    put in its place does not block); anything but a regular file is left unread.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.pread(fd, READ_AHEAD_BYTES, 0)
+    except OSError:
+        pass  # the render reports what is wrong with it
+    finally:
+        os.close(fd)
+
+
+def _relative(path: str, prefix: str, root: Path) -> PurePosixPath:
+    """``path`` relative to the folder ``root``; ``path`` starts with ``prefix`` (root + /)."""
+    rel = path[len(prefix) :]
+    # Watcher paths are normalized: slicing is enough (PurePosixPath drops "//" and "/./");
+    # only "..", which it keeps, needs os.path.relpath.
+    if ".." not in rel:
+        return PurePosixPath(rel)
+    return PurePosixPath(os.path.relpath(path, root))
+
+
+def _real_directory(path: str) -> str:
+    """``os.path.realpath`` of a directory, asked of the kernel where it can answer.
+
+    The directory is opened ``O_PATH`` (symlinks followed, as realpath does) and the link
+    /proc shows for the descriptor is read: three system calls, where realpath makes one
+    ``lstat`` per path component. Falls back to realpath when the directory cannot be
+    opened (gone, not a directory) or /proc does not answer.
+    """
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return os.path.realpath(path)
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        real = ""
+    finally:
+        os.close(fd)
+    if not real.startswith("/") or real.endswith(" (deleted)"):
+        return os.path.realpath(path)
+    return real
 
 
 def run_service(config: Config, notifier: Notifier | None = None) -> int:

@@ -6,7 +6,7 @@ settles), ``GONE`` when a file that was reported ready is deleted, moved away or
 regular file.
 
 Three sources feed one idempotent pipeline, keyed by the file's (device, inode, size,
-mtime_ns) signature:
+mtime_ns, ctime_ns) signature:
 
 - a watchdog observer (``InotifyObserver``, or a polling observer on network file systems
   where inotify does not see writes made by other hosts);
@@ -144,10 +144,11 @@ class _Sig(NamedTuple):
     ino: int
     size: int
     mtime_ns: int
+    ctime_ns: int  #: moves with every change, even one whose mtime was set back
 
     @classmethod
     def of(cls, st: os.stat_result) -> _Sig:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass(slots=True)
@@ -162,7 +163,7 @@ class _Pending:
 @dataclass(frozen=True, slots=True)
 class _ScanBatch:
     scan_id: int
-    files: list[tuple[Path, _Sig]]
+    files: list[tuple[str, _Sig]]
     reconcile: bool  #: a periodic scan: count what the observer missed
 
 
@@ -387,7 +388,7 @@ class FolderWatcher:
     Notes
     -----
     Settling: a close-after-write or a rename into place makes a file ready once its
-    signature (device, inode, size, mtime_ns) holds for a short check; a file that is only
+    signature (device, inode, size, mtime_ns, ctime_ns) holds for a short check; a file that is only
     created or modified (a move from an unwatched directory, a writer on another NFS client)
     must keep its signature for ``settle_seconds``. A file whose signature equals the one
     last reported is not reported again (chmod, a second close, a rescan).
@@ -461,10 +462,12 @@ class FolderWatcher:
         self._watches: int | None = None
 
         # Worker state.
-        self._pending: dict[Path, _Pending] = {}
-        self._reported: dict[Path, _Sig] = {}
-        self._retry: set[Path] = set()  #: READY the sink failed on; not a missed event
-        self._scan_seen: set[Path] = set()
+        # Keyed by path string, not Path: a folder of 100,000 files would hold 100,000 Path
+        # objects (with their split parts) in _reported alone, about 40 MB more.
+        self._pending: dict[str, _Pending] = {}
+        self._reported: dict[str, _Sig] = {}
+        self._retry: set[str] = set()  #: READY the sink failed on; not a missed event
+        self._scan_seen: set[str] = set()
         self._seen_scan_id = -1
         self._next_sweep = 0.0
         self._missed = 0
@@ -674,11 +677,13 @@ class FolderWatcher:
                     type(exc).__name__,
                 )
                 if change.kind is FileEvent.READY:
-                    # Forget it, so that the next scan offers it again.
+                    # Forget it, so that the next scan offers it again. (Keys are normalized
+                    # paths, so the Change's Path gives the key back.)
+                    key = os.fspath(change.path)
                     with self._lock:
-                        if self._reported.get(change.path) == sig:
-                            del self._reported[change.path]
-                            self._retry.add(change.path)
+                        if self._reported.get(key) == sig:
+                            del self._reported[key]
+                            self._retry.add(key)
 
     def _handle(self, item: _WorkItem, out: list[tuple[Change, _Sig | None]]) -> None:
         if isinstance(item, _ScanBatch):
@@ -709,7 +714,7 @@ class FolderWatcher:
         src = self._from_observer(event.src_path)
         now = self._clock()
         if isinstance(event, FileMovedEvent):
-            self._check_gone(Path(src), out)
+            self._check_gone(src, out)
             self._touch(self._from_observer(event.dest_path), now, quick=True)
         elif isinstance(event, FileClosedEvent):
             self._touch(src, now, quick=True)
@@ -718,14 +723,14 @@ class FolderWatcher:
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
             self._touch(src, now, quick=False)
         elif isinstance(event, FileDeletedEvent):
-            self._check_gone(Path(src), out)
+            self._check_gone(src, out)
         elif isinstance(event, DirDeletedEvent | DirMovedEvent):
             if src == self._root_str:
                 # The emitter stops on its own root's deletion; let the supervisor look now.
                 self._commands.put(_Cmd.CHECK)
             prefix = src.rstrip("/") + "/"
             with self._lock:
-                below = [p for p in (*self._reported, *self._pending) if str(p).startswith(prefix)]
+                below = [p for p in (*self._reported, *self._pending) if p.startswith(prefix)]
             for path in below:
                 self._check_gone(path, out)
 
@@ -733,17 +738,19 @@ class FolderWatcher:
         """Record activity on a file; ``quick`` None keeps the current settle mode."""
         if not self._eligible_name(path):
             return
-        key = Path(path)
         with self._lock:
-            entry = self._pending.get(key)
+            entry = self._pending.get(path)
             if entry is None:
-                self._pending[key] = _Pending(sig=None, since=now, quick=bool(quick))
+                self._pending[path] = _Pending(sig=None, since=now, quick=bool(quick))
             else:
                 entry.since = now
                 if quick is not None:
                     entry.quick = quick
 
-    def _check_gone(self, path: Path, out: list[tuple[Change, _Sig | None]]) -> None:
+    def _change(self, path: str, kind: FileEvent) -> Change:
+        return Change(self._folder_id, Path(path), kind)
+
+    def _check_gone(self, path: str, out: list[tuple[Change, _Sig | None]]) -> None:
         """Report GONE if a known file no longer exists as a regular file."""
         with self._lock:
             known = path in self._reported or path in self._pending
@@ -761,7 +768,7 @@ class FolderWatcher:
             self._pending.pop(path, None)
             sig = self._reported.pop(path, None)
         if sig is not None:
-            out.append((Change(self._folder_id, path, FileEvent.GONE), None))
+            out.append((self._change(path, FileEvent.GONE), None))
 
     def _sweep(self, now: float, out: list[tuple[Change, _Sig | None]]) -> None:
         with self._lock:
@@ -778,7 +785,7 @@ class FolderWatcher:
                     self._pending.pop(path, None)
                     gone = self._reported.pop(path, None)
                 if gone is not None:
-                    out.append((Change(self._folder_id, path, FileEvent.GONE), None))
+                    out.append((self._change(path, FileEvent.GONE), None))
                 continue
             sig = _Sig.of(st)
             if sig != entry.sig:
@@ -793,11 +800,11 @@ class FolderWatcher:
                 del self._pending[path]
                 if self._reported.get(path) == sig:
                     continue
-            if not self._within_root(str(path)):
+            if not self._within_root(path):
                 continue
             with self._lock:
                 self._reported[path] = sig
-            out.append((Change(self._folder_id, path, FileEvent.READY), sig))
+            out.append((self._change(path, FileEvent.READY), sig))
 
     def _on_scan_batch(self, batch: _ScanBatch, out: list[tuple[Change, _Sig | None]]) -> None:
         if batch.scan_id != self._seen_scan_id:
@@ -825,7 +832,7 @@ class FolderWatcher:
                 if stat.S_ISREG(st.st_mode) and _Sig.of(st) == sig:
                     with self._lock:
                         self._reported[path] = sig
-                    out.append((Change(self._folder_id, path, FileEvent.READY), sig))
+                    out.append((self._change(path, FileEvent.READY), sig))
                     continue
             with self._lock:
                 self._pending.setdefault(path, _Pending(sig=sig, since=now, quick=False))
@@ -849,7 +856,7 @@ class FolderWatcher:
             self._reported.clear()
             self._pending.clear()
             self._retry.clear()
-        out.extend((Change(self._folder_id, p, FileEvent.GONE), None) for p in lost)
+        out.extend((self._change(p, FileEvent.GONE), None) for p in lost)
 
     # ----------------------------------------------------------------------------------
     # Supervisor thread: observer, root reachability, scans
@@ -1067,7 +1074,7 @@ class FolderWatcher:
         root_st = os.stat(self._root_str)
         stats.dirs[root_st.st_ino] = self._root_str
         stack: list[tuple[str, bool]] = [(self._root_str, False)]
-        batch: list[tuple[Path, _Sig]] = []
+        batch: list[tuple[str, _Sig]] = []
         while stack:
             if self._stopping.is_set():
                 return None
@@ -1092,7 +1099,7 @@ class FolderWatcher:
                             and entry.is_file(follow_symlinks=False)
                         ):
                             st = entry.stat(follow_symlinks=False)
-                            batch.append((Path(entry.path), _Sig.of(st)))
+                            batch.append((entry.path, _Sig.of(st)))
                     except OSError:
                         continue  # vanished while read
             if len(batch) >= _SCAN_BATCH:

@@ -31,6 +31,7 @@ from deidfs.deid.outcome import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     MEDIA_DIRECTORY_CLASS,
+    UID_TEXT,
     Report,
 )
 from deidfs.deid.pixels import PixelDecision, PixelPolicy, decide, image_info
@@ -664,6 +665,10 @@ def deidentify(
     sop_class = _plain(_raw_value(ds, SOP_CLASS_UID, charset))
     if not sop_class and meta is not None:
         sop_class = str(meta.get("MediaStorageSOPClassUID", "")).strip()
+    if sop_class and not UID_TEXT.match(sop_class):
+        # Copied into the file meta as it is: a value that is not a UID (a corrupt length
+        # that swallowed the elements after it) would carry their bytes there.
+        raise Refused("bad_value", "SOP Class UID is not a UID")
     _check_refusals(ds, plan, has_pixels, sop_class)
     ts = _transfer_syntax(ds, bool(implicit), bool(little))
     pixel_rule = _pixel_decision(ds, plan, has_pixels, sop_class, ts)

@@ -48,6 +48,7 @@ from deidfs.deid.outcome import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     MEDIA_DIRECTORY_CLASS,
+    UID_TEXT,
     Report,
 )
 from deidfs.deid.pixels import ImageInfo, PixelPolicy
@@ -1386,7 +1387,7 @@ def _deidentify_header(
         run.root_done = 1 << 32
         _, trailer_parts = run.dataset(0, len(trailer), False, False)
         trailer_out = b"".join(trailer_parts)
-    if not has_pixels and all(t in root for t in _IMAGE_PIXEL_TAGS):
+    if not has_pixels and any(t in root for t in _IMAGE_PIXEL_TAGS):
         raise Decline("no_pixel_data")
     burned = root.get(BURNED_IN_ANNOTATION)
     burned_in = burned is not None and _plain(burned[0], burned[1]).upper() == "YES"
@@ -1396,6 +1397,8 @@ def _deidentify_header(
     sop_class = _plain(sop[0], sop[1]) if sop is not None else ""
     if not sop_class:
         sop_class = media_class
+    if sop_class and not UID_TEXT.match(sop_class):
+        raise Decline("bad_sop_class")  # the reference path refuses it
     if sop_class == MEDIA_DIRECTORY_CLASS or sop_class in ENCAPSULATED_DOCUMENT_CLASSES:
         raise Decline("refused_class")
     at_risk = False

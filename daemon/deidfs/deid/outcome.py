@@ -6,6 +6,7 @@ withholds. Nothing here imports pydicom.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from deidfs import __version__
@@ -27,6 +28,8 @@ ENCAPSULATED_DOCUMENT_CLASSES = frozenset(
     }
 )
 MEDIA_DIRECTORY_CLASS = "1.2.840.10008.1.3.10"
+#: The characters of a UID (PS3.5 9.1): digits and dots.
+UID_TEXT = re.compile(r"^[0-9.]+$")
 
 
 @dataclass(frozen=True, slots=True)
