@@ -688,3 +688,18 @@ def test_garbage_values(
 
 def _unused() -> FileMetaDataset:  # pragma: no cover - keeps the import for readers
     return FileMetaDataset()
+
+
+def test_a_kept_number_that_swallowed_the_next_element_is_refused(tmp_path: Path) -> None:
+    """Rows (US, VM 1) given a length that takes in the element after it: kept as it is,
+    that element's bytes (a name, an ID) would travel inside the number. Refused on both
+    paths."""
+    data = bytearray(Path(str(get_testdata_file("CT_small.dcm"))).read_bytes())
+    at = data.find(b"\x28\x00\x10\x00US\x02\x00")
+    assert at > 0
+    nxt = at + 10  # the element after Rows: its 8-byte header and value join Rows' value
+    next_len = int.from_bytes(data[nxt + 6 : nxt + 8], "little")
+    data[at + 6 : at + 8] = (2 + 8 + next_len).to_bytes(2, "little")
+    path = tmp_path / "swallow.dcm"
+    path.write_bytes(bytes(data))
+    _refused(_render_both_ways(path), "bad_value")

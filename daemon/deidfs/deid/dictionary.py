@@ -32,6 +32,7 @@ __all__ = [
     "entry",
     "is_registered_uid",
     "keyword_for_tag",
+    "length_fits",
     "name_of",
     "private_transfer_syntaxes",
     "tag_for_keyword",
@@ -179,3 +180,32 @@ def private_transfer_syntaxes() -> tuple[str, ...]:
 def datetime_conversion() -> bool:
     """pydicom's ``config.datetime_conversion`` (False until pydicom is imported)."""
     return bool(_pydicom_attribute("pydicom.config", "datetime_conversion", False))
+
+
+#: Bytes per value of the VRs whose values have a fixed size (PS3.5 Table 6.2-1).
+VALUE_SIZES: Final = {
+    "US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "UV": 8, "SV": 8, "AT": 4,
+}  # fmt: skip
+
+
+def length_fits(tag: int, vr: str, length: int) -> bool:
+    """Whether ``length`` bytes can be a value of ``tag`` with the fixed-size ``vr``: whole
+    values, and no more of them than the dictionary's VM allows (an empty value always fits;
+    private and unknown tags are judged by whole values only).
+
+    A corrupt length makes an element take in the elements after it; kept as it is, their
+    bytes (names, IDs) would travel inside a number's value.
+    """
+    size = VALUE_SIZES[vr]
+    if length % size:
+        return False
+    if length == 0:
+        return True
+    try:
+        vm = entry(tag)[1]
+    except KeyError:
+        return True
+    most = vm.rpartition("-")[2]
+    if not most.isdigit():
+        return True  # "1-n", "2-2n": any number of values
+    return length <= int(most) * size

@@ -26,6 +26,7 @@ from pydicom.uid import UID
 from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
 
 from deidfs import __version__
+from deidfs.deid.dictionary import VALUE_SIZES, length_fits
 from deidfs.deid.outcome import (
     ENCAPSULATED_DOCUMENT_CLASSES,
     IMPLEMENTATION_CLASS_UID,
@@ -409,9 +410,15 @@ class _Walker:
         ctx.counts[op.value] += 1
         if op is Op.REMOVE:
             return None
+        vr = _vr_of(raw, tag)
+        if (
+            op in (Op.KEEP, Op.VERBATIM)
+            and vr in VALUE_SIZES
+            and not length_fits(tag, vr, _value_length(raw, vr))
+        ):
+            raise Refused("bad_value", "a kept number's length does not fit its VR and VM")
         if op is Op.VERBATIM:
             return raw
-        vr = _vr_of(raw, tag)
         if op is Op.KEEP:
             if vr != "SQ":
                 if tag == PATIENT_AGE and ctx.plan.profile.max_age is not None:
@@ -579,6 +586,14 @@ def _age_over(root: Dataset, ctx: _Context, max_age: int) -> bool:
     if len(birth) >= 4 and birth[:4].isdigit() and len(ref) >= 4 and ref[:4].isdigit():
         return int(ref[:4]) - int(birth[:4]) > max_age
     return False
+
+
+def _value_length(elem: RawDataElement | DataElement, vr: str) -> int:
+    """The length of a fixed-size element's value: as read, or as many values as it holds
+    once converted (image attributes are converted to decide about pixels)."""
+    if isinstance(elem, RawDataElement):
+        return int(elem.length)
+    return int(elem.VM) * VALUE_SIZES[vr]
 
 
 def _method_codes(plan: Plan, *, pixels_cleaned: bool = False) -> Sequence:

@@ -38,8 +38,10 @@ from deidfs import __version__
 from deidfs.deid.dictionary import (
     LONG_LENGTH_VRS,
     STANDARD_VRS,
+    VALUE_SIZES,
     datetime_conversion,
     is_registered_uid,
+    length_fits,
     private_transfer_syntaxes,
     vr_of,
 )
@@ -759,7 +761,8 @@ class _Run:
             if op != _OTHER and not scrub and len(heads) < _MAX_TAGS:
                 if op == _REMOVE:
                     heads[data[pos : pos + 6]] = (tag, op, head, b"")
-                elif vr not in _NOT_RAW:
+                elif vr not in _NOT_RAW and (op < _KEEP or vr not in VALUE_SIZES):
+                    # Kept numbers stay on this path: their length is checked below.
                     payload = _element(tag, vr, b"") if op == _EMPTY else vr
                     heads[data[pos : pos + 6]] = (tag, op, head, payload)
             if op == _REMOVE:
@@ -767,6 +770,8 @@ class _Run:
                 pos = next_pos
                 continue
             if op >= _KEEP and vr not in _NOT_RAW:
+                if vr in VALUE_SIZES and not length_fits(tag, vr, next_pos - start):
+                    raise Decline("number_length")  # the reference path refuses it
                 kept += 1
                 if raw_mode:
                     append(data[pos:next_pos])
@@ -1000,6 +1005,10 @@ class _Run:
         """A raw element the engine keeps, as the encoder writes it: as it is in a raw data
         set (but an empty one, which pydicom converts), else as pydicom decodes and writes it
         (an element read as UN then has the VR its data dictionary names)."""
+        # The engine judges an element read as UN by its dictionary VR.
+        real = self.un_vr(tag, end - start) if vr == "UN" and not tag >> 16 & 1 else vr
+        if real in VALUE_SIZES and not length_fits(tag, real, end - start):
+            raise Decline("number_length")  # the reference path refuses it
         if raw_mode and (vr != "UN" or end > start):
             return self.data[start - (12 if vr.encode() in _VR_LONG else 8) : end]
         if vr == "UN":
