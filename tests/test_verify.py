@@ -231,6 +231,28 @@ def test_other_files_in_the_tree_are_searched(originals: Path, tmp_path: Path) -
     assert ("value_in_other_file", "PatientID") in found
 
 
+def test_digests_in_a_manifest_are_not_taken_for_values(tmp_path: Path) -> None:
+    """rtplan.dcm's DeviceSerialNumber ``9999`` occurs, by chance, inside a hex digest."""
+    (tmp_path / "in").mkdir()
+    shutil.copyfile(sample_file("rtplan.dcm"), tmp_path / "in" / "rtplan.dcm")
+    folder = folder_of(tmp_path / "in")
+    tree = tmp_path / "tree"
+    export_tree(folder, BASIC, Pseudonymizer(KEY), tree)
+    digest = "ab" * 10 + "a9999f" + "cd" * 19
+    line = f'{{"type": "file", "path": "x.dcm", "sha256": "{digest}", "plan_digest": "{digest}"}}\n'
+    manifest = tree / ".deidfs-manifest-20261122T074214Z.jsonl"
+    manifest.write_text(line)
+    result = run(folder, BASIC, tree)
+    assert result.ok, result.findings
+    assert result.other_files == 1
+    # The same digits anywhere else in a manifest, or in a file that is no manifest, count.
+    manifest.write_text(line.replace('"x.dcm"', '"serial_9999_x.dcm"'))
+    assert kinds(run(folder, BASIC, tree)) == {("value_in_other_file", "DeviceSerialNumber")}
+    manifest.rename(tree / "notes.jsonl")
+    (tree / "notes.jsonl").write_text(line)
+    assert kinds(run(folder, BASIC, tree)) == {("value_in_other_file", "DeviceSerialNumber")}
+
+
 def test_original_values_in_served_paths_are_found(tmp_path: Path) -> None:
     """Mirror layout keeps the originals' names; one that carries an ID is a finding."""
     src = tmp_path / "src"
