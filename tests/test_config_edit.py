@@ -195,6 +195,25 @@ def test_golden_results_mean_what_the_commands_say(tmp_path: Path) -> None:
     assert base["folders"] != folders
 
 
+@pytest.mark.parametrize(
+    ("value", "written"),
+    [
+        ("Research exports, v3", "comment = 'Research exports, v3'"),  # the admin's quotes
+        ("Smith's exports", 'comment = "Smith\'s exports"'),  # a literal cannot hold '
+        ("tab\there", "comment = 'tab\there'"),
+        ("bell\x07", 'comment = "bell\\u0007"'),
+    ],
+)
+def test_a_changed_string_keeps_its_quotes_where_it_can(
+    cfg: Path, value: str, written: str
+) -> None:
+    assert "comment = 'Research exports'" in cfg.read_text()
+    assert run(cfg, "profile", "edit", "research", "--comment", value) == 0
+    text = cfg.read_text()
+    assert written in text.splitlines()
+    assert load_config(cfg).profiles["research"].comment == value
+
+
 # --------------------------------------------------------------------------------------------
 # Copies
 

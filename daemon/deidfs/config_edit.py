@@ -50,6 +50,8 @@ from tomlkit.items import (
     Item,
     Null,
     SingleKey,
+    String,
+    StringType,
     Table,
     Whitespace,
 )
@@ -725,6 +727,24 @@ def _remove_table(doc: TOMLDocument, section: str, name: str) -> None:
     _splice(pcont, pend, pend, keep)
 
 
+def _same_quotes(old: Any, value: Any) -> Any:
+    """``value``, a new string, in the quotes of the ``old`` one where it can be.
+
+    An admin who wrote ``'x'`` gets ``'y'``; a literal string cannot hold ``'`` or control
+    characters, so such a value is written as a basic string ``"..."`` with escapes. Decided
+    here, not left to tomlkit, whose choice changed between releases.
+    """
+    if not isinstance(value, str) or isinstance(value, Item):
+        return value
+    literal = (
+        isinstance(old, String)
+        and old.type is StringType.SLL
+        and "'" not in value
+        and all(c == "\t" or (c >= " " and c != "\x7f") for c in value)
+    )
+    return tomlkit.string(value, literal=literal)
+
+
 def _set_key(table: Table | InlineTable, key: str, value: Any) -> None:
     """Set ``key`` in ``table``: in place if present, else after the table's last key."""
     if key in table:
@@ -733,7 +753,7 @@ def _set_key(table: Table | InlineTable, key: str, value: Any) -> None:
         new_plain = value.unwrap() if isinstance(value, Item) else value
         if type(old_plain) is type(new_plain) and old_plain == new_plain:
             return  # same value: leave its spelling ('x' vs "x") alone
-        table[key] = value
+        table[key] = _same_quotes(old, value)
         return
     if isinstance(table, InlineTable):
         table[key] = value
