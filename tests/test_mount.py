@@ -541,6 +541,7 @@ def test_service_in_process_reports_status(tmp_path: Path) -> None:
             mountpoint=tmp_path / "mnt",
             state_dir=tmp_path / "state",
             export_dir=tmp_path / "export",
+            control_socket=tmp_path / "state" / "control.sock",  # not a running daemon's
             metrics_address="",
             settle_seconds=0.2,
             reconcile_seconds=0,

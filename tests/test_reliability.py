@@ -534,6 +534,7 @@ def _service_config(tmp_path: Path, incoming: Path) -> Config:
             mountpoint=tmp_path / "mnt",
             state_dir=tmp_path / "state",
             export_dir=tmp_path / "export",
+            control_socket=tmp_path / "state" / "control.sock",  # not a running daemon's
             metrics_address="",
             settle_seconds=0.2,
             reconcile_seconds=0,
