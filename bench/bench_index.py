@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rss-rows", type=int, default=64, help="their rows = columns (64)")
     parser.add_argument("--workers", type=int, default=2, help="[daemon] workers (2)")
-    parser.add_argument("--cache-mib", type=int, default=256, help="[daemon] cache_mib (256)")
+    parser.add_argument("--cache-mib", type=int, default=32, help="[daemon] cache_mib (32)")
     parser.add_argument(
         "--settle", type=float, default=2.0, help="[daemon] settle_seconds (2.0, the default)"
     )

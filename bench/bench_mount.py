@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --large, best (3)")
     parser.add_argument("--workers", type=int, default=2, help="[daemon] workers (2)")
-    parser.add_argument("--cache-mib", type=int, default=256, help="[daemon] cache_mib (256)")
+    parser.add_argument("--cache-mib", type=int, default=32, help="[daemon] cache_mib (32)")
     parser.add_argument("--settle", type=float, default=2.0, help="[daemon] settle_seconds (2)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per daemon start (600 s)")
     parser.add_argument("--workdir", help="parent of the work directory (default: $TMPDIR)")

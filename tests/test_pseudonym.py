@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deidfs.deid.pseudonym import MAX_SHIFT_DAYS, TOKEN_LENGTH, Pseudonymizer
+from deidfs.deid.pseudonym import MAX_SHIFT_DAYS, MEMO_ENTRIES, TOKEN_LENGTH, Pseudonymizer
 from deidfs.errors import SecretError
 
 KEY = b"k" * 32
@@ -100,3 +100,20 @@ def test_same_output_in_another_process() -> None:
     ).stdout.split()
     p = Pseudonymizer(KEY)
     assert out == [p.uid("1.2.3.4"), p.token("PAT1"), str(p.date_shift_days("PAT1"))]
+
+
+def test_memos_stay_bounded_and_never_change_a_result() -> None:
+    """Indexing a large folder derives one-off values (every SOP Instance UID, every path):
+    the memos start over instead of growing, and a value derived again is the same."""
+    p = Pseudonymizer(b"k" * 32)
+    fresh = Pseudonymizer(b"k" * 32)
+    uids = [f"1.2.3.{n}" for n in range(3 * MEMO_ENTRIES)]
+    first = [p.uid(u) for u in uids]
+    paths = [p.token(f"/data/ct/{n}.dcm", "path") for n in range(MEMO_ENTRIES)]
+    assert len(p._uids) <= MEMO_ENTRIES
+    assert len(p._tokens) == 0  # path tokens are never memoized
+    assert [p.uid(u) for u in uids] == first == [fresh.uid(u) for u in uids]
+    assert paths == [fresh.token(f"/data/ct/{n}.dcm", "path") for n in range(MEMO_ENTRIES)]
+    ids = [p.token(f"PID{n}") for n in range(2 * MEMO_ENTRIES)]
+    assert 0 < len(p._tokens) <= MEMO_ENTRIES
+    assert ids == [fresh.token(f"PID{n}") for n in range(2 * MEMO_ENTRIES)]

@@ -17,6 +17,7 @@ from deidfs.deid.profiles import BASIC
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import NotFound, Refused
 from deidfs.fusefs import (
+    CACHE_ENTRY_OVERHEAD,
     DIR_MODE,
     FILE_MODE,
     PSEUDO_EPOCH_NS,
@@ -113,10 +114,11 @@ def test_header_cache_is_bounded() -> None:
             b"h" * 1000, 0, 0, b"", PurePosixPath(f"{n}.dcm"), None, SourceStat(0, n, 0, 0, 0)
         )  # type: ignore[arg-type]
 
-    cache = HeaderCache(max_bytes=5000)
+    bound = 3 * (1000 + CACHE_ENTRY_OVERHEAD) + 500
+    cache = HeaderCache(max_bytes=bound)
     for n in range(10):
         cache.put((str(n), SourceStat(0, n, 0, 0, 0), "d"), view(n))
-    assert cache.size_bytes <= 5000
+    assert cache.size_bytes <= bound
     assert len(cache) == 3
     assert cache.get(("9", SourceStat(0, 9, 0, 0, 0), "d")) is not None
     assert cache.get(("0", SourceStat(0, 0, 0, 0, 0), "d")) is None

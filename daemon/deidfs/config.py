@@ -76,7 +76,7 @@ class DaemonConfig:
     settle_seconds: float = 2.0
     reconcile_seconds: float = 300.0  #: periodic full rescan of every folder; 0 disables
     poll_seconds: float = 5.0  #: interval of the polling observer
-    cache_mib: int = 256  #: bound of the in-memory header cache
+    cache_mib: int = 32  #: bound of the in-memory header cache
     workers: int = 2  #: indexing threads
 
 

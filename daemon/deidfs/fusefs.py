@@ -53,6 +53,10 @@ READ_AHEAD_KB = 1024
 ATTR_TIMEOUT = 3600.0
 #: Short, so a name looked up before its file settled shows up within about a second.
 NEGATIVE_TIMEOUT = 1.0
+#: Bytes a cached view holds besides its header, pixels and trailer: the View, its Report
+#: and relative path, the key with its SourceStat, the LRU's links. Measured with
+#: tracemalloc over 5,000 cached views (990 bytes each).
+CACHE_ENTRY_OVERHEAD = 1024
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -387,7 +391,7 @@ class HeaderCache:
 
     @staticmethod
     def _weight(view: View) -> int:
-        return len(view.header) + len(view.pixels) + len(view.trailer) + 512
+        return len(view.header) + len(view.pixels) + len(view.trailer) + CACHE_ENTRY_OVERHEAD
 
     def get(self, key: tuple[str, SourceStat, str]) -> View | None:
         """The cached view for (source, state, digest), marking it recently used."""

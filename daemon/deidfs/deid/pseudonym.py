@@ -17,6 +17,13 @@ TOKEN_LENGTH = 16  #: fits SH (16) and every longer string VR; base32 fits CS to
 MAX_SHIFT_DAYS = 3650
 #: Digest bytes that make the first TOKEN_LENGTH base32 characters: 8 per 5 bytes.
 _TOKEN_BYTES = (TOKEN_LENGTH * 5 + 39) // 40 * 5
+#: Entries each memo holds before it starts over: values that repeat (a study's UIDs, a
+#: patient's ID) come back at once; one-off values (every SOP Instance UID of a folder being
+#: indexed) do not pin memory. A miss costs one HMAC, about a microsecond.
+MEMO_ENTRIES = 8192
+#: Token domains whose values never repeat in a useful way (a source's path, a view's
+#: state): derived each time, never memoized.
+_UNMEMOIZED = frozenset({"path", "mtime"})
 
 
 class Pseudonymizer:
@@ -45,8 +52,9 @@ class Pseudonymizer:
         out = self._uids.get(uid)
         if out is None:
             out = "2.25." + str(int.from_bytes(self._mac("uid", uid)[:16], "big"))
-            if len(self._uids) < 65536:
-                self._uids[uid] = out
+            if len(self._uids) >= MEMO_ENTRIES:
+                self._uids.clear()
+            self._uids[uid] = out
         return out
 
     def token(self, value: str, domain: str = "id") -> str:
@@ -56,7 +64,9 @@ class Pseudonymizer:
         if out is None:
             digest = self._mac(domain, value)[:_TOKEN_BYTES]
             out = base64.b32encode(digest).decode()[:TOKEN_LENGTH]
-            if len(self._tokens) < 65536 and len(value) <= 256:
+            if len(value) <= 256 and domain not in _UNMEMOIZED:
+                if len(self._tokens) >= MEMO_ENTRIES:
+                    self._tokens.clear()
                 self._tokens[(domain, value)] = out
         return out
 
