@@ -33,6 +33,7 @@ from pydicom.uid import (
 
 from deidfs import reference
 from deidfs import render as render_module
+from deidfs.deid.dictionary import text_is_clean
 from deidfs.deid.profiles import BASIC, HIPAA
 from deidfs.deid.standard import Option, safe_private_rows
 from deidfs.errors import Refused
@@ -703,3 +704,39 @@ def test_a_kept_number_that_swallowed_the_next_element_is_refused(tmp_path: Path
     path = tmp_path / "swallow.dcm"
     path.write_bytes(bytes(data))
     _refused(_render_both_ways(path), "bad_value")
+
+
+def test_a_kept_text_that_swallowed_the_patient_name_is_refused(tmp_path: Path) -> None:
+    """Manufacturer (LO, kept by Basic) given a length that takes in every element up to and
+    including PatientName: kept as it is, the name would travel inside it. The element
+    headers it took in hold NULs and control bytes no character string holds: refused on
+    both paths."""
+    data = bytearray(Path(str(get_testdata_file("CT_small.dcm"))).read_bytes())
+    at = data.find(b"\x08\x00\x70\x00LO")
+    name = data.find(b"\x10\x00\x10\x00PN")
+    assert 0 < at < name
+    end = name + 8 + int.from_bytes(data[name + 6 : name + 8], "little")
+    data[at + 6 : at + 8] = (end - (at + 8)).to_bytes(2, "little")
+    path = tmp_path / "swallow.dcm"
+    path.write_bytes(bytes(data))
+    _refused(_render_both_ways(path), "bad_value")
+
+
+@pytest.mark.parametrize(
+    ("value", "clean"),
+    [
+        (b"SIEMENS ", True),
+        (b"1.2.840.10008.1.2\x00", True),  # UI padding
+        (b"NAME\x00\x00", True),  # NUL padding, tolerated at the end
+        (b"Line one\r\nLine two\tand\x0cmore", True),  # LT, ST, UT formatting
+        (b"\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B", True),  # ISO 2022 escapes (PS3.5 H)
+        ("Müller^Jürgen".encode(), True),
+        (b"ABCDEF\x00GHIJ", False),  # a NUL inside
+        (b"CT\x10\x00\x10\x00PN\x04\x00", False),  # an element header taken in
+        (b"bell rings\x07", False),
+        (b"AB\x00CD\x07", True),  # too short to hold an element taken in: not searched
+        (b"\x7f", True),  # DEL is no C0 control; the character sets decide about it
+    ],
+)
+def test_what_a_kept_character_string_may_hold(value: bytes, clean: bool) -> None:
+    assert text_is_clean(value) is clean

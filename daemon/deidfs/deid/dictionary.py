@@ -18,6 +18,7 @@ pydicom's that change how it reads values, taken from pydicom only once somethin
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -27,7 +28,9 @@ from typing import Any, Final
 
 __all__ = [
     "LONG_LENGTH_VRS",
+    "SHORT_TEXT",
     "STANDARD_VRS",
+    "TEXT_VRS",
     "datetime_conversion",
     "entry",
     "is_registered_uid",
@@ -36,6 +39,7 @@ __all__ = [
     "name_of",
     "private_transfer_syntaxes",
     "tag_for_keyword",
+    "text_is_clean",
     "vr_of",
 ]
 
@@ -209,3 +213,33 @@ def length_fits(tag: int, vr: str, length: int) -> bool:
     if not most.isdigit():
         return True  # "1-n", "2-2n": any number of values
     return length <= int(most) * size
+
+
+#: The VRs whose values are character strings (PS3.5 Table 6.2-1).
+TEXT_VRS: Final = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
+     "UR", "UT"}
+)  # fmt: skip
+
+#: What no character string holds (PS3.5 6.1.2, 6.2): a C0 control other than TAB, LF, FF,
+#: CR and ESC (ISO 2022), or a NUL before the end (trailing NULs are padding). No character
+#: set DICOM allows encodes a character with those bytes, while the header of any element
+#: a corrupt length takes in holds them: a group number's high byte, a short length.
+BAD_TEXT: Final = re.compile(rb"[\x01-\x08\x0b\x0e-\x1a\x1c-\x1f]|\x00+[^\x00]")
+
+
+#: Longest value that needs no :data:`BAD_TEXT` check: an element taken in by a corrupt
+#: length starts with its 8-byte header, so a value that holds any of its value's bytes is
+#: longer than that.
+SHORT_TEXT: Final = 8
+
+
+def text_is_clean(value: bytes) -> bool:
+    """Whether ``value`` can be a kept character string as it is (see :data:`BAD_TEXT`).
+
+    A corrupt length makes a kept text element take in the elements after it; kept as it
+    is, their values (names, IDs) would travel inside it. Values of up to
+    :data:`SHORT_TEXT` bytes cannot hold one and are not searched (the fast path keeps most
+    values, and this is on its hot path).
+    """
+    return len(value) <= SHORT_TEXT or BAD_TEXT.search(value) is None

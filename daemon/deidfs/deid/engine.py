@@ -26,7 +26,7 @@ from pydicom.uid import UID
 from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
 
 from deidfs import __version__
-from deidfs.deid.dictionary import VALUE_SIZES, length_fits
+from deidfs.deid.dictionary import TEXT_VRS, VALUE_SIZES, length_fits, text_is_clean
 from deidfs.deid.outcome import (
     ENCAPSULATED_DOCUMENT_CLASSES,
     IMPLEMENTATION_CLASS_UID,
@@ -417,6 +417,8 @@ class _Walker:
             and not length_fits(tag, vr, _value_length(raw, vr))
         ):
             raise Refused("bad_value", "a kept number's length does not fit its VR and VM")
+        if op in (Op.KEEP, Op.VERBATIM) and vr in TEXT_VRS and not text_is_clean(_text_bytes(raw)):
+            raise Refused("bad_value", "a kept text value holds control bytes")
         if op is Op.VERBATIM:
             return raw
         if op is Op.KEEP:
@@ -594,6 +596,18 @@ def _value_length(elem: RawDataElement | DataElement, vr: str) -> int:
     if isinstance(elem, RawDataElement):
         return int(elem.length)
     return int(elem.VM) * VALUE_SIZES[vr]
+
+
+def _text_bytes(elem: RawDataElement | DataElement) -> bytes:
+    """A text element's value as read, or as pydicom converted it (characters of a
+    converted value that are control characters stay such in UTF-8)."""
+    value = elem.value
+    if value is None:
+        return b""
+    if isinstance(value, bytes):
+        return value
+    items = value if isinstance(value, list | MultiValue) else [value]
+    return "\\".join(str(v) for v in items).encode("utf-8", "surrogateescape")
 
 
 def _method_codes(plan: Plan, *, pixels_cleaned: bool = False) -> Sequence:

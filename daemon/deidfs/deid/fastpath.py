@@ -36,8 +36,11 @@ from typing import Any, Final
 
 from deidfs import __version__
 from deidfs.deid.dictionary import (
+    BAD_TEXT,
     LONG_LENGTH_VRS,
+    SHORT_TEXT,
     STANDARD_VRS,
+    TEXT_VRS,
     VALUE_SIZES,
     datetime_conversion,
     is_registered_uid,
@@ -647,6 +650,7 @@ class _Run:
         fast_ops = {} if scrub else self.tables.fast_ops  # nothing is short in a D sequence
         vr_info = _VR_INFO
         unpack_head = _unpack_head
+        bad_text = BAD_TEXT.search
         private_group = -1
         #: private creator element number -> (tag, VR, value start, end, output slot)
         creators: dict[int, tuple[int, str, int, int, int]] = {}
@@ -697,6 +701,12 @@ class _Run:
                         emptied += 1
                         append(payload)
                     else:
+                        if (
+                            next_pos - pos - head > SHORT_TEXT
+                            and payload in TEXT_VRS
+                            and bad_text(data, pos + head, next_pos)
+                        ):
+                            raise Decline("text_bytes")  # the reference path refuses it
                         kept += 1
                         if raw_mode:
                             append(data[pos:next_pos])
@@ -772,6 +782,12 @@ class _Run:
             if op >= _KEEP and vr not in _NOT_RAW:
                 if vr in VALUE_SIZES and not length_fits(tag, vr, next_pos - start):
                     raise Decline("number_length")  # the reference path refuses it
+                if (
+                    next_pos - start > SHORT_TEXT
+                    and vr in TEXT_VRS
+                    and bad_text(data, start, next_pos)
+                ):
+                    raise Decline("text_bytes")  # the reference path refuses it
                 kept += 1
                 if raw_mode:
                     append(data[pos:next_pos])
@@ -1009,6 +1025,8 @@ class _Run:
         real = self.un_vr(tag, end - start) if vr == "UN" and not tag >> 16 & 1 else vr
         if real in VALUE_SIZES and not length_fits(tag, real, end - start):
             raise Decline("number_length")  # the reference path refuses it
+        if end - start > SHORT_TEXT and real in TEXT_VRS and BAD_TEXT.search(self.data, start, end):
+            raise Decline("text_bytes")  # the reference path refuses it
         if raw_mode and (vr != "UN" or end > start):
             return self.data[start - (12 if vr.encode() in _VR_LONG else 8) : end]
         if vr == "UN":
