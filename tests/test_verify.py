@@ -253,6 +253,23 @@ def test_digests_in_a_manifest_are_not_taken_for_values(tmp_path: Path) -> None:
     assert kinds(run(folder, BASIC, tree)) == {("value_in_other_file", "DeviceSerialNumber")}
 
 
+def test_a_date_inside_a_longer_number_is_no_finding(tmp_path: Path) -> None:
+    """A pseudonymous UID's 39 digits hold any 8-digit date by chance, now and then."""
+    src = tmp_path / "src"
+    write_source(src, "a.dcm", make_image(f"{UID_ROOT}71.1.1"))  # born 19700215
+    folder = folder_of(src)
+    tree = tmp_path / "tree"
+    export_tree(folder, BASIC, Pseudonymizer(KEY), tree)
+    side = tree / "uids.txt"
+    side.write_text("2.25.3141592653197002155897932384626433\n")
+    result = run(folder, BASIC, tree)
+    assert result.ok, result.findings
+    assert result.other_files == 1
+    for leak in ("born 19700215\n", "19700215\n", "197002151230\n", "1970-02-15\n"):
+        side.write_text(leak)  # alone, or at the start of a date-time: a leak
+        assert kinds(run(folder, BASIC, tree)) == {("value_in_other_file", "PatientBirthDate")}
+
+
 def test_original_values_in_served_paths_are_found(tmp_path: Path) -> None:
     """Mirror layout keeps the originals' names; one that carries an ID is a finding."""
     src = tmp_path / "src"

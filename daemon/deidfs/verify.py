@@ -76,6 +76,10 @@ log = logging.getLogger(__name__)
 MIN_CHARS = 4  #: shorter values are not searched: they occur by chance
 MIN_PIXEL_BYTES = 8  #: shortest value searched inside pixel data
 BOUNDED_BELOW = 8  #: all-digit values shorter than this must stand alone to count
+#: all-digit values shorter than this (dates, numbers) must not continue a number on their
+#: left: a pseudonymous UID's 39 digits hold a given 8-digit date by chance about once in
+#: three million UIDs, and a search over many files and values would meet that.
+LEFT_BOUNDED_BELOW = 16
 MIN_BINARY_BYTES = 8  #: shortest binary value searched (unless it is printable text)
 MAX_NEEDLE_BYTES = 256  #: a longer value is searched by its first bytes
 CHUNK = 1 << 20
@@ -182,6 +186,7 @@ class _Needle:
     data: bytes
     tag: int
     bounded: bool  #: all digits: must not be part of a longer number
+    left_bounded: bool = False  #: all digits: must not continue a number on its left
 
 
 class _Searcher:
@@ -203,10 +208,10 @@ class _Searcher:
 
     @staticmethod
     def _stands_alone(data: bytes, at: int, n: _Needle) -> bool:
-        if not n.bounded:
-            return True
-        end = at + len(n.data)
         before = data[at - 1] if at > 0 else None
+        if not n.bounded:
+            return not (n.left_bounded and before in _NUMERIC_CHARS)
+        end = at + len(n.data)
         after = data[end] if end < len(data) else None
         return before not in _NUMERIC_CHARS and after not in _NUMERIC_CHARS
 
@@ -384,11 +389,12 @@ class _Values:
         for text in self._candidates(elem):
             if len(text) < MIN_CHARS or self._exempt(text, date_clean):
                 continue
-            bounded = bool(_NUMERIC_TEXT.match(text)) and len(text) < BOUNDED_BELOW
+            numeric = bool(_NUMERIC_TEXT.match(text))
+            bounded = numeric and len(text) < BOUNDED_BELOW
+            left = numeric and len(text) < LEFT_BOUNDED_BELOW
             for data in _encodings(text):
-                self.secret.setdefault(
-                    data[:MAX_NEEDLE_BYTES], _Needle(data[:MAX_NEEDLE_BYTES], tag, bounded)
-                )
+                needle = _Needle(data[:MAX_NEEDLE_BYTES], tag, bounded, left)
+                self.secret.setdefault(needle.data, needle)
             searched = True
         if top and not searched and str(elem.VR) not in ("SQ", "UN", *_BINARY_VRS):
             text = "\\".join(_texts(elem))
