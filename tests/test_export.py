@@ -892,6 +892,28 @@ def test_a_failing_syncfs_falls_back_to_fsync_per_file(
     assert temp_files(tmp_path) == []
 
 
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_views_start_their_writeback_as_they_are_written(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    """Each durable view's pages are handed to the disk right after it is written (the real
+    sync_file_range call succeeds on each file); a writer that does not flush asks for none."""
+    real = export_module._sync_file_range_function()
+    assert real is not None  # glibc on Linux has sync_file_range
+    returned: list[int] = []
+
+    def counting(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        assert stat.S_ISREG(os.fstat(fd).st_mode)
+        returned.append(real(fd, offset, nbytes, flags))
+        return returned[-1]
+
+    monkeypatch.setattr(export_module, "_sync_file_range_function", lambda: counting)
+    summary = run_export(make_config(tmp_path, src), durable=durable)
+    assert (summary.written, summary.failed) == (6, 0)
+    assert returned == ([0] * 6 if durable else [])
+    assert tree(tmp_path / "export" / "ct") == expected_tree(src)
+
+
 # -- unnamed files ------------------------------------------------------------------------------
 def test_views_have_no_name_until_they_are_flushed(src: Path, tmp_path: Path) -> None:
     """A durable view is written to an unnamed file (O_TMPFILE): until the group flush the
