@@ -85,7 +85,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from multiprocessing.context import BaseContext
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol, cast
 
 from deidfs import __version__
 from deidfs.deid.plan import Plan, compile_plan
@@ -775,19 +775,25 @@ def _syncfs(directory: Path) -> bool:
         os.close(fd)
 
 
-@functools.cache
 def _syncfs_function() -> Callable[[int], int] | None:
     # The os module has no syncfs; glibc has had it since 2.14 (Linux 2.6.39), and reports
     # writeback errors through it since Linux 5.8.
+    return _libc_function("syncfs", "c_int")
+
+
+@functools.cache
+def _libc_function(name: str, *argtypes: str) -> Callable[..., int] | None:
+    """The C library's function ``name`` returning an int, its arguments' types named as in
+    :mod:`ctypes` (``"c_int"``); None where the library lacks it."""
     import ctypes  # noqa: PLC0415  (only durable writers need it)
 
     try:
-        fn = ctypes.CDLL(None, use_errno=True).syncfs
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int]
+    fn.argtypes = [getattr(ctypes, t) for t in argtypes]
     fn.restype = ctypes.c_int
-    return fn
+    return cast("Callable[..., int]", fn)
 
 
 def _start_writeback(fd: int) -> None:
@@ -803,17 +809,8 @@ def _start_writeback(fd: int) -> None:
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>
 
 
-@functools.cache
 def _sync_file_range_function() -> Callable[[int, int, int, int], int] | None:
-    import ctypes  # noqa: PLC0415  (only durable writers need it)
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
+    return _libc_function("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
 
 
 def _unlink_quietly(path: Path) -> None:
