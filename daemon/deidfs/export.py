@@ -67,6 +67,7 @@ import os
 import queue
 import re
 import secrets
+import signal
 import stat
 import struct
 import threading
@@ -1428,8 +1429,40 @@ def quiet_pydicom() -> Iterator[None]:
             lib_log.propagate = saved[1]
 
 
-def _init_worker(job: object, stop: StopFlag) -> None:
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _parent_pid_of(pid: int) -> int | None:
+    """The parent of process ``pid`` (from /proc), None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def die_with_parent(coordinator: int) -> None:
+    """Make this worker process die (SIGKILL) as soon as its parent does.
+
+    A pool's workers block for their next task, or on a full pipe of results, on pipes whose
+    other ends their siblings hold too: a ``kill -9`` of the coordinator would leave them
+    there forever. ``PR_SET_PDEATHSIG`` has the kernel kill them with their parent: the
+    coordinator itself (``fork``), or the fork server, which exits once the coordinator is
+    gone (``forkserver``). A parent that died before the request took effect is caught by
+    looking at who the parent is after it: not ``coordinator``, nor a child of it.
+    """
+    prctl = _libc_function("prctl", "c_int", "c_ulong", "c_ulong", "c_ulong", "c_ulong")
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    parent = os.getppid()
+    if parent != coordinator and _parent_pid_of(parent) != coordinator:
+        os._exit(1)  # orphaned already: no one will ever read what this worker would do
+
+
+def _init_worker(job: object, stop: StopFlag, coordinator: int) -> None:
     global _worker_job, _worker_stop  # one job per worker process, set once by the pool
+    die_with_parent(coordinator)
     _worker_job, _worker_stop = job, stop
     quiet_third_party()
 
@@ -1505,7 +1538,9 @@ def run_batch(
     size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (workers * 4))))
     context = pool_context()
     flag2 = context.Event()
-    pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(job, flag2))
+    pool = ProcessPoolExecutor(
+        workers, context, initializer=_init_worker, initargs=(job, flag2, os.getpid())
+    )
     pending: dict[Future[list[Any]], list[Item]] = {}
     try:
         for chunk in _chunks(items, size):
