@@ -25,7 +25,13 @@ from conftest import Daemon, run_cli, sample_file
 from deidfs.cli import common
 from deidfs.cli.main import main
 from deidfs.config import load_config
-from deidfs.export import ExportRefused, ExportStopped, export_folder, is_temp_name
+from deidfs.export import (
+    ExportError,
+    ExportRefused,
+    ExportStopped,
+    export_folder,
+    is_temp_name,
+)
 from deidfs.render import View
 from test_export import PSEUDO, many_sources, tree, write_config_file
 
@@ -60,31 +66,62 @@ def alive(pid: int) -> bool:
         return False
 
 
+def descendants(pid: int) -> set[int]:
+    """The live processes below ``pid``: children, theirs, and so on."""
+    found = children(pid)
+    for child in list(found):
+        found |= descendants(child)
+    return found
+
+
+#: An export of a configured folder from a process with another thread (as the daemon's):
+#: its workers start through a fork server. Arguments: the directory of test_export.py, the
+#: work directory.
+THREADED_EXPORT = """\
+import sys, threading
+from pathlib import Path
+if __name__ == "__main__":
+    sys.path.insert(0, sys.argv[1])
+    import test_export as t
+    from deidfs.export import export_folder
+    root = Path(sys.argv[2])
+    config = t.make_config(root, root / "src")
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+    export_folder(config, "ct", t.PSEUDO, workers=2)
+"""
+
+
 # -- worker processes ---------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["export", "anonymize"])
+@pytest.mark.parametrize("command", ["export", "anonymize", "threaded"])
 def test_workers_die_with_a_killed_command(tmp_path: Path, command: str) -> None:
+    """``kill -9`` of the coordinator: its workers are gone within seconds, whether forked
+    by it (commands) or by a fork server (a process with threads, as the daemon)."""
     src = tmp_path / "src"
     src.mkdir()
     want = many_sources(src, 400)
     cfg = write_config_file(tmp_path, src)
     if command == "export":
         out = tmp_path / "export" / "ct"
-        argv = ["--config", str(cfg), "export", "ct", "--quiet", "--workers", "2"]
-    else:
+        argv = ["-m", "deidfs", "--config", str(cfg), "export", "ct", "--quiet"]
+        argv += ["--workers", "2"]
+    elif command == "anonymize":
         out = tmp_path / "anon"
-        argv = ["anonymize", str(src), "--profile", "Basic", "--to", str(out), "--quiet"]
-        argv += ["--config", str(cfg), "--workers", "2"]
+        argv = ["-m", "deidfs", "anonymize", str(src), "--profile", "Basic", "--to", str(out)]
+        argv += ["--quiet", "--config", str(cfg), "--workers", "2"]
+    else:
+        out = tmp_path / "export" / "ct"
+        script = tmp_path / "threaded_export.py"
+        script.write_text(THREADED_EXPORT)
+        argv = [str(script), str(Path(__file__).parent), str(tmp_path)]
     env = {k: v for k, v in os.environ.items() if k != "DEIDFS_CONFIG"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deidfs", *argv], env=env, stdin=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([sys.executable, *argv], env=env, stdin=subprocess.DEVNULL)
     workers: set[int] = set()
     try:
         deadline = time.monotonic() + 60
         while proc.poll() is None and (len(workers) < 2 or not list(out.rglob("*.dcm"))):
             assert time.monotonic() < deadline, "the export wrote nothing within 60 s"
-            workers |= children(proc.pid)
+            workers |= descendants(proc.pid)
             time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)  # the command alone, as `kill -9 PID` does
         proc.wait(10)
@@ -304,3 +341,38 @@ def test_the_daemon_writes_through_no_link_under_its_export_dir(
     assert len(list((d.export / "samples").rglob("*.dcm"))) == 1
     time.sleep(d.settle * 3)
     assert len(d.views()) == 1  # the daemon took none of its output for a source
+
+
+def test_no_directory_descriptor_outlives_an_export(
+    tmp_path: Path, setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The writers' directory descriptors are all closed: after a complete export, a refused
+    one and an output that cannot be written (whose file system must stay unmountable)."""
+    cfg, src, other = setup
+    config = load_config(cfg)
+    (tmp_path / "file").write_text("not a directory\\n")
+
+    def open_fds() -> list[str]:
+        return sorted(os.listdir("/proc/self/fd"))
+
+    export_folder(config, "ct", PSEUDO)  # the first opens /proc/self/fd for good
+    before = open_fds()
+    assert export_folder(config, "ct", PSEUDO, to=tmp_path / "again").written == 3
+    with pytest.raises(ExportRefused):
+        export_folder(config, "ct", PSEUDO, to=other)
+    anonymize = ["anonymize", str(src), "--profile", "Basic", "--config", str(cfg), "--to"]
+    assert main([*anonymize, str(tmp_path / "file")]) == 73
+    assert main([*anonymize, str(tmp_path / "anon")]) == 0
+    if os.geteuid() == 0:  # a read-only file system, that must unmount afterwards
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
+        try:
+            assert main([*anonymize, str(ro)]) == 73
+            with pytest.raises(ExportError, match="Read-only"):
+                export_folder(config, "ct", PSEUDO, to=ro)
+        finally:
+            unmounted = subprocess.run(["umount", str(ro)], check=False, capture_output=True)
+        assert unmounted.returncode == 0, unmounted.stderr
+    capsys.readouterr()
+    assert open_fds() == before

@@ -23,6 +23,13 @@ Several sources may name one target (the same SOP Instance UID in two files). Wi
 exists with other bytes is left ``PENDING`` in its (durable) temporary file for the caller to
 :meth:`~ExportWriter.settle` or :meth:`~ExportWriter.discard` once it knows which source wins.
 
+A writer follows no symbolic link: it opens every directory from ``/`` down, one component
+at a time with ``O_NOFOLLOW``, and creates, links and renames files relative to the
+descriptor of their directory. A link in the way, there before or swapped in meanwhile, is
+refused (:class:`ExportRefused`, exit 77) and never written through. Destinations are
+resolved and checked before that (:func:`resolve_destination`): never in a watched folder,
+the state directory or the mount, and through the daemon only inside ``export_dir``.
+
 Exports of a configured folder (``deidfs export`` and the control socket's ``export``)
 are :func:`export_folder`; the daemon calls it as::
 
@@ -67,6 +74,7 @@ import os
 import queue
 import re
 import secrets
+import select
 import signal
 import stat
 import struct
@@ -556,6 +564,7 @@ class ExportWriter:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
             fd = os.open(temp, flags, FILE_MODE, dir_fd=root)
         except OSError as exc:
+            self.close()  # nothing to hold the directory open for (it may be unmounted)
             raise _oserror("cannot write to the output directory", exc) from None
         os.close(fd)
         os.unlink(temp, dir_fd=root)
@@ -1064,14 +1073,6 @@ _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>
 
 def _sync_file_range_function() -> Callable[[int, int, int, int], int] | None:
     return _libc_function("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            log.warning("could not remove a temporary file: %s", exc.strerror)
 
 
 def _unlink_at_quietly(dir_fd: int, name: str) -> None:
@@ -1701,21 +1702,43 @@ def _parent_pid_of(pid: int) -> int | None:
 
 
 def die_with_parent(coordinator: int) -> None:
-    """Make this worker process die (SIGKILL) as soon as its parent does.
+    """Make this worker process die as soon as the process that coordinates it does.
 
     A pool's workers block for their next task, or on a full pipe of results, on pipes whose
     other ends their siblings hold too: a ``kill -9`` of the coordinator would leave them
-    there forever. ``PR_SET_PDEATHSIG`` has the kernel kill them with their parent: the
-    coordinator itself (``fork``), or the fork server, which exits once the coordinator is
-    gone (``forkserver``). A parent that died before the request took effect is caught by
-    looking at who the parent is after it: not ``coordinator``, nor a child of it.
+    there forever. A worker forked by the coordinator has the kernel kill it with its parent
+    (``PR_SET_PDEATHSIG``). A worker forked by a fork server (whose parent is the
+    coordinator) cannot count on that: the fork server outlives the coordinator as long as
+    its workers do, since each holds the descriptor whose closing would stop it. It watches
+    the coordinator itself (a pidfd, else a look every second) from a thread, and exits
+    when it is gone, whatever the worker is blocked on. A parent that died before this took
+    effect is caught by looking at who the parent is afterwards.
     """
     prctl = _libc_function("prctl", "c_int", "c_ulong", "c_ulong", "c_ulong", "c_ulong")
     if prctl is not None:
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     parent = os.getppid()
-    if parent != coordinator and _parent_pid_of(parent) != coordinator:
+    if parent == coordinator:
+        return
+    pidfd: int | None = None
+    with contextlib.suppress(OSError, AttributeError):  # ESRCH: gone; ENOSYS: before 5.3
+        pidfd = os.pidfd_open(coordinator)
+    # Checked after the pidfd is open: it is the coordinator's, not a later process's.
+    if _parent_pid_of(parent) != coordinator:
         os._exit(1)  # orphaned already: no one will ever read what this worker would do
+    threading.Thread(
+        target=_exit_with, args=(coordinator, parent, pidfd), name="deidfs-lifeline", daemon=True
+    ).start()
+
+
+def _exit_with(coordinator: int, parent: int, pidfd: int | None) -> None:
+    """Exit this process once ``coordinator`` (the parent of ``parent``) has exited."""
+    if pidfd is not None:
+        select.select([pidfd], [], [])  # a pidfd turns readable when its process exits
+    else:
+        while _parent_pid_of(parent) == coordinator:
+            time.sleep(1.0)
+    os._exit(1)
 
 
 def _init_worker(job: object, stop: StopFlag, coordinator: int) -> None:
@@ -2574,7 +2597,8 @@ def export_folder(
     durable
         fsync each file and directory before it appears.
     confine
-        Refuse a ``to`` outside ``export_dir`` (exports requested through the daemon).
+        Refuse a destination outside ``export_dir``, symbolic links resolved (exports
+        requested through the daemon).
     listener
         Progress hooks.
     metrics
@@ -2604,14 +2628,15 @@ def export_folder(
     ProfileError
         The profile is disabled (exit 78). Nothing is written.
     ExportRefused
-        A destination inside the folder's source directory, or ``to`` outside
-        ``export_dir`` with ``confine`` (exit 77).
+        A destination (links resolved) in a watched folder, the state directory or the
+        mount, or outside ``export_dir`` with ``confine`` (exit 77). Nothing is written.
     ExportError
         The destination cannot be created or written (exit 73).
     ExportStopped
         The output failed during the export (full: exit 75; read-only or not permitted:
-        73) or it was cancelled (75). Files in place are complete, no temporary file is
-        left, no manifest is written; running the export again resumes it.
+        73; a symbolic link swapped in: 77) or it was cancelled (75). Files in place are
+        complete, no temporary file is left, no manifest is written; running the export
+        again resumes it.
     """
     listener = listener if listener is not None else ExportListener()
     folder = config.folders.get(folder_id)

@@ -326,83 +326,88 @@ def run(args: argparse.Namespace) -> int:
     except ExportError as exc:
         print(f"deidfs: {exc}", file=sys.stderr)
         return exc.exit_code
-    job = Job(
-        plan,
-        pseudo,
-        out,
-        layout,
-        not args.no_fsync,
-        os.getpid(),
-        out_id=writer.root_id,
-        guard=writer.guard,
-    )
-    files = sources.files
-    tally = Tally(skipped=sources.skipped)
-    claims = Claims([path for path, _ in files])
-    progress = Progress(len(files), sys.stderr, sys.stderr.isatty() and not args.quiet)
-    fatal: list[FileResult] = []
+    try:
+        job = Job(
+            plan,
+            pseudo,
+            out,
+            layout,
+            not args.no_fsync,
+            os.getpid(),
+            out_id=writer.root_id,
+            guard=writer.guard,
+        )
+        files = sources.files
+        tally = Tally(skipped=sources.skipped)
+        claims = Claims([path for path, _ in files])
+        progress = Progress(len(files), sys.stderr, sys.stderr.isatty() and not args.quiet)
+        fatal: list[FileResult] = []
 
-    def show(res: FileResult) -> None:
-        if res.status == "failed" or not args.quiet:
-            progress.clear()
-            token = pseudo.token(files[res.index][0], "path")[:12]
-            print(f"deidfs: {res.status} ({res.detail}): file {token}", file=sys.stderr)
+        def show(res: FileResult) -> None:
+            if res.status == "failed" or not args.quiet:
+                progress.clear()
+                token = pseudo.token(files[res.index][0], "path")[:12]
+                print(f"deidfs: {res.status} ({res.detail}): file {token}", file=sys.stderr)
 
-    def report(results: list[FileResult]) -> None:
-        for res in results:
-            if res.status in ("refused", "failed"):
-                tally.add(res.status, res.detail)
-                if res.fatal:
-                    if fatal:
-                        continue  # the files after the first of a full disk say the same
-                    fatal.append(res)
-                show(res)
-            else:
-                claims.add(res)
-        progress.advance(len(results))
+        def report(results: list[FileResult]) -> None:
+            for res in results:
+                if res.status in ("refused", "failed"):
+                    tally.add(res.status, res.detail)
+                    if res.fatal:
+                        if fatal:
+                            continue  # the files after the first of a full disk say the same
+                        fatal.append(res)
+                    show(res)
+                else:
+                    claims.add(res)
+            progress.advance(len(results))
 
-    def lost(chunk: list[Item], why: str) -> list[FileResult]:
-        return [FileResult(index, "failed", why, reason="worker_failed") for index, _, _ in chunk]
+        def lost(chunk: list[Item], why: str) -> list[FileResult]:
+            return [
+                FileResult(index, "failed", why, reason="worker_failed") for index, _, _ in chunk
+            ]
 
-    items = [(index, path, rel) for index, (path, rel) in enumerate(files)]
-    workers = min(args.workers or os.cpu_count() or 1, max(1, len(files)))
-    start = time.monotonic()
-    previous = signal.getsignal(signal.SIGTERM)
-    own_handler = (
-        previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
-    )
-    if own_handler:
-        signal.signal(signal.SIGTERM, _terminate)
-    with quiet_pydicom():
-        try:
-            finished = run_batch(job, items, workers, report, lost)
-        except BaseException:
+        items = [(index, path, rel) for index, (path, rel) in enumerate(files)]
+        workers = min(args.workers or os.cpu_count() or 1, max(1, len(files)))
+        start = time.monotonic()
+        previous = signal.getsignal(signal.SIGTERM)
+        own_handler = (
+            previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
+        )
+        if own_handler:
+            signal.signal(signal.SIGTERM, _terminate)
+        with quiet_pydicom():
+            try:
+                finished = run_batch(job, items, workers, report, lost)
+            except BaseException:
+                claims.discard_pending(writer)
+                raise
+            finally:
+                progress.clear()
+                if own_handler:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if not finished:
+            # The output takes no more files (full, read-only): what is in place is complete.
+            for res in claims.in_place():
+                tally.add(res.status, "", res.size)
             claims.discard_pending(writer)
-            raise
-        finally:
-            progress.clear()
-            if own_handler:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if not finished:
-        # The output takes no more files (full, read-only): what is in place is complete.
-        for res in claims.in_place():
-            tally.add(res.status, "", res.size)
-        claims.discard_pending(writer)
-        writer.finish()
+            writer.finish()
+            if not args.quiet:
+                _summary(tally, time.monotonic() - start, sys.stdout)
+            first = fatal[0] if fatal else None
+            detail = first.detail if first is not None else "interrupted"
+            code = os.EX_TEMPFAIL if first is None else stopped_exit_code(first.reason)
+            raise ExportStopped(f"stopped: {detail}", exit_code=code)
+        for res in claims.settle(writer):
+            tally.add(res.status, res.detail, res.size)
+            if res.status == "failed":
+                show(res)
+        seconds = time.monotonic() - start
         if not args.quiet:
-            _summary(tally, time.monotonic() - start, sys.stdout)
-        first = fatal[0] if fatal else None
-        detail = first.detail if first is not None else "interrupted"
-        code = os.EX_TEMPFAIL if first is None else stopped_exit_code(first.reason)
-        raise ExportStopped(f"stopped: {detail}", exit_code=code)
-    for res in claims.settle(writer):
-        tally.add(res.status, res.detail, res.size)
-        if res.status == "failed":
-            show(res)
-    seconds = time.monotonic() - start
-    if not args.quiet:
-        _summary(tally, seconds, sys.stdout)
-    return 1 if tally.failed else 0
+            _summary(tally, seconds, sys.stdout)
+        return 1 if tally.failed else 0
+    finally:
+        writer.close()  # its directory descriptors
 
 
 def _terminate(signum: int, frame: object) -> None:
