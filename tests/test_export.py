@@ -688,7 +688,7 @@ def test_summary_json_round_trip() -> None:
 def test_a_destination_inside_the_folder_is_refused(src: Path, tmp_path: Path) -> None:
     config = make_config(tmp_path, src)
     for to in (src, src / "exports"):
-        with pytest.raises(ExportRefused, match="inside the folder") as refused:
+        with pytest.raises(ExportRefused, match="inside watched folder 'ct'") as refused:
             run_export(config, to=to)
         assert refused.value.exit_code == 77
     assert not (src / "ct").exists()

@@ -23,6 +23,13 @@ Several sources may name one target (the same SOP Instance UID in two files). Wi
 exists with other bytes is left ``PENDING`` in its (durable) temporary file for the caller to
 :meth:`~ExportWriter.settle` or :meth:`~ExportWriter.discard` once it knows which source wins.
 
+A writer follows no symbolic link: it opens every directory from ``/`` down, one component
+at a time with ``O_NOFOLLOW``, and creates, links and renames files relative to the
+descriptor of their directory. A link in the way, there before or swapped in meanwhile, is
+refused (:class:`ExportRefused`, exit 77) and never written through. Destinations are
+resolved and checked before that (:func:`resolve_destination`): never in a watched folder,
+the state directory or the mount, and through the daemon only inside ``export_dir``.
+
 Exports of a configured folder (``deidfs export`` and the control socket's ``export``)
 are :func:`export_folder`; the daemon calls it as::
 
@@ -67,12 +74,14 @@ import os
 import queue
 import re
 import secrets
+import select
+import signal
 import stat
 import struct
 import threading
 import time
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -172,6 +181,25 @@ class ExportError(DeidfsError):
         return "io_error"
 
 
+class ExportRefused(ExportError):
+    """The destination is not allowed (exit 77, EX_NOPERM): inside a watched folder, the
+    state directory or the mount; reached through a symbolic link while writing; or, for an
+    export through the daemon, outside its export directory. Nothing more is written there.
+    """
+
+    exit_code = os.EX_NOPERM
+
+    @property
+    def fatal(self) -> bool:
+        """No file can go there: the export stops."""
+        return True
+
+    @property
+    def reason(self) -> str:
+        """A short bounded identifier of the failure, fit for a metric label."""
+        return "destination_refused"
+
+
 @dataclass(frozen=True, slots=True)
 class Result:
     """What became of the view submitted under ``key``; ``error`` set when it failed."""
@@ -216,8 +244,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(directory: Path) -> int:
-    """Remove temporary files of writers that no longer run from ``directory``.
+def remove_stale_temps(directory: Path | int) -> int:
+    """Remove temporary files of writers that no longer run from ``directory`` (a path, or
+    an open descriptor of it).
 
     Returns
     -------
@@ -225,6 +254,7 @@ def remove_stale_temps(directory: Path) -> int:
         How many were removed.
     """
     removed = 0
+    dir_fd = directory if isinstance(directory, int) else None
     try:
         entries = os.scandir(directory)
     except OSError:
@@ -235,7 +265,10 @@ def remove_stale_temps(directory: Path) -> int:
             if m is None or _pid_alive(int(m.group(1))):
                 continue
             try:
-                os.unlink(entry.path)
+                if dir_fd is None:
+                    os.unlink(entry.path)
+                else:
+                    os.unlink(entry.name, dir_fd=dir_fd)
                 removed += 1
             except OSError:
                 continue  # removed meanwhile by another writer
@@ -244,14 +277,16 @@ def remove_stale_temps(directory: Path) -> int:
     return removed
 
 
-def _same_file(target: Path, view: View, src_fd: int) -> bool:
-    """The target already holds this view: same size, header and trailer, newer than source.
+def _same_file(dir_fd: int, name: str, view: View, src_fd: int) -> bool:
+    """The file ``name`` in ``dir_fd`` holds this view already: same size, header and
+    trailer, newer than the source.
 
     A view with redacted pixels (in memory or zeroed ranges) is compared in its pixel bytes
     too: another mask leaves header and trailer as they were.
     """
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(name, flags, dir_fd=dir_fd)
     except OSError:
         return False
     try:
@@ -283,25 +318,145 @@ def _same_file(target: Path, view: View, src_fd: int) -> bool:
         os.close(fd)
 
 
+# -- directories, opened without following a link ----------------------------------------------
+#: A directory's identity: (st_dev, st_ino).
+DirId = tuple[int, int]
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Directory descriptors a writer keeps open: those it wrote in most recently.
+OPEN_DIRS = 32
+_HERE = PurePosixPath(".")
+
+
+def _dir_id(fd: int) -> DirId:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _is_link_at(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _lexists_at(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def open_dir_at(
+    dir_fd: int, name: str, *, create: bool, guard: frozenset[DirId] = frozenset()
+) -> tuple[int, bool]:
+    """Open the directory ``name`` in the directory ``dir_fd`` without following a symbolic
+    link, creating it when missing and ``create``; returns (descriptor, created).
+
+    Raises
+    ------
+    ExportRefused
+        When ``name`` is a symbolic link, or the directory is one of ``guard``.
+    OSError
+        When it cannot be opened or created.
+    """
+    created = False
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if not create:
+            raise
+        try:
+            os.mkdir(name, 0o777, dir_fd=dir_fd)  # the umask applies, as to any mkdir
+            created = True
+        except FileExistsError:
+            pass  # made meanwhile by another writer
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link_at(dir_fd, name):
+            raise ExportRefused(
+                "a directory of the destination is a symbolic link: deidfs writes through none"
+            ) from None
+        raise
+    if guard and _dir_id(fd) in guard:
+        os.close(fd)
+        raise ExportRefused(
+            "the destination reaches into a watched folder, the state directory or the mount"
+        )
+    return fd, created
+
+
+def open_path_dirs(path: Path, *, create: bool, guard: frozenset[DirId] = frozenset()) -> int:
+    """Open the directory at the absolute ``path``, component by component from ``/``, never
+    following a symbolic link (each missing one created when ``create``).
+
+    Raises
+    ------
+    ExportRefused, OSError
+        As :func:`open_dir_at` does.
+    """
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        for name in PurePosixPath(os.path.abspath(path)).parts[1:]:
+            child, _ = open_dir_at(fd, name, create=create, guard=guard)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_beneath(root_fd: int, relpath: PurePosixPath, flags: int = os.O_RDONLY) -> int:
+    """Open the file ``relpath`` below the directory ``root_fd``, following no symbolic link.
+
+    Raises
+    ------
+    ExportRefused, OSError
+        As :func:`open_dir_at` does; OSError when the file cannot be opened.
+    """
+    parts = relpath.parts
+    fd = os.dup(root_fd)
+    try:
+        for name in parts[:-1]:
+            child, _ = open_dir_at(fd, name, create=False)
+            os.close(fd)
+            fd = child
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(slots=True)
 class _Pending:
     key: Hashable
     fd: int
-    temp: Path | None  #: None: an unnamed file (``O_TMPFILE``), linked into place by ``fd``
-    target: Path
+    temp: str | None  #: None: an unnamed file (``O_TMPFILE``), linked into place by ``fd``
+    dir_fd: int  #: its directory (a descriptor of its own, closed with it)
+    rel_dir: PurePosixPath
     relpath: PurePosixPath
     size: int
     dev: int  #: the file system the temporary file is on
     sha256: str = ""
 
+    @property
+    def name(self) -> str:
+        return self.relpath.name
+
 
 class ExportWriter:
     """Writes views under ``root``; use as a context manager, or call :meth:`finish`.
 
+    Every file is created, linked and renamed relative to descriptors of its directories,
+    each opened from the one above without following a symbolic link, starting from ``/``:
+    a link anywhere on the way (the root's path included), present or swapped in while the
+    writer works, is refused (:class:`ExportRefused`) and never written through. Callers
+    resolve the links of an admin's destination first (:func:`resolve_destination`).
+
     Parameters
     ----------
     root
-        The output directory; created if missing.
+        The output directory, an absolute path without symbolic links; created if missing.
     durable
         Flush each file (and its directory) to disk before it appears under its name. Off,
         a crash of the machine (not of the process) may leave empty files under final names.
@@ -321,6 +476,12 @@ class ExportWriter:
     digest
         Compute the SHA-256 of every file written (``Result.sha256``), from the temporary
         file on the commit thread, before it is flushed and renamed.
+    expect
+        The identity (:attr:`root_id`) the root must have: a writer in a worker process
+        writes only into the directory its coordinator checked, not one put in its place.
+    guard
+        Identities of directories never to write in, nor below: each directory opened on the
+        way to a file is compared with them.
     """
 
     def __init__(
@@ -331,48 +492,84 @@ class ExportWriter:
         replace: bool = True,
         owner_pid: int | None = None,
         digest: bool = False,
+        expect: DirId | None = None,
+        guard: frozenset[DirId] = frozenset(),
     ) -> None:
-        self.root = root
+        self.root = Path(os.path.abspath(root))
         self.durable = durable
         self.replace = replace
         self.digest = digest
+        self.guard = guard
         self._pid = os.getpid() if owner_pid is None else owner_pid
-        self._dirs_ready: set[Path] = set()
+        self._root_id = expect
+        self._root_fd: int | None = None
+        #: Open descriptors of directories below the root, least recently used first.
+        self._dirs: OrderedDict[PurePosixPath, int] = OrderedDict()
+        self._dirs_ready: set[PurePosixPath] = set()
         #: Directories this writer found missing and created: they hold no earlier file.
-        self._dirs_new: set[Path] = set()
+        self._dirs_new: set[PurePosixPath] = set()
         #: Unnamed files work here (O_TMPFILE, and /proc to link them by descriptor).
         self._unnamed = _proc_fd_dir() is not None
-        self._dirs_touched: set[Path] = set()
+        self._dirs_touched: set[PurePosixPath] = set()
         self._queue: queue.Queue[_Pending | None] = queue.Queue(MAX_PENDING)
         #: Durable views written (and hashed) that wait for the group flush.
         self._unsynced: list[_Pending] = []
-        self._root_dev: int | None = None
         self._results: list[Result] = []
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
     # -- public ---------------------------------------------------------------------------------
+    @property
+    def root_id(self) -> DirId | None:
+        """The root's identity, once it was opened (:meth:`check_root`)."""
+        return self._root_id
+
+    def root_fd(self) -> int:
+        """An open descriptor of the root (the writer's own: do not close it).
+
+        Raises
+        ------
+        ExportRefused
+            A symbolic link on the way, or the root is not the directory it was.
+        OSError
+            When it cannot be opened or created.
+        """
+        if self._root_fd is None:
+            fd = open_path_dirs(self.root, create=True, guard=self.guard)
+            ident = _dir_id(fd)
+            if self._root_id is None:
+                self._root_id = ident
+            elif ident != self._root_id:
+                os.close(fd)
+                raise ExportRefused("the output directory was replaced during the export")
+            self._root_fd = fd
+        return self._root_fd
+
     def check_root(self) -> None:
         """Create the output directory and prove a file can be created in it.
 
         Raises
         ------
+        ExportRefused
+            When a symbolic link stands on its path (see the class's notes).
         ExportError
             When it cannot (read-only file system, permissions, not a directory).
         """
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            root = self.root_fd()
         except OSError as exc:
             raise _oserror("cannot create the output directory", exc) from None
-        temp = self.root / self._temp_name()
+        temp = self._temp_name()
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd = os.open(temp, flags, FILE_MODE, dir_fd=root)
         except OSError as exc:
+            self.close()  # nothing to hold the directory open for (it may be unmounted)
             raise _oserror("cannot write to the output directory", exc) from None
         os.close(fd)
-        os.unlink(temp)
-        remove_stale_temps(self.root)
-        self._dirs_ready.add(self.root)
+        os.unlink(temp, dir_fd=root)
+        remove_stale_temps(root)
+        self._dirs_ready.add(_HERE)
 
     def put(self, key: Hashable, view: View, src_fd: int) -> None:
         """Write ``view`` (pixel bytes from ``src_fd``) to its temporary file and queue its
@@ -383,15 +580,17 @@ class ExportWriter:
         Refused
             When the source changed while its view was being written (nothing is left).
         ExportError
-            When the file cannot be written (nothing is left).
+            When the file cannot be written (nothing is left); :class:`ExportRefused` when
+            its directory cannot be reached without a symbolic link.
         """
-        target = target_path(self.root, view.relpath)
-        directory = target.parent
-        self._prepare_dir(directory)
-        if directory not in self._dirs_new and _same_file(target, view, src_fd):
+        target_path(self.root, view.relpath)  # a plain relative path, or refused
+        rel_dir = view.relpath.parent
+        dir_fd = self._prepare_dir(rel_dir)
+        name = view.relpath.name
+        if rel_dir not in self._dirs_new and _same_file(dir_fd, name, view, src_fd):
             self._add(Result(key, Outcome.UNCHANGED, view.size, view.relpath))
             return
-        fd, temp = self._create(directory)
+        fd, temp = self._create(dir_fd)
         try:
             write_view_fd(view, src_fd, fd)
             written = os.fstat(fd)
@@ -402,13 +601,14 @@ class ExportWriter:
         except BaseException as exc:
             os.close(fd)
             if temp is not None:
-                _unlink_quietly(temp)
+                _unlink_at_quietly(dir_fd, temp)
             if isinstance(exc, OSError):
                 raise _oserror("cannot write the file", exc) from None
             raise
         if self.durable:
             _start_writeback(fd)
-        pending = _Pending(key, fd, temp, target, view.relpath, view.size, written.st_dev)
+        own_dir = os.dup(dir_fd)  # the cached one may be closed before this file is committed
+        pending = _Pending(key, fd, temp, own_dir, rel_dir, view.relpath, view.size, written.st_dev)
         if not self.digest:
             # Nothing to hash: a commit thread would only cost hand-offs of the GIL.
             if self.durable:
@@ -472,24 +672,38 @@ class ExportWriter:
             touched, self._dirs_touched = self._dirs_touched, set()
         if self.durable:
             # Deepest first: a new directory's own entries, then its entry in its parent.
-            for directory in sorted(touched, key=lambda p: len(p.parts), reverse=True):
-                _fsync_dir(directory)
+            for rel_dir in sorted(touched, key=lambda p: len(p.parts), reverse=True):
+                try:
+                    _fsync_dir_fd(self._dir(rel_dir))
+                except (OSError, ExportError) as exc:
+                    log.warning("could not flush a directory to disk: %s", _why(exc))
+        self.close()
         return results
 
     def abort(self) -> None:
         """Stop: views not yet renamed are dropped and their temporary files removed."""
         self._drop_unsynced()
-        if not self._threads:
-            return
-        while True:  # drain what the threads have not taken yet
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                self._discard_pending(item)
-        self._stop_threads()
-        self._drop_unsynced()
+        if self._threads:
+            while True:  # drain what the threads have not taken yet
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    self._discard_pending(item)
+            self._stop_threads()
+            self._drop_unsynced()
+        self.close()
+
+    def close(self) -> None:
+        """Close the directory descriptors (opened again, checked, when the writer is used
+        again)."""
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
 
     def __enter__(self) -> ExportWriter:
         return self
@@ -497,85 +711,104 @@ class ExportWriter:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             self.abort()
+        self.close()
 
     # -- internals ------------------------------------------------------------------------------
     def _temp_name(self) -> str:
         return f"{TEMP_PREFIX}{self._pid}-{secrets.token_hex(6)}{TEMP_SUFFIX}"
 
-    def _create(self, directory: Path) -> tuple[int, Path | None]:
-        """A new empty file in ``directory``, open read-write (a digest reads it back):
-        unnamed where the file system can, else a temporary dotfile."""
+    def _dir(self, rel_dir: PurePosixPath, created: list[PurePosixPath] | None = None) -> int:
+        """The open descriptor of ``rel_dir`` below the root, created when missing (each
+        one created is appended to ``created``), reached without following a link."""
+        if rel_dir == _HERE:
+            return self.root_fd()
+        fd = self._dirs.get(rel_dir)
+        if fd is not None:
+            self._dirs.move_to_end(rel_dir)
+            return fd
+        parent = self._dir(rel_dir.parent, created)
+        fd, made = open_dir_at(parent, rel_dir.name, create=True, guard=self.guard)
+        if made and created is not None:
+            created.append(rel_dir)
+        self._dirs[rel_dir] = fd
+        while len(self._dirs) > OPEN_DIRS:
+            os.close(self._dirs.popitem(last=False)[1])
+        return fd
+
+    def _prepare_dir(self, rel_dir: PurePosixPath) -> int:
+        created: list[PurePosixPath] = []
+        try:
+            fd = self._dir(rel_dir, created)
+        except OSError as exc:
+            raise _oserror("cannot create a directory", exc) from None
+        if rel_dir in self._dirs_ready:
+            return fd
+        if created:
+            # A new directory is durable only once the directory holding it is synced.
+            with self._lock:
+                self._dirs_touched.update(p.parent for p in created)
+            self._dirs_new.add(rel_dir)
+        else:
+            remove_stale_temps(fd)
+        self._dirs_ready.add(rel_dir)
+        return fd
+
+    def _create(self, dir_fd: int) -> tuple[int, str | None]:
+        """A new empty file in ``dir_fd``, open read-write (a digest reads it back):
+        unnamed where the file system can, else a temporary dotfile (its name returned)."""
         if self._unnamed:
             try:
                 flags = os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC
-                return os.open(directory, flags, FILE_MODE), None
+                return os.open(".", flags, FILE_MODE, dir_fd=dir_fd), None
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise _oserror("cannot create a file", exc) from None
                 self._unnamed = False  # not on this file system: named temporary files
-        temp = directory / self._temp_name()
+        temp = self._temp_name()
         try:
-            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd = os.open(temp, flags, FILE_MODE, dir_fd=dir_fd)
         except OSError as exc:
             raise _oserror("cannot create a temporary file", exc) from None
         return fd, temp
 
-    def _name(self, item: _Pending) -> Path:
+    def _name(self, item: _Pending) -> str:
         """Give the unnamed file of ``item`` a temporary name in its directory."""
-        temp = item.target.parent / self._temp_name()
-        _link_unnamed(item.fd, temp)
+        temp = self._temp_name()
+        _link_unnamed(item.fd, item.dir_fd, temp)
         return temp
 
-    def _publish(self, item: _Pending) -> tuple[Outcome, Path | None]:
+    def _publish(self, item: _Pending) -> tuple[Outcome, str | None]:
         """Put ``item``'s file under its target name (its fd still open); returns the outcome
-        and, for ``PENDING``, the temporary file that holds the view."""
+        and, for ``PENDING``, the name of the temporary file that holds the view."""
+        d = item.dir_fd
         if item.temp is None:
             try:
-                _link_unnamed(item.fd, item.target)
+                _link_unnamed(item.fd, d, item.name)
                 return Outcome.WRITTEN, None
             except FileExistsError:
                 item.temp = self._name(item)  # replaced below, or left pending
             if not self.replace:
                 return Outcome.PENDING, item.temp
-            os.rename(item.temp, item.target)
+            os.rename(item.temp, item.name, src_dir_fd=d, dst_dir_fd=d)
             return Outcome.REPLACED, None
         if self.replace:
-            outcome = Outcome.REPLACED if os.path.lexists(item.target) else Outcome.WRITTEN
-            os.rename(item.temp, item.target)
+            outcome = Outcome.REPLACED if _lexists_at(d, item.name) else Outcome.WRITTEN
+            os.rename(item.temp, item.name, src_dir_fd=d, dst_dir_fd=d)
             return outcome, None
-        if not _link_new(item.temp, item.target):
+        if not _link_new(d, item.temp, item.name):
             return Outcome.PENDING, item.temp
         return Outcome.WRITTEN, None
 
     def _discard_pending(self, item: _Pending) -> None:
         os.close(item.fd)
         if item.temp is not None:
-            _unlink_quietly(item.temp)
+            _unlink_at_quietly(item.dir_fd, item.temp)
+        os.close(item.dir_fd)
 
     def _add(self, result: Result) -> None:
         with self._lock:
             self._results.append(result)
-
-    def _prepare_dir(self, directory: Path) -> None:
-        if directory in self._dirs_ready:
-            return
-        missing: list[Path] = []
-        probe = directory
-        while probe != self.root and not probe.is_dir():
-            missing.append(probe)
-            probe = probe.parent
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise _oserror("cannot create a directory", exc) from None
-        if missing:
-            # A new directory is durable only once the directory holding it is synced.
-            with self._lock:
-                self._dirs_touched.update(p.parent for p in missing)
-            self._dirs_new.add(directory)
-        else:
-            remove_stale_temps(directory)
-        self._dirs_ready.add(directory)
 
     def _ensure_thread(self) -> None:
         while len(self._threads) < COMMIT_THREADS:
@@ -621,12 +854,11 @@ class ExportWriter:
             group, self._unsynced = self._unsynced, []
         if not group:
             return
-        if self._root_dev is None:
-            self._root_dev = os.stat(self.root).st_dev
         # One syncfs for the files on the output's file system; fsync for the rest, and for
         # all when syncfs fails (then each file's own error is known).
-        shared = [item for item in group if item.dev == self._root_dev]
-        if not shared or not _syncfs(self.root):
+        root_dev = self._root_id[0] if self._root_id is not None else None
+        shared = [item for item in group if item.dev == root_dev]
+        if not shared or not _syncfs(shared[0].dir_fd):
             shared = []
         synced = {id(item) for item in shared}
         for item in group:
@@ -660,10 +892,21 @@ class ExportWriter:
         except OSError as exc:
             return self._fail(item, exc)
         os.close(item.fd)
+        os.close(item.dir_fd)
         if temp is None:
             with self._lock:
-                self._dirs_touched.add(item.target.parent)
-        return Result(item.key, outcome, item.size, item.relpath, temp, sha256=digest)
+                self._dirs_touched.add(item.rel_dir)
+        temp_path = self.root.joinpath(*item.rel_dir.parts, temp) if temp is not None else None
+        return Result(item.key, outcome, item.size, item.relpath, temp_path, sha256=digest)
+
+    def _pending_dir(self, temp: Path) -> tuple[PurePosixPath, str]:
+        """(directory below the root, name) of a ``PENDING`` view's temporary file."""
+        rel = PurePosixPath(Path(temp).relative_to(self.root).as_posix())
+        if not is_temp_name(rel.name):
+            raise ValueError("not a temporary file")
+        if rel.parent != _HERE:
+            target_path(self.root, rel.parent)  # plain names only
+        return rel.parent, rel.name
 
     def settle(self, temp: Path, relpath: PurePosixPath) -> Outcome:
         """Put a ``PENDING`` view's temporary file in place, replacing its target.
@@ -673,21 +916,47 @@ class ExportWriter:
         ExportError
             When it cannot be renamed (the temporary file is removed).
         """
-        target = target_path(self.root, relpath)
-        outcome = Outcome.REPLACED if os.path.lexists(target) else Outcome.WRITTEN
+        target_path(self.root, relpath)
         try:
-            os.rename(temp, target)
+            rel_dir, temp_name = self._pending_dir(temp)
+        except ValueError:
+            raise ExportError(
+                "cannot commit the file: not a temporary file of this writer"
+            ) from None
+        if rel_dir != relpath.parent:
+            raise ExportError("cannot commit the file: not in its target's directory")
+        try:
+            dir_fd = self._dir(rel_dir)
         except OSError as exc:
-            _unlink_quietly(temp)
+            raise _oserror("cannot commit the file", exc) from None
+        try:
+            outcome = Outcome.REPLACED if _lexists_at(dir_fd, relpath.name) else Outcome.WRITTEN
+            os.rename(temp_name, relpath.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except OSError as exc:
+            _unlink_at_quietly(dir_fd, temp_name)
             raise _oserror("cannot commit the file", exc) from None
         with self._lock:
-            self._dirs_touched.add(target.parent)
+            self._dirs_touched.add(rel_dir)
         return outcome
 
-    @staticmethod
-    def discard(temp: Path) -> None:
+    def discard(self, temp: Path) -> None:
         """Remove a ``PENDING`` view's temporary file."""
-        _unlink_quietly(temp)
+        try:
+            rel_dir, temp_name = self._pending_dir(temp)
+            dir_fd = self._dir(rel_dir)
+        except (OSError, ValueError, ExportError) as exc:
+            log.warning("could not remove a temporary file: %s", _why(exc))
+            return
+        _unlink_at_quietly(dir_fd, temp_name)
+
+
+def _why(exc: BaseException) -> str:
+    """A PHI-free reason: never ``str`` of an OSError (it carries the file name)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    if isinstance(exc, DeidfsError):
+        return str(exc)
+    return type(exc).__name__
 
 
 def sha256_fd(fd: int, size: int) -> str:
@@ -723,27 +992,27 @@ def _proc_fd_dir() -> int | None:
     return _PROC_FD_DIRS[pid]
 
 
-def _link_unnamed(fd: int, target: Path) -> None:
-    """Give the unnamed (``O_TMPFILE``) file open as ``fd`` the name ``target``.
+def _link_unnamed(fd: int, dir_fd: int, name: str) -> None:
+    """Give the unnamed (``O_TMPFILE``) file open as ``fd`` the name ``name`` in ``dir_fd``.
 
     Raises
     ------
     FileExistsError
-        When ``target`` exists.
+        When ``name`` exists.
     """
     proc = _proc_fd_dir()
     if proc is None:  # pragma: no cover - checked before any unnamed file is made
         raise OSError(errno.ENOENT, "no /proc/self/fd")
     # linkat(AT_SYMLINK_FOLLOW) through /proc (open(2), O_TMPFILE): os.link takes that path
     # only with a directory descriptor; plain link(2) would not follow the magic link.
-    os.link(str(fd), target, src_dir_fd=proc, follow_symlinks=True)
+    os.link(str(fd), name, src_dir_fd=proc, dst_dir_fd=dir_fd, follow_symlinks=True)
 
 
-def _link_new(temp: Path, target: Path) -> bool:
-    """Publish ``temp`` as ``target`` unless ``target`` exists; True when published (then
-    ``temp`` is gone)."""
+def _link_new(dir_fd: int, temp: str, name: str) -> bool:
+    """Publish ``temp`` as ``name`` (both in ``dir_fd``) unless ``name`` exists; True when
+    published (then ``temp`` is gone)."""
     try:
-        os.link(temp, target)
+        os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     except FileExistsError:
         return False
     except OSError as exc:
@@ -751,28 +1020,21 @@ def _link_new(temp: Path, target: Path) -> bool:
             raise
         # No hard links here (some network and FUSE file systems): a plain rename, which
         # can race with another writer of the same target; the later one then wins.
-        if os.path.lexists(target):
+        if _lexists_at(dir_fd, name):
             return False
-        os.rename(temp, target)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return True
-    _unlink_quietly(temp)
+    _unlink_at_quietly(dir_fd, temp)
     return True
 
 
-def _syncfs(directory: Path) -> bool:
-    """``syncfs(2)`` of the file system holding ``directory``: its dirty data and metadata
-    are on disk when this returns True. False when it is not available or fails."""
+def _syncfs(fd: int) -> bool:
+    """``syncfs(2)`` of the file system holding the open file ``fd``: its dirty data and
+    metadata are on disk when this returns True. False when it is not available or fails."""
     fn = _syncfs_function()
     if fn is None:
         return False
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        return bool(fn(fd) == 0)
-    finally:
-        os.close(fd)
+    return bool(fn(fd) == 0)
 
 
 def _syncfs_function() -> Callable[[int], int] | None:
@@ -813,25 +1075,19 @@ def _sync_file_range_function() -> Callable[[int, int, int, int], int] | None:
     return _libc_function("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_at_quietly(dir_fd: int, name: str) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno != errno.ENOENT:
             log.warning("could not remove a temporary file: %s", exc.strerror)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
+def _fsync_dir_fd(fd: int) -> None:
     try:
         os.fsync(fd)
     except OSError as exc:
         log.warning("could not flush a directory to disk: %s", exc.strerror)
-    finally:
-        os.close(fd)
 
 
 # ============================================================================================
@@ -1225,6 +1481,8 @@ class Job:
     durable: bool
     owner_pid: int  #: the coordinating process, which settles pending files
     describe: bool = False  #: hash each file and read its identifiers (for a manifest)
+    out_id: DirId | None = None  #: the identity ``out`` had when it was checked
+    guard: frozenset[DirId] = frozenset()  #: directories never written in (ExportWriter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1280,6 +1538,8 @@ def run_chunk(
         replace=False,
         owner_pid=job.owner_pid,
         digest=job.describe,
+        expect=job.out_id,
+        guard=job.guard,
     )
 
     def fail(index: int, exc: ExportError) -> None:
@@ -1428,8 +1688,62 @@ def quiet_pydicom() -> Iterator[None]:
             lib_log.propagate = saved[1]
 
 
-def _init_worker(job: object, stop: StopFlag) -> None:
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _parent_pid_of(pid: int) -> int | None:
+    """The parent of process ``pid`` (from /proc), None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def die_with_parent(coordinator: int) -> None:
+    """Make this worker process die as soon as the process that coordinates it does.
+
+    A pool's workers block for their next task, or on a full pipe of results, on pipes whose
+    other ends their siblings hold too: a ``kill -9`` of the coordinator would leave them
+    there forever. A worker forked by the coordinator has the kernel kill it with its parent
+    (``PR_SET_PDEATHSIG``). A worker forked by a fork server (whose parent is the
+    coordinator) cannot count on that: the fork server outlives the coordinator as long as
+    its workers do, since each holds the descriptor whose closing would stop it. It watches
+    the coordinator itself (a pidfd, else a look every second) from a thread, and exits
+    when it is gone, whatever the worker is blocked on. A parent that died before this took
+    effect is caught by looking at who the parent is afterwards.
+    """
+    prctl = _libc_function("prctl", "c_int", "c_ulong", "c_ulong", "c_ulong", "c_ulong")
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    parent = os.getppid()
+    if parent == coordinator:
+        return
+    pidfd: int | None = None
+    with contextlib.suppress(OSError, AttributeError):  # ESRCH: gone; ENOSYS: before 5.3
+        pidfd = os.pidfd_open(coordinator)
+    # Checked after the pidfd is open: it is the coordinator's, not a later process's.
+    if _parent_pid_of(parent) != coordinator:
+        os._exit(1)  # orphaned already: no one will ever read what this worker would do
+    threading.Thread(
+        target=_exit_with, args=(coordinator, parent, pidfd), name="deidfs-lifeline", daemon=True
+    ).start()
+
+
+def _exit_with(coordinator: int, parent: int, pidfd: int | None) -> None:
+    """Exit this process once ``coordinator`` (the parent of ``parent``) has exited."""
+    if pidfd is not None:
+        select.select([pidfd], [], [])  # a pidfd turns readable when its process exits
+    else:
+        while _parent_pid_of(parent) == coordinator:
+            time.sleep(1.0)
+    os._exit(1)
+
+
+def _init_worker(job: object, stop: StopFlag, coordinator: int) -> None:
     global _worker_job, _worker_stop  # one job per worker process, set once by the pool
+    die_with_parent(coordinator)
     _worker_job, _worker_stop = job, stop
     quiet_third_party()
 
@@ -1505,7 +1819,9 @@ def run_batch(
     size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (workers * 4))))
     context = pool_context()
     flag2 = context.Event()
-    pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(job, flag2))
+    pool = ProcessPoolExecutor(
+        workers, context, initializer=_init_worker, initargs=(job, flag2, os.getpid())
+    )
     pending: dict[Future[list[Any]], list[Item]] = {}
     try:
         for chunk in _chunks(items, size):
@@ -1622,13 +1938,6 @@ class ExportStopped(ExportError):
         self.summary = summary
         if exit_code is not None:
             self.exit_code = exit_code
-
-
-class ExportRefused(ExportError):
-    """The destination is not allowed: inside the folder's sources, or (through the daemon)
-    outside the export directory."""
-
-    exit_code = os.EX_NOPERM
 
 
 @dataclass(frozen=True, slots=True)
@@ -1855,6 +2164,8 @@ class _FolderExport:
             self.durable,
             os.getpid(),
             describe=True,
+            out_id=writer.root_id,
+            guard=writer.guard,
         )
         self.selected = len(items)
         claims = Claims([p for p, _ in self.files])
@@ -1929,19 +2240,20 @@ class _FolderExport:
             raise ExportStopped(
                 "the export was cancelled", summary=summary, exit_code=os.EX_TEMPFAIL
             )
-        code = os.EX_TEMPFAIL if fatal.reason == "disk_full" else os.EX_CANTCREAT
+        code = stopped_exit_code(fatal.reason)
         raise ExportStopped(f"export stopped: {fatal.detail}", summary=summary, exit_code=code)
 
     # -- manifest -------------------------------------------------------------------------------
-    def hash_unchanged(self) -> None:
-        """Hash the files found already in place, so the manifest covers the selection."""
+    def hash_unchanged(self, root_fd: int) -> None:
+        """Hash the files found already in place (below the open directory ``root_fd``), so
+        the manifest covers the selection."""
         todo = [i for i, (res, _) in enumerate(self.final) if not res.sha256]
 
         def digest(i: int) -> str:
             res = self.final[i][0]
             try:
-                fd = os.open(self.dest / res.relpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
+                fd = open_beneath(root_fd, PurePosixPath(res.relpath))
+            except (OSError, ExportError):
                 return ""
             try:
                 return sha256_fd(fd, res.size)
@@ -1955,8 +2267,9 @@ class _FolderExport:
                 res, when = self.final[i]
                 self.final[i] = (replace(res, sha256=value), when)
 
-    def write_manifest(self) -> Path:
-        """Write the manifest atomically next to the files; returns its path."""
+    def write_manifest(self, root_fd: int) -> Path:
+        """Write the manifest atomically next to the files (in the open directory
+        ``root_fd``); returns its path."""
         lines = []
         common = {
             "profile": self.profile.name,
@@ -2000,7 +2313,9 @@ class _FolderExport:
         }
         lines.append(json.dumps(tail, ensure_ascii=False, separators=(",", ":")))
         data = ("\n".join(lines) + "\n").encode()
-        return write_manifest_file(self.dest, self.started, data, durable=self.durable)
+        return write_manifest_file(
+            self.dest, self.started, data, durable=self.durable, dir_fd=root_fd
+        )
 
     def summary(self, manifest: str, *, complete: bool = True) -> ExportSummary:
         t = self.tally
@@ -2027,21 +2342,43 @@ class _FolderExport:
 
 
 def write_manifest_file(
-    directory: Path, when: dt.datetime, data: bytes, *, durable: bool = True
+    directory: Path,
+    when: dt.datetime,
+    data: bytes,
+    *,
+    durable: bool = True,
+    dir_fd: int | None = None,
 ) -> Path:
     """Publish ``data`` as ``directory/.deidfs-manifest-<UTC time>[-n].jsonl``, atomically:
     a temporary file (removed on failure), flushed, then linked under a name no other
-    manifest has.
+    manifest has. ``dir_fd``, when given, is ``directory`` open already (by a writer);
+    else ``directory`` is opened without following a symbolic link.
 
     Raises
     ------
     ExportError
         When it cannot be written (full, read-only): no file is left.
     """
-    stamp = when.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    temp = directory / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    if dir_fd is not None:
+        return _write_manifest_at(directory, dir_fd, when, data, durable)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        fd = open_path_dirs(directory, create=False)
+    except OSError as exc:
+        raise _oserror("cannot write the manifest", exc) from None
+    try:
+        return _write_manifest_at(directory, fd, when, data, durable)
+    finally:
+        os.close(fd)
+
+
+def _write_manifest_at(
+    directory: Path, dir_fd: int, when: dt.datetime, data: bytes, durable: bool
+) -> Path:
+    stamp = when.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    temp = f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{TEMP_SUFFIX}"
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(temp, flags, FILE_MODE, dir_fd=dir_fd)
     except OSError as exc:
         raise _oserror("cannot write the manifest", exc) from None
     try:
@@ -2055,9 +2392,8 @@ def write_manifest_file(
             os.close(fd)
         for n in range(1, 1000):
             name = f"{MANIFEST_PREFIX}{stamp}{'' if n == 1 else f'-{n}'}{MANIFEST_SUFFIX}"
-            target = directory / name
             try:
-                os.link(temp, target)
+                os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             except FileExistsError:
                 continue
             break
@@ -2066,10 +2402,122 @@ def write_manifest_file(
     except OSError as exc:
         raise _oserror("cannot write the manifest", exc) from None
     finally:
-        _unlink_quietly(temp)
+        _unlink_at_quietly(dir_fd, temp)
     if durable:
-        _fsync_dir(directory)
-    return target
+        _fsync_dir_fd(dir_fd)
+    return directory / name
+
+
+def stopped_exit_code(reason: str) -> int:
+    """The exit code of an export stopped by an output failure of ``reason``: 75 full (run
+    again once there is room), 77 a refused destination, 73 any other."""
+    if reason == "disk_full":
+        return os.EX_TEMPFAIL
+    if reason == "destination_refused":
+        return os.EX_NOPERM
+    return os.EX_CANTCREAT
+
+
+def _hash_and_write_manifest(run: _FolderExport, writer: ExportWriter) -> Path:
+    try:
+        root_fd = writer.root_fd()
+    except OSError as exc:
+        raise _oserror("cannot write the manifest", exc) from None
+    run.hash_unchanged(root_fd)
+    return run.write_manifest(root_fd)
+
+
+# -- where exports may write --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Place:
+    """A directory no export writes in, nor below: ``what`` names it in messages."""
+
+    what: str
+    path: Path  #: resolved (no symbolic link)
+    #: A directory inside it where exports may go all the same: the export directory, which
+    #: lies in the state directory by default.
+    allowed: Path | None = None
+
+
+def _resolved(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def forbidden_places(config: Config | None, state_dir: Path | None = None) -> list[Place]:
+    """The directories of ``config`` that no export may write in: every watched folder's
+    source directory (the daemon would take the files as new sources), the state directory
+    (its key and index) and the mount (read-only; a view of the sources). ``state_dir``
+    adds a state directory of another origin (``deidfs anonymize`` without configuration).
+    """
+    places: list[Place] = []
+    if config is not None:
+        for fid, folder in sorted(config.folders.items()):
+            places.append(Place(f"watched folder {fid!r}", _resolved(folder.path)))
+        state = _resolved(config.daemon.state_dir)
+        export_dir = _resolved(config.daemon.export_dir)
+        allowed = export_dir if _inside(export_dir, state) and export_dir != state else None
+        places.append(Place("the state directory", state, allowed))
+        # The mount point itself is not looked at (a hung mount would hang the export):
+        # its parent is resolved, and it is taken as a plain name there.
+        mnt = Path(os.path.abspath(config.daemon.mountpoint))
+        places.append(Place("the mount", _resolved(mnt.parent) / mnt.name))
+    if state_dir is not None:
+        places.append(Place("the state directory", _resolved(state_dir)))
+    return places
+
+
+def guard_of(places: Iterable[Place]) -> frozenset[DirId]:
+    """The identities of the ``places`` that exist, for :class:`ExportWriter`'s ``guard``:
+    but the mount's (see :func:`forbidden_places`) and a place holding an allowed directory
+    (the writer passes through it on its way from ``/``)."""
+    ids = set()
+    for place in places:
+        if place.what == "the mount" or place.allowed is not None:
+            continue  # the export directory may lie below an allowed place
+        try:
+            st = os.stat(place.path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            ids.add((st.st_dev, st.st_ino))
+    return frozenset(ids)
+
+
+def _inside(path: Path, top: Path) -> bool:
+    return path == top or top in path.parents
+
+
+def resolve_destination(dest: Path, places: Sequence[Place], *, within: Path | None = None) -> Path:
+    """``dest`` with its symbolic links resolved, refused where no export may write.
+
+    Parameters
+    ----------
+    dest
+        The directory files go to (it may not exist yet).
+    places
+        :func:`forbidden_places`: ``dest`` may be neither one nor inside one.
+    within
+        When given (exports through the daemon), ``dest`` must be inside it, links resolved.
+
+    Raises
+    ------
+    ExportRefused
+        The message names ``dest`` (the admin's own destination) and the place by its kind
+        or its folder id, never a source path.
+    """
+    resolved = _resolved(dest)
+    for place in places:
+        if _inside(resolved, place.path) and not (
+            place.allowed is not None and _inside(resolved, place.allowed)
+        ):
+            # Its files would be sources of the next export (and of the mount) in turn.
+            raise ExportRefused(f"the destination {resolved} is inside {place.what}")
+    if within is not None and not _inside(resolved, _resolved(within)):
+        raise ExportRefused(
+            f"an export through the daemon must go inside its export_dir ({within}); "
+            f"the destination {resolved} does not"
+        )
+    return resolved
 
 
 def _precheck_destination(dest: Path) -> None:
@@ -2149,7 +2597,8 @@ def export_folder(
     durable
         fsync each file and directory before it appears.
     confine
-        Refuse a ``to`` outside ``export_dir`` (exports requested through the daemon).
+        Refuse a destination outside ``export_dir``, symbolic links resolved (exports
+        requested through the daemon).
     listener
         Progress hooks.
     metrics
@@ -2179,14 +2628,15 @@ def export_folder(
     ProfileError
         The profile is disabled (exit 78). Nothing is written.
     ExportRefused
-        A destination inside the folder's source directory, or ``to`` outside
-        ``export_dir`` with ``confine`` (exit 77).
+        A destination (links resolved) in a watched folder, the state directory or the
+        mount, or outside ``export_dir`` with ``confine`` (exit 77). Nothing is written.
     ExportError
         The destination cannot be created or written (exit 73).
     ExportStopped
         The output failed during the export (full: exit 75; read-only or not permitted:
-        73) or it was cancelled (75). Files in place are complete, no temporary file is
-        left, no manifest is written; running the export again resumes it.
+        73; a symbolic link swapped in: 77) or it was cancelled (75). Files in place are
+        complete, no temporary file is left, no manifest is written; running the export
+        again resumes it.
     """
     listener = listener if listener is not None else ExportListener()
     folder = config.folders.get(folder_id)
@@ -2205,12 +2655,8 @@ def export_folder(
         raise NotFound(f"folder {folder.id!r}: its source directory does not exist")
     export_dir = Path(os.path.abspath(config.daemon.export_dir))
     base = Path(os.path.abspath(to)) if to is not None else export_dir
-    if confine and not (base == export_dir or export_dir in base.parents):
-        raise ExportRefused("an export through the daemon must go inside its export_dir")
-    dest = base / folder.id
-    if dest == root or root in dest.parents:
-        # Its files would be sources of the next export (and of the mount) in turn.
-        raise ExportRefused("the destination is inside the folder's own source directory")
+    places = forbidden_places(config)
+    dest = resolve_destination(base / folder.id, places, within=export_dir if confine else None)
     sel = selection if selection is not None else Selection()
     mount_root = Path(os.path.abspath(config.daemon.mountpoint)) / folder.id
     matcher = None if sel.empty else make_matcher(sel, root, mount_root)
@@ -2231,22 +2677,22 @@ def export_folder(
     )
     ok = False
     try:
-        with quiet_pydicom():
+        with quiet_pydicom(), contextlib.ExitStack() as stack:
             run.files, run.skipped = walk_sources(str(root))
             if matcher is None:
                 items = [(i, p, r) for i, (p, r) in enumerate(run.files)]
             else:
                 items = run.scan(matcher)
-            writer = ExportWriter(dest, durable=durable)
+            writer = ExportWriter(dest, durable=durable, guard=guard_of(places))
+            stack.callback(writer.close)
             writer.check_root()
             run.write(items, writer)
             manifest = ""
             if run.tally.written:
-                run.hash_unchanged()
                 try:
-                    manifest = str(run.write_manifest())
+                    manifest = str(_hash_and_write_manifest(run, writer))
                 except ExportError as exc:
-                    code = os.EX_TEMPFAIL if exc.reason == "disk_full" else os.EX_CANTCREAT
+                    code = stopped_exit_code(exc.reason)
                     raise ExportStopped(
                         str(exc),
                         exc.errno,

@@ -37,8 +37,13 @@ from deidfs.export import (
     Item,
     Job,
     Outcome,
+    Place,
+    forbidden_places,
+    guard_of,
     quiet_pydicom,
+    resolve_destination,
     run_batch,
+    stopped_exit_code,
     walk_sources,
 )
 from deidfs.render import Layout
@@ -68,6 +73,11 @@ given its final name, so no partial file is ever visible under it; an interrupte
 nothing behind (temporary dotfiles are removed by the next run). A target that already holds
 the same view is left alone and counted "unchanged".
 
+DIR is taken with its symbolic links resolved, and refused (exit 77) inside a watched folder,
+the state directory or the mount of the configuration. Below it, deidfs follows no symbolic
+link: every file is written through descriptors of its directories, so a link put in DIR
+meanwhile cannot send a file elsewhere.
+
 Pseudonym key (the same key gives the same UIDs, IDs and dates as the mount):
   1. --key-file FILE, or $DEIDFS_KEY_FILE: an existing key file (hex, mode 0600);
   2. else, with a configuration (--config, $DEIDFS_CONFIG or /etc/deidfs/deidfs.toml if it
@@ -82,6 +92,8 @@ exit codes:
   1   some file could not be read or written
   66  a SRC does not exist; 73 DIR cannot be created or written; 78 bad profile, key or config
   75  DIR ran out of space (run again once there is room: files in place are complete)
+  77  DIR (its symbolic links resolved) is inside a watched folder, the state directory or
+      the mount of the configuration; or a symbolic link was put in DIR while writing
 """
 
 
@@ -174,6 +186,17 @@ def load_key(key_file: str | None, config: str | None) -> bytes:
     if cfg is not None:
         return load_or_create_key(load_config(cfg).daemon.state_dir)
     return load_or_create_key(user_state_dir())
+
+
+def _forbidden_places(key_file: str | None, config: str | None) -> list[Place]:
+    """Where DIR may not be: the configuration's watched folders, state directory and mount
+    (when there is a configuration), and the state directory whose key is used."""
+    cfg = config_path(config)
+    if cfg is not None:
+        return forbidden_places(load_config(cfg))
+    if key_file or os.environ.get(KEY_FILE_ENV):
+        return []
+    return forbidden_places(None, user_state_dir())
 
 
 # -- progress and summary -----------------------------------------------------------------------
@@ -295,81 +318,96 @@ def run(args: argparse.Namespace) -> int:
     pseudo = Pseudonymizer(load_key(args.key_file, config))
     layout = Layout(args.layout)
     sources = collect_sources(args.src)
-    out = Path(args.to)
-    writer = ExportWriter(out, durable=not args.no_fsync)
     try:
+        places = _forbidden_places(args.key_file, config)
+        out = resolve_destination(Path(args.to), places)
+        writer = ExportWriter(out, durable=not args.no_fsync, guard=guard_of(places))
         writer.check_root()
     except ExportError as exc:
         print(f"deidfs: {exc}", file=sys.stderr)
         return exc.exit_code
-    job = Job(plan, pseudo, out, layout, not args.no_fsync, os.getpid())
-    files = sources.files
-    tally = Tally(skipped=sources.skipped)
-    claims = Claims([path for path, _ in files])
-    progress = Progress(len(files), sys.stderr, sys.stderr.isatty() and not args.quiet)
-    fatal: list[FileResult] = []
+    try:
+        job = Job(
+            plan,
+            pseudo,
+            out,
+            layout,
+            not args.no_fsync,
+            os.getpid(),
+            out_id=writer.root_id,
+            guard=writer.guard,
+        )
+        files = sources.files
+        tally = Tally(skipped=sources.skipped)
+        claims = Claims([path for path, _ in files])
+        progress = Progress(len(files), sys.stderr, sys.stderr.isatty() and not args.quiet)
+        fatal: list[FileResult] = []
 
-    def show(res: FileResult) -> None:
-        if res.status == "failed" or not args.quiet:
-            progress.clear()
-            token = pseudo.token(files[res.index][0], "path")[:12]
-            print(f"deidfs: {res.status} ({res.detail}): file {token}", file=sys.stderr)
+        def show(res: FileResult) -> None:
+            if res.status == "failed" or not args.quiet:
+                progress.clear()
+                token = pseudo.token(files[res.index][0], "path")[:12]
+                print(f"deidfs: {res.status} ({res.detail}): file {token}", file=sys.stderr)
 
-    def report(results: list[FileResult]) -> None:
-        for res in results:
-            if res.status in ("refused", "failed"):
-                tally.add(res.status, res.detail)
-                if res.fatal:
-                    if fatal:
-                        continue  # the files after the first of a full disk say the same
-                    fatal.append(res)
-                show(res)
-            else:
-                claims.add(res)
-        progress.advance(len(results))
+        def report(results: list[FileResult]) -> None:
+            for res in results:
+                if res.status in ("refused", "failed"):
+                    tally.add(res.status, res.detail)
+                    if res.fatal:
+                        if fatal:
+                            continue  # the files after the first of a full disk say the same
+                        fatal.append(res)
+                    show(res)
+                else:
+                    claims.add(res)
+            progress.advance(len(results))
 
-    def lost(chunk: list[Item], why: str) -> list[FileResult]:
-        return [FileResult(index, "failed", why, reason="worker_failed") for index, _, _ in chunk]
+        def lost(chunk: list[Item], why: str) -> list[FileResult]:
+            return [
+                FileResult(index, "failed", why, reason="worker_failed") for index, _, _ in chunk
+            ]
 
-    items = [(index, path, rel) for index, (path, rel) in enumerate(files)]
-    workers = min(args.workers or os.cpu_count() or 1, max(1, len(files)))
-    start = time.monotonic()
-    previous = signal.getsignal(signal.SIGTERM)
-    own_handler = (
-        previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
-    )
-    if own_handler:
-        signal.signal(signal.SIGTERM, _terminate)
-    with quiet_pydicom():
-        try:
-            finished = run_batch(job, items, workers, report, lost)
-        except BaseException:
+        items = [(index, path, rel) for index, (path, rel) in enumerate(files)]
+        workers = min(args.workers or os.cpu_count() or 1, max(1, len(files)))
+        start = time.monotonic()
+        previous = signal.getsignal(signal.SIGTERM)
+        own_handler = (
+            previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
+        )
+        if own_handler:
+            signal.signal(signal.SIGTERM, _terminate)
+        with quiet_pydicom():
+            try:
+                finished = run_batch(job, items, workers, report, lost)
+            except BaseException:
+                claims.discard_pending(writer)
+                raise
+            finally:
+                progress.clear()
+                if own_handler:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if not finished:
+            # The output takes no more files (full, read-only): what is in place is complete.
+            for res in claims.in_place():
+                tally.add(res.status, "", res.size)
             claims.discard_pending(writer)
-            raise
-        finally:
-            progress.clear()
-            if own_handler:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if not finished:
-        # The output takes no more files (full, read-only): what is in place is complete.
-        for res in claims.in_place():
-            tally.add(res.status, "", res.size)
-        claims.discard_pending(writer)
-        writer.finish()
+            writer.finish()
+            if not args.quiet:
+                _summary(tally, time.monotonic() - start, sys.stdout)
+            first = fatal[0] if fatal else None
+            detail = first.detail if first is not None else "interrupted"
+            code = os.EX_TEMPFAIL if first is None else stopped_exit_code(first.reason)
+            raise ExportStopped(f"stopped: {detail}", exit_code=code)
+        for res in claims.settle(writer):
+            tally.add(res.status, res.detail, res.size)
+            if res.status == "failed":
+                show(res)
+        seconds = time.monotonic() - start
         if not args.quiet:
-            _summary(tally, time.monotonic() - start, sys.stdout)
-        first = fatal[0] if fatal else None
-        detail = first.detail if first is not None else "interrupted"
-        code = os.EX_TEMPFAIL if first is None or first.reason == "disk_full" else os.EX_CANTCREAT
-        raise ExportStopped(f"stopped: {detail}", exit_code=code)
-    for res in claims.settle(writer):
-        tally.add(res.status, res.detail, res.size)
-        if res.status == "failed":
-            show(res)
-    seconds = time.monotonic() - start
-    if not args.quiet:
-        _summary(tally, seconds, sys.stdout)
-    return 1 if tally.failed else 0
+            _summary(tally, seconds, sys.stdout)
+        return 1 if tally.failed else 0
+    finally:
+        writer.close()  # its directory descriptors
 
 
 def _terminate(signum: int, frame: object) -> None:

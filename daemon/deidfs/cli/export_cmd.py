@@ -71,6 +71,13 @@ Without --via-daemon this command reads the configuration's pseudonym key
 key: an operator needs access to the control socket only, not to the key. The daemon
 writes only inside its [daemon] export_dir (a --to DIR must lie there), one export at a time,
 and shows no progress bar: it answers once the export is done.
+
+Confinement: DIR/FOLDER (or <export_dir>/FOLDER) is taken with its symbolic links resolved
+and refused (exit 77) when it is, or is inside, a watched folder's source directory (the
+daemon would take its own output as new sources), the state directory (but the export_dir
+that lies in it) or the mount; through the daemon, also when it is not inside export_dir.
+Below it, deidfs follows no symbolic link: every file is written through descriptors of its
+directories, so a link put there meanwhile cannot send a file elsewhere.
 """
 
 EPILOG = """\
@@ -81,8 +88,8 @@ exit codes:
   66  unknown folder, profile, study, patient, accession or path; nothing is written
   69  --via-daemon: the daemon is not running
   73  the destination cannot be created or written; 75 the destination is full (free space
-      and run again: it resumes); 77 no access to the control socket or --to outside
-      export_dir through the daemon; 78 bad configuration, disabled profile, unreadable key
+      and run again: it resumes); 77 no access to the control socket, or the destination is
+      refused (see Confinement); 78 bad configuration, disabled profile, unreadable key
 """
 
 #: Exit codes of the daemon's error codes (``--via-daemon``).
