@@ -81,6 +81,7 @@ class FolderState:
     directories: int
     missed: int  #: files reconciliation found that the observer never reported
     events: tuple[tuple[str, int], ...]  #: (watchdog event type, count) since it started
+    overflows: int = 0  #: inotify queue overflows (events lost) since the watcher started
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,11 @@ class _StateCollector(Collector):
             "Files a reconciliation scan found new or changed that no event had reported.",
             labels=("folder",),
         )
+        overflows = CounterMetricFamily(
+            "deidfs_watch_overflows",
+            "inotify queue overflows (file events lost; the folder was rescanned at once).",
+            labels=("folder",),
+        )
         events = CounterMetricFamily(
             "deidfs_watch_events",
             "File system events received by the folder's observer, by type.",
@@ -210,10 +216,11 @@ class _StateCollector(Collector):
             settling.add_metric((fid,), f.settling)
             dirs.add_metric((fid,), f.directories)
             missed.add_metric((fid,), f.missed)
+            overflows.add_metric((fid,), f.overflows)
             for event, n in f.events:
                 events.add_metric((fid, event), n)
         yield from (info, visible, dupes, withheld, view_bytes, healthy, polling, settling)
-        yield from (dirs, missed, events)
+        yield from (dirs, missed, overflows, events)
 
 
 class Metrics:

@@ -146,6 +146,8 @@ class FolderStatus:
     directories: int = 0
     missed: int = 0  #: files reconciliation found that no event had reported
     events: tuple[tuple[str, int], ...] = ()  #: observer events by type
+    overflows: int = 0  #: inotify queue overflows (events lost, folder rescanned)
+    last_overflow_age: float | None = None  #: seconds since the last one
 
     @property
     def refused_total(self) -> int:
@@ -231,6 +233,10 @@ class ServiceStatus:
                         "degraded": f.watch_degraded,
                         "settling": f.settling,
                         "directories": f.directories,
+                        "overflows": f.overflows,
+                        "last_overflow_seconds_ago": (
+                            None if f.last_overflow_age is None else round(f.last_overflow_age, 1)
+                        ),
                     },
                 }
                 for f in self.folders
@@ -963,6 +969,8 @@ class Service:
                     directories=w.directories if w is not None else 0,
                     missed=w.missed_files if w is not None else 0,
                     events=tuple(sorted(w.event_counts.items())) if w is not None else (),
+                    overflows=w.overflows if w is not None else 0,
+                    last_overflow_age=w.last_overflow_age if w is not None else None,
                 )
             )
         m = self.mount
@@ -1015,6 +1023,7 @@ class Service:
                     directories=f.directories,
                     missed=f.missed,
                     events=f.events,
+                    overflows=f.overflows,
                 )
                 for f in s.folders
             ),

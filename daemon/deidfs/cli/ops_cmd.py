@@ -243,6 +243,8 @@ def format_status(st: Mapping[str, Any]) -> str:
     for f in folders:
         watch = f.get("watch") or {}
         health = "ok" if watch.get("healthy") else "UNHEALTHY"
+        if watch.get("overflows"):
+            health += f", {watch.get('overflows')} overflow(s)"
         rows.append(
             [
                 str(f.get("id")),
@@ -261,6 +263,14 @@ def format_status(st: Mapping[str, Any]) -> str:
             notes.append(f"  {f.get('id')}: withheld {reasons}")
         if watch.get("degraded"):
             notes.append(f"  {f.get('id')}: polled: {watch.get('degraded')}")
+        overflows = int(watch.get("overflows") or 0)
+        if overflows:
+            age = watch.get("last_overflow_seconds_ago")
+            last = f", last {_duration(float(age))} ago" if isinstance(age, int | float) else ""
+            notes.append(
+                f"  {f.get('id')}: inotify queue OVERFLOWED {overflows} time(s){last}; "
+                "events were lost and the folder was rescanned"
+            )
     out.extend("  " + line for line in _table(rows))
     out.extend(notes)
     return "\n".join(out)

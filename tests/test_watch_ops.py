@@ -1,0 +1,151 @@
+"""Operations of a running daemon: inotify queue overflows, duplicates, ``deidfs withheld``,
+and the library warnings it counts. Every test runs a real daemon on a real mount."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Daemon, sample_file, wait_for
+
+pytestmark = pytest.mark.fuse
+
+QUEUE_LIMIT = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+def _status(d: Daemon) -> dict[str, object]:
+    from deidfs.control import call
+
+    reply = call(d.state / "control.sock", "status")
+    assert reply.ok, reply.error
+    return dict(reply.result)
+
+
+def _folder_status(d: Daemon) -> dict[str, object]:
+    folders = _status(d)["folders"]
+    assert isinstance(folders, list)
+    return dict(folders[0])
+
+
+def _with_metrics(d: Daemon) -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    text = d.config_path.read_text()
+    d.config_path.write_text(
+        text.replace('metrics_address = ""', f'metrics_address = "127.0.0.1:{port}"')
+    )
+    return f"http://127.0.0.1:{port}/metrics"
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (http on loopback)
+        body: bytes = resp.read()
+    return body.decode()
+
+
+def _sample_value(text: str, name: str, **labels: str) -> float | None:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = re.compile(rf"^{re.escape(name)}(\{{{re.escape(want)}\}})? (\S+)$", re.M)
+    for match in pattern.finditer(text):
+        if (match.group(1) or "") == (f"{{{want}}}" if want else ""):
+            return float(match.group(2))
+    return None
+
+
+@pytest.fixture
+def small_inotify_queue() -> Iterator[Callable[[], None]]:
+    """Lower fs.inotify.max_queued_events for the inotify instances created meanwhile.
+
+    The kernel takes the limit when an inotify instance is created, so it is lowered only
+    while the daemon starts its observer and restored at once (and in any case at the end):
+    the limit is machine-wide.
+    """
+    if os.geteuid() != 0 or not os.access(QUEUE_LIMIT, os.W_OK):
+        pytest.skip("needs root to change fs.inotify.max_queued_events")
+    saved = QUEUE_LIMIT.read_text().strip()
+
+    def restore() -> None:
+        QUEUE_LIMIT.write_text(saved + "\n")
+
+    QUEUE_LIMIT.write_text("32\n")
+    try:
+        yield restore
+    finally:
+        restore()
+
+
+# -- 1. an inotify queue overflow is noticed, rescanned, shown and counted ------------------
+
+
+def test_inotify_queue_overflow_is_rescanned_at_once_and_counted(
+    daemon_factory: Callable[..., Daemon], small_inotify_queue: Callable[[], None]
+) -> None:
+    # Mirror layout: every copy of the sample is a view of its own.
+    d = daemon_factory(layout="mirror", reconcile=0.0)
+    url = _with_metrics(d)
+    d.start()
+    # The observer (and its inotify instance) exists once the initial scan has run.
+    wait_for(lambda: "initial scan read" in d.log())
+    small_inotify_queue()
+    assert _folder_status(d)["watch"] == {  # type: ignore[comparison-overlap]
+        "kind": "inotify",
+        "healthy": True,
+        "degraded": "",
+        "settling": 0,
+        "directories": 1,
+        "overflows": 0,
+        "last_overflow_seconds_ago": None,
+    }
+    data = sample_file("MR_small.dcm").read_bytes()
+    count = 400
+    assert d.proc is not None
+    # The daemon cannot read its inotify queue while stopped: 400 files (about 1,200
+    # events) overflow a queue of 32 for certain. Nothing touches the mount meanwhile.
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        # Into a directory watched already: a new directory would be scanned by watchdog
+        # when it adds the directory's watch, which finds its files without any event.
+        for i in range(count):
+            (d.incoming / f"img{i:04d}.dcm").write_bytes(data)
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    # Every file appears promptly: the overflow made the daemon rescan (with no periodic
+    # reconciliation configured, nothing else would find the files whose events were lost).
+    views = d.wait_views(count, timeout=30)
+    assert len(views) == count
+    folder = _folder_status(d)
+    watch = folder["watch"]
+    assert isinstance(watch, dict)
+    assert watch["overflows"] >= 1
+    assert isinstance(watch["last_overflow_seconds_ago"], float)
+    assert watch["healthy"] is True
+    text = _scrape(url)
+    overflows = _sample_value(text, "deidfs_watch_overflows_total", folder="samples")
+    assert overflows is not None
+    assert overflows >= 1
+    assert "folder samples: inotify queue overflowed" in d.log()
+    done = subprocess.run(
+        [sys.executable, "-m", "deidfs", "status", "--config", str(d.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "inotify queue OVERFLOWED" in done.stdout
+    assert "overflow(s)" in done.stdout
+    # No path of the sources in logs, status or metrics.
+    for where in (d.log(), text, json.dumps(_status(d)), done.stdout):
+        assert "img0" not in where
