@@ -149,3 +149,112 @@ def test_inotify_queue_overflow_is_rescanned_at_once_and_counted(
     # No path of the sources in logs, status or metrics.
     for where in (d.log(), text, json.dumps(_status(d)), done.stdout):
         assert "img0" not in where
+
+
+# -- 2. a duplicate is logged, and `deidfs withheld` lists what is not served, and why ---------
+
+
+def _token(d: Daemon, path: Path) -> str:
+    from deidfs.deid.pseudonym import Pseudonymizer
+    from deidfs.secret import load_or_create_key
+
+    return Pseudonymizer(load_or_create_key(d.state)).token(os.fspath(path), "path")[:12]
+
+
+def _cli(*argv: str, as_uid: int | None = None) -> subprocess.CompletedProcess[str]:
+    prefix: list[str] = []
+    if as_uid is not None:
+        prefix = ["setpriv", f"--reuid={as_uid}", f"--regid={as_uid}", "--clear-groups"]
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "deidfs", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory another user can reach (pytest's tmp_path is 0700)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="deidfs-ops-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_duplicate_is_logged_and_withheld_lists_sources_for_root_and_owner_only(
+    daemon_factory: Callable[..., Daemon], public_dir: Path
+) -> None:
+    d = daemon_factory()
+    sock = public_dir / "control.sock"
+    text = d.config_path.read_text()
+    d.config_path.write_text(text.replace(f'"{d.state}/control.sock"', f'"{sock}"'))
+    d.start()
+    # Same SOP Instance UID (pydicom's RLE copy of MR_small): one view path, one is served.
+    first = d.add(sample_file("MR_small.dcm"), "a/mr.dcm")
+    d.wait_views(1)
+    second = d.add(sample_file("MR_small_RLE.dcm"), "b/mr_rle.dcm")
+    notes = d.incoming / "c" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("not DICOM")
+    line = (
+        f"duplicate: folder=samples file={_token(d, second)} not served: same view as "
+        f"file={_token(d, first)}, which is served"
+    )
+    wait_for(lambda: line in d.log())
+    assert len(d.views()) == 1
+    assert d.log().count("duplicate: folder=samples") == 1
+
+    def listed() -> str | None:
+        done = _cli("withheld", "--socket", str(sock))
+        assert done.returncode == 0, done.stderr
+        return done.stdout if "not_dicom" in done.stdout else None
+
+    out = wait_for(listed)
+    assert isinstance(out, str)
+    rows = sorted(r.split("\t") for r in out.splitlines())
+    assert rows == [
+        [
+            "samples",
+            "duplicate",
+            _token(d, second),
+            str(second),
+            _token(d, first),
+            str(first),
+        ],
+        ["samples", "not_dicom", _token(d, notes), str(notes)],
+    ]
+    done = _cli("withheld", "samples", "--json", "--socket", str(sock))
+    assert done.returncode == 0, done.stderr
+    (folder,) = json.loads(done.stdout)["folders"]
+    assert {s["reason"] for s in folder["sources"]} == {"duplicate", "not_dicom"}
+    done = _cli("withheld", "nope", "--socket", str(sock))
+    assert done.returncode == 1
+    assert "no folder 'nope'" in done.stderr
+
+    # Another user who may connect (the socket opened to all here, as a group would) is
+    # refused on its SO_PEERCRED uid; it is let in once it owns the configuration file.
+    sock.chmod(0o666)
+    done = _cli("withheld", "--socket", str(sock), as_uid=65534)
+    assert done.returncode == 77, (done.stdout, done.stderr)
+    assert "only root or the owner of the configuration file" in done.stderr
+    assert str(first) not in done.stdout + done.stderr
+    # status stays open to every peer that can connect.
+    assert _cli("status", "--socket", str(sock), as_uid=65534).returncode == 0
+    os.chown(d.config_path, 65534, 65534)
+    done = _cli("withheld", "--socket", str(sock), as_uid=65534)
+    assert done.returncode == 0, done.stderr
+    assert str(second) in done.stdout
+    # The daemon's log names files by token only, and who asked by uid.
+    log = d.log()
+    assert str(first) not in log
+    assert "mr_rle" not in log
+    assert "cmd=withheld result=denied" in log
+    assert "peer_uid=65534" in log

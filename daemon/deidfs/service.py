@@ -73,7 +73,14 @@ from typing import Any
 from deidfs import __version__
 from deidfs import export as export_module
 from deidfs.config import Config, ConfigInvalid, DaemonConfig, FolderConfig, load_config
-from deidfs.control import ControlServer, ErrorCode, ExportRequest, Reply, Request
+from deidfs.control import (
+    ControlServer,
+    ErrorCode,
+    ExportRequest,
+    Reply,
+    Request,
+    may_read_sources,
+)
 from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, DeidfsError, NotFound, Refused
@@ -519,7 +526,12 @@ class Service:
         threading.Thread(target=self._verify, name="deidfs-verify", daemon=True).start()
         self.control = ControlServer(
             Path(os.path.abspath(d.control_socket)),
-            {"status": self._cmd_status, "reload": self._cmd_reload, "export": self._cmd_export},
+            {
+                "status": self._cmd_status,
+                "reload": self._cmd_reload,
+                "export": self._cmd_export,
+                "withheld": self._cmd_withheld,
+            },
             on_request=self.metrics.control_request,
         )
         self.control.start()
@@ -609,10 +621,28 @@ class Service:
         """Make the tree (and the refusal table) reflect one index entry."""
         if entry.status is Status.OK:
             folder.refused.pop(entry.path, None)
-            self.tree.put(self._view_file(folder, entry))
+            vf = self._view_file(folder, entry)
+            before = self.tree.file(vf.mount_path)
+            self.tree.put(vf)
+            if before is not None and before.source != vf.source:
+                self._log_duplicate(folder, vf.source, before.source, vf.mount_path)
         else:
             self.tree.remove(folder.config.id, entry.path)
             folder.refused[entry.path] = (entry.source, entry.digest, entry.reason)
+
+    def _log_duplicate(self, folder: _Folder, new: str, other: str, mount_path: str) -> None:
+        """Two sources have one view path (the same SOP Instance UID, say): one is served."""
+        served = self.tree.file(mount_path)
+        if served is None or served.source not in (new, other):
+            return  # changed meanwhile; whatever holds the path now was logged in its turn
+        hidden = other if served.source == new else new
+        log.info(
+            "duplicate: folder=%s file=%s not served: same view as file=%s, which is served "
+            "(see deidfs withheld)",
+            folder.config.id,
+            self._token(hidden),
+            self._token(served.source),
+        )
 
     def _view_file(self, folder: _Folder, entry: Entry) -> ViewFile:
         assert self._pseudo is not None
@@ -1275,6 +1305,51 @@ class Service:
 
     def _cmd_status(self, request: Request) -> Reply:
         return Reply.success(self.status().to_json())
+
+    def _cmd_withheld(self, request: Request) -> Reply:
+        """Source paths not served (withheld or duplicates), each with reason and token.
+
+        Paths can carry patient names: only root and the configuration file's owner get
+        them (see :func:`~deidfs.control.may_read_sources`).
+        """
+        if not may_read_sources(request.peer, self.config.source):
+            return Reply.failure(
+                ErrorCode.DENIED,
+                "only root or the owner of the configuration file may list withheld sources",
+            )
+        unknown = set(request.args) - {"folder"}
+        if unknown:
+            return Reply.failure(
+                ErrorCode.BAD_REQUEST, f"unknown argument(s): {', '.join(sorted(unknown))}"
+            )
+        wanted = request.args.get("folder")
+        if wanted is not None and not isinstance(wanted, str):
+            return Reply.failure(ErrorCode.BAD_REQUEST, "'folder' must be a string")
+        folders = dict(self._folders)
+        if wanted is not None and wanted not in folders:
+            return Reply.failure(ErrorCode.NOT_FOUND, f"no folder {wanted!r} is configured")
+        out = []
+        for fid, folder in sorted(folders.items()):
+            if wanted is not None and fid != wanted:
+                continue
+            sources: list[dict[str, str]] = [
+                {"path": path, "token": self._token(path), "reason": reason}
+                for path, (_, _, reason) in sorted(folder.refused.items())
+            ]
+            for vf in sorted(self.tree.sources(fid), key=lambda v: v.source):
+                served = self.tree.file(vf.mount_path)
+                if served is not None and served.source != vf.source:
+                    sources.append(
+                        {
+                            "path": vf.source,
+                            "token": self._token(vf.source),
+                            "reason": "duplicate",
+                            "served": served.source,
+                            "served_token": self._token(served.source),
+                        }
+                    )
+            out.append({"id": fid, "sources": sources})
+        return Reply.success({"folders": out})
 
     def _cmd_reload(self, request: Request) -> Reply:
         wait = request.args.get("wait", True)
