@@ -258,3 +258,84 @@ def test_a_duplicate_is_logged_and_withheld_lists_sources_for_root_and_owner_onl
     assert "mr_rle" not in log
     assert "cmd=withheld result=denied" in log
     assert "peer_uid=65534" in log
+
+
+# -- 3. pydicom's warnings: counted by category, the first of each logged with a file token --
+
+#: Sample files pydicom warns about: invalid VR values (badVR, rtdose), and an implicit VR
+#: data set under an explicit VR transfer syntax (SC_rgb_jpeg).
+WARNING_SAMPLES = {
+    "badVR.dcm": "invalid_value",
+    "rtdose.dcm": "invalid_value",
+    "SC_rgb_jpeg.dcm": "vr_encoding_mismatch",
+}
+
+
+def test_pydicom_warnings_are_counted_by_category_in_status_metrics_and_log(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory(layout="mirror")
+    url = _with_metrics(d)
+    d.start()
+    added = {d.add(sample_file(name), name): category for name, category in WARNING_SAMPLES.items()}
+
+    def counted() -> dict[str, int] | None:
+        warned = _status(d).get("warnings")
+        assert isinstance(warned, dict)
+        counts = dict(warned["pydicom"])
+        enough = counts.get("invalid_value", 0) >= 2 and counts.get("vr_encoding_mismatch")
+        return counts if enough else None
+
+    counts = wait_for(counted)
+    assert isinstance(counts, dict)
+    log = d.log()
+    # Once per category, naming one of the files that caused it by its keyed token.
+    for category in set(WARNING_SAMPLES.values()):
+        lines = [ln for ln in log.splitlines() if f"pydicom warning: category={category} " in ln]
+        assert len(lines) == 1, lines
+        tokens = {_token(d, p) for p, c in added.items() if c == category}
+        assert any(f"file={t};" in lines[0] for t in tokens), (lines[0], tokens)
+    assert "reported a warning event" not in log
+    assert "Invalid value" not in log
+    assert "1A" not in log
+    text = _scrape(url)
+    value = _sample_value(text, "deidfs_pydicom_warnings_total", reason="invalid_value")
+    assert value is not None
+    assert value >= 2
+    done = _cli("status", "--config", str(d.config_path))
+    assert done.returncode == 0, done.stderr
+    assert "pydicom: " in done.stdout
+    assert "invalid_value" in done.stdout
+    assert "vr_encoding_mismatch" in done.stdout
+
+
+def test_verify_counts_pydicom_warnings_instead_of_printing_each(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory()
+    d.start()
+    for name in ("badVR.dcm", "rtdose.dcm", "rtdose_1frame.dcm", "CT_small.dcm"):
+        d.add(sample_file(name), name)
+
+    def indexed() -> bool:
+        f = _folder_status(d)
+        handled = int(f["visible"]) + int(f["duplicates"]) + int(f["withheld_total"])  # type: ignore[call-overload]
+        index = _status(d)["index"]
+        assert isinstance(index, dict)
+        return handled == 4 and index["backlog"] == 0
+
+    wait_for(indexed)
+    done = _cli("--config", str(d.config_path), "verify", "samples")
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    lines = done.stderr.splitlines()
+    assert not [ln for ln in lines if "reported a warning event" in ln], done.stderr
+    first = [ln for ln in lines if "pydicom warning: category=invalid_value " in ln]
+    assert len(first) == 1, done.stderr
+    assert "file=-;" not in first[0], first[0]
+    summary = [ln for ln in lines if "pydicom warnings in all: " in ln]
+    assert len(summary) == 1
+    match = re.search(r"invalid_value (\d+)", summary[0])
+    assert match is not None
+    assert int(match.group(1)) >= 3
+    assert "Invalid value" not in done.stderr
+    assert str(d.incoming) not in done.stderr

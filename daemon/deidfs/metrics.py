@@ -97,6 +97,7 @@ class StateSnapshot:
     cache_bytes: int
     cache_entries: int
     folders: tuple[FolderState, ...]
+    pydicom_warnings: tuple[tuple[str, int], ...] = ()  #: (category, count)
 
 
 def errno_name(err: int | None) -> str:
@@ -146,6 +147,15 @@ class _StateCollector(Collector):
         yield gauge(
             "deidfs_header_cache_entries", "Views held by the header cache.", s.cache_entries
         )
+
+        warned = CounterMetricFamily(
+            "deidfs_pydicom_warnings",
+            "Warnings pydicom reported while reading sources, by reason (category of message).",
+            labels=("reason",),
+        )
+        for category, n in s.pydicom_warnings:
+            warned.add_metric((category,), n)
+        yield warned
 
         info = GaugeMetricFamily(
             "deidfs_folder_info",

@@ -96,6 +96,7 @@ from deidfs.fusefs import (
     unsettled_ns,
 )
 from deidfs.index import Entry, Index, Status
+from deidfs.logs import LibraryWarnings, source_token
 from deidfs.metrics import FolderState, Metrics, StateSnapshot
 from deidfs.metrics_http import MetricsServer
 from deidfs.render import SourceStat, View, render_path
@@ -209,6 +210,8 @@ class ServiceStatus:
     last_reload: ReloadOutcome | None = None
     cache_hits: int = 0
     cache_misses: int = 0
+    #: pydicom warnings by category (their text is never logged: it may quote values)
+    pydicom_warnings: tuple[tuple[str, int], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The wire form of ``status`` on the control socket (``deidfs status --json``)."""
@@ -256,6 +259,7 @@ class ServiceStatus:
                 "hits": self.cache_hits,
                 "misses": self.cache_misses,
             },
+            "warnings": {"pydicom": dict(self.pydicom_warnings)},
         }
 
 
@@ -404,17 +408,21 @@ def view_digest(plan_digest: str, layout: str, pseudonymizer: Pseudonymizer) -> 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def quiet_third_party_logs() -> None:
+def quiet_third_party_logs(tally: LibraryWarnings | None = None) -> None:
     """Keep PHI that libraries log out of the daemon's logs.
 
     pydicom logs (and warns) with element values: names, IDs, UIDs; watchdog logs raw source
     paths, which can carry patient names. deidfs' own modules report what matters instead.
+    pydicom's log records go to ``tally`` (counted by category, never written), or nowhere.
     """
     for name in ("pydicom", "watchdog"):
         lib_log = logging.getLogger(name)
         lib_log.setLevel(logging.CRITICAL + 1)
         lib_log.propagate = False
-    # Warnings go to stderr (the journal) with the offending value in them.
+    if tally is not None:
+        tally.install()
+    # Warnings go to stderr (the journal) with the offending value in them; pydicom's are
+    # the twins of its log records, which the tally counts.
     warnings.simplefilter("ignore")
     # mfusepy (logger "fuse") logs every failed operation with its arguments at debug level.
     logging.getLogger("fuse").setLevel(logging.WARNING)
@@ -484,6 +492,8 @@ class Service:
         self.rendered = 0
         self.reused = 0
         self.last_reload: ReloadOutcome | None = None
+        #: pydicom's warnings, counted by category while :meth:`run` runs
+        self.library_warnings = LibraryWarnings()
 
     # -- start ---------------------------------------------------------------------------
 
@@ -818,9 +828,10 @@ class Service:
         view = folder.view
         started = time.perf_counter()
         try:
-            rendered: View | None = render_path(
-                path, view.plan, view.pseudonymizer, view.layout, rel
-            )
+            with source_token(self._token(path)):
+                rendered: View | None = render_path(
+                    path, view.plan, view.pseudonymizer, view.layout, rel
+                )
             reason = ""
         except Refused as exc:
             rendered, reason = None, exc.reason
@@ -1024,6 +1035,7 @@ class Service:
             last_reload=self.last_reload,
             cache_hits=cache.hits,
             cache_misses=cache.misses,
+            pydicom_warnings=tuple(sorted(self.library_warnings.counts().items())),
         )
 
     def metrics_state(self) -> StateSnapshot:
@@ -1038,6 +1050,7 @@ class Service:
             cache_misses=s.cache_misses,
             cache_bytes=s.cache_bytes,
             cache_entries=s.cache_entries,
+            pydicom_warnings=s.pydicom_warnings,
             folders=tuple(
                 FolderState(
                     folder=f.id,
@@ -1068,6 +1081,9 @@ class Service:
             f"{len(s.folders)} folder(s), {visible} file(s) served, {refused} withheld, "
             f"{s.backlog} queued"
         )
+        warned = sum(n for _, n in s.pydicom_warnings)
+        if warned:
+            line += f", {warned} pydicom warning(s)"
         last = self.last_reload
         if last is not None and not last.ok:
             line += "; configuration rejected, the last good one is serving"
@@ -1485,7 +1501,7 @@ class Service:
         def on_hup(signum: int, frame: FrameType | None) -> None:
             self.request_reload("signal")
 
-        quiet_third_party_logs()
+        quiet_third_party_logs(self.library_warnings)
         counter = _LogCounter(self.metrics)
         logging.getLogger().addHandler(counter)
         # Installed before mounting: libfuse then keeps its own handlers off (it only
@@ -1505,6 +1521,7 @@ class Service:
             return code
         finally:
             logging.getLogger().removeHandler(counter)
+            self.library_warnings.uninstall()
 
     def alive(self) -> bool:
         """Every part runs: FUSE loop, indexing threads, watcher threads, control, HTTP.

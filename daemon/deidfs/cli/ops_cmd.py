@@ -285,6 +285,13 @@ def format_status(st: Mapping[str, Any]) -> str:
         f"{int(cache.get('bytes', 0)) / 1048576:.1f} MiB{ratio}; "
         f"{fuse.get('open_files', 0)} open file(s)"
     )
+    warned = (st.get("warnings") or {}).get("pydicom") or {}
+    if warned:
+        counts = ", ".join(f"{c} {n}" for c, n in sorted(warned.items()))
+        out.append(
+            f"pydicom: {sum(int(n) for n in warned.values())} warning(s): {counts} "
+            "(the first of each category is logged with its file token)"
+        )
     folders = st.get("folders") or []
     if not folders:
         out.append("folders: none configured")
