@@ -168,8 +168,16 @@ class LibraryWarnings(logging.Handler):
     def log_summary(self) -> None:
         """Log the counts once, if any (a command's last line)."""
         text = self.summary()
-        if text:
+        if not text:
+            return
+        # Called at exit, when a handler's stream may be closed already (a test harness's
+        # capture): then the line is dropped rather than reported as a logging error.
+        saved = logging.raiseExceptions
+        logging.raiseExceptions = False
+        try:
             _log.warning("pydicom warnings in all: %s", text)
+        finally:
+            logging.raiseExceptions = saved
 
     def install(self) -> None:
         """Take over the ``pydicom`` logger: its records are counted here, not written."""
