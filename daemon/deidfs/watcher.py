@@ -963,8 +963,9 @@ class FolderWatcher:
         self._overflows_logged = total
         logger.warning(
             "folder %s: inotify queue overflowed, file events were lost (%d time(s), %d in "
-            "all); rescanning the folder now. Raise fs.inotify.max_queued_events (now %s) "
-            "if this repeats",
+            "all); rescanning the folder now. If this repeats, raise "
+            "fs.inotify.max_queued_events (%s now; the kernel applies it to inotify instances "
+            "created later: restart the daemon)",
             self._folder_id,
             new,
             total,
