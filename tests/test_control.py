@@ -312,3 +312,20 @@ def test_status_of_a_running_daemon(daemon_factory: Callable[..., Daemon]) -> No
     assert not sock.exists()
     done = _deidfs("status", "--config", str(d.config_path))
     assert done.returncode == 69
+
+
+def test_only_root_and_the_config_owner_may_read_source_paths(tmp_path: Path) -> None:
+    from deidfs.control import Peer, may_read_sources
+
+    config = tmp_path / "deidfs.toml"
+    config.write_text("")
+    os.chown(config, 0, 0)
+    nobody = Peer(pid=1, uid=65534, gid=65534)
+    assert may_read_sources(Peer(pid=1, uid=0, gid=0), config)
+    assert not may_read_sources(nobody, config)
+    assert not may_read_sources(None, config)
+    assert not may_read_sources(nobody, None)
+    assert not may_read_sources(nobody, tmp_path / "missing.toml")
+    os.chown(config, 65534, 65534)
+    assert may_read_sources(nobody, config)
+    assert not may_read_sources(Peer(pid=1, uid=1000, gid=1000), config)

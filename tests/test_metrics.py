@@ -188,8 +188,10 @@ def test_state_is_read_at_scrape_time() -> None:
                 directories=4,
                 missed=0,
                 events=(("created", 9),),
+                overflows=2,
             ),
         ),
+        pydicom_warnings=(("invalid_value", 4), ("vr_encoding_mismatch", 1)),
     )
     assert m.registry.get_sample_value("deidfs_fuse_mounted") is None
     m.set_state_source(lambda: state)
@@ -203,6 +205,9 @@ def test_state_is_read_at_scrape_time() -> None:
     assert _value(s, "deidfs_files_withheld", folder="ct", reason="not_dicom") == 2
     assert _value(s, "deidfs_folder_info", folder="ct", layout="dicom", profile="+Pixel") == 1
     assert _value(s, "deidfs_watch_events_total", folder="ct", event="created") == 9
+    assert _value(s, "deidfs_watch_overflows_total", folder="ct") == 2
+    assert _value(s, "deidfs_pydicom_warnings_total", reason="invalid_value") == 4
+    assert _value(s, "deidfs_pydicom_warnings_total", reason="vr_encoding_mismatch") == 1
     m.set_state_source(None)
     assert "deidfs_files_visible" not in generate_latest(m.registry).decode()
 
@@ -220,7 +225,11 @@ def test_metric_names_pass_promtool() -> None:
     m.fuse_error("getattr", 2)
     m.control_request("status", "ok")
     m.config_loaded(True, 1.0)
-    m.set_state_source(lambda: StateSnapshot(True, 0, 0, 0, 0, 0, 0, 0, folders=()))
+    m.set_state_source(
+        lambda: StateSnapshot(
+            True, 0, 0, 0, 0, 0, 0, 0, folders=(), pydicom_warnings=(("invalid_value", 1),)
+        )
+    )
     done = subprocess.run(
         [promtool, "check", "metrics"],
         input=generate_latest(m.registry),

@@ -8,6 +8,7 @@ import logging
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -657,3 +658,84 @@ def test_inotify_watch_limit_reads_proc() -> None:
     expected = int(Path("/proc/sys/fs/inotify/max_user_watches").read_text())
     assert limit is not None
     assert 0 < limit <= expected
+
+
+_OVERFLOW_SCRIPT = textwrap.dedent(
+    """
+    import json, queue, sys, time
+    from pathlib import Path
+    from deidfs.config import WatchMode
+    from deidfs.logs import setup_logging
+    from deidfs.watcher import FileEvent, FolderWatcher
+
+    setup_logging()  # as the daemon: watchdog's lines (with paths) redacted
+    root, count = Path(sys.argv[1]), int(sys.argv[2])
+    q = queue.Queue()
+    w = FolderWatcher("ovf", root, WatchMode.INOTIFY, settle_seconds=0.2, poll_seconds=0.1,
+                      reconcile_seconds=0, sink=q.put)
+    w.start()
+    while not w.initial_scan_done:
+        time.sleep(0.02)
+    print("started", flush=True)
+    sys.stdin.readline()  # the files were written while this process was stopped
+    resumed = time.monotonic()
+    ready = set()
+    while len(ready) < count and time.monotonic() < resumed + 20:
+        try:
+            change = q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if change.kind is FileEvent.READY:
+            ready.add(change.path.name)
+    result = {"ready": len(ready), "seconds": time.monotonic() - resumed,
+              "overflows": w.overflows, "age": w.last_overflow_age, "kind": w.kind}
+    w.stop()
+    print(json.dumps(result), flush=True)
+    """
+)
+
+
+def test_real_inotify_queue_overflow_rescans_at_once(root: Path) -> None:
+    limit_file = Path("/proc/sys/fs/inotify/max_queued_events")
+    if os.geteuid() != 0 or not os.access(limit_file, os.W_OK):
+        pytest.skip("needs root to change fs.inotify.max_queued_events")
+    saved = limit_file.read_text().strip()
+    count = 300
+    # The kernel takes the queue limit when the inotify instance is created: it is lowered
+    # (machine-wide) only until the watcher has started.
+    limit_file.write_text("16\n")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _OVERFLOW_SCRIPT, str(root), str(count)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        assert proc.stdout.readline().strip() == "started"
+    finally:
+        limit_file.write_text(saved + "\n")
+    try:
+        # Stopped, the process cannot drain its queue: 300 new files overflow it for sure.
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            for i in range(count):
+                write(root / f"img{i:04d}.dcm")
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    result = json.loads(out)
+    assert result["overflows"] >= 1, err
+    assert result["ready"] == count, err  # without the rescan most would never be reported
+    assert result["seconds"] < 10
+    assert result["kind"] == "inotify"
+    assert "folder ovf: inotify queue overflowed" in err
+    assert str(root) not in err

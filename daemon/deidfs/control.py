@@ -12,12 +12,17 @@ line, one reply per line, several requests per connection allowed::
 
 Commands: ``status``; ``reload`` (``wait``: reply with the outcome, default true);
 ``export`` (see :class:`ExportRequest` for its arguments and :data:`EXPORT_RESULT_KEYS`
-for its result). Error codes are the values of :class:`ErrorCode`.
+for its result); ``withheld`` (``folder``: one folder id, default all): the source paths
+not served, each with its reason and keyed token, so that a token in the log can be traced
+to its file. Error codes are the values of :class:`ErrorCode`.
 
 Access: the socket is created mode 0660, so only its owner and group may connect (the
 kernel checks the mode on ``connect``); its directory is created if missing. The peer's
 pid, uid and gid (``SO_PEERCRED``) are logged with every command, so the journal records
-who reloaded or exported what. Messages never carry PHI.
+who reloaded or exported what. ``withheld`` answers with source paths, which can carry
+patient names: it is answered only to root and to the owner of the configuration file
+(:func:`may_read_sources`, checked on the peer's ``SO_PEERCRED`` uid), who can read the
+originals anyway. Log lines and error messages never carry PHI.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ IDLE_SECONDS = 60.0
 MAX_CONNECTIONS = 16
 SOCKET_MODE = 0o660
 #: Known commands; any other name is counted as ``unknown`` (bounded metric labels).
-COMMANDS = ("status", "reload", "export")
+COMMANDS = ("status", "reload", "export", "withheld")
 #: Keys of a successful export's ``result``.
 EXPORT_RESULT_KEYS = ("folder", "destination", "files", "written", "unchanged", "failed", "bytes")
 
@@ -65,6 +70,7 @@ class ErrorCode(Enum):
     NOT_AVAILABLE = "not_available"  #: this daemon cannot do it (e.g. export not built in)
     NOT_FOUND = "not_found"  #: unknown folder, study, profile
     BUSY = "busy"  #: too many connections, or another reload/export in progress
+    DENIED = "denied"  #: this peer may not run this command (``SO_PEERCRED``)
     FAILED = "failed"  #: the command ran and failed
     INTERNAL = "internal"  #: a bug; details are in the daemon's log
 
@@ -161,6 +167,31 @@ class Reply:
 
 
 Handler = Callable[[Request], Reply]
+
+
+def may_read_sources(peer: Peer | None, config_file: Path | None) -> bool:
+    """Whether a peer may see source paths: root, or the configuration file's owner.
+
+    The owner is looked up at each request (an admin may hand the file over). An unknown
+    peer (no ``SO_PEERCRED``) or an unreadable file admits root alone.
+
+    Parameters
+    ----------
+    peer
+        The connecting process, from ``SO_PEERCRED``.
+    config_file
+        The daemon's configuration file, if it has one.
+    """
+    if peer is None:
+        return False
+    if peer.uid == 0:
+        return True
+    if config_file is None:
+        return False
+    try:
+        return os.stat(config_file).st_uid == peer.uid
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)

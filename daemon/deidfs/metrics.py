@@ -81,6 +81,7 @@ class FolderState:
     directories: int
     missed: int  #: files reconciliation found that the observer never reported
     events: tuple[tuple[str, int], ...]  #: (watchdog event type, count) since it started
+    overflows: int = 0  #: inotify queue overflows (events lost) since the watcher started
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,7 @@ class StateSnapshot:
     cache_bytes: int
     cache_entries: int
     folders: tuple[FolderState, ...]
+    pydicom_warnings: tuple[tuple[str, int], ...] = ()  #: (category, count)
 
 
 def errno_name(err: int | None) -> str:
@@ -146,6 +148,15 @@ class _StateCollector(Collector):
             "deidfs_header_cache_entries", "Views held by the header cache.", s.cache_entries
         )
 
+        warned = CounterMetricFamily(
+            "deidfs_pydicom_warnings",
+            "Warnings pydicom reported while reading sources, by reason (category of message).",
+            labels=("reason",),
+        )
+        for category, n in s.pydicom_warnings:
+            warned.add_metric((category,), n)
+        yield warned
+
         info = GaugeMetricFamily(
             "deidfs_folder_info",
             "Configured folders and their profile and layout (always 1).",
@@ -192,6 +203,11 @@ class _StateCollector(Collector):
             "Files a reconciliation scan found new or changed that no event had reported.",
             labels=("folder",),
         )
+        overflows = CounterMetricFamily(
+            "deidfs_watch_overflows",
+            "inotify queue overflows (file events lost; the folder was rescanned at once).",
+            labels=("folder",),
+        )
         events = CounterMetricFamily(
             "deidfs_watch_events",
             "File system events received by the folder's observer, by type.",
@@ -210,10 +226,11 @@ class _StateCollector(Collector):
             settling.add_metric((fid,), f.settling)
             dirs.add_metric((fid,), f.directories)
             missed.add_metric((fid,), f.missed)
+            overflows.add_metric((fid,), f.overflows)
             for event, n in f.events:
                 events.add_metric((fid, event), n)
         yield from (info, visible, dupes, withheld, view_bytes, healthy, polling, settling)
-        yield from (dirs, missed, events)
+        yield from (dirs, missed, overflows, events)
 
 
 class Metrics:

@@ -53,6 +53,7 @@ from deidfs.deid.risk import (
 from deidfs.deid.standard import EDITION
 from deidfs.deid.tags import format_tag, keyword_of, parse_tag
 from deidfs.errors import NotFound, ProfileError, Refused
+from deidfs.logs import source_token
 from deidfs.render import View, render_path
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,8 @@ def render_folder(
     for path, rel in iter_sources(folder.path):
         token = pseudo.token(str(path), "path")
         try:
-            view = render_path(path, plan, pseudo, folder.layout, rel)
+            with source_token(token):
+                view = render_path(path, plan, pseudo, folder.layout, rel)
         except Refused as exc:
             log.debug("folder %s: file %s withheld: %s", folder.id, token, exc.reason)
             yield SourceOutcome(path, rel, token, None, exc.reason)

@@ -73,7 +73,14 @@ from typing import Any
 from deidfs import __version__
 from deidfs import export as export_module
 from deidfs.config import Config, ConfigInvalid, DaemonConfig, FolderConfig, load_config
-from deidfs.control import ControlServer, ErrorCode, ExportRequest, Reply, Request
+from deidfs.control import (
+    ControlServer,
+    ErrorCode,
+    ExportRequest,
+    Reply,
+    Request,
+    may_read_sources,
+)
 from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, DeidfsError, NotFound, Refused
@@ -89,6 +96,7 @@ from deidfs.fusefs import (
     unsettled_ns,
 )
 from deidfs.index import Entry, Index, Status
+from deidfs.logs import LibraryWarnings, source_token
 from deidfs.metrics import FolderState, Metrics, StateSnapshot
 from deidfs.metrics_http import MetricsServer
 from deidfs.render import SourceStat, View, render_path
@@ -146,6 +154,8 @@ class FolderStatus:
     directories: int = 0
     missed: int = 0  #: files reconciliation found that no event had reported
     events: tuple[tuple[str, int], ...] = ()  #: observer events by type
+    overflows: int = 0  #: inotify queue overflows (events lost, folder rescanned)
+    last_overflow_age: float | None = None  #: seconds since the last one
 
     @property
     def refused_total(self) -> int:
@@ -200,6 +210,8 @@ class ServiceStatus:
     last_reload: ReloadOutcome | None = None
     cache_hits: int = 0
     cache_misses: int = 0
+    #: pydicom warnings by category (their text is never logged: it may quote values)
+    pydicom_warnings: tuple[tuple[str, int], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The wire form of ``status`` on the control socket (``deidfs status --json``)."""
@@ -231,6 +243,10 @@ class ServiceStatus:
                         "degraded": f.watch_degraded,
                         "settling": f.settling,
                         "directories": f.directories,
+                        "overflows": f.overflows,
+                        "last_overflow_seconds_ago": (
+                            None if f.last_overflow_age is None else round(f.last_overflow_age, 1)
+                        ),
                     },
                 }
                 for f in self.folders
@@ -243,6 +259,7 @@ class ServiceStatus:
                 "hits": self.cache_hits,
                 "misses": self.cache_misses,
             },
+            "warnings": {"pydicom": dict(self.pydicom_warnings)},
         }
 
 
@@ -391,17 +408,21 @@ def view_digest(plan_digest: str, layout: str, pseudonymizer: Pseudonymizer) -> 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def quiet_third_party_logs() -> None:
+def quiet_third_party_logs(tally: LibraryWarnings | None = None) -> None:
     """Keep PHI that libraries log out of the daemon's logs.
 
     pydicom logs (and warns) with element values: names, IDs, UIDs; watchdog logs raw source
     paths, which can carry patient names. deidfs' own modules report what matters instead.
+    pydicom's log records go to ``tally`` (counted by category, never written), or nowhere.
     """
     for name in ("pydicom", "watchdog"):
         lib_log = logging.getLogger(name)
         lib_log.setLevel(logging.CRITICAL + 1)
         lib_log.propagate = False
-    # Warnings go to stderr (the journal) with the offending value in them.
+    if tally is not None:
+        tally.install()
+    # Warnings go to stderr (the journal) with the offending value in them; pydicom's are
+    # the twins of its log records, which the tally counts.
     warnings.simplefilter("ignore")
     # mfusepy (logger "fuse") logs every failed operation with its arguments at debug level.
     logging.getLogger("fuse").setLevel(logging.WARNING)
@@ -471,6 +492,8 @@ class Service:
         self.rendered = 0
         self.reused = 0
         self.last_reload: ReloadOutcome | None = None
+        #: pydicom's warnings, counted by category while :meth:`run` runs
+        self.library_warnings = LibraryWarnings()
 
     # -- start ---------------------------------------------------------------------------
 
@@ -513,7 +536,12 @@ class Service:
         threading.Thread(target=self._verify, name="deidfs-verify", daemon=True).start()
         self.control = ControlServer(
             Path(os.path.abspath(d.control_socket)),
-            {"status": self._cmd_status, "reload": self._cmd_reload, "export": self._cmd_export},
+            {
+                "status": self._cmd_status,
+                "reload": self._cmd_reload,
+                "export": self._cmd_export,
+                "withheld": self._cmd_withheld,
+            },
             on_request=self.metrics.control_request,
         )
         self.control.start()
@@ -603,10 +631,28 @@ class Service:
         """Make the tree (and the refusal table) reflect one index entry."""
         if entry.status is Status.OK:
             folder.refused.pop(entry.path, None)
-            self.tree.put(self._view_file(folder, entry))
+            vf = self._view_file(folder, entry)
+            before = self.tree.file(vf.mount_path)
+            self.tree.put(vf)
+            if before is not None and before.source != vf.source:
+                self._log_duplicate(folder, vf.source, before.source, vf.mount_path)
         else:
             self.tree.remove(folder.config.id, entry.path)
             folder.refused[entry.path] = (entry.source, entry.digest, entry.reason)
+
+    def _log_duplicate(self, folder: _Folder, new: str, other: str, mount_path: str) -> None:
+        """Two sources have one view path (the same SOP Instance UID, say): one is served."""
+        served = self.tree.file(mount_path)
+        if served is None or served.source not in (new, other):
+            return  # changed meanwhile; whatever holds the path now was logged in its turn
+        hidden = other if served.source == new else new
+        log.info(
+            "duplicate: folder=%s file=%s not served: same view as file=%s, which is served "
+            "(see deidfs withheld)",
+            folder.config.id,
+            self._token(hidden),
+            self._token(served.source),
+        )
 
     def _view_file(self, folder: _Folder, entry: Entry) -> ViewFile:
         assert self._pseudo is not None
@@ -782,9 +828,10 @@ class Service:
         view = folder.view
         started = time.perf_counter()
         try:
-            rendered: View | None = render_path(
-                path, view.plan, view.pseudonymizer, view.layout, rel
-            )
+            with source_token(self._token(path)):
+                rendered: View | None = render_path(
+                    path, view.plan, view.pseudonymizer, view.layout, rel
+                )
             reason = ""
         except Refused as exc:
             rendered, reason = None, exc.reason
@@ -963,6 +1010,8 @@ class Service:
                     directories=w.directories if w is not None else 0,
                     missed=w.missed_files if w is not None else 0,
                     events=tuple(sorted(w.event_counts.items())) if w is not None else (),
+                    overflows=w.overflows if w is not None else 0,
+                    last_overflow_age=w.last_overflow_age if w is not None else None,
                 )
             )
         m = self.mount
@@ -986,6 +1035,7 @@ class Service:
             last_reload=self.last_reload,
             cache_hits=cache.hits,
             cache_misses=cache.misses,
+            pydicom_warnings=tuple(sorted(self.library_warnings.counts().items())),
         )
 
     def metrics_state(self) -> StateSnapshot:
@@ -1000,6 +1050,7 @@ class Service:
             cache_misses=s.cache_misses,
             cache_bytes=s.cache_bytes,
             cache_entries=s.cache_entries,
+            pydicom_warnings=s.pydicom_warnings,
             folders=tuple(
                 FolderState(
                     folder=f.id,
@@ -1015,6 +1066,7 @@ class Service:
                     directories=f.directories,
                     missed=f.missed,
                     events=f.events,
+                    overflows=f.overflows,
                 )
                 for f in s.folders
             ),
@@ -1029,6 +1081,9 @@ class Service:
             f"{len(s.folders)} folder(s), {visible} file(s) served, {refused} withheld, "
             f"{s.backlog} queued"
         )
+        warned = sum(n for _, n in s.pydicom_warnings)
+        if warned:
+            line += f", {warned} pydicom warning(s)"
         last = self.last_reload
         if last is not None and not last.ok:
             line += "; configuration rejected, the last good one is serving"
@@ -1267,6 +1322,51 @@ class Service:
     def _cmd_status(self, request: Request) -> Reply:
         return Reply.success(self.status().to_json())
 
+    def _cmd_withheld(self, request: Request) -> Reply:
+        """Source paths not served (withheld or duplicates), each with reason and token.
+
+        Paths can carry patient names: only root and the configuration file's owner get
+        them (see :func:`~deidfs.control.may_read_sources`).
+        """
+        if not may_read_sources(request.peer, self.config.source):
+            return Reply.failure(
+                ErrorCode.DENIED,
+                "only root or the owner of the configuration file may list withheld sources",
+            )
+        unknown = set(request.args) - {"folder"}
+        if unknown:
+            return Reply.failure(
+                ErrorCode.BAD_REQUEST, f"unknown argument(s): {', '.join(sorted(unknown))}"
+            )
+        wanted = request.args.get("folder")
+        if wanted is not None and not isinstance(wanted, str):
+            return Reply.failure(ErrorCode.BAD_REQUEST, "'folder' must be a string")
+        folders = dict(self._folders)
+        if wanted is not None and wanted not in folders:
+            return Reply.failure(ErrorCode.NOT_FOUND, f"no folder {wanted!r} is configured")
+        out = []
+        for fid, folder in sorted(folders.items()):
+            if wanted is not None and fid != wanted:
+                continue
+            sources: list[dict[str, str]] = [
+                {"path": path, "token": self._token(path), "reason": reason}
+                for path, (_, _, reason) in sorted(folder.refused.items())
+            ]
+            for vf in sorted(self.tree.sources(fid), key=lambda v: v.source):
+                served = self.tree.file(vf.mount_path)
+                if served is not None and served.source != vf.source:
+                    sources.append(
+                        {
+                            "path": vf.source,
+                            "token": self._token(vf.source),
+                            "reason": "duplicate",
+                            "served": served.source,
+                            "served_token": self._token(served.source),
+                        }
+                    )
+            out.append({"id": fid, "sources": sources})
+        return Reply.success({"folders": out})
+
     def _cmd_reload(self, request: Request) -> Reply:
         wait = request.args.get("wait", True)
         if not isinstance(wait, bool):
@@ -1401,7 +1501,7 @@ class Service:
         def on_hup(signum: int, frame: FrameType | None) -> None:
             self.request_reload("signal")
 
-        quiet_third_party_logs()
+        quiet_third_party_logs(self.library_warnings)
         counter = _LogCounter(self.metrics)
         logging.getLogger().addHandler(counter)
         # Installed before mounting: libfuse then keeps its own handlers off (it only
@@ -1421,6 +1521,7 @@ class Service:
             return code
         finally:
             logging.getLogger().removeHandler(counter)
+            self.library_warnings.uninstall()
 
     def alive(self) -> bool:
         """Every part runs: FUSE loop, indexing threads, watcher threads, control, HTTP.

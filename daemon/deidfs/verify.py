@@ -67,6 +67,7 @@ from deidfs.deid.standard import Action, Option
 from deidfs.deid.tags import format_tag, keyword_of
 from deidfs.errors import NotFound
 from deidfs.export import is_manifest_name
+from deidfs.logs import source_token
 from deidfs.reference import MAX_INFLATED
 from deidfs.render import DEFLATED, PIXEL_TAGS
 from deidfs.report import render_folder
@@ -811,7 +812,8 @@ def verify_tree(
         orig = originals.get(rel)
         if orig is not None and not rel.name.startswith("."):
             seen.add(rel)
-            v.check(path, rel, orig)
+            with source_token(orig.token):
+                v.check(path, rel, orig)
             continue
         token = pseudo.token(str(rel), "path")
         if _is_dicom(path) and not rel.name.startswith("."):

@@ -43,6 +43,7 @@ from typing import NamedTuple
 from watchdog.events import (
     DirDeletedEvent,
     DirMovedEvent,
+    EventsLostEvent,
     FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -93,6 +94,7 @@ _WATCH_LIMIT_FILES = (
     Path("/proc/sys/user/max_inotify_watches"),
 )
 _INSTANCE_LIMIT_FILE = Path("/proc/sys/fs/inotify/max_user_instances")
+_QUEUE_LIMIT_FILE = Path("/proc/sys/fs/inotify/max_queued_events")
 
 # Event types the observer passes on. Opened/closed-without-write events are left out so that
 # reads of the sources (by deidfs itself) do not wake the watcher; for inotify this also
@@ -106,6 +108,9 @@ _EVENT_FILTER: list[type[FileSystemEvent]] = [
     FileDeletedEvent,
     DirDeletedEvent,
     DirMovedEvent,
+    # The inotify queue overflowed (IN_Q_OVERFLOW): watchdog delivers this only to watches
+    # whose filter lists it.
+    EventsLostEvent,
 ]
 
 #: After close-write or a rename into place the file only has to keep its signature this long.
@@ -116,6 +121,8 @@ _WATCH_CHECK_GRACE_SECONDS = 0.5
 _JOIN_SECONDS = 10.0
 #: Files per batch handed from a scan to the worker, so READY flows while a big tree is read.
 _SCAN_BATCH = 256
+#: Queue overflows of one folder are logged at most this often (all are counted).
+_OVERFLOW_LOG_SECONDS = 60.0
 
 # Test seam: the directory lister of the scans.
 _scandir = os.scandir
@@ -190,6 +197,7 @@ _WorkItem = FileSystemEvent | _ScanBatch | _ScanEnd | _RootLost | _Stop
 
 class _Cmd(Enum):
     RESCAN = "rescan"
+    OVERFLOW = "overflow"  #: events were lost: rescan at once
     CHECK = "check"
     STOP = "stop"
 
@@ -201,14 +209,22 @@ class _ScanStats:
 
 
 class _Enqueuer(FileSystemEventHandler):
-    """Observer callback: runs on watchdog's dispatch thread, so it only enqueues."""
+    """Observer callback: runs on watchdog's dispatch thread, so it only enqueues.
 
-    def __init__(self, put: Callable[[_WorkItem], None]) -> None:
+    A loss of events goes straight to the supervisor, not behind the events queued for the
+    worker: the rescan it calls for should not wait for a backlog to be settled first.
+    """
+
+    def __init__(self, put: Callable[[_WorkItem], None], lost: Callable[[], None]) -> None:
         super().__init__()
         self._put = put
+        self._lost = lost
 
     def dispatch(self, event: FileSystemEvent) -> None:
-        self._put(event)
+        if isinstance(event, EventsLostEvent):
+            self._lost()
+        else:
+            self._put(event)
 
 
 def inotify_watch_limit() -> int | None:
@@ -405,6 +421,13 @@ class FolderWatcher:
     watching fails outright with ENOSPC/EMFILE, it logs a warning, switches this folder to
     polling for the rest of its life and reports why in :attr:`degraded_reason`.
 
+    Queue overflow: when the kernel's inotify queue overflows (``IN_Q_OVERFLOW``, more
+    events than ``/proc/sys/fs/inotify/max_queued_events`` waiting), events are lost for
+    the whole tree. watchdog rebuilds its watches and then reports the loss; the watcher
+    counts it (:attr:`overflows`), logs it and rescans the tree at once, so files whose
+    events were dropped are found by the scan rather than by the next periodic
+    reconciliation.
+
     Root outages: when the root disappears or cannot be opened, every reported file is
     reported ``GONE`` (the view must not serve what cannot be read), and the root is tried
     again every ``poll_seconds``; when it is back, the observer restarts and a full scan
@@ -460,6 +483,10 @@ class FolderWatcher:
         self._scan_id = 0
         self._directories = 0
         self._watches: int | None = None
+        self._overflows = 0
+        self._last_overflow: float | None = None  #: clock() of the last one
+        self._overflow_logged_at = -math.inf
+        self._overflows_logged = 0
 
         # Worker state.
         # Keyed by path string, not Path: a folder of 100,000 files would hold 100,000 Path
@@ -593,6 +620,19 @@ class FolderWatcher:
         """Files that reconciliation scans found new or changed but inotify never reported."""
         with self._lock:
             return self._missed
+
+    @property
+    def overflows(self) -> int:
+        """inotify queue overflows (events lost) since start; each one triggered a rescan."""
+        with self._lock:
+            return self._overflows
+
+    @property
+    def last_overflow_age(self) -> float | None:
+        """Seconds since the last queue overflow (None if there was none)."""
+        with self._lock:
+            last = self._last_overflow
+        return None if last is None else max(0.0, self._clock() - last)
 
     @property
     def directories(self) -> int:
@@ -896,9 +936,41 @@ class FolderWatcher:
                 break
             if cmd is _Cmd.CHECK:
                 next_check = self._clock()
+            elif cmd is _Cmd.OVERFLOW:
+                self._log_overflow()
+                if self._root_ok:
+                    next_reconcile = self._clock()
             elif cmd is _Cmd.RESCAN and self._root_ok:
                 next_reconcile = self._clock()  # while the root is lost, its return rescans
         self._stop_observer()
+
+    def _on_events_lost(self) -> None:
+        """watchdog's dispatch thread: the inotify queue overflowed; only count and ask."""
+        with self._lock:
+            self._overflows += 1
+            self._last_overflow = self._clock()
+        self._commands.put(_Cmd.OVERFLOW)
+
+    def _log_overflow(self) -> None:
+        """Log overflows (supervisor thread), at most once per :data:`_OVERFLOW_LOG_SECONDS`."""
+        with self._lock:
+            total = self._overflows
+        new = total - self._overflows_logged
+        now = self._clock()
+        if new <= 0 or now - self._overflow_logged_at < _OVERFLOW_LOG_SECONDS:
+            return
+        self._overflow_logged_at = now
+        self._overflows_logged = total
+        logger.warning(
+            "folder %s: inotify queue overflowed, file events were lost (%d time(s), %d in "
+            "all); rescanning the folder now. If this repeats, raise "
+            "fs.inotify.max_queued_events (%s now; the kernel applies it to inotify instances "
+            "created later: restart the daemon)",
+            self._folder_id,
+            new,
+            total,
+            _read_int(_QUEUE_LIMIT_FILE),
+        )
 
     def _check_root(self) -> bool:
         """Check the root and the observer; return True when a full scan is needed."""
@@ -970,7 +1042,7 @@ class FolderWatcher:
         self._root_ident = ident
         self._decide_kind()
         observer: BaseObserver | None = None
-        handler = _Enqueuer(self._events.put)
+        handler = _Enqueuer(self._events.put, self._on_events_lost)
         if self._kind == "inotify":
             try:
                 observer = InotifyObserver()

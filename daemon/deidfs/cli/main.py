@@ -43,6 +43,7 @@ COMMANDS = {
     "demo": "run_cmd",
     "status": "ops_cmd",
     "reload": "ops_cmd",
+    "withheld": "ops_cmd",
     "report": "report_cmd",
     "verify": "report_cmd",
     "profile": "admin_cmd",

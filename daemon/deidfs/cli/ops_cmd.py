@@ -1,4 +1,4 @@
-"""``deidfs status`` and ``deidfs reload``: ask the running daemon over its control socket.
+"""``deidfs status``, ``reload`` and ``withheld``: ask the running daemon over its control socket.
 
 The socket's path comes from ``--socket``, else from the configuration's
 ``[daemon] control_socket``. The configuration is read leniently for that one key: a file
@@ -34,6 +34,14 @@ RELOAD_EPILOG = """exit codes:
 
 systemd's ExecReload runs `deidfs reload --wait`, so `systemctl reload deidfs` fails visibly
 when the configuration is rejected.
+"""
+WITHHELD_EPILOG = """output: one line per source, tab-separated: FOLDER, REASON, TOKEN, PATH; for a
+duplicate also the TOKEN and PATH of the source served in its place. TOKEN is the keyed file
+token the daemon's log lines name (file=...).
+
+exit codes:
+  0 listed, 77 not root nor the owner of the configuration file (or permission denied on the
+  control socket), 69 the daemon is not running, 75 no answer in time, 1 no such folder
 """
 
 
@@ -72,6 +80,24 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="wait for the reload to finish and report its outcome (exit 78 if rejected)",
     )
     r.set_defaults(func=_reload)
+
+    w = sub.add_parser(
+        "withheld",
+        help="list the source files the daemon does not serve, and why (root or config owner)",
+        description=(
+            "List the source files of the running daemon's folders that are not served:\n"
+            "withheld (not DICOM, truncated, unsafe...) or duplicates of a served file (the\n"
+            "same view path, such as the same SOP Instance UID), with the reason and the\n"
+            "keyed token the log names them by. Lists original paths, which may carry\n"
+            "patient names: only root and the owner of the configuration file may run it."
+        ),
+        epilog=WITHHELD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(w)
+    w.add_argument("folder", nargs="?", metavar="FOLDER", help="only this folder id")
+    w.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+    w.set_defaults(func=_withheld)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -148,6 +174,31 @@ def _reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _withheld(args: argparse.Namespace) -> int:
+    request = {} if args.folder is None else {"folder": args.folder}
+    reply = call(socket_path(args), "withheld", request, timeout=args.timeout)
+    if not reply.ok:
+        return _failed(reply)
+    if args.json:
+        print(json.dumps(reply.result, indent=2, sort_keys=True))
+        return 0
+    for folder in reply.result.get("folders") or []:
+        for src in folder.get("sources") or []:
+            fields = [str(folder.get("id")), str(src.get("reason")), str(src.get("token"))]
+            fields.append(_printable(src.get("path")))
+            if src.get("served") is not None:
+                fields += [str(src.get("served_token")), _printable(src.get("served"))]
+            print("\t".join(fields))
+    return 0
+
+
+def _printable(path: object) -> str:
+    """A path as the terminal can show it: undecodable bytes and control characters escaped."""
+    raw = os.fsencode(str(path))
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _failed(reply: Reply) -> int:
     error = reply.error
     assert error is not None
@@ -160,6 +211,8 @@ def _failed(reply: Reply) -> int:
         return os.EX_TEMPFAIL
     if error.code is ErrorCode.NOT_AVAILABLE:
         return os.EX_UNAVAILABLE
+    if error.code is ErrorCode.DENIED:
+        return os.EX_NOPERM
     return 1
 
 
@@ -232,6 +285,13 @@ def format_status(st: Mapping[str, Any]) -> str:
         f"{int(cache.get('bytes', 0)) / 1048576:.1f} MiB{ratio}; "
         f"{fuse.get('open_files', 0)} open file(s)"
     )
+    warned = (st.get("warnings") or {}).get("pydicom") or {}
+    if warned:
+        counts = ", ".join(f"{c} {n}" for c, n in sorted(warned.items()))
+        out.append(
+            f"pydicom: {sum(int(n) for n in warned.values())} warning(s): {counts} "
+            "(the first of each category is logged with its file token)"
+        )
     folders = st.get("folders") or []
     if not folders:
         out.append("folders: none configured")
@@ -243,6 +303,8 @@ def format_status(st: Mapping[str, Any]) -> str:
     for f in folders:
         watch = f.get("watch") or {}
         health = "ok" if watch.get("healthy") else "UNHEALTHY"
+        if watch.get("overflows"):
+            health += f", {watch.get('overflows')} overflow(s)"
         rows.append(
             [
                 str(f.get("id")),
@@ -261,6 +323,14 @@ def format_status(st: Mapping[str, Any]) -> str:
             notes.append(f"  {f.get('id')}: withheld {reasons}")
         if watch.get("degraded"):
             notes.append(f"  {f.get('id')}: polled: {watch.get('degraded')}")
+        overflows = int(watch.get("overflows") or 0)
+        if overflows:
+            age = watch.get("last_overflow_seconds_ago")
+            last = f", last {_duration(float(age))} ago" if isinstance(age, int | float) else ""
+            notes.append(
+                f"  {f.get('id')}: inotify queue OVERFLOWED {overflows} time(s){last}; "
+                "events were lost and the folder was rescanned"
+            )
     out.extend("  " + line for line in _table(rows))
     out.extend(notes)
     return "\n".join(out)
