@@ -35,6 +35,7 @@ from deidfs.deid.profiles import BASIC, Profile
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
 from deidfs.deid.tags import parse_tag
+from deidfs.deid.trust import ENUMERATED
 from deidfs.render import (
     Layout,
     SourceStat,
@@ -439,6 +440,11 @@ def _plant_rows(
             ds.add(DataElement(row.tag, "SQ", Sequence([item])))
             continue
         value, text, needle = _value_for(vr, n)
+        if row.tag in ENUMERATED:
+            # A value outside the enumerated ones is no value of the attribute (deidfs
+            # removes it): the plant is the least common value the standard allows.
+            value = text = min(ENUMERATED[row.tag], key=lambda v: (-len(v), v))
+            needle = None
         ds.add(DataElement(row.tag, vr, value))
         plants.append(Plant(n, where, row.tag, vr, text, needle, row))
 

@@ -57,6 +57,7 @@ REASONS = frozenset(
         "not_dicom",
         "unparseable",
         "truncated",
+        "untrusted_attribute",
         "too_large",
         "bad_value",
         "bad_sequence",

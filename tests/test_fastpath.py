@@ -718,11 +718,15 @@ _OUTCOMES: Counter[str] = Counter()
 def test_random_data_sets_through_both_paths(data: bytes, plan_name: str) -> None:
     reason = decline_reason(data, plan(plan_name))
     assert not reason.startswith("internal"), reason
-    _OUTCOMES["served" if check_same(data, plan(plan_name)) else "declined"] += 1
+    served = check_same(data, plan(plan_name))
+    # Values outside their VR's repertoire are the reference path's by design (it removes
+    # them and counts why); the fast path must serve a fair share of the rest.
+    _OUTCOMES["served" if served else "untrusted" if reason == "untrusted" else "declined"] += 1
 
 
 def test_random_data_sets_are_mostly_served() -> None:
     """Run after the Hypothesis test (file order): it must have exercised the fast path."""
     if sum(_OUTCOMES.values()) < 50:
         pytest.skip("the Hypothesis test did not run first")
-    assert _OUTCOMES["served"] >= 0.3 * sum(_OUTCOMES.values())
+    assert _OUTCOMES["served"] >= 0.3 * (_OUTCOMES["served"] + _OUTCOMES["declined"])
+    assert _OUTCOMES["served"] >= 30, _OUTCOMES

@@ -75,6 +75,7 @@ REASON_MEANINGS: dict[str, str] = {
     "pixel_unsupported": "pixel data a mask must redact in a form deidfs cannot redact",
     "no_sop_instance_uid": "SOP Instance UID missing",
     "truncated": "file cut short",
+    "untrusted_attribute": "an attribute the file cannot lose is not what its tag claims",
     "bad_pixel_data": "malformed encapsulated pixel data",
     "too_large": "deflated data set or pixel data to redact past the size limit",
     "unwritable": "a de-identified value could not be encoded",

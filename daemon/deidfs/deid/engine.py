@@ -41,6 +41,7 @@ from deidfs.deid.profiles import DateModification
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Action, Option, method_codes
 from deidfs.deid.tags import keyword_of
+from deidfs.deid.trust import REASONS, STRUCTURAL, doubt
 from deidfs.errors import Refused
 
 PATIENT_ID = 0x00100020
@@ -75,6 +76,9 @@ _SCRUB = {
     Op.DUMMY: Decision(Op.DUMMY, Action.DUMMY, Source.DEFAULT, note="text in a D sequence"),
     Op.CLEAN: Decision(Op.CLEAN, Action.CLEAN, Source.DEFAULT, note="text in a C sequence"),
 }
+#: Operations that serve an element's value as it is, and that take it away.
+_VALUE_KEPT = frozenset({Op.KEEP, Op.VERBATIM})
+_VALUE_DROPPED = frozenset({Op.REMOVE, Op.EMPTY})
 _SAFE_VR_MISMATCH = Decision(
     Op.REMOVE, Action.REMOVE, Source.PRIVATE, note="VR differs from Table E.3.10-1"
 )
@@ -341,6 +345,12 @@ class _Walker:
             if tag >> 16 & 1:
                 self._private(src, tag, raw, creators, kept_private_blocks, private_out)
                 continue
+            if tag >> 16 in (0x0000, 0x0002):
+                # Command and file meta elements belong to a message or the file meta
+                # group, never to a data set or an item: whatever they hold goes.
+                ctx.counts[Op.REMOVE.value] += 1
+                ctx.counts["misplaced_group_removed"] += 1
+                continue
             decision = _decide(ctx.plan, tag)
             if (
                 self.scrub is not None
@@ -407,6 +417,19 @@ class _Walker:
     ) -> RawDataElement | DataElement | None:
         ctx = self.ctx
         op = decision.op
+        if (op in _VALUE_KEPT or (tag in STRUCTURAL and op not in _VALUE_DROPPED)) and not (
+            tag >> 16 & 1
+        ):
+            why = self._doubt(tag, raw)
+            if why == "length" and _vr_of(raw, tag) in VALUE_SIZES:
+                why = None  # a number that took in what follows: refused below, as bad_value
+            if why is not None:
+                if tag in STRUCTURAL:
+                    raise Refused("untrusted_attribute", f"element {tag:08X}: {REASONS[why]}")
+                # Not the attribute the profile keeps: removed, whatever it holds.
+                ctx.counts[Op.REMOVE.value] += 1
+                ctx.counts[f"untrusted_{why}_removed"] += 1
+                return None
         ctx.counts[op.value] += 1
         if op is Op.REMOVE:
             return None
@@ -459,6 +482,20 @@ class _Walker:
             ctx.notes.add("clean_binary_removed")
             return None
         raise AssertionError(op)  # pragma: no cover
+
+    def _doubt(self, tag: int, raw: RawDataElement | DataElement) -> str | None:
+        """:func:`deidfs.deid.trust.doubt` of an element as read (implicit VR: judged by
+        the dictionary's VR)."""
+        vr = None if self.ctx.implicit or not raw.VR else str(raw.VR)
+        if isinstance(raw, RawDataElement):
+            value = raw.value if isinstance(raw.value, bytes) else b""
+        elif vr in VALUE_SIZES or (vr is None and raw.VR in VALUE_SIZES):
+            value = bytes(_value_length(raw, str(raw.VR)))  # converted: judged by length
+        elif raw.VR == "SQ":
+            value = b""
+        else:
+            value = _text_bytes(raw)
+        return doubt(tag, vr, value)
 
     # -- operations needing the value -----------------------------------------------------------
     def _sequence(

@@ -62,6 +62,7 @@ from deidfs.deid.plan import Decision, Op, Plan, Source
 from deidfs.deid.pseudonym import TOKEN_LENGTH, Pseudonymizer
 from deidfs.deid.standard import Action, Option, method_codes
 from deidfs.deid.tags import keyword_of
+from deidfs.deid.trust import STRUCTURAL, ValueCheck, doubt, value_check
 
 __all__ = ["Decline", "FastHeader", "NeedMore", "deidentify_header"]
 
@@ -241,7 +242,8 @@ class _Tables:
     fast_ops: dict[int, int]  #: tag -> _KEEP, _REMOVE, _EMPTY or _OTHER (_Run.fast_op)
     #: The 6 bytes of an element header (tag, VR) -> (tag, short action, header length,
     #: the VR, or the emptied element): the hot path of _Run.dataset.
-    heads: dict[bytes, tuple[int, int, int, Any]]
+    #: 6 header bytes -> (tag, fast op, header length, payload, value check of a kept one)
+    heads: dict[bytes, tuple[int, int, int, Any, ValueCheck | None]]
     empties: dict[int, tuple[str, bytes]]  #: tag -> (VR, the element emptied)
     #: (tag, VR, raw value) -> the element re-encoded (None: declined); see image_attribute
     image_values: dict[tuple[int, str, bytes], bytes | None]
@@ -675,7 +677,7 @@ class _Run:
             # The hot path: an element header (tag and VR) seen before with a short action.
             entry = heads.get(data[pos : pos + 6])
             if entry is not None and pos + 12 <= size_data:
-                tag, op, head, payload = entry
+                tag, op, head, payload, check = entry
                 if head == 8:
                     reserved = 0
                     next_pos = pos + 8 + unpack_us(data, pos + 6)[0]
@@ -707,6 +709,8 @@ class _Run:
                             and bad_text(data, pos + head, next_pos)
                         ):
                             raise Decline("text_bytes")  # the reference path refuses it
+                        if check is not None and not check(data, pos + head, next_pos):
+                            raise Decline("untrusted")  # the reference path removes it
                         kept += 1
                         if raw_mode:
                             append(data[pos:next_pos])
@@ -766,15 +770,25 @@ class _Run:
             if private_group >= 0 and group != private_group:
                 self.flush_private(out, creators, kept_blocks)
                 private_group = -1
+            if group == 0x0002:
+                raise Decline("meta_group")  # the engine removes it and counts it so
             known = fast_ops.get(tag)
             op = known if known is not None else _OTHER if scrub else self.fast_op(tag)
+            if (
+                op >= _KEEP
+                and not group & 1
+                and doubt(tag, vr, data[start:next_pos] if vr != "SQ" else b"")
+            ):
+                raise Decline("untrusted")  # the engine removes it, or withholds the file
             if op != _OTHER and not scrub and len(heads) < _MAX_TAGS:
                 if op == _REMOVE:
-                    heads[data[pos : pos + 6]] = (tag, op, head, b"")
+                    heads[data[pos : pos + 6]] = (tag, op, head, b"", None)
                 elif vr not in _NOT_RAW and (op < _KEEP or vr not in VALUE_SIZES):
                     # Kept numbers stay on this path: their length is checked below.
                     payload = _element(tag, vr, b"") if op == _EMPTY else vr
-                    heads[data[pos : pos + 6]] = (tag, op, head, payload)
+                    # A key names the tag and the VR: the VR was found allowed above.
+                    check = value_check(tag, vr) if op >= _KEEP and not group & 1 else None
+                    heads[data[pos : pos + 6]] = (tag, op, head, payload, check)
             if op == _REMOVE:
                 removed += 1
                 pos = next_pos
@@ -1021,6 +1035,8 @@ class _Run:
         """A raw element the engine keeps, as the encoder writes it: as it is in a raw data
         set (but an empty one, which pydicom converts), else as pydicom decodes and writes it
         (an element read as UN then has the VR its data dictionary names)."""
+        if not tag >> 16 & 1 and doubt(tag, vr, self.data[start:end]):
+            raise Decline("untrusted")  # the engine removes it, or withholds the file
         # The engine judges an element read as UN by its dictionary VR.
         real = self.un_vr(tag, end - start) if vr == "UN" and not tag >> 16 & 1 else vr
         if real in VALUE_SIZES and not length_fits(tag, real, end - start):
@@ -1046,6 +1062,13 @@ class _Run:
     ) -> bytes | None:
         """engine._Walker.apply: the encoded output element, or None when removed."""
         op = decision.op
+        if (
+            not tag >> 16 & 1
+            and (op is Op.KEEP or op is Op.VERBATIM or (tag in STRUCTURAL and op is not Op.EMPTY))
+            and op is not Op.REMOVE
+            and doubt(tag, vr, self.data[start:end] if vr != "SQ" else b"")
+        ):
+            raise Decline("untrusted")  # the engine removes it, or withholds the file
         self.count(op.value)
         if op is Op.REMOVE:
             return None
