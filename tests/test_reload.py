@@ -179,6 +179,47 @@ def test_a_broken_config_is_reported_and_the_last_good_one_keeps_serving(
     assert src.exists()
 
 
+def test_a_config_that_is_not_toml_is_reported_with_its_line_not_as_a_daemon_not_running(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory().start()
+    d.add(sample_file("CT_small.dcm"), "ct.dcm")
+    (view,) = d.wait_views(1)
+    before = view.read_bytes()
+    good = d.config_path.read_text()
+    # The daemon's socket is not the default one: only the (broken) file names it.
+    broken = good.replace("[folders.samples]", "[folders.samples")
+    line = broken.splitlines().index("[folders.samples") + 1
+    _save_by_rename(d.config_path, broken)
+    for argv in (("reload", "--wait"), ("reload",), ("status",), ("withheld",)):
+        done = _cli(d, *argv)
+        assert done.returncode == 78, (argv, done.stderr)
+        assert f"{d.config_path}:{line}: invalid TOML" in done.stderr, (argv, done.stderr)
+        assert "(column " in done.stderr
+        assert "not running" not in done.stderr
+    # Given the socket, the daemon answers: still serving the last good configuration.
+    done = subprocess.run(
+        [sys.executable, "-m", "deidfs", "status", "--socket", str(d.state / "control.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "samples" in done.stdout
+    assert view.read_bytes() == before
+    # A configuration file that is not there is said to be missing (66), not the daemon.
+    done = subprocess.run(
+        [sys.executable, "-m", "deidfs", "status", "--config", str(d.root / "missing.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 66, done.stderr
+    assert "configuration file not found" in done.stderr
+
+
 def test_sighup_reloads(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:
     d = daemon_factory().start()
     other = tmp_path / "hup"

@@ -3,7 +3,9 @@
 The socket's path comes from ``--socket``, else from the configuration's
 ``[daemon] control_socket``. The configuration is read leniently for that one key: a file
 someone just broke must not stop ``deidfs reload`` from reporting the daemon's verdict, nor
-``deidfs status`` from showing that the last good configuration is still serving.
+``deidfs status`` from showing that the last good configuration is still serving. A file
+that is not TOML at all has no key to read: its syntax error is reported (file:line, exit 78)
+rather than a guess at the default socket, which would say "the daemon is not running".
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deidfs.cli.common import config_path
-from deidfs.config import DaemonConfig, load_config
+from deidfs.config import ConfigUnreadable, DaemonConfig, load_config
 from deidfs.control import ErrorCode, Reply, call
 from deidfs.errors import ConfigError
 
@@ -121,7 +123,15 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def socket_path(args: argparse.Namespace) -> Path:
-    """The control socket to talk to (see the module's notes)."""
+    """The control socket to talk to (see the module's notes).
+
+    Raises
+    ------
+    ConfigError
+        The configuration cannot tell: it is missing or unreadable (exit code 66), or it is
+        not TOML, or names no usable ``control_socket`` while breaking the schema (78). The
+        default socket would be a guess, and a wrong guess reads "the daemon is not running".
+    """
     if args.socket is not None:
         return Path(args.socket)
     path = config_path(getattr(args, "config", None))
@@ -129,16 +139,22 @@ def socket_path(args: argparse.Namespace) -> Path:
         return DaemonConfig().control_socket
     try:
         return Path(os.path.abspath(load_config(path).daemon.control_socket))
-    except ConfigError:
-        pass
+    except ConfigUnreadable:
+        raise
+    except ConfigError as exc:
+        invalid = exc
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return DaemonConfig().control_socket
-    daemon = data.get("daemon")
-    value = daemon.get("control_socket") if isinstance(daemon, dict) else None
+        raise invalid from None  # not TOML: file:line of the syntax error, exit 78
+    daemon = data.get("daemon", {})
+    if not isinstance(daemon, dict):
+        raise invalid from None
+    if "control_socket" not in daemon:
+        return DaemonConfig().control_socket  # what the daemon itself falls back to
+    value = daemon.get("control_socket")
     if not isinstance(value, str) or not value:
-        return DaemonConfig().control_socket
+        raise invalid from None
     # As the configuration does: relative to the file's directory.
     return Path(os.path.abspath(path.absolute().parent / value))
 
