@@ -210,6 +210,31 @@ def test_empty_config_is_all_defaults() -> None:
     assert config.sha256 == hashlib.sha256(b"").hexdigest()
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("", "empty"),
+        ("\n  \n\t\n", "empty"),
+        ("# deidfs\n\n# [folders.a]\n#path = '/x'\n", "blank"),
+    ],
+)
+def test_a_blank_file_is_refused_where_blank_is_not_allowed(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    path = tmp_path / "deidfs.toml"
+    path.write_text(text)
+    assert load_config(path).folders == {}  # as the defaults, where allowed
+    with pytest.raises(ConfigInvalid) as info:
+        load_config(path, allow_blank=False)
+    assert info.value.exit_code == 78
+    assert str(info.value).startswith(f"{path}: the configuration file is {said}")
+    assert "would remove every folder" in str(info.value)
+    # Any table or key is content: a configuration with no folder stays an admin's choice.
+    for content in ("[daemon]\n", "# x\n[profiles.Nominal]\nbase = 'Basic'\n"):
+        path.write_text(content)
+        assert load_config(path, allow_blank=False).folders == {}
+
+
 def test_without_a_path_relative_paths_use_the_current_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

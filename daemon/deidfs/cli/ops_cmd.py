@@ -129,7 +129,8 @@ def socket_path(args: argparse.Namespace) -> Path:
     ------
     ConfigError
         The configuration cannot tell: it is missing or unreadable (exit code 66), or it is
-        not TOML, or names no usable ``control_socket`` while breaking the schema (78). The
+        not TOML, or blank (the daemon refuses to reload a blank file), or names no usable
+        ``control_socket`` while breaking the schema (78). The
         default socket would be a guess, and a wrong guess reads "the daemon is not running".
     """
     if args.socket is not None:
@@ -138,7 +139,8 @@ def socket_path(args: argparse.Namespace) -> Path:
     if path is None:
         return DaemonConfig().control_socket
     try:
-        return Path(os.path.abspath(load_config(path).daemon.control_socket))
+        config = load_config(path, allow_blank=False)
+        return Path(os.path.abspath(config.daemon.control_socket))
     except ConfigUnreadable:
         raise
     except ConfigError as exc:
@@ -147,6 +149,8 @@ def socket_path(args: argparse.Namespace) -> Path:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         raise invalid from None  # not TOML: file:line of the syntax error, exit 78
+    if not data:
+        raise invalid from None  # blank: names no socket, and the daemon refuses it anyway
     daemon = data.get("daemon", {})
     if not isinstance(daemon, dict):
         raise invalid from None
