@@ -104,11 +104,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config",
-        default=argparse.SUPPRESS,
-        help="configuration file (default: $DEIDFS_CONFIG or /etc/deidfs/deidfs.toml)",
-    )
-    p.add_argument(
         "--socket",
         type=Path,
         help="control socket (default: [daemon] control_socket of the configuration)",
