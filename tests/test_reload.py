@@ -200,6 +200,7 @@ def test_a_config_that_is_not_toml_is_reported_with_its_line_not_as_a_daemon_not
         assert f"{d.config_path}:{line}: invalid TOML" in done.stderr, (argv, done.stderr)
         assert "(column " in done.stderr
         assert "not running" not in done.stderr
+        assert "give it with --socket" in done.stderr
     # Given the socket, the daemon answers: still serving the last good configuration.
     done = subprocess.run(
         [sys.executable, "-m", "deidfs", "status", "--socket", str(d.state / "control.sock")],

@@ -158,8 +158,20 @@ def socket_path(args: argparse.Namespace) -> Path:
     return Path(os.path.abspath(path.absolute().parent / value))
 
 
+def _socket(args: argparse.Namespace) -> Path:
+    """:func:`socket_path`; its error says how to reach the daemon all the same."""
+    try:
+        return socket_path(args)
+    except ConfigError as exc:
+        exc.args = (
+            f"{exc}\n  (the daemon's control socket is named in this file: give it with "
+            "--socket to ask the daemon all the same)",
+        )
+        raise
+
+
 def _status(args: argparse.Namespace) -> int:
-    reply = call(socket_path(args), "status", timeout=args.timeout)
+    reply = call(_socket(args), "status", timeout=args.timeout)
     if not reply.ok:
         return _failed(reply)
     if args.json:
@@ -170,7 +182,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _reload(args: argparse.Namespace) -> int:
-    reply = call(socket_path(args), "reload", {"wait": args.wait}, timeout=args.timeout)
+    reply = call(_socket(args), "reload", {"wait": args.wait}, timeout=args.timeout)
     if not reply.ok:
         return _failed(reply)
     result = reply.result
@@ -191,7 +203,7 @@ def _reload(args: argparse.Namespace) -> int:
 
 def _withheld(args: argparse.Namespace) -> int:
     request = {} if args.folder is None else {"folder": args.folder}
-    reply = call(socket_path(args), "withheld", request, timeout=args.timeout)
+    reply = call(_socket(args), "withheld", request, timeout=args.timeout)
     if not reply.ok:
         return _failed(reply)
     if args.json:
