@@ -78,6 +78,12 @@ class DaemonConfig:
     poll_seconds: float = 5.0  #: interval of the polling observer
     cache_mib: int = 32  #: bound of the in-memory header cache
     workers: int = 2  #: indexing threads
+    #: bound of a source's header (its elements before Pixel Data); past it: header_too_large
+    max_header_mib: int = 256
+
+    @property
+    def max_header_bytes(self) -> int:
+        return self.max_header_mib * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,7 @@ _DAEMON_KEYS = (
     "poll_seconds",
     "cache_mib",
     "workers",
+    "max_header_mib",
 )
 _FOLDER_KEYS = ("path", "profile", "layout", "watch")
 _PROFILE_KEYS = (
@@ -431,6 +438,7 @@ class _Checker:
             poll_seconds=t.number("poll_seconds", d.poll_seconds, minimum=0.0, exclusive=True),
             cache_mib=t.integer("cache_mib", d.cache_mib, minimum=1),
             workers=t.integer("workers", d.workers, minimum=1, maximum=_MAX_WORKERS),
+            max_header_mib=t.integer("max_header_mib", d.max_header_mib, minimum=1),
         )
         for name, other in (("export_dir", out.export_dir), ("state_dir", out.state_dir)):
             if _overlaps(out.mountpoint, other):

@@ -86,6 +86,7 @@ class FolderView:
     pseudonymizer: Pseudonymizer
     layout: Layout
     digest: str  #: digest of everything a view depends on (plan, layout, key, renderer)
+    max_header_bytes: int | None = None  #: bound of a source's header (None: the default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -597,7 +598,15 @@ class ViewFS:
         started = time.perf_counter()
         try:
             with open(fd, "rb", closefd=False) as f:
-                view = render(f, state, folder.plan, folder.pseudonymizer, folder.layout, rel)
+                view = render(
+                    f,
+                    state,
+                    folder.plan,
+                    folder.pseudonymizer,
+                    folder.layout,
+                    rel,
+                    max_header_bytes=folder.max_header_bytes,
+                )
         except Refused as exc:
             raise self._stale(vf, "source no longer renders") from exc
         finally:

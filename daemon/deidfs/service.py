@@ -111,7 +111,7 @@ log = logging.getLogger(__name__)
 
 #: Bumped when the bytes a view holds change for the same source, plan, layout and key
 #: (render.py changes); part of every view digest, so old index rows are re-rendered.
-RENDER_VERSION = "1"
+RENDER_VERSION = "2"  # 2: data sets not whole at every depth are withheld
 #: Bound of each join at shutdown.
 JOIN_SECONDS = 5.0
 #: How often the configuration file's SHA-256 is compared (see the module notes).
@@ -401,13 +401,16 @@ def file_sha256(path: Path) -> str:
         return ""
 
 
-def view_digest(plan_digest: str, layout: str, pseudonymizer: Pseudonymizer) -> str:
-    """Digest of everything a folder's views depend on besides the source itself.
+def view_digest(
+    plan_digest: str, layout: str, pseudonymizer: Pseudonymizer, max_header_bytes: int
+) -> str:
+    """Digest of everything a folder's views depend on besides the source itself (the
+    header bound among them: what it withholds is part of what is served).
 
     The key enters as a keyed token, so the digest (stored in the index) reveals nothing.
     """
     key_id = pseudonymizer.token("view-digest", "key")
-    blob = f"{RENDER_VERSION}\0{plan_digest}\0{layout}\0{key_id}"
+    blob = f"{RENDER_VERSION}\0{plan_digest}\0{layout}\0{key_id}\0{max_header_bytes}"
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -593,7 +596,10 @@ class Service:
             plan=plan,
             pseudonymizer=self._pseudo,
             layout=fc.layout,
-            digest=view_digest(plan.digest, fc.layout.value, self._pseudo),
+            digest=view_digest(
+                plan.digest, fc.layout.value, self._pseudo, config.daemon.max_header_bytes
+            ),
+            max_header_bytes=config.daemon.max_header_bytes,
         )
         return _Folder(config=fc, view=view, prefix=str(root).rstrip("/") + "/")
 
@@ -833,7 +839,7 @@ class Service:
         try:
             with source_token(self._token(path)):
                 rendered: View | None = render_path(
-                    path, view.plan, view.pseudonymizer, view.layout, rel
+                    path, view.plan, view.pseudonymizer, view.layout, rel, view.max_header_bytes
                 )
             reason = ""
         except Refused as exc:
@@ -1235,11 +1241,12 @@ class Service:
                 plan.changes.append(f"folder {fid} moved to another path: indexed anew")
             elif folder.view.digest != cur.view.digest:
                 plan.rerender.append(folder)
-                what = (
-                    f"profile {cur.config.profile} -> {fc.profile}"
-                    if fc.profile != cur.config.profile
-                    else f"profile {fc.profile} changed"
-                )
+                if fc.profile != cur.config.profile:
+                    what = f"profile {cur.config.profile} -> {fc.profile}"
+                elif folder.view.max_header_bytes != cur.view.max_header_bytes:
+                    what = "[daemon] max_header_mib changed"
+                else:
+                    what = f"profile {fc.profile} changed"
                 if fc.layout != cur.config.layout:
                     what += f", layout {cur.config.layout.value} -> {fc.layout.value}"
                 plan.changes.append(f"folder {fid}: {what}; views withdrawn and rendered again")
