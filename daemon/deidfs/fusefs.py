@@ -728,9 +728,10 @@ class ViewFS:
         """Whether the held source still has the content the view was built from.
 
         ctime moves with every write, even one whose mtime was set back; it also moves when
-        the source is unlinked, renamed over or linked, which leave the content alone. A
-        ctime that moved together with the link count is taken for such a link change,
-        and becomes the state later reads are checked against.
+        the source is unlinked, renamed or linked, which leave the content alone. A ctime
+        that moved while the link count changed or the source left its indexed path is
+        taken for such a change of names, and becomes the state later reads are checked
+        against. (A write with mtime set back in the same interval is not told apart.)
         """
         src = h.view.source
         if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
@@ -741,12 +742,15 @@ class ViewFS:
         ):
             return False
         with self._lock:
-            if st.st_ctime_ns == h.ctime_ns:
-                return True
-            if st.st_nlink == h.nlink:
-                return False
-            h.ctime_ns, h.nlink = st.st_ctime_ns, st.st_nlink
+            ctime_ns, nlink = h.ctime_ns, h.nlink
+        if st.st_ctime_ns == ctime_ns:
             return True
+        if st.st_nlink == nlink and _still_at(h.file.source, st):
+            return False
+        with self._lock:
+            if (h.ctime_ns, h.nlink) == (ctime_ns, nlink):
+                h.ctime_ns, h.nlink = st.st_ctime_ns, st.st_nlink
+        return True
 
     def release(self, fh: int) -> None:
         """Close a handle and its source descriptor (unknown handles are ignored).
@@ -795,6 +799,15 @@ def unsettled_ns(st: os.stat_result, now_ns: int) -> int:
     """
     age = now_ns - st.st_ctime_ns
     return SOURCE_TICK_NS - age if 0 <= age < SOURCE_TICK_NS else 0
+
+
+def _still_at(path: str, st: os.stat_result) -> bool:
+    """Whether ``path`` (not followed if a symlink) is the file of ``st``."""
+    try:
+        here = os.lstat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _open_source(path: str) -> int:
