@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import random
 import resource
@@ -24,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 from pydicom import dcmread
 
-from conftest import Daemon, mounted_type, sample_file, wait_for
+from conftest import Daemon, mounted_type, run_cli, sample_file, wait_for
 from deidfs.config import Config, DaemonConfig, FolderConfig
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES
@@ -275,6 +276,14 @@ def test_an_open_past_the_descriptor_limit_fails_and_the_daemon_serves_on(
         wait_for((d.folder / other_rel).exists)
         assert held[0].read() == want
         assert held[-1].read() == want
+        done = run_cli(["status", "--json", "--config", str(d.config_path)], d.root, "status")
+        assert done.returncode == 0, done.stderr
+        fuse = json.loads(done.stdout)["fuse"]
+        assert fuse["open_files"] == len(held)
+        assert fuse["open_limit"] == LOW_NOFILE - 64
+        assert fuse["refused_opens"] >= 1
+        done = run_cli(["status", "--config", str(d.config_path)], d.root, "status-text")
+        assert "open(s) refused: out of file descriptors" in done.stdout
     finally:
         for f in held:
             f.close()
