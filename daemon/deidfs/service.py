@@ -215,6 +215,8 @@ class ServiceStatus:
     cache_misses: int = 0
     #: pydicom warnings by category (their text is never logged: it may quote values)
     pydicom_warnings: tuple[tuple[str, int], ...] = ()
+    open_limit: int = 0  #: views that may be open at once (each holds its source open)
+    refused_opens: int = 0  #: opens refused for want of a file descriptor
 
     def to_json(self) -> dict[str, Any]:
         """The wire form of ``status`` on the control socket (``deidfs status --json``)."""
@@ -255,7 +257,12 @@ class ServiceStatus:
                 for f in self.folders
             ],
             "index": {"backlog": self.backlog, "rendered": self.rendered, "reused": self.reused},
-            "fuse": {"open_files": self.open_files, "stale_opens": self.stale_opens},
+            "fuse": {
+                "open_files": self.open_files,
+                "open_limit": self.open_limit,
+                "refused_opens": self.refused_opens,
+                "stale_opens": self.stale_opens,
+            },
             "cache": {
                 "bytes": self.cache_bytes,
                 "entries": self.cache_entries,
@@ -1045,6 +1052,8 @@ class Service:
             cache_hits=cache.hits,
             cache_misses=cache.misses,
             pydicom_warnings=tuple(sorted(self.library_warnings.counts().items())),
+            open_limit=self.fs.max_handles,
+            refused_opens=self.fs.exhausted,
         )
 
     def metrics_state(self) -> StateSnapshot:
@@ -1055,6 +1064,7 @@ class Service:
             backlog=s.backlog,
             open_files=s.open_files,
             stale_opens=s.stale_opens,
+            refused_opens=s.refused_opens,
             cache_hits=s.cache_hits,
             cache_misses=s.cache_misses,
             cache_bytes=s.cache_bytes,
