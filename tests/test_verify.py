@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BASIC, HIPAA, Profile, Rule
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
+from deidfs.deid.tags import parse_tag
 from deidfs.render import Layout, render_path, write_view
 from deidfs.report import render_folder
 from deidfs.secret import load_or_create_key
@@ -120,6 +122,16 @@ def test_a_faithful_export_passes(originals: Path, tmp_path: Path, name: str) ->
     served = export_tree(folder, profile, Pseudonymizer(KEY), tmp_path / "tree")
     result = run(folder, profile, tmp_path / "tree")
     assert result.findings == (), kinds(result)
+    # What an option keeps is listed, never a finding; the direct identifiers among it
+    # (device serial numbers, station names, UIDs) fail until the profile accepts them.
+    assert all(k.source.startswith("option ") for k in result.kept)
+    assert bool(result.kept) == bool(profile.options)
+    if result.failing_kept:
+        assert name in ("options", "retain_uids")
+        accepting = replace(profile, accepted=frozenset(parse_tag(k.tag) for k in result.kept))
+        result = run(folder, accepting, tmp_path / "tree")
+        assert not result.failing_kept
+        assert all(k.accepted for k in result.kept)
     assert result.ok
     assert result.matched == served == result.served_files == 8
     assert result.withheld == 1  # notes.txt
@@ -172,8 +184,17 @@ def test_an_export_made_with_a_keeping_rule_is_found(originals: Path, tmp_path: 
     assert ("value_in_header", "OtherPatientIDs") in found
     assert ("value_retained", "PatientWeight") in found  # a number: checked structurally
     assert {k for k, _ in found} == {"value_in_header", "value_retained"}
-    # The same export is correct for the profile that made it.
-    assert run(folder_of(originals, "Keeping"), keeping, tmp_path / "tree").ok
+    # The same export is faithful to the profile that made it, which keeps a direct
+    # identifier: not a leak, but no pass until the profile accepts it.
+    result = run(folder_of(originals, "Keeping"), keeping, tmp_path / "tree")
+    assert result.findings == ()
+    assert {(k.keyword, k.source, k.direct) for k in result.failing_kept} == {
+        ("PatientName", "custom rule", "name"),
+        ("OtherPatientIDs", "custom rule", "id"),
+    }
+    assert not result.ok
+    accepting = replace(keeping, accepted=frozenset({0x00100010, 0x00101000}))
+    assert run(folder_of(originals, "Keeping"), accepting, tmp_path / "tree").ok
 
 
 def test_changed_pixels_and_inconsistent_uids_are_found(originals: Path, tmp_path: Path) -> None:
