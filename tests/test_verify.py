@@ -591,3 +591,38 @@ def test_a_description_kept_by_an_option_is_listed_but_passes(tmp_path: Path) ->
         }
     ]
     _no_secret(done.stdout, done.stderr)
+
+
+def test_kept_identifiers_name_what_keeps_them(tmp_path: Path) -> None:
+    """A disabled attribute, and a custom rule keeping a sequence Basic removes: each value
+    served is listed with what keeps it (the rule on the enclosing sequence for the values
+    inside it); the same attribute kept two ways is two entries."""
+    src = tmp_path / "src"
+    other = Dataset()
+    other.PatientID = "OTHER-MRK0557"
+    other.TypeOfPatientID = "TEXT"
+    for n in (1, 2):
+        ds = make_image(f"{UID_ROOT}83.1.{n}")
+        if n == 1:
+            ds.OtherPatientIDsSequence = Sequence([other])
+        write_source(src, f"{n}.dcm", ds)
+    profile = BASIC.derive(
+        "Kept",
+        disabled=frozenset({0x00100020}),
+        rules=(Rule.parse("OtherPatientIDsSequence", "keep"),),
+    )
+    folder = folder_of(src, "Kept")
+    export_tree(folder, profile, Pseudonymizer(KEY), tmp_path / "tree")
+    result = run(folder, profile, tmp_path / "tree")
+    assert result.findings == ()
+    assert {(k.tag, k.source, k.files, k.direct) for k in result.kept} == {
+        ("(0010,0020)", "disabled", 2, "id"),
+        ("(0010,0020)", "custom rule on (0010,1002)", 1, "id"),
+        ("(0010,0022)", "custom rule on (0010,1002)", 1, ""),
+    }
+    assert not result.ok
+    accepting = replace(profile, accepted=frozenset({0x00100020}))
+    result = run(folder, accepting, tmp_path / "tree")
+    assert result.ok
+    assert all(k.accepted for k in result.kept if k.direct)
+    assert "MRK0557" not in repr(result)

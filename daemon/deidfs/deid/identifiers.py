@@ -59,9 +59,10 @@ def direct_kind(tag: int) -> DirectKind | None:
 
     UIDs (VR UI) and dates (DA, DT: finer than a year by their form) by VR; names (PN, or a
     keyword ending in Name), telephone numbers, addresses, account and serial numbers, IDs
-    (keywords ending in ID, Identifier, Number) by keyword. An attribute the dictionary
-    does not know is judged by its Table E.1-1 name; a private one, or one neither names,
-    is :attr:`DirectKind.UNKNOWN` (callers decide: Table E.3.10-1 vouches for some).
+    (keywords ending in ID, Identifier, Number; not Type Of ...) by keyword. An attribute
+    the dictionary does not know is judged by its Table E.1-1 name; a private one, or one
+    neither names, is :attr:`DirectKind.UNKNOWN` (callers decide: Table E.3.10-1 vouches
+    for some).
     """
     if tag >> 16 & 1:
         return DirectKind.UNKNOWN
@@ -85,8 +86,8 @@ def direct_kind(tag: int) -> DirectKind | None:
         return DirectKind.ACCOUNT
     if "SerialNumber" in keyword:
         return DirectKind.SERIAL
-    if keyword.endswith(_ID_ENDINGS):
-        return DirectKind.ID
+    if keyword.endswith(_ID_ENDINGS) and not keyword.startswith("TypeOf"):
+        return DirectKind.ID  # Type of Patient ID is a code (TEXT, RFID...), not an ID
     if vrs & {"DA", "DT"} or (not vrs and keyword.endswith(("Date", "DateTime"))):
         return DirectKind.DATE
     return None
