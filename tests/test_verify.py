@@ -626,3 +626,23 @@ def test_kept_identifiers_name_what_keeps_them(tmp_path: Path) -> None:
     assert result.ok
     assert all(k.accepted for k in result.kept if k.direct)
     assert "MRK0557" not in repr(result)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the planted value
+def test_a_short_untrusted_value_served_as_the_source_has_it_is_found(tmp_path: Path) -> None:
+    """Too short to search for, a value Image Type cannot hold is checked structurally:
+    served with the source's value where the engine removes it, it is a finding."""
+    src = tmp_path / "src"
+    ds = make_image(f"{UID_ROOT}84.1.1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds[0x00080008] = DataElement(0x00080008, "CS", b"Ro^ ")
+    write_source(src, "a.dcm", ds)
+    folder = folder_of(src)
+    export_tree(folder, BASIC, Pseudonymizer(KEY), tmp_path / "tree")
+    assert run(folder, BASIC, tmp_path / "tree").ok  # removed by the engine
+    (served,) = (tmp_path / "tree").rglob("*.dcm")
+    _plant(served, 0x00080008, "CS", b"Ro^ ", ExplicitVRLittleEndian)
+    result = run(folder, BASIC, tmp_path / "tree")
+    assert kinds(result) == {("value_retained", "ImageType"), ("value_untrusted", "ImageType")}
+    assert {f.reason for f in result.findings} == {"", "repertoire"}
