@@ -204,9 +204,10 @@ def _kept_status(k: KeptIdentifier) -> str:
 def _print_kept(result: Verification) -> None:
     if not result.kept:
         return
+    n = len(result.kept)
     print(
-        f"{len(result.kept)} identifiers served because the profile keeps what PS3.15 Basic "
-        f"removes or replaces ({len(result.failing_kept)} direct and not accepted):"
+        f"{n} identifier{'s' if n != 1 else ''} served because the profile keeps what PS3.15 "
+        f"Basic removes or replaces ({len(result.failing_kept)} direct and not accepted):"
     )
     for k in result.kept:
         files = f"{k.files} file{'s' if k.files != 1 else ''}"
