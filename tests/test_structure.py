@@ -340,3 +340,14 @@ def test_the_daemon_withholds_a_sparse_file_and_serves_the_rest(
     reasons = wait_for(withheld)
     assert reasons == {"trailing_data": 1, "header_too_large": 1}
     assert len(d.views()) == 1
+
+
+@pytest.mark.parametrize("vr", [b"UT", b"LO", b"SQ"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+def test_pixel_data_under_a_vr_it_cannot_have_is_withheld(fast: bool, vr: bytes) -> None:
+    """Pixel Data is served verbatim: under UT or LO a reader would show its bytes as text."""
+    data = _image_bytes()
+    at = data.index(b"\xe0\x7f\x10\x00OW")
+    text = b"Doe^Jane MRK0999991 "
+    element = _element(0x7FE00010, vr, text) if vr != b"SQ" else _element(0x7FE00010, vr, b"")
+    assert _outcome(data[:at] + element, fast) == "bad_pixel_data"
