@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections import Counter
-from collections.abc import MutableSequence
+from collections.abc import Mapping, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from pydicom.uid import UID
 from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
 
 from deidfs import __version__
+from deidfs.deid.attribute_types import TOP_LEVEL, placements
 from deidfs.deid.dictionary import TEXT_VRS, VALUE_SIZES, length_fits, text_is_clean
 from deidfs.deid.outcome import (
     ENCAPSULATED_DOCUMENT_CLASSES,
@@ -109,6 +110,9 @@ class _Context:
     charset: str | MutableSequence[str] | None
     implicit: bool
     little: bool
+    #: Where this instance's IOD requires the attributes Table E.1-1 removes (its SOP Class's
+    #: :func:`~deidfs.deid.attribute_types.placements`).
+    places: Mapping[tuple[int, int], int]
     counts: Counter[str] = field(default_factory=Counter)
     notes: set[str] = field(default_factory=set)
     _patient_key: str | None = None
@@ -325,9 +329,10 @@ def _decide(plan: Plan, tag: int) -> Decision:
 class _Walker:
     """Walks one dataset level; recursion creates a walker per sequence item."""
 
-    def __init__(self, ctx: _Context, scrub: Op | None = None) -> None:
+    def __init__(self, ctx: _Context, scrub: Op | None = None, parent: int = TOP_LEVEL) -> None:
         self.ctx = ctx
         self.scrub = scrub  #: Op.DUMMY or Op.CLEAN inside a D or C sequence (_SCRUB_VRS)
+        self.parent = parent  #: the tag of the sequence whose items this walks
 
     def dataset(self, src: Dataset) -> Dataset:
         ctx = self.ctx
@@ -352,6 +357,8 @@ class _Walker:
                 ctx.counts["misplaced_group_removed"] += 1
                 continue
             decision = _decide(ctx.plan, tag)
+            if decision.by_type:
+                decision = decision.at(ctx.places.get((self.parent, tag)))
             if (
                 self.scrub is not None
                 and decision.op is Op.KEEP
@@ -505,9 +512,10 @@ class _Walker:
         items = elem.value if elem.VR == "SQ" else None
         if items is None:
             raise Refused("bad_sequence", f"element {tag:08X} is not a readable sequence")
-        walker = self
+        inner = self.scrub
         if scrub is not None and self.scrub is not Op.DUMMY and scrub is not self.scrub:
-            walker = _Walker(self.ctx, scrub)  # D inside C scrubs harder; never softer
+            inner = scrub  # D inside C scrubs harder; never softer
+        walker = _Walker(self.ctx, inner, tag)
         return DataElement(tag, "SQ", Sequence([walker.dataset(item) for item in items]))
 
     def _uids(
@@ -741,7 +749,9 @@ def deidentify(
     if SOP_INSTANCE_UID not in ds or not _plain(_raw_value(ds, SOP_INSTANCE_UID, charset)):
         raise Refused("no_sop_instance_uid", "SOP Instance UID is missing")
 
-    ctx = _Context(plan, pseudonymizer, ds, charset, bool(implicit), bool(little))
+    ctx = _Context(
+        plan, pseudonymizer, ds, charset, bool(implicit), bool(little), placements(sop_class)
+    )
     walker = _Walker(ctx)
     out = walker.dataset(ds)
     out_trailer = walker.dataset(trailer) if trailer is not None and len(trailer) else None
