@@ -248,7 +248,7 @@ def test_hipaa(tmp_path: Path) -> None:
     assert s.ds.ContentDate == "20210101"
     assert s.ds.AcquisitionDateTime == "2021"
     assert s.ds.StudyTime == ""
-    assert s.ds.ContentTime == ""
+    assert s.ds.ContentTime == "000000"  # Basic gives it a dummy (Type 1 in SR, enhanced)
     assert s.ds.PatientAge == "090Y"
     assert s.ds.PatientBirthDate == ""
     assert s.ds.PatientSex == "F"

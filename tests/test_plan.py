@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from deidfs.deid.plan import (
+    FOLLOWERS,
     TYPE1_DUMMY_TAGS,
     Op,
     Source,
@@ -70,8 +71,13 @@ def _expected_op(code: str, tag: int) -> Op:
 
 def test_basic_follows_the_basic_column() -> None:
     plan = compile_plan(BASIC)
+    # Responsible Person Role, Clinical Trial Protocol Ethics Committee Name (PS3.3 1C).
+    assert set(FOLLOWERS) == {0x00102298, 0x00120081}
     for tag, row in _exact_rows():
         d = plan.decide(tag)
+        if tag in FOLLOWERS:
+            assert (d.op, d.source) == (Op.REMOVE, Source.DEFAULT), row  # see FOLLOWERS
+            continue
         assert d.source is Source.BASIC, row
         assert d.action.value == row["basic_profile"], row
         assert d.op is _expected_op(row["basic_profile"], tag), row
@@ -102,6 +108,9 @@ def test_option_changes_exactly_its_column(option: Option) -> None:
     for tag, row in _exact_rows():
         cell = row["options"].get(option.value)
         d = plan.decide(tag)
+        if tag in FOLLOWERS:
+            assert d == basic.decide(tag), row  # removed with its leader's value, whatever
+            continue
         if cell is None:
             assert d == basic.decide(tag), row
             continue
@@ -117,7 +126,9 @@ def test_option_changes_exactly_its_column(option: Option) -> None:
             cell = row["options"].get(option.value)
             expected = cell if cell is not None else row["basic_profile"]
             assert plan.decide(tag).action.value == expected, row
-    expected_count = sum(1 for _t, r in _exact_rows() if option.value in r["options"])
+    expected_count = sum(
+        1 for t, r in _exact_rows() if option.value in r["options"] and t not in FOLLOWERS
+    )
     assert changed == expected_count
 
 

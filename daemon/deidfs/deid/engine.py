@@ -37,7 +37,7 @@ from deidfs.deid.outcome import (
     Report,
 )
 from deidfs.deid.pixels import PixelDecision, PixelPolicy, decide, image_info
-from deidfs.deid.plan import Decision, Op, Plan, Source
+from deidfs.deid.plan import Decision, Op, Plan, Source, basic_dummies
 from deidfs.deid.profiles import DateModification
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Action, Option, method_codes
@@ -582,6 +582,12 @@ class _Walker:
         values = _values(_convert(raw, self.ctx, src).value)
         if not values:
             return _empty(tag, vr)
+        year_only = self.ctx.plan.profile.date_modification is DateModification.YEAR
+        if vr == "TM" and not shift and year_only and tag in basic_dummies():
+            # Year only keeps no time of day; where the Basic Profile gives the attribute a
+            # dummy (D: Content Time, Type 1 in SR and enhanced images) it is midnight.
+            self.ctx.notes.add("time_of_day_midnight")
+            return _element(tag, vr, [_DUMMY_BY_VR["TM"] for _ in values])
         out = _modify_dates(vr, values, self.ctx, shift=shift)
         if out is None:
             self.ctx.notes.add("unparseable_date_emptied")

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from functools import cache
 
 from deidfs.deid import attribute_types
 from deidfs.deid.dictionary import name_of, vr_of
@@ -147,6 +148,20 @@ def resolve_op(action: Action, tag: int) -> Op:
     raise AssertionError(action)  # pragma: no cover - every Action is handled above
 
 
+@cache
+def basic_dummies() -> frozenset[int]:
+    """Attributes the Basic Profile gives a dummy value (D, or a combined code that resolves
+    to D): an instance needs a value there (the engine keeps one where an option changes
+    the value, as year-only dates do times of day)."""
+    return frozenset(
+        row.pattern.value
+        for row in e1_1_rows()
+        if row.pattern is not None
+        and row.pattern.is_exact
+        and resolve_op(row.basic, row.pattern.value) is Op.DUMMY
+    )
+
+
 _PROTECTIVE_ORDER = {Action.KEEP: 0, Action.CLEAN: 1}
 _BY_TYPE_NOTES = {
     Action.REMOVE: "emptied where its IOD makes it Type 2",
@@ -159,9 +174,9 @@ _BY_TYPE_NOTES = {
 def _table_decision(action: Action, tag: int, source: Source, option: Option | None) -> Decision:
     """A Table E.1-1 cell as a decision. X, X/Z, X/Z/D and X/D remove an attribute where it
     is Type 3, and take the least destructive action the code allows where the instance's
-    IOD requires it (PS3.15 E.1.1; PS3.5 7.4): Z for Type 2/2C, Z or D for Type 1/1C. A
-    sequence is never emptied where it is Type 3 (zero items are not a Type 3 value) and
-    never dummied (D on a sequence keeps its items)."""
+    IOD requires it (PS3.15 E.1.1; PS3.5 7.4): Z for Type 2/2C, D (or Z where D is not
+    allowed) for Type 1/1C. A sequence is never emptied where it is Type 3 (zero items are
+    not a Type 3 value); D on a sequence keeps its items, de-identified (the engine)."""
     op = resolve_op(action, tag)
     if action is Action.REMOVE_OR_EMPTY or (
         action is Action.REMOVE_OR_EMPTY_OR_DUMMY and op is Op.EMPTY
@@ -169,10 +184,6 @@ def _table_decision(action: Action, tag: int, source: Source, option: Option | N
         op = Op.REMOVE
     if op is not Op.REMOVE or tag not in attribute_types.listed_tags():
         return Decision(op, action, source, option)
-    try:
-        sequence = vr_of(tag) == "SQ"
-    except KeyError:
-        sequence = False
     type1: Op | None = None
     type2: Op | None = None
     if action is Action.REMOVE:
@@ -180,11 +191,9 @@ def _table_decision(action: Action, tag: int, source: Source, option: Option | N
     elif action is Action.REMOVE_OR_EMPTY:
         type1 = type2 = Op.EMPTY
     elif action is Action.REMOVE_OR_EMPTY_OR_DUMMY:
-        type1, type2 = (Op.EMPTY if sequence else Op.DUMMY), Op.EMPTY
-    elif action is Action.REMOVE_OR_DUMMY and not sequence:
+        type1, type2 = Op.DUMMY, Op.EMPTY
+    elif action is Action.REMOVE_OR_DUMMY:
         type1 = type2 = Op.DUMMY
-    if type1 is None and type2 is None:
-        return Decision(op, action, source, option)
     return Decision(op, action, source, option, _BY_TYPE_NOTES[action], type1, type2)
 
 
@@ -200,13 +209,18 @@ def _row_decision(row: StandardRow, tag: int, options: frozenset[Option]) -> Dec
     return _table_decision(row.basic, tag, Source.BASIC, None)
 
 
-#: Attributes the table does not list whose condition is another attribute's value: removed
-#: when the plan takes that value away, or the instance would be invalid (dciodvfy: "present
-#: when condition unsatisfied").
-_FOLLOWERS = {
-    # PS3.3 C.7.1.1 Patient Module: Responsible Person Role (1C) is required if, and only
-    # if, Responsible Person is present and has a value.
+#: Type 1C attributes whose condition is another attribute's value (follower -> (leader,
+#: note)): removed when the plan takes the leader's value away, or the instance would be
+#: invalid (dciodvfy: "present when condition unsatisfied"). This comes before the table's
+#: own action and its options (a D or K would keep the attribute where it may not be);
+#: custom rules and disabled entries still win.
+FOLLOWERS: Mapping[int, tuple[int, str]] = {
+    # PS3.3 C.7.1.1 Patient Module: Responsible Person Role is required if, and only if,
+    # Responsible Person is present and has a value.
     0x00102298: (0x00102297, "follows Responsible Person"),
+    # PS3.3 C.7.1.3 Clinical Trial Subject Module: Clinical Trial Protocol Ethics Committee
+    # Name is required if Clinical Trial Protocol Ethics Committee Approval Number is present.
+    0x00120081: (0x00120082, "follows Clinical Trial Protocol Ethics Committee Approval Number"),
 }
 
 _REMOVE_GROUP_LENGTH = Decision(Op.REMOVE, Action.REMOVE, Source.DEFAULT, note="group length")
@@ -346,8 +360,8 @@ def compile_plan(profile: Profile) -> Plan:
         op = Op.VERBATIM if rule.act is Action.KEEP else resolve_op(rule.act, rule.tag)
         exact[rule.tag] = Decision(op, rule.act, Source.CUSTOM, note=rule.note)
     chosen = set(profile.disabled) | {rule.tag for rule in profile.rules}
-    for tag, (on, note) in _FOLLOWERS.items():
-        if tag not in chosen and tag not in exact and exact[on].op not in (Op.KEEP, Op.VERBATIM):
+    for tag, (on, note) in FOLLOWERS.items():
+        if tag not in chosen and exact[on].op not in (Op.KEEP, Op.VERBATIM):
             exact[tag] = Decision(Op.REMOVE, Action.REMOVE, Source.DEFAULT, note=note)
     safe = {(r.group, r.element_low, r.creator): r.vr for r in safe_private_rows()}
     return Plan(
