@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sample_file
 from deidfs.cli.common import load_profiles
 from deidfs.cli.main import main
 from deidfs.config import (
@@ -208,6 +209,31 @@ def test_empty_config_is_all_defaults() -> None:
     assert dict(config.profiles) == BUILTIN_PROFILES
     assert config.source is None
     assert config.sha256 == hashlib.sha256(b"").hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("", "empty"),
+        ("\n  \n\t\n", "empty"),
+        ("# deidfs\n\n# [folders.a]\n#path = '/x'\n", "blank"),
+    ],
+)
+def test_a_blank_file_is_refused_where_blank_is_not_allowed(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    path = tmp_path / "deidfs.toml"
+    path.write_text(text)
+    assert load_config(path).folders == {}  # as the defaults, where allowed
+    with pytest.raises(ConfigInvalid) as info:
+        load_config(path, allow_blank=False)
+    assert info.value.exit_code == 78
+    assert str(info.value).startswith(f"{path}: the configuration file is {said}")
+    assert "would remove every folder" in str(info.value)
+    # Any table or key is content: a configuration with no folder stays an admin's choice.
+    for content in ("[daemon]\n", "# x\n[profiles.Nominal]\nbase = 'Basic'\n"):
+        path.write_text(content)
+        assert load_config(path, allow_blank=False).folders == {}
 
 
 def test_without_a_path_relative_paths_use_the_current_directory(
@@ -979,3 +1005,105 @@ def test_load_profiles_reads_the_config(tmp_path: Path, monkeypatch: pytest.Monk
     assert profiles["Mine"].options == BUILTIN_PROFILES["HIPAA"].options
     monkeypatch.setenv(CONFIG_ENV, str(path))
     assert list(load_profiles(None)) == list(profiles)
+
+
+def test_global_options_are_accepted_after_every_subcommand(tmp_path: Path) -> None:
+    """``--config``, ``--log-level`` and ``--version`` after any subcommand, at any depth,
+    run by the real CLI. The environment names a missing file: a command that accepted
+    ``--config`` but did not use it would say so (66)."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "ct.dcm").write_bytes(sample_file("CT_small.dcm").read_bytes())
+    (tmp_path / "second").mkdir()
+    config = write(
+        tmp_path,
+        f"""\
+        [daemon]
+        mountpoint = "{tmp_path / "mnt"}"
+        state_dir = "{tmp_path / "state"}"
+        export_dir = "{tmp_path / "export"}"
+        control_socket = "{tmp_path / "state" / "control.sock"}"
+        metrics_address = ""
+
+        [folders.onlyhere]
+        path = "{incoming}"
+        profile = "OnlyHere"
+
+        [profiles.Nominal]
+        base = "Basic"
+
+        [profiles.OnlyHere]
+        base = "Basic"
+        rules = [{{ id = "(0008,103E)", act = "remove" }}]
+
+        [[profiles.OnlyHere.masks]]
+        modality = "CT"
+        rects = [[0, 0, 8, 8]]
+        """,
+    )
+    bad = write(tmp_path, "[daemon]\nmountpiont = 'typo'\n", "bad.toml")
+    rules = tmp_path / "rules.json"
+    png = tmp_path / "preview.png"
+    sample = str(incoming / "ct.dcm")
+    # (argv, exit code, text the output must contain): in order, as edits build on each other.
+    cases: list[tuple[list[str], int, str]] = [
+        (["profile", "list"], 0, "OnlyHere"),
+        (["profile", "show", "OnlyHere"], 0, "(0008,103E)"),
+        (["profile", "add", "Extra"], 0, "Extra"),
+        (["profile", "copy", "OnlyHere", "Copy2"], 0, "Copy2"),
+        (["profile", "edit", "Extra", "--comment", "for the test"], 0, "for the test"),
+        (["profile", "rules-export", "OnlyHere", str(rules)], 0, ""),
+        (["profile", "rules-import", "Extra", str(rules)], 0, "(0008,103E)"),
+        (["profile", "delete", "Copy2"], 0, "Copy2"),
+        (["folder", "list"], 0, "onlyhere"),
+        (["folder", "add", "second", str(tmp_path / "second"), "--profile", "Extra"], 0, "second"),
+        (["folder", "set-profile", "second", "OnlyHere"], 0, "OnlyHere"),
+        (["folder", "remove", "second"], 0, "second"),
+        (["describe-profile", "OnlyHere"], 0, "(0008,103E)"),
+        (["check-config"], 0, "ok: 1 folder"),
+        (["anonymize", sample, "--to", str(tmp_path / "out"), "--profile", "OnlyHere"], 0, ""),
+        (["export", "onlyhere", "--quiet"], 0, ""),
+        (["mask", "preview", sample, "--profile", "OnlyHere", "--png", str(png)], 0, "1 mask"),
+        (["report", "OnlyHere"], 0, "OnlyHere"),
+        (["verify", "onlyhere", "--export"], 0, ""),
+        (["status"], 69, "not running"),
+        (["reload", "--wait"], 69, "not running"),
+        (["withheld"], 69, "not running"),
+        (["unmount"], 0, ""),
+    ]
+    env = {**os.environ, CONFIG_ENV: str(tmp_path / "not-this-one.toml")}
+
+    def deidfs(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "deidfs", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+            timeout=120,
+        )
+
+    for argv, code, said in cases:
+        done = deidfs(*argv, "--config", str(config), "--log-level", "warning")
+        assert done.returncode == code, (argv, done.stderr)
+        assert said in done.stdout + done.stderr, (argv, done.stdout, done.stderr)
+    assert (tmp_path / "out").is_dir()
+    assert png.is_file()
+    assert rules.is_file()
+    assert any((tmp_path / "export" / "onlyhere").rglob("*.dcm"))
+    # run: the file named after the command is the one read (and refused), with file:line.
+    done = deidfs("run", "--log-level", "debug", f"--config={bad}")
+    assert done.returncode == 78, done.stderr
+    assert f"{bad}:2" in done.stderr
+    # Given after the command, an option wins over the same option before it.
+    done = deidfs("--config", str(bad), "check-config", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    done = deidfs("demo", "--dir", str(tmp_path / "demo"), "--log-level", "error")
+    assert done.returncode == 0, done.stderr
+    for argv in (["status"], ["profile", "list"], ["mask", "preview"], ["verify"]):
+        done = deidfs(*argv, "--version")
+        assert done.returncode == 0, (argv, done.stderr)
+        assert done.stdout.startswith("deidfs "), (argv, done.stdout)
+    done = deidfs("status", "--log-level", "loud")
+    assert done.returncode == 2
+    assert "invalid choice: 'loud'" in done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 import socket
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Daemon, sample_file, wait_for
 from deidfs.errors import DeidfsError
-from deidfs.metrics import FolderState, Metrics, StateSnapshot
+from deidfs.metrics import FolderState, Metrics, StateSnapshot, errno_name
 from deidfs.metrics_http import MetricsServer, split_address
 
 #: Label names allowed anywhere in the exposition (bounded identifiers only).
@@ -210,6 +211,75 @@ def test_state_is_read_at_scrape_time() -> None:
     assert _value(s, "deidfs_pydicom_warnings_total", reason="vr_encoding_mismatch") == 1
     m.set_state_source(None)
     assert "deidfs_files_visible" not in generate_latest(m.registry).decode()
+
+
+def _every_series() -> str:
+    """The exposition of a registry in which every metric of deidfs has a series."""
+    m = Metrics(process_collectors=False)
+    m.config_loaded(True, 100.0)
+    m.folder_added("ct")
+    m.observe_render("ct", 0.1)
+    m.file_refused("ct", "truncated")
+    m.watch_change("ct", "ready")
+    m.fuse_op("read")
+    m.fuse_error("open", None)
+    m.fuse_read(10)
+    m.export_file("ct", "written", 10)
+    m.export_failure("ct", "io_error")
+    m.export_finished("ct", 1.0, ok=True, when=100.0)
+    m.control_request("status", "ok")
+    folder = FolderState(
+        folder="ct",
+        profile="basic",
+        layout="dicom",
+        visible=1,
+        duplicates=0,
+        view_bytes=10,
+        withheld=(("truncated", 1),),
+        watch_polling=False,
+        watch_healthy=True,
+        settling=0,
+        directories=1,
+        missed=0,
+        events=(("created", 1),),
+        overflows=0,
+    )
+    state = StateSnapshot(
+        mounted=True,
+        backlog=0,
+        open_files=0,
+        stale_opens=0,
+        cache_hits=0,
+        cache_misses=0,
+        cache_bytes=0,
+        cache_entries=0,
+        folders=(folder,),
+        pydicom_warnings=(("invalid_value", 1),),
+    )
+    m.set_state_source(lambda: state)
+    return generate_latest(m.registry).decode()
+
+
+def test_readme_lists_every_metric_label() -> None:
+    """The README's metrics paragraph names each label deidfs's own series carry."""
+    text = _every_series()
+    labels = {
+        name
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("deidfs_")
+        for s in family.samples
+        for name in s.labels
+    } - {"le"}
+    assert {"folder", "reason", "op", "errno"} <= labels
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    (paragraph,) = [p for p in readme.split("\n\n") if "127.0.0.1:9464/metrics" in p]
+    named = set(re.findall(r"`([a-z_]+)`", paragraph))
+    assert labels <= named, sorted(labels - named)
+    # The errno label is an errno name (the README's examples), never a number or a path.
+    assert 'deidfs_fuse_operation_errors_total{errno="EUNKNOWN",op="open"} 1.0' in text
+    for example in ("ENOENT", "EIO", "EUNKNOWN"):
+        assert f"`{example}`" in paragraph
+    assert (errno_name(errno.ENOENT), errno_name(errno.EIO)) == ("ENOENT", "EIO")
 
 
 def test_metric_names_pass_promtool() -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -177,6 +180,129 @@ def test_a_broken_config_is_reported_and_the_last_good_one_keeps_serving(
     assert st["last_reload"]["ok"] is True
     assert view.read_bytes() == before
     assert src.exists()
+
+
+def test_a_config_that_is_not_toml_is_reported_with_its_line_not_as_a_daemon_not_running(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory().start()
+    d.add(sample_file("CT_small.dcm"), "ct.dcm")
+    (view,) = d.wait_views(1)
+    before = view.read_bytes()
+    good = d.config_path.read_text()
+    # The daemon's socket is not the default one: only the (broken) file names it.
+    broken = good.replace("[folders.samples]", "[folders.samples")
+    line = broken.splitlines().index("[folders.samples") + 1
+    _save_by_rename(d.config_path, broken)
+    for argv in (("reload", "--wait"), ("reload",), ("status",), ("withheld",)):
+        done = _cli(d, *argv)
+        assert done.returncode == 78, (argv, done.stderr)
+        assert f"{d.config_path}:{line}: invalid TOML" in done.stderr, (argv, done.stderr)
+        assert "(column " in done.stderr
+        assert "not running" not in done.stderr
+        assert "give it with --socket" in done.stderr
+    # Given the socket, the daemon answers: still serving the last good configuration.
+    done = subprocess.run(
+        [sys.executable, "-m", "deidfs", "status", "--socket", str(d.state / "control.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "samples" in done.stdout
+    assert view.read_bytes() == before
+    # A configuration file that is not there is said to be missing (66), not the daemon.
+    done = subprocess.run(
+        [sys.executable, "-m", "deidfs", "status", "--config", str(d.root / "missing.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 66, done.stderr
+    assert "configuration file not found" in done.stderr
+
+
+def _reload_failures(url: str) -> float:
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (http on loopback)
+        text = resp.read().decode()
+    match = re.search(r'^deidfs_config_reloads_total\{result="failure"\} (\S+)$', text, re.M)
+    assert match is not None, text
+    return float(match.group(1))
+
+
+def test_a_blank_config_file_is_refused_and_the_mount_keeps_its_folders(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    text = d.config_path.read_text()
+    d.config_path.write_text(
+        text.replace('metrics_address = ""', f'metrics_address = "127.0.0.1:{port}"')
+    )
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    d.start()
+    d.add(sample_file("CT_small.dcm"), "ct.dcm")
+    (view,) = d.wait_views(1)
+    before = view.read_bytes()
+    good = d.config_path.read_text()
+    good_sha = d.config().sha256
+    assert _reload_failures(metrics) == 0
+    # An editor truncates the file in place and has not written it yet: the file watch
+    # must not apply it.
+    d.config_path.write_text("")
+    wait_for(lambda: _status(d)["last_reload"]["ok"] is False, timeout=15)
+    st = _status(d)
+    assert st["last_reload"]["trigger"] == "file"
+    assert any("configuration file is empty" in e for e in st["last_reload"]["errors"])
+    assert st["config"]["sha256"] == good_sha
+    assert [f["id"] for f in st["folders"]] == ["samples"]
+    assert os.listdir(d.mnt) == ["samples"]
+    assert view.read_bytes() == before
+    assert "configuration rejected, the last good one keeps serving" in d.log()
+    assert "configuration file is empty" in d.log()
+    assert _reload_failures(metrics) == 1
+    # Only comments and blank lines left: refused the same way, by the file watch ...
+    _save_by_rename(d.config_path, "# deidfs configuration\n\n   \n# [folders.samples]\n")
+    wait_for(lambda: _reload_failures(metrics) == 2, timeout=15)
+    assert "nothing but whitespace and comments" in " ".join(_status(d)["last_reload"]["errors"])
+    # ... and by `deidfs reload`, which says so and fails, with or without --wait.
+    for argv in (("reload", "--wait"), ("reload",)):
+        done = _cli(d, *argv)
+        assert done.returncode == 78, (argv, done.stderr)
+        assert f"{d.config_path}: the configuration file is blank" in done.stderr, done.stderr
+        assert "would remove every folder" in done.stderr
+    sock = str(d.state / "control.sock")
+    done = subprocess.run(
+        [sys.executable, "-m", "deidfs", "reload", "--wait", "--socket", sock],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 78, done.stderr
+    assert "last good configuration keeps serving" in done.stderr
+    assert "nothing but whitespace and comments" in done.stderr
+    assert _reload_failures(metrics) == 3
+    assert os.listdir(d.mnt) == ["samples"]
+    assert view.read_bytes() == before
+    assert _status(d)["config"]["sha256"] == good_sha
+    # The file written in full again: accepted, nothing to change.
+    _save_by_rename(d.config_path, good)
+    done = _cli(d, "reload", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert _status(d)["last_reload"]["ok"] is True
+    # An admin removing every folder on purpose (the rest of the file still there) may.
+    no_folders = good[: good.index("[folders.samples]")] + good[good.index("[profiles.") :]
+    _save_by_rename(d.config_path, no_folders)
+    done = _cli(d, "reload", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert "folder samples removed" in done.stdout
+    wait_for(lambda: not (d.mnt / "samples").exists())
+    assert _status(d)["folders"] == []
 
 
 def test_sighup_reloads(daemon_factory: Callable[..., Daemon], tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
-"""The bundled PS3.15 tables: same bytes as ``../shared/standard``, intact, fully loaded."""
+"""The bundled PS3.15 tables: the bytes recorded with them, their edition, fully loaded."""
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+import tomllib
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import pytest
@@ -22,19 +25,56 @@ from deidfs.deid.standard import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "standard"
 DATA_FILES = (standard.E1_1_FILE, standard.E3_10_1_FILE, standard.CID_7050_FILE)
+SUMS_FILE = "SHA256SUMS"
+
+
+def _data_dir() -> Traversable:
+    return resources.files("deidfs.deid").joinpath("data")
 
 
 def _package_bytes(name: str) -> bytes:
-    return resources.files("deidfs.deid").joinpath("data", name).read_bytes()
+    resource = _data_dir().joinpath(name)
+    assert resource.is_file(), f"{name} is missing from the package data of deidfs.deid"
+    return resource.read_bytes()
+
+
+def _recorded_digests() -> dict[str, str]:
+    """``SHA256SUMS`` (``sha256sum`` format) as a mapping of file name to digest."""
+    out: dict[str, str] = {}
+    for line in _package_bytes(SUMS_FILE).decode("ascii").splitlines():
+        digest, name = line.split("  ", 1)
+        assert name not in out, name
+        out[name] = digest
+    return out
+
+
+def test_recorded_digests_cover_exactly_the_tables() -> None:
+    assert set(_recorded_digests()) == set(DATA_FILES)
+    bundled = {r.name for r in _data_dir().iterdir() if r.name.endswith(".json")}
+    assert bundled == set(DATA_FILES)
 
 
 @pytest.mark.parametrize("name", DATA_FILES)
-def test_package_copy_equals_shared_standard(name: str) -> None:
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent: run from a clone with shared/ beside the repo")
-    assert _package_bytes(name) == (SHARED / name).read_bytes()
+def test_package_copy_has_the_recorded_bytes(name: str) -> None:
+    assert hashlib.sha256(_package_bytes(name)).hexdigest() == _recorded_digests()[name]
+
+
+def test_readme_records_edition_and_files() -> None:
+    readme = _package_bytes("README.md").decode("utf-8")
+    assert f"Edition: **{EDITION}**" in readme
+    for name in (*DATA_FILES, SUMS_FILE):
+        assert f"`{name}`" in readme, name
+
+
+def test_every_data_file_is_installed_with_the_package() -> None:
+    """The ``package-data`` globs of ``pyproject.toml`` take every file of ``data/``."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = config["tool"]["setuptools"]["package-data"]["deidfs.deid"]
+    names = [p.name for p in (REPO / "daemon" / "deidfs" / "deid" / "data").iterdir()]
+    assert set(names) >= {*DATA_FILES, SUMS_FILE, "README.md"}
+    for name in names:
+        assert any(fnmatch.fnmatch(f"data/{name}", g) for g in globs), name
 
 
 @pytest.mark.parametrize("name", DATA_FILES)

@@ -175,13 +175,18 @@ _E = TypeVar("_E", bound=Enum)
 # Entry points
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, *, allow_blank: bool = True) -> Config:
     """Read and validate the TOML configuration at ``path``.
 
     Parameters
     ----------
     path
         The configuration file. Relative paths inside it are resolved against its directory.
+    allow_blank
+        Whether a file with no table and no key (empty, or only whitespace and comments) is
+        valid: it is, as the defaults with no folder. A reload passes False: such a file is
+        what an editor leaves while it truncates before writing, and applying it would remove
+        every folder from the mount.
 
     Returns
     -------
@@ -195,6 +200,7 @@ def load_config(path: Path) -> Config:
         The file is missing or unreadable (exit code 66).
     ConfigInvalid
         The file is not valid TOML or breaks the schema (exit code 78); lists every problem.
+        Also a blank file, unless ``allow_blank``.
     """
     try:
         data = path.read_bytes()
@@ -211,7 +217,7 @@ def load_config(path: Path) -> Config:
         line = data.count(b"\n", 0, exc.start) + 1
         error = ConfigError("not UTF-8 text", path=str(path), line=line)
         raise ConfigInvalid([error]) from None
-    return _parse(text, path, hashlib.sha256(data).hexdigest())
+    return _parse(text, path, hashlib.sha256(data).hexdigest(), allow_blank=allow_blank)
 
 
 def parse_config(text: str, path: Path | None = None) -> Config:
@@ -239,7 +245,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     return _parse(text, path, hashlib.sha256(text.encode("utf-8")).hexdigest())
 
 
-def _parse(text: str, path: Path | None, digest: str) -> Config:
+def _parse(text: str, path: Path | None, digest: str, *, allow_blank: bool = True) -> Config:
     # tomlkit loads with the first configuration read: commands that read none stay quick.
     import tomlkit  # noqa: PLC0415
     from tomlkit.exceptions import TOMLKitError  # noqa: PLC0415
@@ -249,6 +255,14 @@ def _parse(text: str, path: Path | None, digest: str) -> Config:
         doc = tomlkit.parse(text).unwrap()
     except TOMLKitError as exc:
         raise ConfigInvalid([_syntax_error(text, where, exc)]) from None
+    if not doc and not allow_blank:
+        blank = "empty" if not text.strip() else "blank (nothing but whitespace and comments)"
+        error = ConfigError(
+            f"the configuration file is {blank}; refused: it would remove every folder "
+            "(a file truncated while being saved?)",
+            path=where,
+        )
+        raise ConfigInvalid([error])
     base_dir = path.absolute().parent if path is not None else Path.cwd()
     checker = _Checker(text, where, base_dir)
     config = checker.config(doc)

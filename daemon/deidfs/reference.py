@@ -19,7 +19,6 @@ from pydicom import dcmread
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
-from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
@@ -44,6 +43,7 @@ from deidfs.deid.pixels import (
 from deidfs.deid.plan import Plan
 from deidfs.deid.profiles import Rect
 from deidfs.deid.pseudonym import Pseudonymizer
+from deidfs.deid.structure import check_dataset, check_trailer, meta_end
 from deidfs.errors import Refused
 from deidfs.render import (
     _LONG_VRS,
@@ -62,6 +62,8 @@ __all__ = ["MAX_INFLATED", "native_zeroed", "render_reference"]
 
 #: Largest inflated size accepted for a deflated source (a deflate bomb is refused).
 MAX_INFLATED = 512 * 1024 * 1024
+#: Largest file whose header is walked to tell why pydicom could not read it.
+MAX_DIAGNOSED = 64 * 1024 * 1024
 #: Bytes inflated at a time (the memory a deflate bomb costs beyond the limit).
 _INFLATE_CHUNK = 16 * 1024 * 1024
 #: Bytes read to find the transfer syntax in the file meta group.
@@ -110,9 +112,8 @@ def render_reference(
     f.seek(0)
     try:
         ds = dcmread(f, stop_before_pixels=True, force=not preamble)
-    except (InvalidDicomError, EOFError) as exc:
-        raise Refused("unparseable", type(exc).__name__) from exc
     except Exception as exc:  # pydicom raises many types on bad input
+        _diagnose(f, preamble, size)
         raise Refused("unparseable", type(exc).__name__) from exc
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     if ts == DEFLATED:
@@ -123,22 +124,23 @@ def render_reference(
     if len(ds) == 0:
         raise Refused("not_dicom", "empty data set")
     pos = f.tell()
-    _check_complete(ds, pos, size)
+    highest = _check_header(f, ts, preamble, pos, size, implicit, little)
     pixel_offset = pixel_end = pos
     trailer: Dataset | None = None
     if pos < size:
         f.seek(pos)
         head = f.read(4)
         tag = struct.unpack("<HH" if little else ">HH", head) if len(head) == 4 else (0, 0)
-        if ((tag[0] << 16) | tag[1]) in PIXEL_TAGS:
+        pixel_tag = (tag[0] << 16) | tag[1]
+        if pixel_tag in PIXEL_TAGS:
             pixel_end = _pixel_element_end(f, pos, size, implicit, little)
         if pixel_end < size:
+            _check_trailer(f, pixel_end, size, max(pixel_tag, highest), implicit, little)
             f.seek(pixel_end)
             try:
                 trailer = read_dataset(f, implicit, little, bytelength=size - pixel_end)
             except Exception as exc:  # bad trailing data: fail closed
                 raise Refused("unparseable", "elements after pixel data") from exc
-            _check_complete(trailer, f.tell(), size, pixel_end)
     has_pixels = pixel_end > pixel_offset
     if not has_pixels and any(t in ds for t in _IMAGE_PIXEL_TAGS):
         # The Image Pixel module announces pixels that are not there (PS3.3 C.7.6.3: Pixel
@@ -360,21 +362,69 @@ def _looks_like_raw_dataset(f: BinaryIO) -> bool:
     return any(struct.unpack(e, head[:2])[0] in (0x0002, 0x0008) for e in ("<H", ">H"))
 
 
-def _check_complete(ds: Dataset, pos: int, size: int, start: int = 0) -> None:
-    """Refuse a header cut short: pydicom reads a short value or a partial element header
-    at the end of a file without complaint, and would hand us a partial data set."""
-    last_end = start
-    # The stored elements, as get_item(key, keep_deferred=True) returns them, without its
-    # tag conversion per element.
-    for raw in ds._dict.values():
-        if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
-            last_end = 0  # undefined length: pydicom raises if its delimiter is missing
-            continue
-        if raw.value is not None and len(raw.value) < raw.length:
-            raise Refused("truncated", "an element value is cut short")
-        last_end = raw.value_tell + raw.length
-    if pos >= size and last_end and last_end != size:
-        raise Refused("truncated", "the file ends inside an element header")
+def _check_header(
+    f: BinaryIO, ts: str, preamble: bool, pos: int, size: int, implicit: bool, little: bool
+) -> int:
+    """Refuse a header that is not whole at every depth, or that pydicom read otherwise
+    than its bytes are (:func:`~deidfs.deid.structure.check_dataset`): pydicom stops
+    quietly at the end of a file inside an undefined-length item or sequence, and at a
+    stray item delimiter, and would hand us part of a data set. Returns the highest
+    top-level tag of the header."""
+    f.seek(0)
+    head = f.read(min(size, pos + 12))  # through the header of the element pydicom stopped at
+    start = meta_end(head, 132 if preamble else 0, len(head))
+    if ts and start + 6 <= len(head):
+        # pydicom reads a data set encoded otherwise than its transfer syntax says as it
+        # finds it (by the first element), and says so only in a warning; a reader that
+        # trusts the transfer syntax would read garbage.
+        vr = head[start + 4 : start + 6]
+        if (not (0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B)) != _implicit_syntax(ts, implicit):
+            raise Refused(
+                "transfer_syntax_mismatch",
+                "the data set is not encoded as its transfer syntax says",
+            )
+    stop, highest = check_dataset(head, start, len(head), implicit, little)
+    if stop != pos:
+        raise Refused("unparseable", "the data set does not end where its parse stopped")
+    return highest
+
+
+def _diagnose(f: BinaryIO, preamble: bool, size: int) -> None:
+    """Raise ``truncated`` for a header pydicom could not read because the file ends inside
+    it (pydicom raises OSError, EOFError and others then): the reason says what happened.
+    Returns when the bytes do not tell (the caller refuses it as unparseable)."""
+    if not preamble:
+        return
+    f.seek(0)
+    head = f.read(min(size, MAX_DIAGNOSED))
+    ts = _meta_transfer_syntax(f)
+    if ts not in (IMPLICIT_LE, EXPLICIT_BE, EXPLICIT_LE) and not UID(ts).is_transfer_syntax:
+        return
+    try:
+        start = meta_end(head, 132, len(head))
+        check_dataset(head, start, len(head), ts == IMPLICIT_LE, ts != EXPLICIT_BE)
+    except Refused as refused:
+        if refused.reason == "truncated" and len(head) == size:
+            raise
+    except Exception:  # only a diagnosis: the caller refuses the file anyway
+        return
+
+
+def _implicit_syntax(ts: str, found: bool) -> bool:
+    """Whether ``ts`` names implicit VR (``found`` for a private syntax deidfs cannot tell)."""
+    if ts == IMPLICIT_LE:
+        return True
+    if ts in (EXPLICIT_LE, EXPLICIT_BE) or UID(ts).is_transfer_syntax:
+        return False
+    return found
+
+
+def _check_trailer(
+    f: BinaryIO, at: int, size: int, after: int, implicit: bool, little: bool
+) -> None:
+    """:func:`~deidfs.deid.structure.check_trailer` of what follows Pixel Data."""
+    f.seek(at)
+    check_trailer(f.read(size - at), after, implicit, little)
 
 
 def _pixel_value_at(f: BinaryIO, pos: int, implicit: bool, little: bool) -> tuple[int, int]:
@@ -534,7 +584,7 @@ def _render_deflated(
         ds.file_meta = meta
     except Exception as exc:  # pydicom raises many types on bad input
         raise Refused("unparseable", type(exc).__name__) from exc
-    _check_complete(ds, len(body), len(body))
+    check_dataset(body, 0, len(body), False, True, stop_at_pixels=False)
     has_pixels = any(int(t) in PIXEL_TAGS for t in ds.keys())
     try:
         result = deidentify(ds, plan, pseudonymizer, has_pixels=has_pixels)

@@ -35,6 +35,7 @@ from deidfs.deid.outcome import Report
 from deidfs.deid.pixels import zero_ranges
 from deidfs.deid.plan import Plan
 from deidfs.deid.pseudonym import Pseudonymizer
+from deidfs.deid.structure import check_dataset, check_trailer, meta_end
 from deidfs.errors import Refused
 
 __all__ = [
@@ -221,8 +222,14 @@ def _render_fast(
                 trailer = f.read(size - pixel_end)
                 if len(trailer) != size - pixel_end:
                     return None
+                # The reference path says why a trailer that is not whole elements rising
+                # above the header's is withheld.
+                start = meta_end(data, 132, len(data))
+                top = min(len(data), fast.pixel_offset + 12)
+                _, highest = check_dataset(data, start, top, False, True)
+                check_trailer(trailer, highest, False, True)
                 fast = deidentify_header(data, size, plan, pseudonymizer, trailer)
-    except (Decline, RecursionError):
+    except (Decline, RecursionError, Refused):
         # RecursionError: sequences nested deeper than the fast path recurses; the reference
         # path refuses them (or handles them) like any other malformed input.
         return None

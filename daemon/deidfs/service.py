@@ -28,7 +28,10 @@ path: logs carry the folder id and a short keyed token of the path.
 Reload (SIGHUP, ``deidfs reload``, or a change of the configuration file) is a transaction:
 the file is read and validated, every folder's plan compiled, and only then is anything
 changed; any error leaves the running configuration untouched (the last good one keeps
-serving) and is reported with file, line and key. Applied by difference:
+serving) and is reported with file, line and key. A blank file (empty, or nothing but
+whitespace and comments) is such an error: it is what an editor leaves between truncating
+and writing, and it would remove every folder; a file without ``[folders]`` but with other
+content is an admin's choice and applies. Applied by difference:
 
 - new folders appear and fill as they are scanned; removed folders go with their index rows;
 - a folder whose views change (its profile's rules, options or name, or its layout) is
@@ -1158,7 +1161,9 @@ class Service:
             if self._config_poll is not None:
                 self._config_poll.seen = digest  # this content is handled now
             try:
-                new = load_config(path)
+                # Blank is what an editor leaves between truncating and writing: never
+                # applied, as it would remove every folder.
+                new = load_config(path, allow_blank=False)
             except ConfigError as exc:
                 errors = exc.errors if isinstance(exc, ConfigInvalid) else (exc,)
                 return ReloadOutcome(

@@ -146,11 +146,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="ask the running daemon to export (through [daemon] control_socket), with its key",
     )
-    p.add_argument(
-        "--config",
-        default=argparse.SUPPRESS,
-        help="configuration file (default: $DEIDFS_CONFIG or /etc/deidfs/deidfs.toml)",
-    )
     add_writer_options(p)
     p.set_defaults(func=run)
 

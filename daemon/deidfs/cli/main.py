@@ -4,6 +4,10 @@ Each subcommand lives in its own module with ``register(subparsers)``, which add
 whose ``func`` default takes the parsed arguments and returns an exit code. A run imports only
 the module of its subcommand (the daemon's modules cost a one-shot ``deidfs anonymize`` a good
 part of its start-up); ``--help`` and anything unexpected import them all.
+
+The global options (``--config``, ``--log-level``, ``--version``) are accepted before the
+subcommand and after it, by every subcommand alike: :func:`build_parser` adds them to each
+one once all are registered, so no module declares them itself.
 """
 
 from __future__ import annotations
@@ -65,21 +69,51 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"deidfs {__version__}")
-    parser.add_argument(
-        "--config",
-        help="configuration file (default: $DEIDFS_CONFIG or /etc/deidfs/deidfs.toml)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("DEIDFS_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="log level (default: info)",
-    )
+    _add_global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in MODULES if only is None else (only,):
         importlib.import_module(f"deidfs.cli.{name}").register(sub)
+    _spread_global_options(parser)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--version``, ``--config`` and ``--log-level`` on ``parser``.
+
+    Below the top, each default is SUPPRESS: an option not given after the subcommand leaves
+    the value given before it (or the top's default) in place.
+    """
+    group: argparse.ArgumentParser | argparse._ArgumentGroup = parser
+    if not top:
+        group = parser.add_argument_group("global options (also accepted before the command)")
+    have = parser._option_string_actions
+    if "--version" not in have:
+        group.add_argument("--version", action="version", version=f"deidfs {__version__}")
+    if "--config" not in have:  # a subcommand may say what it reads the file for
+        group.add_argument(
+            "--config",
+            default=None if top else argparse.SUPPRESS,
+            help="configuration file (default: $DEIDFS_CONFIG or /etc/deidfs/deidfs.toml)",
+        )
+    if "--log-level" not in have:
+        group.add_argument(
+            "--log-level",
+            default=os.environ.get("DEIDFS_LOG_LEVEL", "info") if top else argparse.SUPPRESS,
+            choices=["debug", "info", "warning", "error"],
+            help="log level (default: info)",
+        )
+
+
+def _spread_global_options(parser: argparse.ArgumentParser) -> None:
+    """Every subcommand, at any depth (``profile show``), accepts the global options too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            done: set[int] = set()
+            for child in action.choices.values():
+                if id(child) not in done:  # an alias names the same parser
+                    done.add(id(child))
+                    _add_global_options(child, top=False)
+                    _spread_global_options(child)
 
 
 def command_module(argv: Sequence[str]) -> str | None:

@@ -66,12 +66,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     pv.add_argument("file", metavar="FILE", help="a DICOM image")
     pv.add_argument("--profile", required=True, help="profile whose masks are checked")
     pv.add_argument("--png", required=True, metavar="OUT", help="PNG file to write")
-    # Also accepted after the subcommand; SUPPRESS keeps the global option's value otherwise.
-    pv.add_argument(
-        "--config",
-        default=argparse.SUPPRESS,
-        help="configuration file (default: $DEIDFS_CONFIG or /etc/deidfs/deidfs.toml)",
-    )
     pv.set_defaults(func=run)
 
 

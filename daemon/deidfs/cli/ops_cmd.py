@@ -3,7 +3,9 @@
 The socket's path comes from ``--socket``, else from the configuration's
 ``[daemon] control_socket``. The configuration is read leniently for that one key: a file
 someone just broke must not stop ``deidfs reload`` from reporting the daemon's verdict, nor
-``deidfs status`` from showing that the last good configuration is still serving.
+``deidfs status`` from showing that the last good configuration is still serving. A file
+that is not TOML at all has no key to read: its syntax error is reported (file:line, exit 78)
+rather than a guess at the default socket, which would say "the daemon is not running".
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deidfs.cli.common import config_path
-from deidfs.config import DaemonConfig, load_config
+from deidfs.config import ConfigUnreadable, DaemonConfig, load_config
 from deidfs.control import ErrorCode, Reply, call
 from deidfs.errors import ConfigError
 
@@ -102,11 +104,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config",
-        default=argparse.SUPPRESS,
-        help="configuration file (default: $DEIDFS_CONFIG or /etc/deidfs/deidfs.toml)",
-    )
-    p.add_argument(
         "--socket",
         type=Path,
         help="control socket (default: [daemon] control_socket of the configuration)",
@@ -121,30 +118,60 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def socket_path(args: argparse.Namespace) -> Path:
-    """The control socket to talk to (see the module's notes)."""
+    """The control socket to talk to (see the module's notes).
+
+    Raises
+    ------
+    ConfigError
+        The configuration cannot tell: it is missing or unreadable (exit code 66), or it is
+        not TOML, or blank (the daemon refuses to reload a blank file), or names no usable
+        ``control_socket`` while breaking the schema (78). The
+        default socket would be a guess, and a wrong guess reads "the daemon is not running".
+    """
     if args.socket is not None:
         return Path(args.socket)
     path = config_path(getattr(args, "config", None))
     if path is None:
         return DaemonConfig().control_socket
     try:
-        return Path(os.path.abspath(load_config(path).daemon.control_socket))
-    except ConfigError:
-        pass
+        config = load_config(path, allow_blank=False)
+        return Path(os.path.abspath(config.daemon.control_socket))
+    except ConfigUnreadable:
+        raise
+    except ConfigError as exc:
+        invalid = exc
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return DaemonConfig().control_socket
-    daemon = data.get("daemon")
-    value = daemon.get("control_socket") if isinstance(daemon, dict) else None
+        raise invalid from None  # not TOML: file:line of the syntax error, exit 78
+    if not data:
+        raise invalid from None  # blank: names no socket, and the daemon refuses it anyway
+    daemon = data.get("daemon", {})
+    if not isinstance(daemon, dict):
+        raise invalid from None
+    if "control_socket" not in daemon:
+        return DaemonConfig().control_socket  # what the daemon itself falls back to
+    value = daemon.get("control_socket")
     if not isinstance(value, str) or not value:
-        return DaemonConfig().control_socket
+        raise invalid from None
     # As the configuration does: relative to the file's directory.
     return Path(os.path.abspath(path.absolute().parent / value))
 
 
+def _socket(args: argparse.Namespace) -> Path:
+    """:func:`socket_path`; its error says how to reach the daemon all the same."""
+    try:
+        return socket_path(args)
+    except ConfigError as exc:
+        exc.args = (
+            f"{exc}\n  (the daemon's control socket is named in this file: give it with "
+            "--socket to ask the daemon all the same)",
+        )
+        raise
+
+
 def _status(args: argparse.Namespace) -> int:
-    reply = call(socket_path(args), "status", timeout=args.timeout)
+    reply = call(_socket(args), "status", timeout=args.timeout)
     if not reply.ok:
         return _failed(reply)
     if args.json:
@@ -155,7 +182,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _reload(args: argparse.Namespace) -> int:
-    reply = call(socket_path(args), "reload", {"wait": args.wait}, timeout=args.timeout)
+    reply = call(_socket(args), "reload", {"wait": args.wait}, timeout=args.timeout)
     if not reply.ok:
         return _failed(reply)
     result = reply.result
@@ -176,7 +203,7 @@ def _reload(args: argparse.Namespace) -> int:
 
 def _withheld(args: argparse.Namespace) -> int:
     request = {} if args.folder is None else {"folder": args.folder}
-    reply = call(socket_path(args), "withheld", request, timeout=args.timeout)
+    reply = call(_socket(args), "withheld", request, timeout=args.timeout)
     if not reply.ok:
         return _failed(reply)
     if args.json:

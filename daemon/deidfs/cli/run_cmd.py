@@ -26,7 +26,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         ),
         epilog="exit codes: 0 stopped by a signal, 1 failure, 66 config missing, 78 bad config",
     )
-    _config_option(p)
     p.set_defaults(func=_run)
 
     u = sub.add_parser(
@@ -37,7 +36,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
             "then a lazy `-uz` if it is busy. Nothing mounted is not an error."
         ),
     )
-    _config_option(u)
     u.set_defaults(func=_unmount)
 
     d = sub.add_parser(
@@ -52,16 +50,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     d.add_argument("--dir", default="demo", help="demo directory (default: ./demo)")
     d.set_defaults(func=_demo)
-
-
-def _config_option(p: argparse.ArgumentParser) -> None:
-    # Also accepted after the subcommand (`deidfs run --config FILE`); SUPPRESS keeps the
-    # global option's value when it is given before the subcommand instead.
-    p.add_argument(
-        "--config",
-        default=argparse.SUPPRESS,
-        help="configuration file (default: $DEIDFS_CONFIG or /etc/deidfs/deidfs.toml)",
-    )
 
 
 def _config(args: argparse.Namespace) -> Path | None:

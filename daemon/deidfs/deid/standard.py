@@ -1,7 +1,8 @@
 """PS3.15 2026d Table E.1-1 and Table E.3.10-1, and PS3.16 CID 7050, as package data.
 
-The JSON files under ``data/`` are verbatim copies of the project's ``standard/`` tables;
-``EDITION`` names the edition. They are read once, lazily, on first use.
+The JSON files under ``data/`` are the tables as published in machine-readable form (their
+source, edition and byte digests are recorded beside them, in ``data/README.md`` and
+``data/SHA256SUMS``); ``EDITION`` names the edition. They are read once, lazily, on first use.
 """
 
 from __future__ import annotations
