@@ -47,7 +47,7 @@ import os
 import re
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path, PurePosixPath
@@ -60,6 +60,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
 
 from deidfs.config import FolderConfig
+from deidfs.deid.attribute_types import TOP_LEVEL, placements
 from deidfs.deid.plan import Decision, Op, Plan, Source
 from deidfs.deid.profiles import DateModification
 from deidfs.deid.pseudonym import Pseudonymizer
@@ -341,8 +342,10 @@ def _element(ds: Dataset, key: Any) -> DataElement | None:
 class _Values:
     """The original values of one file, sorted into searched, kept and structurally checked."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, places: Mapping[tuple[int, int], int]) -> None:
         self.plan = plan
+        #: where the original's IOD requires attributes (X codes decide by it, as the engine)
+        self.places = places
         self.year_only = plan.profile.date_modification is DateModification.YEAR
         self.secret: dict[bytes, _Needle] = {}
         self.kept: set[bytes] = set()
@@ -415,13 +418,18 @@ class _Values:
             self.kept.update(_encodings(text))
 
     def walk(
-        self, ds: Dataset, inherited: str = "", top: bool = False, scrub: Op | None = None
+        self,
+        ds: Dataset,
+        inherited: str = "",
+        top: bool = False,
+        scrub: Op | None = None,
+        parent: int = TOP_LEVEL,
     ) -> None:
         """Sort every element of ``ds``.
 
         ``inherited`` says a kept or removed sequence encloses it; ``scrub`` that a D or C
         sequence does, whose text the table does not list is dummied or cleaned (see
-        :mod:`deidfs.deid.engine`).
+        :mod:`deidfs.deid.engine`); ``parent`` is the tag of the sequence whose item it is.
         """
         creators: dict[int, str] = {}
         for key in ds.keys():
@@ -457,6 +465,8 @@ class _Values:
                         decision = _REMOVED  # the table vouches for the VR it names only
             else:
                 decision = self.plan.decide(tag)
+                if decision.by_type:
+                    decision = decision.at(self.places.get((parent, tag)))
                 if (
                     scrub is not None
                     and decision.op is Op.KEEP
@@ -475,7 +485,7 @@ class _Values:
                 if op in (Op.DUMMY, Op.CLEAN) and scrub is not Op.DUMMY:
                     inner = op  # D inside C scrubs harder, never softer
                 for item in elem.value:
-                    self.walk(item, inherited=sub, scrub=inner)
+                    self.walk(item, inherited=sub, scrub=inner, parent=tag)
             elif op is Op.CLEAN and str(elem.VR) not in _DATE_VRS and str(elem.VR) != "UI":
                 continue  # a cleaned descriptor keeps its non-identifying text
             elif op is Op.CLEAN and elem.VR == "TM" and not self.year_only:
@@ -499,6 +509,15 @@ class _Values:
         """Secret values that no kept value of the file contains."""
         kept = b"\x00".join(sorted(self.kept))
         return [n for n in self.secret.values() if n.data not in kept]
+
+
+def _sop_class(ds: Dataset) -> str:
+    """The SOP Class UID the engine decides by: the data set's, else the file meta's."""
+    text = str(ds.get("SOPClassUID", "") or "").strip()
+    meta = getattr(ds, "file_meta", None)
+    if not text and meta is not None:
+        text = str(meta.get("MediaStorageSOPClassUID", "") or "").strip()
+    return text
 
 
 def _read_header(f: BinaryIO) -> Dataset:
@@ -549,7 +568,7 @@ class _Verifier:
             log.debug("original %s unreadable: %s", token, type(exc).__name__)
             self.add(FindingKind.UNREADABLE, token)
             return
-        values = _Values(self.plan)
+        values = _Values(self.plan, placements(_sop_class(original)))
         values.walk(original, top=True)
         values.walk_meta(original)
         needles = values.needles()
