@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -300,6 +301,27 @@ def test_disabled_adds_and_removes_in_any_tag_syntax(tmp_path: Path) -> None:
     )
     assert config.profiles["A"].disabled == {0x0008103E, 0x00081030, 0x00081010}
     assert config.profiles["B"].disabled == {0x00081010, 0x00100040}
+
+
+def test_accepted_adds_and_removes_like_disabled(tmp_path: Path) -> None:
+    """Identifiers a profile serves on purpose (``deidfs verify`` accepts them)."""
+    config = profiles_of(
+        tmp_path,
+        """\
+        [profiles.A]
+        accepted = ["(0010,0010)", "PatientID", "0018,1000"]
+
+        [profiles.B]
+        base = "A"
+        accepted = ["-PatientID", "StationName"]
+        """,
+    )
+    assert config.profiles["A"].accepted == {0x00100010, 0x00100020, 0x00181000}
+    assert config.profiles["B"].accepted == {0x00100010, 0x00181000, 0x00081010}
+    assert not config.profiles["Basic"].accepted
+    # Accepting changes nothing served: the plan, and so the index, stays the same.
+    a = config.profiles["A"]
+    assert compile_plan(a).digest == compile_plan(replace(a, accepted=frozenset())).digest
 
 
 def test_rules_override_the_base_per_tag(tmp_path: Path) -> None:
@@ -599,6 +621,13 @@ BAD: list[tuple[str, str, str, str, str]] = [
         "00ZZ",
         "profiles.P.disabled[1]",
         "not a DICOM tag: '(0010,00ZZ)'",
+    ),
+    (
+        "bad-accepted-tag",
+        "[profiles.P]\naccepted = ['PatientName', 'PatientNaem']\n",
+        "accepted",
+        "profiles.P.accepted[1]",
+        "unknown DICOM keyword 'PatientNaem'",
     ),
     (
         "unknown-keyword",

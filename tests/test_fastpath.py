@@ -40,7 +40,7 @@ from deidfs.deid.profiles import BASIC, BUILTIN_PROFILES, Profile, Rule
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
 from deidfs.errors import Refused
-from deidfs.render import Layout, SourceStat, View, _render_fast, render
+from deidfs.render import MAX_HEADER_BYTES, Layout, SourceStat, View, _render_fast, render
 from leak_corpus import KEY, build_leak_dataset, file_meta, part10_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -162,7 +162,9 @@ def views(
         )
     except Refused as exc:
         reference = exc.reason
-    fast = _render_fast(io.BytesIO(data), stat, the_plan, PSEUDO, layout, SOURCE_REL)
+    fast = _render_fast(
+        io.BytesIO(data), stat, the_plan, PSEUDO, layout, SOURCE_REL, MAX_HEADER_BYTES
+    )
     return reference, fast
 
 

@@ -193,6 +193,7 @@ def test_state_is_read_at_scrape_time() -> None:
             ),
         ),
         pydicom_warnings=(("invalid_value", 4), ("vr_encoding_mismatch", 1)),
+        refused_opens=6,
     )
     assert m.registry.get_sample_value("deidfs_fuse_mounted") is None
     m.set_state_source(lambda: state)
@@ -209,6 +210,7 @@ def test_state_is_read_at_scrape_time() -> None:
     assert _value(s, "deidfs_watch_overflows_total", folder="ct") == 2
     assert _value(s, "deidfs_pydicom_warnings_total", reason="invalid_value") == 4
     assert _value(s, "deidfs_pydicom_warnings_total", reason="vr_encoding_mismatch") == 1
+    assert _value(s, "deidfs_fuse_refused_opens_total") == 6
     m.set_state_source(None)
     assert "deidfs_files_visible" not in generate_latest(m.registry).decode()
 

@@ -197,6 +197,7 @@ def test_builtins() -> None:
     assert BASIC.options == frozenset()
     assert not BASIC.rules
     assert not BASIC.disabled
+    assert not any(p.accepted for p in BUILTIN_PROFILES.values())  # nothing kept on purpose
     assert HIPAA.options == {
         Option.RETAIN_PATIENT_CHARACTERISTICS,
         Option.RETAIN_LONGITUDINAL_MODIFIED_DATES,

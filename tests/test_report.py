@@ -32,6 +32,7 @@ from deidfs.report import (
     render_json,
     render_markdown,
     render_report,
+    to_json_object,
 )
 from leak_corpus import KEY, UID_ROOT, file_meta, make_image, write_source
 
@@ -222,6 +223,27 @@ def test_report_without_folder_documents_the_profile_only() -> None:
     html_text = render_html(report)
     assert "<svg" not in html_text
     assert "No folder was given" in html_text
+
+
+def test_accepted_identifiers_are_shown_as_accepted() -> None:
+    """What a profile serves on purpose (``accepted``), in every format and row."""
+    profile = BASIC.derive(
+        "Names",
+        rules=(Rule.parse("PatientName", "keep", "the study needs names"),),
+        accepted=frozenset({0x00100010}),
+    )
+    report = build_report(profile, now=fixed_now)
+    doc = to_json_object(report)
+    assert doc["profile"]["accepted"] == ["(0010,0010)"]
+    rows = {a["tag"]: a for a in doc["attributes"]}
+    assert rows["(0010,0010)"]["accepted"] is True
+    assert "accepted" in rows["(0010,0010)"]["rationale"]
+    assert rows["(0010,0010)"]["rationale"].startswith("the study needs names")
+    assert not any(a["accepted"] for tag, a in rows.items() if tag != "(0010,0010)")
+    for text in (render_markdown(report), render_html(report)):
+        assert "Accepted identifiers" in text
+        assert "(0010,0010)" in text
+    assert build_report(BASIC, now=fixed_now).profile.accepted == ()
 
 
 def test_html_is_self_contained(folder: FolderConfig, pseudo: Pseudonymizer) -> None:

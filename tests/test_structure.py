@@ -10,9 +10,14 @@ the independent judge of what is broken.
 from __future__ import annotations
 
 import io
+import json
+import os
 import struct
 import subprocess
+import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from conftest import Daemon, sample_file, wait_for
 from deidfs.cli.main import main
 from deidfs.deid.profiles import BASIC
 from deidfs.deid.structure import check_dataset
@@ -251,3 +257,86 @@ def test_nesting_is_bounded() -> None:
     with pytest.raises(Refused) as caught:
         check_dataset(body, 0, len(body), False, True)
     assert caught.value.reason == "unparseable"
+
+
+# -- bounded headers ------------------------------------------------------------------------
+def _header_only(ts: str = ExplicitVRLittleEndian) -> bytes:
+    ds = make_image("1.2.826.0.1.3680043.10.1234.78")
+    del ds.PixelData
+    del ds.Rows
+    del ds.Columns
+    return part10_bytes(ds, ts)
+
+
+@pytest.mark.parametrize("ts", ENCODINGS, ids=IDS)
+def test_a_sparse_file_is_refused_at_once(tmp_path: Path, ts: str) -> None:
+    """A header followed by a 2 GiB hole: pydicom would walk the zeros for many minutes."""
+    path = tmp_path / "sparse.dcm"
+    path.write_bytes(_header_only(ts))
+    with open(path, "r+b") as f:
+        f.truncate(2 * 1024**3)
+    for fast in (True, False):
+        started = time.monotonic()
+        with open(path, "rb") as f:
+            state = SourceStat.of(os.fstat(f.fileno()))
+            with pytest.raises(Refused) as caught:
+                render(f, state, plan_of(BASIC), pseudonymizer(), fast=fast)
+        assert caught.value.reason == "trailing_data"
+        assert time.monotonic() - started < 5.0  # seconds, not the minutes of a full walk
+
+
+def _big_header(private_bytes: int) -> bytes:
+    """An image whose header holds ``private_bytes`` of private data before Pixel Data."""
+    ds = make_image("1.2.826.0.1.3680043.10.1234.79")
+    block = ds.private_block(0x0009, "DEIDFS TEST", create=True)
+    block.add_new(0x10, "OB", b"\x00" * private_bytes)
+    return part10_bytes(ds)
+
+
+def test_a_header_past_the_bound_is_header_too_large() -> None:
+    data = _big_header(3 * 1024 * 1024)
+    stat = SourceStat(0, 0, len(data), 0, 0)
+    for fast in (True, False):
+        with pytest.raises(Refused) as caught:
+            render(
+                io.BytesIO(data),
+                stat,
+                plan_of(BASIC),
+                pseudonymizer(),
+                fast=fast,
+                max_header_bytes=1024 * 1024,
+            )
+        assert caught.value.reason == "header_too_large"
+        # Within the default bound the same file is served.
+        render(io.BytesIO(data), stat, plan_of(BASIC), pseudonymizer(), fast=fast)
+
+
+def test_the_daemon_withholds_a_sparse_file_and_serves_the_rest(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    d = daemon_factory()
+    text = d.config_path.read_text()
+    d.config_path.write_text(text.replace("[daemon]\n", "[daemon]\nmax_header_mib = 1\n", 1))
+    d.start()
+    sparse = d.incoming / "hole.dcm"
+    sparse.write_bytes(_header_only())
+    with open(sparse, "r+b") as f:
+        f.truncate(2 * 1024**3)
+    big = d.incoming / "big.dcm"
+    big.write_bytes(_big_header(3 * 1024 * 1024))
+    d.add(sample_file("CT_small.dcm"), "ct.dcm")
+    d.wait_views(1)
+
+    def withheld() -> dict[str, int] | None:
+        done = subprocess.run(
+            [sys.executable, "-m", "deidfs", "status", "--json", "--config", str(d.config_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        reasons = json.loads(done.stdout)["folders"][0]["withheld"] if done.stdout else {}
+        return reasons if len(reasons) >= 2 else None
+
+    reasons = wait_for(withheld)
+    assert reasons == {"trailing_data": 1, "header_too_large": 1}
+    assert len(d.views()) == 1

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from conftest import SAMPLE_NAMES, Daemon, sample_file
+from conftest import SAMPLE_NAMES, Daemon, run_cli, sample_file
 from deidfs.cli.main import main
 from deidfs.config import FolderConfig, load_config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BASIC, HIPAA, Profile, Rule
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
+from deidfs.deid.tags import format_tag, parse_tag
 from deidfs.render import Layout, render_path, write_view
 from deidfs.report import render_folder
 from deidfs.secret import load_or_create_key
@@ -121,6 +127,16 @@ def test_a_faithful_export_passes(originals: Path, tmp_path: Path, name: str) ->
     served = export_tree(folder, profile, Pseudonymizer(KEY), tmp_path / "tree")
     result = run(folder, profile, tmp_path / "tree")
     assert result.findings == (), kinds(result)
+    # What an option keeps is listed, never a finding; the direct identifiers among it
+    # (device serial numbers, station names, UIDs) fail until the profile accepts them.
+    assert all(k.source.startswith("option ") for k in result.kept)
+    assert bool(result.kept) == bool(profile.options)
+    if result.failing_kept:
+        assert name in ("options", "retain_uids")
+        accepting = replace(profile, accepted=frozenset(parse_tag(k.tag) for k in result.kept))
+        result = run(folder, accepting, tmp_path / "tree")
+        assert not result.failing_kept
+        assert all(k.accepted for k in result.kept)
     assert result.ok
     assert result.matched == served == result.served_files == 8
     assert result.withheld == 1  # notes.txt
@@ -173,8 +189,17 @@ def test_an_export_made_with_a_keeping_rule_is_found(originals: Path, tmp_path: 
     assert ("value_in_header", "OtherPatientIDs") in found
     assert ("value_retained", "PatientWeight") in found  # a number: checked structurally
     assert {k for k, _ in found} == {"value_in_header", "value_retained"}
-    # The same export is correct for the profile that made it.
-    assert run(folder_of(originals, "Keeping"), keeping, tmp_path / "tree").ok
+    # The same export is faithful to the profile that made it, which keeps a direct
+    # identifier: not a leak, but no pass until the profile accepts it.
+    result = run(folder_of(originals, "Keeping"), keeping, tmp_path / "tree")
+    assert result.findings == ()
+    assert {(k.keyword, k.source, k.direct) for k in result.failing_kept} == {
+        ("PatientName", "custom rule", "name"),
+        ("OtherPatientIDs", "custom rule", "id"),
+    }
+    assert not result.ok
+    accepting = replace(keeping, accepted=frozenset({0x00100010, 0x00101000}))
+    assert run(folder_of(originals, "Keeping"), accepting, tmp_path / "tree").ok
 
 
 def test_changed_pixels_and_inconsistent_uids_are_found(originals: Path, tmp_path: Path) -> None:
@@ -361,6 +386,267 @@ def test_verify_a_real_mount(daemon_factory: Callable[..., Daemon], tmp_path: Pa
     assert result.matched == 8
     assert result.pixel_checked == 7
     assert main(["--config", str(d.config_path), "verify", "samples"]) == 0
+
+
+# -- issue 16.2: bytes judged by what they are; identifiers the profile keeps --------------
+PLANTED = "Planted^Leaky^MRK0555"  #: a patient's name, also written under a kept tag
+DEVICE = "Stent Deployer MRK0556"  #: a description Retain Device Identity keeps
+#: Values that must never reach any output of verify.
+SECRETS = ("MRK0555", "Planted", "Leaky", "MRK0556", "Stent", "Doe", "Roe", "PID-000")
+ENCODINGS = {
+    "explicit": ExplicitVRLittleEndian,
+    "implicit": ImplicitVRLittleEndian,
+    "big": ExplicitVRBigEndian,
+}
+
+
+def _element_bytes(tag: int, vr: str, value: bytes, ts: str) -> bytes:
+    """One element as ``ts`` encodes it (values of even length)."""
+    order = "big" if ts == ExplicitVRBigEndian else "little"
+    head = (tag >> 16).to_bytes(2, order) + (tag & 0xFFFF).to_bytes(2, order)
+    if ts == ImplicitVRLittleEndian:
+        return head + len(value).to_bytes(4, order) + value
+    return head + vr.encode() + len(value).to_bytes(2, order) + value
+
+
+def _plant(path: Path, tag: int, vr: str, value: bytes, ts: str) -> None:
+    """Insert an element at the start of a served file's data set (its first tag is later)."""
+    data = path.read_bytes()
+    start = 144 + int.from_bytes(data[140:144], "little")  # after the file meta group
+    order = "big" if ts == ExplicitVRBigEndian else "little"
+    first = int.from_bytes(data[start : start + 2], order) << 16 | int.from_bytes(
+        data[start + 2 : start + 4], order
+    )
+    assert first > tag
+    path.write_bytes(data[:start] + _element_bytes(tag, vr, value, ts) + data[start:])
+
+
+def _verify_config(tmp_path: Path, source: Path, profile_lines: str = "") -> list[str]:
+    cfg = tmp_path / "deidfs.toml"
+    cfg.write_text(CONFIG.format(root=tmp_path, path=source) + profile_lines)
+    return ["--config", str(cfg), "verify", "ct", "--export"]
+
+
+def _export_configured(tmp_path: Path) -> Pseudonymizer:
+    config = load_config(tmp_path / "deidfs.toml")
+    pseudo = Pseudonymizer(load_or_create_key(config.daemon.state_dir))
+    folder = config.folders["ct"]
+    dest = tmp_path / "export" / "ct"
+    if dest.exists():
+        shutil.rmtree(dest)
+    export_tree(folder, config.profiles[folder.profile], pseudo, dest)
+    return pseudo
+
+
+def _no_secret(*outputs: str) -> None:
+    for text in outputs:
+        for secret in SECRETS:
+            assert secret not in text
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the planted values
+@pytest.mark.parametrize(
+    ("tag", "vr"),
+    [(0x00080008, "CS"), (0x00080008, "PN"), (0x00001030, "AE")],
+    ids=["name-as-image-type", "name-as-image-type-PN", "name-as-command"],
+)
+@pytest.mark.parametrize("ts", list(ENCODINGS.values()), ids=list(ENCODINGS))
+def test_a_leak_planted_under_a_mistagged_attribute_is_found(
+    tmp_path: Path, tag: int, vr: str, ts: str
+) -> None:
+    """The source holds a patient's name under a tag Basic keeps (Image Type, or a command
+    element). The engine removes it, so verify passes what it serves; a served copy that
+    holds it again is a leak: found, exit 1, and no value in any output. Before, the
+    misplaced copy counted as kept and exempted the name itself from the search."""
+    src = tmp_path / "src"
+    ds = make_image(f"{UID_ROOT}80.1.1", patient_name=PLANTED)
+    value = PLANTED.encode() + b" "
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds[tag] = DataElement(tag, vr, value)
+    if ts == ImplicitVRLittleEndian and vr == "PN":
+        pytest.skip("implicit VR writes no VR: the same file as the CS case")
+    if ts == ExplicitVRBigEndian and tag >> 16 == 0:
+        pytest.skip("command elements are written little endian: no servable source")
+    write_source(src, "a.dcm", ds, ts)
+    base = _verify_config(tmp_path, src)
+    pseudo = _export_configured(tmp_path)
+    (served,) = (tmp_path / "export" / "ct").rglob("*.dcm")
+    assert b"MRK0555" not in served.read_bytes()  # the engine removed the misplaced copy
+    done = run_cli(base, tmp_path, "faithful")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok: no findings" in done.stdout
+    _plant(served, tag, vr, value, ts)  # hand-edited: the misplaced copy served again
+    done = run_cli(base, tmp_path, "planted")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "value_in_header" in done.stdout
+    assert "value_untrusted" in done.stdout
+    assert format_tag(tag) in done.stdout
+    _no_secret(done.stdout, done.stderr)
+    done = run_cli([*base, "--json"], tmp_path, "planted-json")
+    assert done.returncode == 1
+    doc = json.loads(done.stdout)
+    token = pseudo.token(str(src / "a.dcm"), "path")
+    untrusted = [f for f in doc["findings"] if f["kind"] == "value_untrusted"]
+    assert [(f["tag"], f["file"]) for f in untrusted] == [(format_tag(tag), token)]
+    reason = "misplaced" if tag >> 16 == 0 else ("vr" if vr == "PN" else "repertoire")
+    assert untrusted[0]["reason"] == reason
+    assert any(f["kind"] == "value_in_header" for f in doc["findings"])
+    _no_secret(done.stdout, done.stderr)
+
+
+KEEP_NAME = """
+[[profiles.Nominal.rules]]
+id = "PatientName"
+act = "keep"
+note = "study needs names"
+"""
+
+
+def test_a_rule_keeping_patients_name_fails_unless_accepted(tmp_path: Path) -> None:
+    """A faithful export under a profile that keeps Patient's Name: no leak, but a direct
+    identifier kept by a custom rule, exit 1, until the profile lists it as accepted."""
+    src = tmp_path / "src"
+    for n in (1, 2):
+        write_source(src, f"{n}.dcm", make_image(f"{UID_ROOT}81.1.{n}", patient_name=PLANTED))
+    base = _verify_config(tmp_path, src, KEEP_NAME)
+    _export_configured(tmp_path)
+    done = run_cli(base, tmp_path, "kept-name")
+    assert done.returncode == 1, done.stdout + done.stderr
+    (line,) = [x for x in done.stdout.splitlines() if "PatientName" in x]
+    assert "(0010,0010)" in line
+    assert "custom rule" in line
+    assert "2 files" in line
+    assert "FAIL: direct identifier (name), not accepted" in line
+    assert "findings:" not in done.stdout  # no leak: the profile keeps it
+    _no_secret(done.stdout, done.stderr)
+    done = run_cli([*base, "--json"], tmp_path, "kept-name-json")
+    assert done.returncode == 1
+    doc = json.loads(done.stdout)
+    assert doc["findings"] == []
+    assert doc["kept"] == [
+        {
+            "tag": "(0010,0010)",
+            "keyword": "PatientName",
+            "source": "custom rule",
+            "files": 2,
+            "direct": "name",
+            "accepted": False,
+            "fails": True,
+        }
+    ]
+    _no_secret(done.stdout, done.stderr)
+    # Accepted: served on purpose, shown as such, exit 0.
+    base = _verify_config(
+        tmp_path, src, KEEP_NAME.replace("[[", 'accepted = ["(0010,0010)"]\n[[', 1)
+    )
+    done = run_cli(base, tmp_path, "accepted-name")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (line,) = [x for x in done.stdout.splitlines() if "PatientName" in x]
+    assert line.rstrip().endswith("accepted")
+    assert "ok: no findings" in done.stdout
+    _no_secret(done.stdout, done.stderr)
+    done = run_cli([*base, "--json"], tmp_path, "accepted-name-json")
+    assert done.returncode == 0
+    (kept,) = json.loads(done.stdout)["kept"]
+    assert (kept["accepted"], kept["fails"]) == (True, False)
+    cfg = base[1]
+    done = run_cli(["--config", cfg, "report", "Nominal"], tmp_path, "report")
+    assert done.returncode == 0, done.stderr
+    assert "| Accepted identifiers (served on purpose) | (0010,0010) |" in done.stdout
+    (row,) = [x for x in done.stdout.splitlines() if x.startswith("| (0010,0010) |")]
+    assert "accepted" in row
+    _no_secret(done.stdout, done.stderr)
+
+
+def test_a_description_kept_by_an_option_is_listed_but_passes(tmp_path: Path) -> None:
+    """Retain Device Identity keeps Device Description, which Basic removes: listed with
+    the option that keeps it and its file count, not a direct identifier, exit 0."""
+    src = tmp_path / "src"
+    write_source(src, "a.dcm", make_image(f"{UID_ROOT}82.1.1", DeviceDescription=DEVICE))
+    write_source(src, "b.dcm", make_image(f"{UID_ROOT}82.1.2"))
+    base = _verify_config(tmp_path, src, 'options = ["retain_device_identity"]\n')
+    _export_configured(tmp_path)
+    done = run_cli(base, tmp_path, "kept-description")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (line,) = [x for x in done.stdout.splitlines() if "DeviceDescription" in x]
+    assert "(0050,0020)" in line
+    assert "option retain_device_identity" in line
+    assert "1 file " in line
+    assert line.rstrip().endswith("not direct")
+    assert "ok: no findings" in done.stdout
+    _no_secret(done.stdout, done.stderr)
+    done = run_cli([*base, "--json"], tmp_path, "kept-description-json")
+    assert done.returncode == 0
+    doc = json.loads(done.stdout)
+    assert doc["ok"] is True
+    assert doc["kept"] == [
+        {
+            "tag": "(0050,0020)",
+            "keyword": "DeviceDescription",
+            "source": "option retain_device_identity",
+            "files": 1,
+            "direct": None,
+            "accepted": False,
+            "fails": False,
+        }
+    ]
+    _no_secret(done.stdout, done.stderr)
+
+
+def test_kept_identifiers_name_what_keeps_them(tmp_path: Path) -> None:
+    """A disabled attribute, and a custom rule keeping a sequence Basic removes: each value
+    served is listed with what keeps it (the rule on the enclosing sequence for the values
+    inside it); the same attribute kept two ways is two entries."""
+    src = tmp_path / "src"
+    other = Dataset()
+    other.PatientID = "OTHER-MRK0557"
+    other.TypeOfPatientID = "TEXT"
+    for n in (1, 2):
+        ds = make_image(f"{UID_ROOT}83.1.{n}")
+        if n == 1:
+            ds.OtherPatientIDsSequence = Sequence([other])
+        write_source(src, f"{n}.dcm", ds)
+    profile = BASIC.derive(
+        "Kept",
+        disabled=frozenset({0x00100020}),
+        rules=(Rule.parse("OtherPatientIDsSequence", "keep"),),
+    )
+    folder = folder_of(src, "Kept")
+    export_tree(folder, profile, Pseudonymizer(KEY), tmp_path / "tree")
+    result = run(folder, profile, tmp_path / "tree")
+    assert result.findings == ()
+    assert {(k.tag, k.source, k.files, k.direct) for k in result.kept} == {
+        ("(0010,0020)", "disabled", 2, "id"),
+        ("(0010,0020)", "custom rule on (0010,1002)", 1, "id"),
+        ("(0010,0022)", "custom rule on (0010,1002)", 1, ""),
+    }
+    assert not result.ok
+    accepting = replace(profile, accepted=frozenset({0x00100020}))
+    result = run(folder, accepting, tmp_path / "tree")
+    assert result.ok
+    assert all(k.accepted for k in result.kept if k.direct)
+    assert "MRK0557" not in repr(result)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the planted value
+def test_a_short_untrusted_value_served_as_the_source_has_it_is_found(tmp_path: Path) -> None:
+    """Too short to search for, a value Image Type cannot hold is checked structurally:
+    served with the source's value where the engine removes it, it is a finding."""
+    src = tmp_path / "src"
+    ds = make_image(f"{UID_ROOT}84.1.1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds[0x00080008] = DataElement(0x00080008, "CS", b"Ro^ ")
+    write_source(src, "a.dcm", ds)
+    folder = folder_of(src)
+    export_tree(folder, BASIC, Pseudonymizer(KEY), tmp_path / "tree")
+    assert run(folder, BASIC, tmp_path / "tree").ok  # removed by the engine
+    (served,) = (tmp_path / "tree").rglob("*.dcm")
+    _plant(served, 0x00080008, "CS", b"Ro^ ", ExplicitVRLittleEndian)
+    result = run(folder, BASIC, tmp_path / "tree")
+    assert kinds(result) == {("value_retained", "ImageType"), ("value_untrusted", "ImageType")}
+    assert {f.reason for f in result.findings} == {"", "repertoire"}
 
 
 def test_sequences_dummied_where_their_iod_requires_them_are_no_finding(tmp_path: Path) -> None:

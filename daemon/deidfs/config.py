@@ -11,7 +11,7 @@ Schema (the annotated reference is ``etc/deidfs.toml``):
 - ``[folders.<id>]``: ``path``, ``profile`` (default ``Nominal``), ``layout``, ``watch``.
 - ``[profiles.<name>]``: ``base`` (default ``Basic``), ``comment``, ``enabled``,
   ``apply_masks``, ``options``, ``disabled``, ``rules`` or ``rules_file``, ``masks``,
-  ``date_modification``, ``max_age``.
+  ``date_modification``, ``max_age``, ``accepted``.
 
 Relative paths are resolved against the directory of the configuration file. Unknown keys
 are errors, so a typo never silently drops a setting.
@@ -78,6 +78,12 @@ class DaemonConfig:
     poll_seconds: float = 5.0  #: interval of the polling observer
     cache_mib: int = 32  #: bound of the in-memory header cache
     workers: int = 2  #: indexing threads
+    #: bound of a source's header (its elements before Pixel Data); past it: header_too_large
+    max_header_mib: int = 256
+
+    @property
+    def max_header_bytes(self) -> int:
+        return self.max_header_mib * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,7 @@ _DAEMON_KEYS = (
     "poll_seconds",
     "cache_mib",
     "workers",
+    "max_header_mib",
 )
 _FOLDER_KEYS = ("path", "profile", "layout", "watch")
 _PROFILE_KEYS = (
@@ -161,6 +168,7 @@ _PROFILE_KEYS = (
     "masks",
     "date_modification",
     "max_age",
+    "accepted",
 )
 _RULE_KEYS = ("id", "act", "note")
 _MASK_KEYS = ("modality", "manufacturer", "model", "rows", "columns", "enabled", "rects")
@@ -378,6 +386,8 @@ class _ProfileSpec:
     masks: tuple[Mask, ...] | None
     date_modification: DateModification | None
     max_age: int | _Missing | None  #: 0 in the file means "no cap": ``None`` here
+    add_accepted: frozenset[int] = frozenset()
+    remove_accepted: frozenset[int] = frozenset()
 
 
 class _Checker:
@@ -431,6 +441,7 @@ class _Checker:
             poll_seconds=t.number("poll_seconds", d.poll_seconds, minimum=0.0, exclusive=True),
             cache_mib=t.integer("cache_mib", d.cache_mib, minimum=1),
             workers=t.integer("workers", d.workers, minimum=1, maximum=_MAX_WORKERS),
+            max_header_mib=t.integer("max_header_mib", d.max_header_mib, minimum=1),
         )
         for name, other in (("export_dir", out.export_dir), ("state_dir", out.state_dir)):
             if _overlaps(out.mountpoint, other):
@@ -509,6 +520,7 @@ class _Checker:
         t.check_keys(_PROFILE_KEYS)
         add_options, remove_options = self.options(t)
         add_disabled, remove_disabled = self.disabled(t)
+        add_accepted, remove_accepted = self.tag_list(t, "accepted")
         rules = self.rules(t)
         masks = self.masks(t) if "masks" in t.data else None
         max_age: int | _Missing | None = _MISSING
@@ -533,6 +545,8 @@ class _Checker:
                 else None
             ),
             max_age=max_age,
+            add_accepted=add_accepted,
+            remove_accepted=remove_accepted,
         )
         return spec if len(self.problems) == before else None
 
@@ -565,9 +579,14 @@ class _Checker:
         return frozenset(add), frozenset(remove)
 
     def disabled(self, t: _Table) -> tuple[frozenset[int], frozenset[int]]:
+        return self.tag_list(t, "disabled")
+
+    def tag_list(self, t: _Table, name: str) -> tuple[frozenset[int], frozenset[int]]:
+        """A list of tags (``disabled``, ``accepted``): those added to the base profile's,
+        and those (written ``-TAG``) taken from it."""
         add: set[int] = set()
         remove: set[int] = set()
-        for key, text in t.strings("disabled"):
+        for key, text in t.strings(name):
             removing = text.startswith("-")
             try:
                 tag = parse_tag(text[1:] if removing else text)
@@ -576,7 +595,7 @@ class _Checker:
                 continue
             (remove if removing else add).add(tag)
         for tag in add & remove:
-            self.error((*t.key, "disabled"), f"{format_tag(tag)} is both added and removed")
+            self.error((*t.key, name), f"{format_tag(tag)} is both added and removed")
         return frozenset(add), frozenset(remove)
 
     def rules(self, t: _Table) -> tuple[Rule, ...]:
@@ -1029,6 +1048,7 @@ class _Resolver:
                     else spec.date_modification
                 ),
                 max_age=base.max_age if isinstance(spec.max_age, _Missing) else spec.max_age,
+                accepted=(base.accepted | spec.add_accepted) - spec.remove_accepted,
             )
         except ProfileError as exc:
             # Only combinations across the inheritance chain get here (e.g. both longitudinal

@@ -920,6 +920,8 @@ def _explicit_pairs(profile: Profile, comment: str | None) -> list[tuple[str, An
         pairs.append(("disabled", _string_array([format_tag(t) for t in sorted(profile.disabled)])))
     if profile.rules:
         pairs.append(("rules", _rules_array(profile.rules)))
+    if profile.accepted:
+        pairs.append(("accepted", _string_array([format_tag(t) for t in sorted(profile.accepted)])))
     return pairs
 
 

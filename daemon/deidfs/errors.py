@@ -63,3 +63,16 @@ class NotFound(DeidfsError):
     """A requested folder, profile, study or file does not exist."""
 
     exit_code = os.EX_NOINPUT
+
+
+class Exhausted(DeidfsError):
+    """The daemon is out of a bounded resource (file descriptors); the request may be retried.
+
+    ``resource`` is a short, bounded identifier fit for a metric label.
+    """
+
+    exit_code = os.EX_TEMPFAIL
+
+    def __init__(self, resource: str) -> None:
+        super().__init__(f"out of {resource}")
+        self.resource = resource

@@ -628,6 +628,7 @@ class ExportWriter:
         layout: Layout = Layout.DICOM,
         source_rel: PurePosixPath | None = None,
         cached: ViewLookup | None = None,
+        max_header_bytes: int | None = None,
     ) -> View:
         """Render the source at ``path``, :meth:`put` its view and return the view.
 
@@ -656,7 +657,15 @@ class ExportWriter:
             state = SourceStat.of(st)
             view = cached(os.fspath(path), state) if cached is not None else None
             if view is None or view.source != state:
-                view = render(f, state, plan, pseudonymizer, layout, source_rel)
+                view = render(
+                    f,
+                    state,
+                    plan,
+                    pseudonymizer,
+                    layout,
+                    source_rel,
+                    max_header_bytes=max_header_bytes,
+                )
             self.put(key, view, fd)
         return view
 
@@ -1483,6 +1492,7 @@ class Job:
     describe: bool = False  #: hash each file and read its identifiers (for a manifest)
     out_id: DirId | None = None  #: the identity ``out`` had when it was checked
     guard: frozenset[DirId] = frozenset()  #: directories never written in (ExportWriter)
+    max_header_bytes: int | None = None  #: bound of a source's header (None: the default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1507,13 +1517,14 @@ def _put_once_more_if_changed(
 ) -> View:
     index, path, rel = item
     rel_path = PurePosixPath(rel)
+    args = (index, path, job.plan, job.pseudo, job.layout, rel_path, cached, job.max_header_bytes)
     try:
-        return writer.put_path(index, path, job.plan, job.pseudo, job.layout, rel_path, cached)
+        return writer.put_path(*args)
     except Refused as exc:
         if exc.reason != "source_changed":
             raise
     # Written to while it was exported: once more from its new state, from one open file.
-    return writer.put_path(index, path, job.plan, job.pseudo, job.layout, rel_path, cached)
+    return writer.put_path(*args)
 
 
 def run_chunk(
@@ -1597,6 +1608,7 @@ class ScanJob:
     pseudo: Pseudonymizer
     layout: Layout
     matcher: Matcher
+    max_header_bytes: int | None = None  #: bound of a source's header (None: the default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1639,7 +1651,15 @@ def scan_chunk(
                 state = SourceStat.of(st)
                 view = cached(path, state) if cached is not None else None
                 if view is None or view.source != state:
-                    view = render(f, state, job.plan, job.pseudo, job.layout, source_rel)
+                    view = render(
+                        f,
+                        state,
+                        job.plan,
+                        job.pseudo,
+                        job.layout,
+                        source_rel,
+                        max_header_bytes=job.max_header_bytes,
+                    )
                 original: dict[int, str] = {}
                 served: dict[int, str] = {}
                 if matcher.needs_values:
@@ -2080,8 +2100,10 @@ class _FolderExport:
         stop: StopFlag | None,
         clock: Callable[[], dt.datetime],
         cached: ViewLookup | None,
+        max_header_bytes: int | None = None,
     ) -> None:
         self.cached = cached
+        self.max_header_bytes = max_header_bytes
         self.folder = folder
         self.profile = profile
         self.plan = plan
@@ -2106,7 +2128,7 @@ class _FolderExport:
     def scan(self, matcher: Matcher) -> list[Item]:
         """Which sources to write: the first source (by path) of every view path that a
         matching source has. Raises NotFound for a selector that matches nothing."""
-        job = ScanJob(self.plan, self.pseudo, self.folder.layout, matcher)
+        job = ScanJob(self.plan, self.pseudo, self.folder.layout, matcher, self.max_header_bytes)
         items = [(i, p, r) for i, (p, r) in enumerate(self.files)]
         self.listener.phase("scan", len(items))
         scanned: list[ScanResult] = []
@@ -2166,6 +2188,7 @@ class _FolderExport:
             describe=True,
             out_id=writer.root_id,
             guard=writer.guard,
+            max_header_bytes=self.max_header_bytes,
         )
         self.selected = len(items)
         claims = Claims([p for p, _ in self.files])
@@ -2674,6 +2697,7 @@ def export_folder(
         stop=stop,
         clock=clock,
         cached=cached if name == folder.profile else None,
+        max_header_bytes=config.daemon.max_header_bytes,
     )
     ok = False
     try:

@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import re
+import resource
 import stat
 import subprocess
 import threading
@@ -35,7 +36,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from deidfs.deid.plan import Plan
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.errors import DeidfsError, NotFound, Refused
+from deidfs.errors import DeidfsError, Exhausted, NotFound, Refused
 from deidfs.metrics import Metrics
 from deidfs.render import Layout, SourceStat, View, read_view, render
 
@@ -58,6 +59,24 @@ NEGATIVE_TIMEOUT = 1.0
 #: tracemalloc over 5,000 cached views (990 bytes each).
 CACHE_ENTRY_OVERHEAD = 1024
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Descriptors kept free for everything but held sources (the index, inotify, sockets, logs,
+#: export pipes, libfuse and Python's own): at least this many, or an eighth of the limit.
+FD_RESERVE = 64
+#: Seconds between two log lines about running out of descriptors.
+EXHAUSTED_LOG_SECONDS = 60.0
+
+
+def default_max_handles() -> int:
+    """How many views may be open at once: the descriptor limit less a reserve.
+
+    Each open view holds its source's descriptor until released, so without a bound a
+    reader opening many views would take the descriptors the index, the watchers and the
+    control socket need.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, soft - max(FD_RESERVE, soft // 8))
 
 
 def pseudo_mtime_ns(pseudonymizer: Pseudonymizer, state: SourceStat, digest: str) -> int:
@@ -86,6 +105,7 @@ class FolderView:
     pseudonymizer: Pseudonymizer
     layout: Layout
     digest: str  #: digest of everything a view depends on (plan, layout, key, renderer)
+    max_header_bytes: int | None = None  #: bound of a source's header (None: the default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,11 +459,16 @@ class HeaderCache:
 
 @dataclass(slots=True)
 class _Handle:
+    """An open view and the source descriptor it holds from open to release."""
+
     fd: int
     view: View
-    ctime_ns: int
+    ctime_ns: int  #: the source's ctime the bytes read so far were checked against
+    nlink: int  #: the source's link count at that ctime
     file: ViewFile
     broken: bool = False
+    users: int = 0  #: reads in progress on ``fd``
+    closed: bool = False  #: released: ``fd`` is closed by the last read in progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,6 +502,15 @@ class ViewFS:
 
     A header is rendered only from a source state that can no longer change unseen (see
     :func:`unsettled_ns`), and is used only if the source kept that state while it was read.
+
+    A handle holds its source's descriptor from open to release, so a reader finishes with
+    the bytes it started with when the source is deleted or renamed away meanwhile: the
+    unlinked inode stays readable through the descriptor, and the view stays consistent as
+    long as nothing writes to it (checked as before). Once a *newer version* is served at the
+    handle's path, though, it fails: the kernel's size and pages of the path follow the new
+    version, and reads of the old one through them could be cut short or mixed. At most
+    ``max_handles`` views are open at once (default: :func:`default_max_handles`); beyond
+    that, or when the descriptor limit is reached anyway, open raises :class:`Exhausted`.
     """
 
     def __init__(
@@ -485,8 +519,10 @@ class ViewFS:
         cache_bytes: int,
         on_stale: Callable[[str, str], None] | None = None,
         metrics: Metrics | None = None,
+        max_handles: int | None = None,
     ) -> None:
         self.tree = tree
+        self.max_handles = default_max_handles() if max_handles is None else max_handles
         self.cache = HeaderCache(cache_bytes)
         self.on_stale = on_stale
         self.metrics = metrics
@@ -499,6 +535,8 @@ class ViewFS:
         self.opens = 0
         self.direct_opens = 0  #: opens that bypass the kernel's page cache
         self.stale = 0
+        self.exhausted = 0  #: opens refused for want of a descriptor
+        self._exhausted_logged: float | None = None
 
     @property
     def open_handles(self) -> int:
@@ -519,6 +557,26 @@ class ViewFS:
             hook(vf.folder, vf.source)
         return Refused("source_changed", why)
 
+    def _exhausted(self) -> Exhausted:
+        # Not stale: the source is fine, the daemon is short of descriptors. Indexing it
+        # again would only fail the same way.
+        self.exhausted += 1
+        now = time.monotonic()
+        last = self._exhausted_logged
+        if last is None or now - last >= EXHAUSTED_LOG_SECONDS:
+            self._exhausted_logged = now
+            log.warning(
+                "open refused: out of file descriptors (%d views open, at most %d)",
+                len(self._handles),
+                self.max_handles,
+            )
+        return Exhausted("file_descriptors")
+
+    def held(self, fh: int) -> ViewFile | None:
+        """The view file an open handle serves (None for an unknown handle)."""
+        h = self._handles.get(fh)
+        return None if h is None else h.file
+
     def open(self, path: str) -> Opened:
         """Open the view at ``path``.
 
@@ -528,6 +586,8 @@ class ViewFS:
             No view at ``path``.
         Refused
             The source changed, vanished or no longer renders to the indexed view.
+        Exhausted
+            ``max_handles`` views are open, or no descriptor is left.
         """
         vf = self.tree.file(path)
         if vf is None:
@@ -535,9 +595,15 @@ class ViewFS:
         folder = self.tree.folder(vf.folder)
         if folder is None:
             raise NotFound("folder not served")
+        if len(self._handles) >= self.max_handles:
+            # Unlocked: concurrent opens may overshoot by the FUSE threads, which the
+            # descriptor reserve absorbs.
+            raise self._exhausted()
         try:
             fd = _open_source(vf.source)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise self._exhausted() from exc
             raise self._stale(vf, "source cannot be opened") from exc
         version = _version(vf)
         try:
@@ -561,7 +627,7 @@ class ViewFS:
         unsettled = not self.tree.settled(path)
         with self._lock:
             fh = next(self._next_fh)
-            self._handles[fh] = _Handle(fd, view, st.st_ctime_ns, vf)
+            self._handles[fh] = _Handle(fd, view, st.st_ctime_ns, st.st_nlink, vf)
             versions = self._open_versions.setdefault(path, Counter())
             direct = recheck or unsettled or any(v != version for v in versions)
             versions[version] += 1
@@ -597,7 +663,15 @@ class ViewFS:
         started = time.perf_counter()
         try:
             with open(fd, "rb", closefd=False) as f:
-                view = render(f, state, folder.plan, folder.pseudonymizer, folder.layout, rel)
+                view = render(
+                    f,
+                    state,
+                    folder.plan,
+                    folder.pseudonymizer,
+                    folder.layout,
+                    rel,
+                    max_header_bytes=folder.max_header_bytes,
+                )
         except Refused as exc:
             raise self._stale(vf, "source no longer renders") from exc
         finally:
@@ -617,18 +691,33 @@ class ViewFS:
         NotFound
             Unknown handle.
         Refused
-            The source changed under the open handle.
+            The source changed under the open handle, or a newer version replaced it.
         """
-        h = self._handles.get(fh)
-        if h is None:
-            raise NotFound("no such handle")
+        with self._lock:
+            h = self._handles.get(fh)
+            if h is None:
+                raise NotFound("no such handle")
+            h.users += 1
+        try:
+            return self._read(h, offset, size)
+        finally:
+            with self._lock:
+                h.users -= 1
+                last = h.closed and h.users == 0
+            if last:
+                os.close(h.fd)
+
+    def _read(self, h: _Handle, offset: int, size: int) -> bytes:
         if h.broken:
             raise Refused("source_changed", "source changed while open")
         current = self.tree.file(h.file.mount_path)
-        if current is None or _version(current) != _version(h.file):
-            # A newer version is served (or none): never mix it with this one's bytes.
+        if current is not None and _version(current) != _version(h.file):
+            # A newer version is served: the kernel's size and pages of this path now
+            # follow it, so this handle's bytes could be cut short or mixed with it.
             h.broken = True
             raise Refused("source_changed", "a newer version replaced this view")
+        # No view at the path (the source was deleted or renamed away, or its folder
+        # withdrawn): the descriptor still holds the bytes this view was built from.
         view = h.view
         try:
             data = read_view(view, h.fd, offset, size)
@@ -636,17 +725,49 @@ class ViewFS:
             h.broken = True
             raise self._stale(h.file, "source shrank while open") from exc
         header = len(view.header)
-        if offset + size > header and offset < header + view.pixel_length:
-            # Checked after the pread: a writer updates mtime before it changes data, so an
-            # unchanged state here means the bytes just read are the indexed ones.
-            st = os.fstat(h.fd)
-            if SourceStat.of(st) != view.source or st.st_ctime_ns != h.ctime_ns:
-                h.broken = True
-                raise self._stale(h.file, "source changed while open")
+        # Checked after the pread: a writer updates mtime before it changes data, so an
+        # unchanged state here means the bytes just read are the indexed ones.
+        read_source = offset + size > header and offset < header + view.pixel_length
+        if read_source and not self._unchanged(h, os.fstat(h.fd)):
+            h.broken = True
+            raise self._stale(h.file, "source changed while open")
         return data
 
+    def _unchanged(self, h: _Handle, st: os.stat_result) -> bool:
+        """Whether the held source still has the content the view was built from.
+
+        ctime moves with every write, even one whose mtime was set back; it also moves when
+        the source is unlinked, renamed or linked, which leave the content alone. A ctime
+        that moved while the link count changed or the source left its indexed path is
+        taken for such a change of names, and becomes the state later reads are checked
+        against. (A write with mtime set back in the same interval is not told apart.)
+        """
+        src = h.view.source
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
+            src.dev,
+            src.ino,
+            src.size,
+            src.mtime_ns,
+        ):
+            return False
+        with self._lock:
+            ctime_ns, nlink = h.ctime_ns, h.nlink
+        if st.st_ctime_ns == ctime_ns:
+            return True
+        if st.st_nlink == nlink and _still_at(h.file.source, st):
+            return False
+        with self._lock:
+            if (h.ctime_ns, h.nlink) == (ctime_ns, nlink):
+                h.ctime_ns, h.nlink = st.st_ctime_ns, st.st_nlink
+        return True
+
     def release(self, fh: int) -> None:
-        """Close a handle and its source descriptor (unknown handles are ignored)."""
+        """Close a handle and its source descriptor (unknown handles are ignored).
+
+        A read still in progress on the handle (possible only at shutdown, when the mount
+        is detached while busy) keeps the descriptor until it returns: closed under it, its
+        number could be reused by another file and the read would return that file's bytes.
+        """
         with self._lock:
             h = self._handles.pop(fh, None)
             if h is None:
@@ -659,7 +780,10 @@ class ViewFS:
                     del versions[_version(h.file)]
                 if not versions:
                     del self._open_versions[path]
-        os.close(h.fd)
+            h.closed = True
+            close = h.users == 0
+        if close:
+            os.close(h.fd)
 
     def close_all(self) -> None:
         """Close every held source (at shutdown)."""
@@ -684,6 +808,15 @@ def unsettled_ns(st: os.stat_result, now_ns: int) -> int:
     """
     age = now_ns - st.st_ctime_ns
     return SOURCE_TICK_NS - age if 0 <= age < SOURCE_TICK_NS else 0
+
+
+def _still_at(path: str, st: os.stat_result) -> bool:
+    """Whether ``path`` (not followed if a symlink) is the file of ``st``."""
+    try:
+        here = os.lstat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _open_source(path: str) -> int:
@@ -823,12 +956,22 @@ class DeidOperations:
         }
 
     @_counted("getattr")
-    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
-        """stat(2) of a mount path: a dictionary lookup, never a parse."""
-        vf = self.tree.file(path)
+    def getattr(self, path: str | None, fh: Any = None) -> dict[str, int]:
+        """stat(2) of a mount path: a dictionary lookup, never a parse.
+
+        ``fh`` (libfuse's fuse_file_info, raw_fi) comes with a getattr on an open file:
+        the kernel asks that way when it revalidates a file's size during a read. A view
+        whose source was deleted while open is answered from its handle, or the reader
+        would get ENOENT in the middle of a read the handle can still serve.
+        """
+        vf = None if path is None else self.tree.file(path)
         if vf is not None:
             return self._file_attrs(vf)
-        if self.tree.is_dir(path):
+        if fh is not None:
+            held = self.fs.held(int(fh.fh))
+            if held is not None and (path is None or held.mount_path == path):
+                return self._file_attrs(held)
+        if path is not None and self.tree.is_dir(path):
             return self._dir_attrs()
         raise OSError(errno.ENOENT, "no such view")
 
@@ -884,6 +1027,10 @@ class DeidOperations:
             raise OSError(errno.ENOENT, "no such view") from exc
         except Refused as exc:
             raise OSError(errno.EIO, exc.reason) from exc
+        except Exhausted as exc:
+            # ENFILE rather than EMFILE: the reader's own descriptors are not the ones
+            # that ran out.
+            raise OSError(errno.ENFILE, "too many views open") from exc
         except Exception as exc:
             log.error("open failed: %s", type(exc).__name__)
             raise OSError(errno.EIO, "open failed") from exc

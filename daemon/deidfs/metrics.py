@@ -98,6 +98,7 @@ class StateSnapshot:
     cache_entries: int
     folders: tuple[FolderState, ...]
     pydicom_warnings: tuple[tuple[str, int], ...] = ()  #: (category, count)
+    refused_opens: int = 0  #: opens refused for want of a file descriptor
 
 
 def errno_name(err: int | None) -> str:
@@ -138,6 +139,11 @@ class _StateCollector(Collector):
             "deidfs_fuse_stale_opens",
             "Opens and reads refused because the source changed since it was indexed.",
             s.stale_opens,
+        )
+        yield counter(
+            "deidfs_fuse_refused_opens",
+            "Opens refused because the daemon had no file descriptor to spare.",
+            s.refused_opens,
         )
         yield counter("deidfs_header_cache_hits", "Header cache lookups that hit.", s.cache_hits)
         yield counter(

@@ -51,6 +51,7 @@ from deidfs.render import (
     EXPLICIT_BE,
     EXPLICIT_LE,
     IMPLICIT_LE,
+    MAX_HEADER_BYTES,
     PIXEL_TAGS,
     PREAMBLE,
     SourceStat,
@@ -59,6 +60,9 @@ from deidfs.render import (
 )
 
 __all__ = ["MAX_INFLATED", "native_zeroed", "render_reference"]
+
+#: First read of the header walk before pydicom; each further read is four times larger.
+_FIRST_WALK_READ = 64 * 1024
 
 #: Largest inflated size accepted for a deflated source (a deflate bomb is refused).
 MAX_INFLATED = 512 * 1024 * 1024
@@ -93,9 +97,15 @@ def render_reference(
     pseudonymizer: Pseudonymizer,
     layout: Layout = Layout.DICOM,
     source_rel: PurePosixPath | None = None,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> View:
     """:func:`~deidfs.render.render` without its fast path: parse the header with pydicom,
     de-identify it with :func:`~deidfs.deid.engine.deidentify`, encode it.
+
+    Before pydicom reads anything, the header's bytes are walked (at most
+    ``max_header_bytes`` of them, the elements before Pixel Data): a header longer than that
+    is refused as ``header_too_large``, and a hole of zeros (a sparse file) at once, instead
+    of having pydicom walk it at eight bytes an element.
 
     Raises
     ------
@@ -109,6 +119,8 @@ def render_reference(
     if preamble and _meta_transfer_syntax(f) == DEFLATED:
         # Before pydicom: dcmread inflates a deflated data set whole, with no size limit.
         return _render_deflated(f, st, plan, pseudonymizer, layout, source_rel)
+    if preamble:
+        _bound_header(f, size, max_header_bytes)
     f.seek(0)
     try:
         ds = dcmread(f, stop_before_pixels=True, force=not preamble)
@@ -387,6 +399,40 @@ def _check_header(
     if stop != pos:
         raise Refused("unparseable", "the data set does not end where its parse stopped")
     return highest
+
+
+def _bound_header(f: BinaryIO, size: int, limit: int) -> None:
+    """Walk the header of a Part 10 file (preamble, meta) before pydicom reads it, in reads
+    that grow until the walk reaches Pixel Data or the end of the file; refuse it past
+    ``limit`` bytes (``header_too_large``) and refuse what the walk refuses. A hole of zero
+    bytes reads as one element repeated: refused at its second."""
+    ts = _meta_transfer_syntax(f)
+    want = _FIRST_WALK_READ
+    while True:
+        f.seek(0)
+        head = f.read(min(size, want))
+        start = meta_end(head, 132, len(head))
+        if start + 6 > len(head):
+            return  # no data set to speak of: pydicom and the checks after it decide
+        vr = head[start + 4 : start + 6]
+        found_implicit = not (0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B)
+        implicit = _implicit_syntax(ts, found_implicit) if ts else found_implicit
+        if implicit != found_implicit:
+            raise Refused(
+                "transfer_syntax_mismatch",
+                "the data set is not encoded as its transfer syntax says",
+            )
+        try:
+            stop, _ = check_dataset(head, start, len(head), implicit, ts != EXPLICIT_BE)
+        except Refused as refused:
+            if refused.reason != "truncated" or len(head) == size:
+                raise
+        else:
+            if stop < len(head) or len(head) == size:
+                return  # at Pixel Data, or the whole file walked
+        if len(head) >= limit:
+            raise Refused("header_too_large", "the header runs past the size limit")
+        want = min(4 * want, limit)
 
 
 def _diagnose(f: BinaryIO, preamble: bool, size: int) -> None:

@@ -60,6 +60,9 @@ _LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b
 #: Bytes the fast path reads first (headers are mostly a few KiB), and at most.
 _FAST_FIRST_READ = 16 * 1024
 _FAST_MAX_READ = 16 * 1024 * 1024
+#: Default bound of a header (the elements before Pixel Data) read to render a file: far
+#: beyond any image's, room for the largest structure sets and reports.
+MAX_HEADER_BYTES = 256 * 1024 * 1024
 #: Bytes of patched pixel data :func:`write_view` reads and writes at a time.
 _PATCH_CHUNK = 1 << 20
 _END = 1 << 62  #: beyond any offset (a bisect key)
@@ -164,6 +167,7 @@ def render(
     source_rel: PurePosixPath | None = None,
     *,
     fast: bool = True,
+    max_header_bytes: int | None = None,
 ) -> View:
     """Build the view of the open source ``f`` whose state is ``st``.
 
@@ -176,15 +180,16 @@ def render(
     Refused
         For anything that is not DICOM, cannot be parsed, or cannot be de-identified safely.
     """
+    limit = MAX_HEADER_BYTES if max_header_bytes is None else max_header_bytes
     if fast:
-        view = _render_fast(f, st, plan, pseudonymizer, layout, source_rel)
+        view = _render_fast(f, st, plan, pseudonymizer, layout, source_rel, limit)
         if view is not None:
             return view
     # The reference path, and pydicom with it, loads for the first source the fast path
     # declines: a run whose files all take the fast path never imports pydicom.
     from deidfs.reference import render_reference  # noqa: PLC0415
 
-    return render_reference(f, st, plan, pseudonymizer, layout, source_rel)
+    return render_reference(f, st, plan, pseudonymizer, layout, source_rel, limit)
 
 
 def _render_fast(
@@ -194,9 +199,11 @@ def _render_fast(
     pseudonymizer: Pseudonymizer,
     layout: Layout,
     source_rel: PurePosixPath | None,
+    limit: int,
 ) -> View | None:
     """The view by :func:`~deidfs.deid.fastpath.deidentify_header`, or None when it declines
-    (or anything is amiss: the reference path then decides, refusals included)."""
+    (or anything is amiss: the reference path then decides, refusals included). It reads
+    at most ``limit`` (and :data:`_FAST_MAX_READ`) bytes of header."""
     size = st.size
     f.seek(0)
     data = f.read(min(size, _FAST_FIRST_READ))
@@ -207,7 +214,7 @@ def _render_fast(
                 break
             except NeedMore as more:
                 want = min(max(more.length, 2 * len(data)), size)
-                if want <= len(data) or want > _FAST_MAX_READ:
+                if want <= len(data) or want > min(_FAST_MAX_READ, limit):
                     return None
                 data += f.read(want - len(data))
                 if len(data) != want:
@@ -268,8 +275,10 @@ def render_path(
     pseudonymizer: Pseudonymizer,
     layout: Layout = Layout.DICOM,
     source_rel: PurePosixPath | None = None,
+    max_header_bytes: int | None = None,
 ) -> View:
-    """Open ``path`` read-only (never following a final symlink) and :func:`render` it."""
+    """Open ``path`` read-only (never following a final symlink) and :func:`render` it
+    (``max_header_bytes``: the header's bound, the default if None)."""
     try:
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -280,7 +289,15 @@ def render_path(
         os.close(fd)  # checked before fdopen, which raises IsADirectoryError on directories
         raise Refused("not_regular", "not a regular file")
     with os.fdopen(fd, "rb") as f:
-        return render(f, SourceStat.of(st), plan, pseudonymizer, layout, source_rel)
+        return render(
+            f,
+            SourceStat.of(st),
+            plan,
+            pseudonymizer,
+            layout,
+            source_rel,
+            max_header_bytes=max_header_bytes,
+        )
 
 
 def read_view(view: View, fd: int, offset: int, size: int) -> bytes:

@@ -75,9 +75,10 @@ REASON_MEANINGS: dict[str, str] = {
     "pixel_unsupported": "pixel data a mask must redact in a form deidfs cannot redact",
     "no_sop_instance_uid": "SOP Instance UID missing",
     "truncated": "file cut short (an element, item or sequence not closed inside the file)",
-    "trailing_data": "bytes after pixel data that are no DICOM element",
+    "trailing_data": "bytes that are no DICOM element after the data set (garbage, a hole)",
     "transfer_syntax_mismatch": "data set not encoded as its transfer syntax says",
-    "element_order": "an element after pixel data repeats or precedes one before it",
+    "element_order": "an element repeated, or one after pixel data that precedes one before it",
+    "header_too_large": "header (everything before pixel data) past the configured size limit",
     "untrusted_attribute": "an attribute the file cannot lose is not what its tag claims",
     "bad_pixel_data": "malformed encapsulated pixel data",
     "too_large": "deflated data set or pixel data to redact past the size limit",
@@ -289,6 +290,8 @@ class ProfileSummary:
     options: tuple[str, ...]
     disabled: tuple[str, ...]
     rules: tuple[RuleSummary, ...]
+    #: identifiers the profile serves on purpose (``accepted``): verify does not fail on them
+    accepted: tuple[str, ...]
     date_modification: str
     max_age: int | None
     apply_masks: bool
@@ -306,6 +309,7 @@ class AttributeDecision:
     op: str  #: what deidfs does
     source: str  #: basic profile, option ..., disabled, custom rule, ...
     rationale: str
+    accepted: bool = False  #: listed in the profile's ``accepted``
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +329,10 @@ class ReportFormat(Enum):
     MD = "md"
     HTML = "html"
     JSON = "json"
+
+
+#: How an attribute of the profile's ``accepted`` list is described.
+ACCEPTED_TEXT = "accepted: served on purpose, listed in the profile's accepted identifiers"
 
 
 def _rationale(source: Source, option: str | None, note: str) -> str:
@@ -360,6 +368,7 @@ def summarize_profile(plan: Plan) -> ProfileSummary:
         edition=EDITION,
         options=tuple(sorted(o.value for o in p.options)),
         disabled=tuple(format_tag(t) for t in sorted(p.disabled)),
+        accepted=tuple(format_tag(t) for t in sorted(p.accepted)),
         rules=tuple(
             RuleSummary(r.id_text or format_tag(r.tag), r.act_text or r.act.value, r.note)
             for r in p.rules
@@ -374,9 +383,13 @@ def summarize_profile(plan: Plan) -> ProfileSummary:
 def attribute_decisions(plan: Plan) -> tuple[AttributeDecision, ...]:
     """Section 2 of the report: :func:`deidfs.deid.plan.describe` with rationales."""
     out = []
+    accepted = {format_tag(t) for t in plan.profile.accepted}
     for row in describe(plan):
         d = row.decision
         option = d.option.value if d.option is not None else None
+        rationale = _rationale(d.source, option, d.note)
+        if row.tag in accepted:
+            rationale += f"; {ACCEPTED_TEXT}"
         out.append(
             AttributeDecision(
                 tag=row.tag,
@@ -385,7 +398,8 @@ def attribute_decisions(plan: Plan) -> tuple[AttributeDecision, ...]:
                 action=d.action.value,
                 op=d.op.value,
                 source=d.describe(),
-                rationale=_rationale(d.source, option, d.note),
+                rationale=rationale,
+                accepted=row.tag in accepted,
             )
         )
     return tuple(out)
@@ -440,6 +454,7 @@ def to_json_object(report: ExpertReport) -> dict[str, Any]:
             "standard_edition": p.edition,
             "options": list(p.options),
             "disabled": list(p.disabled),
+            "accepted": list(p.accepted),
             "rules": [{"id": r.id, "act": r.act, "note": r.note} for r in p.rules],
             "date_modification": p.date_modification,
             "max_age": p.max_age,
@@ -455,6 +470,7 @@ def to_json_object(report: ExpertReport) -> dict[str, Any]:
                 "op": a.op,
                 "source": a.source,
                 "rationale": a.rationale,
+                "accepted": a.accepted,
             }
             for a in report.attributes
         ],
@@ -568,6 +584,7 @@ def _profile_facts(p: ProfileSummary) -> list[tuple[str, str]]:
         ("Enabled", "yes" if p.enabled else "no"),
         ("Options", ", ".join(p.options) or "none"),
         ("Disabled attributes", ", ".join(p.disabled) or "none"),
+        ("Accepted identifiers (served on purpose)", ", ".join(p.accepted) or "none"),
         ("Custom rules", str(len(p.rules))),
         ("Modified Dates method", p.date_modification),
         ("Ages capped above", "-" if p.max_age is None else str(p.max_age)),

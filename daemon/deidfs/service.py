@@ -111,7 +111,7 @@ log = logging.getLogger(__name__)
 
 #: Bumped when the bytes a view holds change for the same source, plan, layout and key
 #: (render.py changes); part of every view digest, so old index rows are re-rendered.
-RENDER_VERSION = "1"
+RENDER_VERSION = "2"  # 2: data sets not whole at every depth are withheld
 #: Bound of each join at shutdown.
 JOIN_SECONDS = 5.0
 #: How often the configuration file's SHA-256 is compared (see the module notes).
@@ -215,6 +215,8 @@ class ServiceStatus:
     cache_misses: int = 0
     #: pydicom warnings by category (their text is never logged: it may quote values)
     pydicom_warnings: tuple[tuple[str, int], ...] = ()
+    open_limit: int = 0  #: views that may be open at once (each holds its source open)
+    refused_opens: int = 0  #: opens refused for want of a file descriptor
 
     def to_json(self) -> dict[str, Any]:
         """The wire form of ``status`` on the control socket (``deidfs status --json``)."""
@@ -255,7 +257,12 @@ class ServiceStatus:
                 for f in self.folders
             ],
             "index": {"backlog": self.backlog, "rendered": self.rendered, "reused": self.reused},
-            "fuse": {"open_files": self.open_files, "stale_opens": self.stale_opens},
+            "fuse": {
+                "open_files": self.open_files,
+                "open_limit": self.open_limit,
+                "refused_opens": self.refused_opens,
+                "stale_opens": self.stale_opens,
+            },
             "cache": {
                 "bytes": self.cache_bytes,
                 "entries": self.cache_entries,
@@ -401,13 +408,16 @@ def file_sha256(path: Path) -> str:
         return ""
 
 
-def view_digest(plan_digest: str, layout: str, pseudonymizer: Pseudonymizer) -> str:
-    """Digest of everything a folder's views depend on besides the source itself.
+def view_digest(
+    plan_digest: str, layout: str, pseudonymizer: Pseudonymizer, max_header_bytes: int
+) -> str:
+    """Digest of everything a folder's views depend on besides the source itself (the
+    header bound among them: what it withholds is part of what is served).
 
     The key enters as a keyed token, so the digest (stored in the index) reveals nothing.
     """
     key_id = pseudonymizer.token("view-digest", "key")
-    blob = f"{RENDER_VERSION}\0{plan_digest}\0{layout}\0{key_id}"
+    blob = f"{RENDER_VERSION}\0{plan_digest}\0{layout}\0{key_id}\0{max_header_bytes}"
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -593,7 +603,10 @@ class Service:
             plan=plan,
             pseudonymizer=self._pseudo,
             layout=fc.layout,
-            digest=view_digest(plan.digest, fc.layout.value, self._pseudo),
+            digest=view_digest(
+                plan.digest, fc.layout.value, self._pseudo, config.daemon.max_header_bytes
+            ),
+            max_header_bytes=config.daemon.max_header_bytes,
         )
         return _Folder(config=fc, view=view, prefix=str(root).rstrip("/") + "/")
 
@@ -833,7 +846,7 @@ class Service:
         try:
             with source_token(self._token(path)):
                 rendered: View | None = render_path(
-                    path, view.plan, view.pseudonymizer, view.layout, rel
+                    path, view.plan, view.pseudonymizer, view.layout, rel, view.max_header_bytes
                 )
             reason = ""
         except Refused as exc:
@@ -1039,6 +1052,8 @@ class Service:
             cache_hits=cache.hits,
             cache_misses=cache.misses,
             pydicom_warnings=tuple(sorted(self.library_warnings.counts().items())),
+            open_limit=self.fs.max_handles,
+            refused_opens=self.fs.exhausted,
         )
 
     def metrics_state(self) -> StateSnapshot:
@@ -1049,6 +1064,7 @@ class Service:
             backlog=s.backlog,
             open_files=s.open_files,
             stale_opens=s.stale_opens,
+            refused_opens=s.refused_opens,
             cache_hits=s.cache_hits,
             cache_misses=s.cache_misses,
             cache_bytes=s.cache_bytes,
@@ -1235,11 +1251,12 @@ class Service:
                 plan.changes.append(f"folder {fid} moved to another path: indexed anew")
             elif folder.view.digest != cur.view.digest:
                 plan.rerender.append(folder)
-                what = (
-                    f"profile {cur.config.profile} -> {fc.profile}"
-                    if fc.profile != cur.config.profile
-                    else f"profile {fc.profile} changed"
-                )
+                if fc.profile != cur.config.profile:
+                    what = f"profile {cur.config.profile} -> {fc.profile}"
+                elif folder.view.max_header_bytes != cur.view.max_header_bytes:
+                    what = "[daemon] max_header_mib changed"
+                else:
+                    what = f"profile {fc.profile} changed"
                 if fc.layout != cur.config.layout:
                     what += f", layout {cur.config.layout.value} -> {fc.layout.value}"
                 plan.changes.append(f"folder {fid}: {what}; views withdrawn and rendered again")

@@ -33,6 +33,21 @@ Nothing else carries original values
     Files of the served tree that are not served DICOM files (a manifest, a temporary file)
     are searched for every original value of the folder. A DICOM file without an original is
     a finding: verify cannot vouch for it.
+Bytes are judged by what they are, not by their tag
+    What an original's element is, is decided as the engine decides it
+    (:func:`deidfs.deid.engine.element_decision`, :func:`~deidfs.deid.engine.distrust`):
+    a value kept by its tag's row that cannot be that attribute (Patient's Name under Image
+    Type, a description under a command element) is one the engine removes, so it is
+    searched for like any removed value, and exempts nothing. Every served element the
+    profile keeps must pass the same judgement (VR, length, repertoire, enumerated values),
+    and no command or file meta element may be served inside the data set.
+
+These are findings: the served bytes are not what the profile says. Apart from them, verify
+lists the identifiers served *because the profile keeps them*: attributes a custom rule, an
+option or a disabled attribute keeps (served with their original value) where PS3.15 Basic
+removes or replaces them, each with what keeps it and in how many files. Those that are
+direct identifiers (:func:`deidfs.deid.identifiers.direct_kind`) fail verification unless the
+profile lists them in ``accepted``.
 
 Findings name a kind, a tag and keyword, and the file as a keyed token of its path (the form
 in which logs name files); never a value or a path.
@@ -61,8 +76,10 @@ from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-
 
 from deidfs.config import FolderConfig
 from deidfs.deid.attribute_types import TOP_LEVEL, placements
-from deidfs.deid.plan import Decision, Op, Plan, Source
-from deidfs.deid.profiles import DateModification
+from deidfs.deid.engine import MISPLACED_GROUP, distrust, element_decision
+from deidfs.deid.identifiers import DirectKind, direct_kind
+from deidfs.deid.plan import Decision, Op, Plan, Source, compile_plan
+from deidfs.deid.profiles import BASIC, DateModification, Profile
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Action, Option
 from deidfs.deid.tags import format_tag, keyword_of
@@ -108,13 +125,13 @@ _DEFINING_TAGS = frozenset({0x00080018, 0x0020000E, 0x0020000D, 0x00200052})
 #: File meta elements that carry no instance data: version, SOP class, transfer syntax, and
 #: the writing software's Implementation Class UID and Version Name (the view has its own).
 _META_SKIPPED = frozenset({0x00020000, 0x00020001, 0x00020002, 0x00020010, 0x00020012, 0x00020013})
-#: Text the table does not list, inside a D or C sequence: dummied or cleaned there.
-_SCRUB_VRS = frozenset({"AE", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
-_SCRUB = {
-    Op.DUMMY: Decision(Op.DUMMY, Action.DUMMY, Source.DEFAULT),
-    Op.CLEAN: Decision(Op.CLEAN, Action.CLEAN, Source.DEFAULT),
-}
 _REMOVED = Decision(Op.REMOVE, Action.REMOVE, Source.PRIVATE)
+#: What the engine does with an element its tag cannot be trusted to name.
+_UNTRUSTED = Decision(Op.REMOVE, Action.REMOVE, Source.DEFAULT, note="untrusted")
+#: Operations that serve an element's original value.
+_KEPT_OPS = frozenset({Op.KEEP, Op.VERBATIM})
+#: Operations under which a sequence's items are served (de-identified item by item).
+_ITEMS_SERVED = frozenset({Op.KEEP, Op.VERBATIM, Op.DUMMY, Op.CLEAN, Op.UID, Op.PSEUDONYM})
 
 
 class FindingKind(Enum):
@@ -125,6 +142,10 @@ class FindingKind(Enum):
     VALUE_IN_PATH = "value_in_path"  #: original value in the served path
     VALUE_RETAINED = "value_retained"  #: top-level attribute served with its original value
     VALUE_IN_OTHER_FILE = "value_in_other_file"  #: original value in a file that is no view
+    #: a served value that cannot be the attribute its tag names (VR, length, repertoire,
+    #: enumerated values; or a command or file meta element inside the data set): the
+    #: engine never serves one, whatever the profile keeps
+    VALUE_UNTRUSTED = "value_untrusted"
     UID_NOT_REMAPPED = "uid_not_remapped"
     UID_INCONSISTENT = "uid_inconsistent"  #: one original UID served as several
     UID_COLLISION = "uid_collision"  #: several original UIDs served as one
@@ -146,13 +167,16 @@ class Finding:
     file: str
     tag: str = ""  #: ``(gggg,eeee)``, ``""`` for a finding about the whole file
     keyword: str = ""
+    #: why, where the kind has reasons: a key of :data:`deidfs.deid.trust.REASONS`, or
+    #: ``misplaced`` (a command or file meta element inside the data set)
+    reason: str = ""
 
     @classmethod
-    def of(cls, kind: FindingKind, file: str, tag: int | None = None) -> Finding:
+    def of(cls, kind: FindingKind, file: str, tag: int | None = None, reason: str = "") -> Finding:
         """A finding about ``tag`` (or the whole file) of the file whose token is ``file``."""
         if tag is None:
-            return cls(kind, file)
-        return cls(kind, file, format_tag(tag), keyword_of(tag))
+            return cls(kind, file, reason=reason)
+        return cls(kind, file, format_tag(tag), keyword_of(tag), reason)
 
     def sort_key(self) -> tuple[str, str, str]:
         """Kind, file, tag: the order findings are listed in."""
@@ -160,8 +184,40 @@ class Finding:
 
 
 @dataclass(frozen=True, slots=True)
+class KeptIdentifier:
+    """An attribute served with its original value because the profile keeps it, where
+    PS3.15 Basic removes or replaces it (the second class of result, next to findings).
+
+    Never a value: the attribute, what keeps it, and in how many served files.
+    """
+
+    tag: str  #: ``(gggg,eeee)``
+    keyword: str  #: ``""`` for private attributes
+    #: ``custom rule``, ``disabled``, ``option retain_uids``; ``... on (gggg,eeee)`` when a
+    #: rule or option on an enclosing sequence keeps it
+    source: str
+    files: int  #: served files holding it with a value
+    direct: str  #: the :class:`~deidfs.deid.identifiers.DirectKind` value, ``""`` if none
+    accepted: bool  #: listed in the profile's ``accepted``
+
+    @property
+    def fails(self) -> bool:
+        """A direct identifier the profile does not list as accepted."""
+        return bool(self.direct) and not self.accepted
+
+    def sort_key(self) -> tuple[str, str]:
+        return (self.tag, self.source)
+
+
+@dataclass(frozen=True, slots=True)
 class Verification:
-    """The outcome of :func:`verify_tree`."""
+    """The outcome of :func:`verify_tree`.
+
+    Two classes of result: ``findings``, where the served bytes are not what the profile
+    says (a leak: an original value served where the profile does not keep it; a value
+    that cannot be the attribute its tag names; UIDs, references, pixel data), and
+    ``kept``, identifiers served because the profile keeps them.
+    """
 
     folder: str
     profile: str
@@ -176,11 +232,17 @@ class Verification:
     pixel_checked: int
     pixel_skipped: int  #: images under a pixel rule, not compared
     findings: tuple[Finding, ...]
+    kept: tuple[KeptIdentifier, ...] = ()
+
+    @property
+    def failing_kept(self) -> tuple[KeptIdentifier, ...]:
+        """Kept direct identifiers the profile does not accept."""
+        return tuple(k for k in self.kept if k.fails)
 
     @property
     def ok(self) -> bool:
-        """True when there is no finding."""
-        return not self.findings
+        """True when there is no finding and every kept direct identifier is accepted."""
+        return not self.findings and not self.failing_kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,9 +404,16 @@ def _element(ds: Dataset, key: Any) -> DataElement | None:
 class _Values:
     """The original values of one file, sorted into searched, kept and structurally checked."""
 
-    def __init__(self, plan: Plan, places: Mapping[tuple[int, int], int]) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        implicit: bool = False,
+        places: Mapping[tuple[int, int], int] | None = None,
+    ) -> None:
         self.plan = plan
-        #: where the original's IOD requires attributes (X codes decide by it, as the engine)
+        self.implicit = implicit  #: the file's encoding: VRs are the dictionary's
+        #: where the file's IOD requires attributes (X codes decide by it, as the engine)
         self.places = places
         self.year_only = plan.profile.date_modification is DateModification.YEAR
         self.secret: dict[bytes, _Needle] = {}
@@ -434,8 +503,9 @@ class _Values:
         creators: dict[int, str] = {}
         for key in ds.keys():
             tag = int(key)
+            raw = ds.get_item(key)  # as read, before _element converts it
             elem = _element(ds, key)
-            if elem is None:
+            if elem is None or raw is None:
                 continue
             group, number = tag >> 16, tag & 0xFFFF
             if inherited == "keep":
@@ -464,16 +534,13 @@ class _Values:
                     if vrs and elem.VR not in ("UN", *vrs):
                         decision = _REMOVED  # the table vouches for the VR it names only
             else:
-                decision = self.plan.decide(tag)
-                if decision.by_type:
-                    decision = decision.at(self.places.get((parent, tag)))
-                if (
-                    scrub is not None
-                    and decision.op is Op.KEEP
-                    and decision.source is Source.DEFAULT
-                    and elem.VR in _SCRUB_VRS
-                ):
-                    decision = _SCRUB[scrub]
+                # The engine's own decision, and its judgement of what the bytes are: a
+                # value kept by its tag's row that cannot be that attribute (a name under
+                # Image Type, a description under a command element) is removed, so it is
+                # searched for like any other removed value.
+                decision = element_decision(self.plan, tag, raw, scrub, self.places, parent)
+                if distrust(tag, decision, raw, implicit=self.implicit) is not None:
+                    decision = _UNTRUSTED
             op = decision.op
             if op is Op.VERBATIM or (op is Op.KEEP and elem.VR != "SQ"):
                 self._add_kept(elem)
@@ -511,6 +578,11 @@ class _Values:
         return [n for n in self.secret.values() if n.data not in kept]
 
 
+def _implicit(ds: Dataset) -> bool:
+    """Whether ``ds`` was read in an implicit VR encoding."""
+    return bool(ds.original_encoding[0])
+
+
 def _sop_class(ds: Dataset) -> str:
     """The SOP Class UID the engine decides by: the data set's, else the file meta's."""
     text = str(ds.get("SOPClassUID", "") or "").strip()
@@ -527,6 +599,52 @@ def _read_header(f: BinaryIO) -> Dataset:
 
 def _uid_texts(elem: DataElement) -> list[str]:
     return [t.rstrip("\x00").strip() for t in _texts(elem)] if elem.VR == "UI" else []
+
+
+@dataclass(frozen=True, slots=True)
+class _Level:
+    """Where in the served data set an element is, as the engine and Basic would see it."""
+
+    scrub: Op | None = None  #: the profile's D or C sequence around (engine ``scrub``)
+    basic_scrub: Op | None = None  #: Basic's
+    basic_drops: bool = False  #: Basic would not serve this level at all
+    verbatim: Decision | None = None  #: a sequence kept as is around: its decision
+    verbatim_source: str | None = None  #: and what keeps it, with its tag
+    cause: str | None = None  #: what keeps this level though Basic drops it, with its tag
+    #: where the file's IOD requires attributes, and the sequence whose items these are
+    places: Mapping[tuple[int, int], int] | None = None
+    parent: int = TOP_LEVEL
+
+    def inside(self, tag: int, decision: Decision, basic: Decision, source: str) -> _Level:
+        """The level of the items of the sequence ``tag``, served by ``decision``, which
+        Basic decides as ``basic`` (item scrubbing as the engine's ``_sequence``)."""
+        on = f"{source} on {format_tag(tag)}"
+        verbatim = self.verbatim
+        verbatim_source = self.verbatim_source
+        if verbatim is None and decision.op is Op.VERBATIM:
+            verbatim, verbatim_source = decision, on
+        drops = self.basic_drops or basic.op not in _ITEMS_SERVED
+        cause = self.cause
+        if cause is None and drops and not self.basic_drops:
+            cause = verbatim_source if verbatim is not None else on
+        return _Level(
+            scrub=_inner_scrub(self.scrub, decision.op),
+            basic_scrub=_inner_scrub(self.basic_scrub, basic.op),
+            basic_drops=drops,
+            verbatim=verbatim,
+            verbatim_source=verbatim_source,
+            cause=cause,
+            places=self.places,
+            parent=tag,
+        )
+
+
+def _inner_scrub(scrub: Op | None, op: Op) -> Op | None:
+    """The engine's scrub inside a sequence served by ``op``: D inside C scrubs harder,
+    never softer."""
+    if op in (Op.DUMMY, Op.CLEAN) and scrub is not Op.DUMMY:
+        return op
+    return scrub
 
 
 @dataclass(frozen=True, slots=True)
@@ -554,9 +672,14 @@ class _Verifier:
         self.pixel_rule = Option.CLEAN_PIXEL_DATA in profile.options or (
             profile.apply_masks and any(m.enabled for m in profile.masks)
         )
+        #: PS3.15 Basic, which kept identifiers are measured against
+        self.basic = compile_plan(BASIC)
+        self._option_plans: dict[Option, Plan] = {}
+        #: (tag, source) of a kept identifier -> its direct kind ("" if none), files
+        self.kept: dict[tuple[int, str], tuple[str, set[str]]] = {}
 
-    def add(self, kind: FindingKind, token: str, tag: int | None = None) -> None:
-        self.findings.add(Finding.of(kind, token, tag))
+    def add(self, kind: FindingKind, token: str, tag: int | None = None, reason: str = "") -> None:
+        self.findings.add(Finding.of(kind, token, tag, reason))
 
     # -- one served file against its original ---------------------------------------------
     def check(self, served: Path, rel: PurePosixPath, orig: _Original) -> None:
@@ -568,7 +691,9 @@ class _Verifier:
             log.debug("original %s unreadable: %s", token, type(exc).__name__)
             self.add(FindingKind.UNREADABLE, token)
             return
-        values = _Values(self.plan, placements(_sop_class(original)))
+        values = _Values(
+            self.plan, implicit=_implicit(original), places=placements(_sop_class(original))
+        )
         values.walk(original, top=True)
         values.walk_meta(original)
         needles = values.needles()
@@ -598,6 +723,7 @@ class _Verifier:
             self.add(FindingKind.UNREADABLE, token)
             return
         self._structural(values, ds, token)
+        self._served(ds, _Level(places=placements(_sop_class(ds))), token, implicit=_implicit(ds))
         self._pair_uids(original, ds, 0, token)
 
     def _check_regions(
@@ -691,6 +817,135 @@ class _Verifier:
                 continue
             if "\\".join(_texts(elem)) == text:
                 self.add(FindingKind.VALUE_RETAINED, token, tag)
+
+    # -- what the served bytes are, and what the profile keeps -----------------------------
+    def _served(self, ds: Dataset, level: _Level, token: str, *, implicit: bool) -> None:
+        """Judge every served element by what it is, not by its tag (the engine's
+        :func:`~deidfs.deid.engine.distrust`), and note each identifier served because the
+        profile keeps what PS3.15 Basic removes or replaces."""
+        creators: dict[int, str] = {}
+        for key in ds.keys():
+            tag = int(key)
+            raw = ds.get_item(key)
+            if raw is None:
+                continue
+            group, number = tag >> 16, tag & 0xFFFF
+            if group & 1:
+                if number < 0x10:
+                    continue  # outside any block: the search covers it
+                if number <= 0xFF:
+                    elem = _element(ds, key)
+                    creators[(group << 8) | number] = " ".join(_texts(elem)) if elem else ""
+                    continue
+                self._served_private(ds, key, level, creators, token, implicit=implicit)
+                continue
+            if number == 0:
+                continue  # group length: a number of bytes
+            if level.verbatim is not None:
+                decision = level.verbatim  # served as is, with the sequence around it
+            else:
+                decision = element_decision(
+                    self.plan, tag, raw, level.scrub, level.places, level.parent
+                )
+                if decision is MISPLACED_GROUP:
+                    self.add(FindingKind.VALUE_UNTRUSTED, token, tag, "misplaced")
+                    continue
+                why = distrust(tag, decision, raw, implicit=implicit)
+                if why is not None:
+                    self.add(FindingKind.VALUE_UNTRUSTED, token, tag, why)
+                    continue
+            basic = (
+                _REMOVED
+                if level.basic_drops
+                else element_decision(
+                    self.basic, tag, raw, level.basic_scrub, level.places, level.parent
+                )
+            )
+            elem = _element(ds, key)
+            if elem is None:
+                continue
+            if elem.VR == "SQ":
+                if decision.op not in _ITEMS_SERVED:
+                    continue  # items served against the profile: the search covers them
+                inner = level.inside(tag, decision, basic, self._source(tag, decision))
+                for item in elem.value:
+                    self._served(item, inner, token, implicit=implicit)
+                continue
+            if decision.op not in _KEPT_OPS or basic.op in _KEPT_OPS:
+                continue  # not the original value, or one Basic serves as well
+            if not _texts(elem) and not (isinstance(elem.value, bytes) and elem.value):
+                continue  # no value: nothing identifying is served
+            source = level.cause or level.verbatim_source or self._source(tag, decision)
+            kind = direct_kind(tag)
+            self._note_kept(tag, source, kind.value if kind is not None else "", token)
+
+    def _served_private(
+        self,
+        ds: Dataset,
+        key: Any,
+        level: _Level,
+        creators: dict[int, str],
+        token: str,
+        *,
+        implicit: bool,
+    ) -> None:
+        tag = int(key)
+        creator = creators.get((tag >> 16) << 8 | (tag & 0xFFFF) >> 8)
+        decision = level.verbatim or self.plan.decide_private(tag, creator)
+        if decision.op not in _ITEMS_SERVED:
+            return  # served against the profile: the search covers it
+        elem = _element(ds, key)
+        if elem is None:
+            return
+        source = level.cause or level.verbatim_source or self._source(tag, decision)
+        if elem.VR == "SQ":
+            # Basic removes every private attribute: whatever is inside is kept by this.
+            inner = level.inside(tag, decision, _REMOVED, source)
+            for item in elem.value:
+                self._served(item, inner, token, implicit=implicit)
+            return
+        if not _texts(elem) and not (isinstance(elem.value, bytes) and elem.value):
+            return
+        # Table E.3.10-1 vouches for the safe private attributes Retain Safe Private keeps;
+        # a private attribute kept by a rule or left untouched may hold anything.
+        vouched = decision.source is Source.OPTION and level.verbatim is None
+        self._note_kept(tag, source, "" if vouched else DirectKind.UNKNOWN.value, token)
+
+    def _note_kept(self, tag: int, source: str, direct: str, token: str) -> None:
+        entry = self.kept.get((tag, source))
+        if entry is None:
+            entry = self.kept[(tag, source)] = (direct, set())
+        entry[1].add(token)
+
+    def _source(self, tag: int, decision: Decision) -> str:
+        """What in the profile makes ``decision``: a rule, disabled, an option."""
+        if decision.source is Source.DEFAULT:
+            # A default that differs from Basic's: an option changed it (Retain UIDs keeps
+            # the UIDs the table does not list); which one, the engine's plans say.
+            for option in sorted(self.plan.options, key=lambda o: o.value):
+                plan = self._option_plans.get(option)
+                if plan is None:
+                    plan = self._option_plans[option] = compile_plan(
+                        Profile(name=f"Basic+{option.value}", options=frozenset({option}))
+                    )
+                if plan.decide(tag).op is decision.op:
+                    return f"option {option.value}"
+        return decision.describe()
+
+    def kept_identifiers(self) -> tuple[KeptIdentifier, ...]:
+        accepted = self.plan.profile.accepted
+        out = [
+            KeptIdentifier(
+                tag=format_tag(tag),
+                keyword=keyword_of(tag),
+                source=source,
+                files=len(files),
+                direct=direct,
+                accepted=tag in accepted,
+            )
+            for (tag, source), (direct, files) in self.kept.items()
+        ]
+        return tuple(sorted(out, key=KeptIdentifier.sort_key))
 
     def _pair_uids(self, original: Dataset, served: Dataset, depth: int, token: str) -> None:
         for key in original.keys():
@@ -857,4 +1112,5 @@ def verify_tree(
         pixel_checked=v.pixel_checked,
         pixel_skipped=v.pixel_skipped,
         findings=tuple(sorted(v.findings, key=Finding.sort_key)),
+        kept=v.kept_identifiers(),
     )

@@ -437,6 +437,9 @@ def profile_show(args: argparse.Namespace) -> int:
     print(f"  disabled attributes ({len(profile.disabled)}):")
     for tag in sorted(profile.disabled):
         print(f"    {_tag_name(tag)}")
+    print(f"  accepted identifiers ({len(profile.accepted)}):")
+    for tag in sorted(profile.accepted):
+        print(f"    {_tag_name(tag)}")
     print(f"  custom rules ({len(profile.rules)}):")
     for rule in profile.rules:
         note = f"  # {rule.note}" if rule.note else ""
@@ -470,6 +473,7 @@ def _profile_doc(
         "options": sorted(o.value for o in profile.options),
         "disabled": [format_tag(t) for t in sorted(profile.disabled)],
         "rules": json.loads(rules_json(profile.rules)),
+        "accepted": [format_tag(t) for t in sorted(profile.accepted)],
         "masks": [mask_json(m) for m in profile.masks],
         "attributes": [described_json(r) for r in rows],
     }

@@ -304,6 +304,12 @@ def _summary(tally: Tally, seconds: float, out: TextIO) -> None:
         print(f"  {name:<10}{n:>8}" + (f"   {note}" if note and n else ""), file=out)
 
 
+def _max_header_bytes(config: str | None) -> int | None:
+    """The header bound of the configuration, if there is one (the default otherwise)."""
+    path = config_path(config)
+    return None if path is None else load_config(path).daemon.max_header_bytes
+
+
 # -- the command --------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     """Run ``deidfs anonymize``; returns the exit code."""
@@ -336,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
             os.getpid(),
             out_id=writer.root_id,
             guard=writer.guard,
+            max_header_bytes=_max_header_bytes(config),
         )
         files = sources.files
         tally = Tally(skipped=sources.skipped)

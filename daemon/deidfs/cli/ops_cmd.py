@@ -312,6 +312,11 @@ def format_status(st: Mapping[str, Any]) -> str:
         f"{int(cache.get('bytes', 0)) / 1048576:.1f} MiB{ratio}; "
         f"{fuse.get('open_files', 0)} open file(s)"
     )
+    if fuse.get("refused_opens"):
+        out.append(
+            f"fuse:    {fuse['refused_opens']} open(s) refused: out of file descriptors "
+            f"(at most {fuse.get('open_limit', 0)} open at once)"
+        )
     warned = (st.get("warnings") or {}).get("pydicom") or {}
     if warned:
         counts = ", ".join(f"{c} {n}" for c, n in sorted(warned.items()))

@@ -18,7 +18,7 @@ from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, NotFound
 from deidfs.report import ReportFormat, build_report, render_report
 from deidfs.secret import key_path, load_or_create_key
-from deidfs.verify import Verification, verify_tree
+from deidfs.verify import KeptIdentifier, Verification, verify_tree
 
 _SUFFIX_FORMATS = {
     ".html": ReportFormat.HTML,
@@ -61,9 +61,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
             "tree) and compare it with its original: no original value of an attribute the "
             "folder's profile does not keep may appear in the served bytes or paths, UIDs "
             "must be remapped consistently and references resolve, pixel data must equal "
-            "the original's where no pixel rule applies. Exits 1 with a list of findings "
-            "(kind, tag, keyword, keyed token of the file; never a value or a path) when "
-            "anything is wrong."
+            "the original's where no pixel rule applies, and every served value must be one its "
+            "tag's VR can hold. Also lists the identifiers served because the profile keeps "
+            "what PS3.15 Basic removes or replaces (attribute, the rule, option or disabled "
+            "attribute that keeps it, file count). Exits 1 with a list of findings (kind, tag, "
+            "keyword, keyed token of the file; never a value or a path) when anything is "
+            "wrong, or when a kept direct identifier (names, IDs, dates, addresses, phone, "
+            "account and serial numbers, UIDs) is not in the profile's accepted list."
         ),
     )
     v.add_argument("folder", metavar="FOLDER", help="folder id")
@@ -167,10 +171,47 @@ def _verification_json(result: Verification, root: Path) -> dict[str, Any]:
         "pixel_checked": result.pixel_checked,
         "pixel_skipped": result.pixel_skipped,
         "findings": [
-            {"kind": f.kind.value, "tag": f.tag, "keyword": f.keyword, "file": f.file}
+            {
+                "kind": f.kind.value,
+                "tag": f.tag,
+                "keyword": f.keyword,
+                "file": f.file,
+                **({"reason": f.reason} if f.reason else {}),
+            }
             for f in result.findings
         ],
+        "kept": [
+            {
+                "tag": k.tag,
+                "keyword": k.keyword,
+                "source": k.source,
+                "files": k.files,
+                "direct": k.direct or None,
+                "accepted": k.accepted,
+                "fails": k.fails,
+            }
+            for k in result.kept
+        ],
     }
+
+
+def _kept_status(k: KeptIdentifier) -> str:
+    if k.accepted:
+        return "accepted"
+    return f"FAIL: direct identifier ({k.direct}), not accepted" if k.direct else "not direct"
+
+
+def _print_kept(result: Verification) -> None:
+    if not result.kept:
+        return
+    n = len(result.kept)
+    print(
+        f"{n} identifier{'s' if n != 1 else ''} served because the profile keeps what PS3.15 "
+        f"Basic removes or replaces ({len(result.failing_kept)} direct and not accepted):"
+    )
+    for k in result.kept:
+        files = f"{k.files} file{'s' if k.files != 1 else ''}"
+        print(f"  {k.tag:<12} {k.keyword or '-':<32} {k.source:<44} {files:>10}  {_kept_status(k)}")
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -211,10 +252,21 @@ def run_verify(args: argparse.Namespace) -> int:
         f"  {result.not_served} files the profile serves are not in the tree; "
         f"{result.withheld} withheld by the profile; {result.other_files} other files searched"
     )
+    _print_kept(result)
+    if result.findings:
+        print(f"{len(result.findings)} findings:")
+        for f in result.findings:
+            reason = f" ({f.reason})" if f.reason else ""
+            print(
+                f"  {f.kind.value:<22} {f.tag or '-':<12} {f.keyword or '-':<32} "
+                f"file {f.file}{reason}"
+            )
+    if result.failing_kept:
+        print(
+            f"{len(result.failing_kept)} direct identifiers kept and not accepted: list "
+            'those served on purpose in the profile\'s accepted (accepted = ["(0010,0010)"])'
+        )
     if result.ok:
-        print("ok: no findings")
+        print("ok: no findings" + ("; kept identifiers listed above" if result.kept else ""))
         return 0
-    print(f"{len(result.findings)} findings:")
-    for f in result.findings:
-        print(f"  {f.kind.value:<22} {f.tag or '-':<12} {f.keyword or '-':<32} file {f.file}")
     return 1

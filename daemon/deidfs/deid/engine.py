@@ -326,6 +326,77 @@ def _decide(plan: Plan, tag: int) -> Decision:
     return decision
 
 
+#: The decision for an element of group 0000 or 0002 inside a data set or an item.
+MISPLACED_GROUP = Decision(
+    Op.REMOVE,
+    Action.REMOVE,
+    Source.DEFAULT,
+    note="command and file meta elements never belong to a data set",
+)
+
+
+def element_decision(
+    plan: Plan,
+    tag: int,
+    raw: RawDataElement | DataElement,
+    scrub: Op | None = None,
+    places: Mapping[tuple[int, int], int] | None = None,
+    parent: int = TOP_LEVEL,
+) -> Decision:
+    """What the engine decides for the public element ``tag`` (``raw`` as read) at a level
+    of the data set: :data:`MISPLACED_GROUP` for command and file meta elements (they belong
+    to a message or the file meta group, never to a data set or an item: whatever they hold
+    goes), the plan's decision otherwise, with the text the table does not list dummied or
+    cleaned inside a D or C sequence (``scrub``). Whether the element is trusted to be what
+    its tag says is :func:`distrust`'s question, asked once the decision keeps it.
+
+    A decision that depends on the attribute's Type (X codes, :meth:`Decision.at`) is taken
+    where it occurs: in the items of the sequence ``parent`` (:data:`TOP_LEVEL`: the data
+    set itself), in the IOD whose :func:`~deidfs.deid.attribute_types.placements` are
+    ``places`` (None: an IOD the table does not know)."""
+    if tag >> 16 in (0x0000, 0x0002):
+        return MISPLACED_GROUP
+    decision = _decide(plan, tag)
+    if decision.by_type:
+        decision = decision.at((places or {}).get((parent, tag)))
+    if (
+        scrub is not None
+        and decision.op is Op.KEEP
+        and decision.source is Source.DEFAULT
+        and _vr_of(raw, tag) in _SCRUB_VRS
+    ):
+        return _SCRUB[scrub]
+    return decision
+
+
+def distrust(
+    tag: int, decision: Decision, raw: RawDataElement | DataElement, *, implicit: bool
+) -> str | None:
+    """Why the engine does not serve the public element ``tag`` (``raw`` as read; judged by
+    the dictionary's VR in an ``implicit`` VR encoding) as ``decision`` says: a key of
+    :data:`deidfs.deid.trust.REASONS` when ``decision`` would serve its value (keep, or a
+    :data:`~deidfs.deid.trust.STRUCTURAL` attribute not removed or emptied) and
+    :func:`~deidfs.deid.trust.doubt` finds it cannot be the attribute its tag names. The
+    engine then removes it, or withholds the file for a structural attribute. None when the
+    element is served as decided (private elements are judged by their own rules)."""
+    op = decision.op
+    if tag >> 16 & 1 or not (op in _VALUE_KEPT or (tag in STRUCTURAL and op not in _VALUE_DROPPED)):
+        return None
+    vr = None if implicit or not raw.VR else str(raw.VR)
+    if isinstance(raw, RawDataElement):
+        value = raw.value if isinstance(raw.value, bytes) else b""
+    elif vr in VALUE_SIZES or (vr is None and raw.VR in VALUE_SIZES):
+        value = bytes(_value_length(raw, str(raw.VR)))  # converted: judged by length
+    elif raw.VR == "SQ":
+        value = b""
+    else:
+        value = _text_bytes(raw)
+    why = doubt(tag, vr, value)
+    if why == "length" and _vr_of(raw, tag) in VALUE_SIZES:
+        return None  # a number that took in what follows: refused as bad_value instead
+    return why
+
+
 class _Walker:
     """Walks one dataset level; recursion creates a walker per sequence item."""
 
@@ -350,22 +421,11 @@ class _Walker:
             if tag >> 16 & 1:
                 self._private(src, tag, raw, creators, kept_private_blocks, private_out)
                 continue
-            if tag >> 16 in (0x0000, 0x0002):
-                # Command and file meta elements belong to a message or the file meta
-                # group, never to a data set or an item: whatever they hold goes.
+            decision = element_decision(ctx.plan, tag, raw, self.scrub, ctx.places, self.parent)
+            if decision is MISPLACED_GROUP:
                 ctx.counts[Op.REMOVE.value] += 1
                 ctx.counts["misplaced_group_removed"] += 1
                 continue
-            decision = _decide(ctx.plan, tag)
-            if decision.by_type:
-                decision = decision.at(ctx.places.get((self.parent, tag)))
-            if (
-                self.scrub is not None
-                and decision.op is Op.KEEP
-                and decision.source is Source.DEFAULT
-                and _vr_of(raw, tag) in _SCRUB_VRS
-            ):
-                decision = _SCRUB[self.scrub]
             elem = self.apply(src, tag, raw, decision)
             if elem is not None:
                 if elem.VR == "SQ":
@@ -424,12 +484,8 @@ class _Walker:
     ) -> RawDataElement | DataElement | None:
         ctx = self.ctx
         op = decision.op
-        if (op in _VALUE_KEPT or (tag in STRUCTURAL and op not in _VALUE_DROPPED)) and not (
-            tag >> 16 & 1
-        ):
-            why = self._doubt(tag, raw)
-            if why == "length" and _vr_of(raw, tag) in VALUE_SIZES:
-                why = None  # a number that took in what follows: refused below, as bad_value
+        if op in _VALUE_KEPT or tag in STRUCTURAL:
+            why = distrust(tag, decision, raw, implicit=ctx.implicit)
             if why is not None:
                 if tag in STRUCTURAL:
                     raise Refused("untrusted_attribute", f"element {tag:08X}: {REASONS[why]}")
@@ -489,20 +545,6 @@ class _Walker:
             ctx.notes.add("clean_binary_removed")
             return None
         raise AssertionError(op)  # pragma: no cover
-
-    def _doubt(self, tag: int, raw: RawDataElement | DataElement) -> str | None:
-        """:func:`deidfs.deid.trust.doubt` of an element as read (implicit VR: judged by
-        the dictionary's VR)."""
-        vr = None if self.ctx.implicit or not raw.VR else str(raw.VR)
-        if isinstance(raw, RawDataElement):
-            value = raw.value if isinstance(raw.value, bytes) else b""
-        elif vr in VALUE_SIZES or (vr is None and raw.VR in VALUE_SIZES):
-            value = bytes(_value_length(raw, str(raw.VR)))  # converted: judged by length
-        elif raw.VR == "SQ":
-            value = b""
-        else:
-            value = _text_bytes(raw)
-        return doubt(tag, vr, value)
 
     # -- operations needing the value -----------------------------------------------------------
     def _sequence(

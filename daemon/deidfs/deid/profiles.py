@@ -1,7 +1,8 @@
 """Confidentiality profiles: immutable settings, built-ins, custom rules and their JSON form.
 
 A profile is what an admin edits: options (PS3.15 E.3), attributes it leaves untouched
-(``disabled``), custom per-tag rules and pixel masks. :func:`deidfs.deid.plan.compile_plan`
+(``disabled``), custom per-tag rules, pixel masks, and the identifiers it serves on purpose
+(``accepted``). :func:`deidfs.deid.plan.compile_plan`
 turns it into a :class:`~deidfs.deid.plan.Plan` with a stable digest.
 """
 
@@ -145,6 +146,10 @@ class Profile:
     masks: tuple[Mask, ...] = ()
     date_modification: DateModification = DateModification.SHIFT
     max_age: int | None = None  #: ages above are capped, birth dates of such patients emptied
+    #: Identifiers this profile serves on purpose (a rule, option or disabled attribute keeps
+    #: what PS3.15 Basic removes): ``deidfs verify`` lists them as accepted instead of failing.
+    #: Changes nothing that is served, so it is not part of the plan digest.
+    accepted: frozenset[int] = frozenset()
     builtin: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:

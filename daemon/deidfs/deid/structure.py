@@ -65,6 +65,7 @@ class _Walk:
         #: Top level: every tag must rise above ``after``; the highest tag walked.
         self.after = -1
         self.highest = -1
+        self.seen: set[int] = set()
 
     def element(self, pos: int, implicit: bool) -> tuple[int, str | None, int, int]:
         """(tag, VR or None when implicit, value offset, value length) of the element at
@@ -118,8 +119,16 @@ class _Walk:
             if tag in (_ITEM, _SEQUENCE_END):
                 raise _malformed("an item or sequence delimiter where an element belongs")
             if top:
+                if tag == 0 and length == 0:
+                    # Eight zero bytes: no writer emits this, a hole in a sparse file is it.
+                    raise Refused("trailing_data", "zero bytes where an element belongs")
                 if tag <= self.after:
                     raise Refused("element_order", "an element after pixel data repeats one")
+                if tag in self.seen:
+                    # Never in a valid file; and a run of zero bytes (a hole) is this, at
+                    # every eight bytes: refused at once instead of walked to its end.
+                    raise Refused("element_order", "a top-level element is repeated")
+                self.seen.add(tag)
                 self.highest = max(self.highest, tag)
             if top and tag in PIXEL_TAGS:
                 if stop_pixels:
@@ -225,8 +234,8 @@ def check_dataset(
     first pixel data element (with ``stop_at_pixels``) or ``end``, and the highest top-level
     tag walked (-1 if none).
 
-    Elements may come in any order (pydicom sorts them, and a repeated tag keeps one value),
-    except across Pixel Data: what follows it is a separate data set.
+    Top-level elements may come in any order (pydicom sorts them), except across Pixel Data:
+    what follows it is a separate data set. None may come twice.
 
     Without ``stop_at_pixels`` one pixel data element is walked as any other and a second
     is refused. ``after`` is the last tag before ``start`` (a trailer follows Pixel Data):
@@ -237,8 +246,8 @@ def check_dataset(
     ------
     Refused
         ``truncated`` when something runs past ``end`` or is not closed before it,
-        ``element_order`` when a tag does not rise above ``after``, ``unparseable`` for any
-        other structure that is not a whole data set.
+        ``element_order`` when a top-level tag repeats or does not rise above ``after``,
+        ``unparseable`` for any other structure that is not a whole data set.
     """
     walk = _Walk(data, end, little)
     walk.after = after
