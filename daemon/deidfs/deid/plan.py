@@ -125,7 +125,7 @@ _DIRECT_OPS = {
     Action.UID: Op.UID,
     Action.PSEUDONYMIZE: Op.PSEUDONYM,
     Action.SHIFT: Op.SHIFT,
-    # X/Z in a custom rule: emptied. Table rows decide by Type (_by_type).
+    # X/Z in a custom rule: emptied. Table rows decide by Type (_table_decision).
     Action.REMOVE_OR_EMPTY: Op.EMPTY,
     # X/Z/U*: keep the sequence and replace the UIDs in its items (their own rows are U),
     # so references still resolve inside the de-identified set.
