@@ -275,6 +275,13 @@ _ROWS_BY_TAG = {r.tag: r for r in table_rows()}
 _CONDITIONED_ON = {0x00120081: 0x00120082}
 
 
+def condition_dropped(row: TableRow, options: Iterable[Option]) -> bool:
+    """Whether ``row``'s attribute is Type 1C on another attribute's value that ``options``
+    do not keep: it goes with that value (PS3.3), whatever its own action says."""
+    leader = _CONDITIONED_ON.get(row.tag)
+    return leader is not None and row_action(_ROWS_BY_TAG[leader], options) != "K"
+
+
 def row_action(row: TableRow, options: Iterable[Option]) -> str:
     """PS3.15 action under ``options``; where two options set a cell, C wins over K."""
     cells = [row.options[o.value] for o in options if o.value in row.options]
@@ -613,10 +620,7 @@ def expectation(plant: Plant, options: frozenset[Option], year_only: bool = Fals
             # dummies), a C sequence's text cleaned, other kept sequences keep it.
             return "absent" if parent == "D" else "present"
     assert plant.row is not None
-    leader = _CONDITIONED_ON.get(plant.row.tag)
-    if leader is not None and row_action(_ROWS_BY_TAG[leader], options) != "K":
-        # PS3.3: a Type 1C attribute whose condition is another's value goes with that
-        # value (Clinical Trial Protocol Ethics Committee Name with its Approval Number).
+    if condition_dropped(plant.row, options):
         return "absent"
     action = row_action(plant.row, options)
     if action == "K":
