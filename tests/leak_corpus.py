@@ -269,6 +269,19 @@ def table_rows() -> list[TableRow]:
     ]
 
 
+_ROWS_BY_TAG = {r.tag: r for r in table_rows()}
+#: PS3.3 C.7.1.3: Clinical Trial Protocol Ethics Committee Name is Type 1C, required if
+#: (and only if) Clinical Trial Protocol Ethics Committee Approval Number is present.
+_CONDITIONED_ON = {0x00120081: 0x00120082}
+
+
+def condition_dropped(row: TableRow, options: Iterable[Option]) -> bool:
+    """Whether ``row``'s attribute is Type 1C on another attribute's value that ``options``
+    do not keep: it goes with that value (PS3.3), whatever its own action says."""
+    leader = _CONDITIONED_ON.get(row.tag)
+    return leader is not None and row_action(_ROWS_BY_TAG[leader], options) != "K"
+
+
 def row_action(row: TableRow, options: Iterable[Option]) -> str:
     """PS3.15 action under ``options``; where two options set a cell, C wins over K."""
     cells = [row.options[o.value] for o in options if o.value in row.options]
@@ -607,6 +620,8 @@ def expectation(plant: Plant, options: frozenset[Option], year_only: bool = Fals
             # dummies), a C sequence's text cleaned, other kept sequences keep it.
             return "absent" if parent == "D" else "present"
     assert plant.row is not None
+    if condition_dropped(plant.row, options):
+        return "absent"
     action = row_action(plant.row, options)
     if action == "K":
         return "present"
