@@ -32,7 +32,7 @@ from typing import BinaryIO
 from deidfs.deid.fastpath import Decline, NeedMore, deidentify_header
 from deidfs.deid.layout import Layout, layout_path, layout_path_of
 from deidfs.deid.outcome import Report
-from deidfs.deid.pixels import zero_ranges
+from deidfs.deid.pixels import native_excess, zero_ranges
 from deidfs.deid.plan import Plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.structure import check_dataset, check_trailer, meta_end
@@ -238,6 +238,11 @@ def _render_fast(
             pixel_end = _fast_pixel_end(f, data, fast.pixel_offset, size)
             if pixel_end < 0:
                 return None
+            head = data[fast.pixel_offset : fast.pixel_offset + 12]
+            long = head[4:6] in _LONG_VRS
+            length = struct.unpack_from("<L" if long else "<H", head, 8 if long else 6)[0]
+            if fast.image is not None and native_excess(fast.image, int(length)) is not None:
+                return None  # bytes past the image: the reference path zeroes them
             if pixel_end < size:
                 f.seek(pixel_end)
                 trailer = f.read(size - pixel_end)

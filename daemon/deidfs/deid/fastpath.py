@@ -233,6 +233,7 @@ class FastHeader:
     #: Output values the view's name is built from (None: absent), in this order:
     #: SOPInstanceUID, PatientID, StudyInstanceUID, SeriesInstanceUID.
     names: tuple[str | None, str | None, str | None, str | None]
+    image: ImageInfo | None = None  #: what the header says of the pixels (with pixels)
 
 
 # -- per-plan tables -------------------------------------------------------------------------
@@ -1504,8 +1505,10 @@ def _deidentify_header(
     if sop_class == MEDIA_DIRECTORY_CLASS or sop_class in ENCAPSULATED_DOCUMENT_CLASSES:
         raise Decline("refused_class")
     at_risk = False
+    image = None
     if has_pixels:
-        policy = pixel_decision(plan.profile, plan.options, _image_info(root, sop_class, ts))
+        image = _image_info(root, sop_class, ts)
+        policy = pixel_decision(plan.profile, plan.options, image)
         if policy.policy not in (PixelPolicy.AS_IS, PixelPolicy.AT_RISK) or policy.rects:
             raise Decline("pixel_policy")
         at_risk = policy.policy is PixelPolicy.AT_RISK
@@ -1537,4 +1540,5 @@ def _deidentify_header(
             names.get(STUDY_INSTANCE_UID),
             names.get(SERIES_INSTANCE_UID),
         ),
+        image=image,
     )
