@@ -111,7 +111,7 @@ log = logging.getLogger(__name__)
 
 #: Bumped when the bytes a view holds change for the same source, plan, layout and key
 #: (render.py changes); part of every view digest, so old index rows are re-rendered.
-RENDER_VERSION = "2"  # 2: data sets not whole at every depth are withheld
+RENDER_VERSION = "2"  # 2: data sets not whole at every depth withheld; bytes past the image zeroed
 #: Bound of each join at shutdown.
 JOIN_SECONDS = 5.0
 #: How often the configuration file's SHA-256 is compared (see the module notes).
