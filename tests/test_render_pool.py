@@ -177,6 +177,28 @@ def test_a_render_past_its_time_bound_is_abandoned_and_the_next_file_gets_a_new_
     assert not _alive(pid)
 
 
+def test_a_child_whose_memory_grew_past_the_bound_is_replaced_after_its_file() -> None:
+    plan = compile_plan(BUILTIN_PROFILES["Basic"])
+    setup = (plan, Pseudonymizer(b"render-pool-test-key-0123456789ab"), Layout.DICOM, None)
+    good = str(sample_file("CT_small.dcm"))
+    renderer = RenderProcess("test-render", retire_rss_kib=1)  # every child is past it
+    try:
+        for _ in range(3):
+            outcome = renderer.render(good, None, "digest", setup, 30.0)
+            assert outcome.view is not None, outcome
+            assert renderer.pid is None  # retired and reaped
+        assert renderer.started == 3
+    finally:
+        renderer.close()
+    kept = RenderProcess("test-render")
+    try:
+        for _ in range(3):
+            assert kept.render(good, None, "digest", setup, 30.0).view is not None
+        assert kept.started == 1
+    finally:
+        kept.close()
+
+
 # -- the daemon ---------------------------------------------------------------------------------
 
 

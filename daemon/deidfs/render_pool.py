@@ -22,8 +22,10 @@ threads may hold locks a fork would copy held. Each child, before its first file
   server is its parent, the daemon's death is watched through a pidfd; an idle child also
   ends at EOF on its pipe.
 
-A plan is large (some 33 KB pickled, about 3 ms to send and load, more than rendering a CT
-header): it goes to a child once per view digest, which keeps the last :data:`PLANS_KEPT`.
+A child whose peak memory passed :data:`RETIRE_RSS_KIB` (a huge header) exits after its file
+and the next file gets a new one. A plan is large (some 33 KB pickled, about 3 ms to send and
+load, more than rendering a CT header): it goes to a child once per view digest, which keeps
+the last :data:`PLANS_KEPT`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 import threading
 import time
@@ -59,6 +62,9 @@ TIMEOUT_REASON = "parse_timeout"
 PLANS_KEPT = 8
 #: How long a child that was asked to stop may take before it is killed.
 STOP_SECONDS = 2.0
+#: Peak resident size past which a child retires after its file: Python keeps the memory a
+#: huge header took, and the next file gets a fresh child instead.
+RETIRE_RSS_KIB = 512 * 1024
 
 #: What a view digest stands for: plan, pseudonymizer, layout, header bound (None: default).
 _Setup = tuple[Plan, Pseudonymizer, Layout, "int | None"]
@@ -93,9 +99,15 @@ class RenderProcess:
     (the daemon stopping), and ends a render in progress at once.
     """
 
-    def __init__(self, name: str, context: ForkServerContext | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        context: ForkServerContext | None = None,
+        retire_rss_kib: int = RETIRE_RSS_KIB,
+    ) -> None:
         self.name = name
         self._context = context
+        self._retire_rss_kib = retire_rss_kib
         self._lock = threading.Lock()  #: guards the process handle against shutdown
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
@@ -125,7 +137,10 @@ class RenderProcess:
             ours, theirs = context.Pipe(duplex=True)
             level = logging.getLogger().getEffectiveLevel()
             proc = context.Process(
-                target=_serve, args=(theirs, os.getpid(), level), name=self.name, daemon=True
+                target=_serve,
+                args=(theirs, os.getpid(), level, self._retire_rss_kib),
+                name=self.name,
+                daemon=True,
             )
             proc.start()
             theirs.close()
@@ -195,7 +210,11 @@ class RenderProcess:
             if reply[0] == "missing":  # out of step with the child's plans: send it again
                 self._known.clear()
                 continue
-            kind, what, seconds, counted = reply
+            kind, what, seconds, counted, retired = reply
+            if retired:
+                with self._lock:
+                    if self._conn is conn:
+                        self._discard()  # it exits by itself; reaped now
             found = tuple(sorted(counted.items()))
             if kind == "ok":
                 return Rendered(view=what, seconds=seconds, warnings=found)
@@ -235,7 +254,7 @@ def _quiet_child() -> None:
     warnings.simplefilter("ignore")
 
 
-def _serve(conn: Connection, coordinator: int, level: int) -> None:
+def _serve(conn: Connection, coordinator: int, level: int, retire_rss_kib: int) -> None:
     """A child's life: render what the parent sends until it says stop or goes away."""
     die_with_parent(coordinator)
     tally = LibraryWarnings(log_first=False)
@@ -270,7 +289,10 @@ def _serve(conn: Connection, coordinator: int, level: int) -> None:
             reply = ("refused", exc.reason)
         except Exception as exc:  # reported by type, as an in-process render's would be
             reply = ("error", type(exc).__name__)
+        retire = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > retire_rss_kib
         try:
-            conn.send((*reply, time.perf_counter() - started, tally.take()))
+            conn.send((*reply, time.perf_counter() - started, tally.take(), retire))
         except OSError:
+            return
+        if retire:
             return
