@@ -62,6 +62,9 @@ TIMEOUT_REASON = "parse_timeout"
 PLANS_KEPT = 8
 #: How long a child that was asked to stop may take before it is killed.
 STOP_SECONDS = 2.0
+#: Added to a child's nice value: where cores are short, the process serving the mount is
+#: scheduled first (a child still gets about a tenth of a contended core).
+RENDER_NICENESS = 10
 #: Peak resident size past which a child retires after its file: Python keeps the memory a
 #: huge header took, and the next file gets a fresh child instead.
 RETIRE_RSS_KIB = 512 * 1024
@@ -246,7 +249,10 @@ class RenderProcess:
 
 
 def _quiet_child() -> None:
-    """The child's share of the daemon's signal and warning handling."""
+    """The child's share of the daemon's signal and warning handling, and its priority."""
+    # Indexing is background work: where the CPU is short, reads of the mount go first.
+    with contextlib.suppress(OSError):
+        os.nice(RENDER_NICENESS)
     # A terminal's Ctrl-C or hang-up reaches the whole process group: the daemon decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
