@@ -104,7 +104,7 @@ from deidfs.logs import LibraryWarnings
 from deidfs.metrics import FolderState, Metrics, StateSnapshot
 from deidfs.metrics_http import MetricsServer
 from deidfs.render import SourceStat, View
-from deidfs.render_pool import Rendered, RenderProcess
+from deidfs.render_pool import TIMEOUT_REASON, Rendered, RenderProcess
 from deidfs.sdnotify import Notifier
 from deidfs.secret import load_or_create_key
 from deidfs.watcher import Change, FileEvent, FolderWatcher
@@ -907,7 +907,7 @@ class Service:
             )
             reason = "unparseable"
         if rendered is None:
-            if reason == "parse_timeout":
+            if reason == TIMEOUT_REASON:
                 log.warning(
                     "folder=%s file=%s: render took longer than %g s; abandoned",
                     fid,
