@@ -1223,6 +1223,7 @@ class Service:
             daemon=daemon,
             folders=new.folders,
             profiles=new.profiles,
+            destinations=new.destinations,
             source=new.source if new.source is not None else self.config.source,
             sha256=new.sha256,
         )
