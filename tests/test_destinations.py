@@ -45,7 +45,9 @@ def free_port() -> int:
 class Orthanc:
     """A private Orthanc: its own configuration, storage and loopback ports."""
 
-    def __init__(self, root: Path, *, check_called_aet: bool = False) -> None:
+    def __init__(
+        self, root: Path, *, check_called_aet: bool = False, accepted: list[str] | None = None
+    ) -> None:
         self.root = root
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -73,6 +75,7 @@ class Orthanc:
                     "StorageCompression": False,
                     "SaveJobs": False,
                     "HttpThreadsCount": 4,
+                    **({"AcceptedTransferSyntaxes": accepted} if accepted else {}),
                 }
             )
         )
@@ -463,3 +466,45 @@ def test_an_unreachable_node_is_retried_then_exits_69(tmp_path: Path, src: Path)
     assert done.returncode == os.EX_UNAVAILABLE, done.stderr
     assert "could not be reached or aborted, 2 retries failed" in done.stderr
     assert time.monotonic() - started < 30
+
+
+@needs_orthanc
+def test_explicit_little_endian_is_a_fallback_for_uncompressed_files_only(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    base = pydicom.dcmread(sample_file("CT_small.dcm"))
+    for i in range(2):
+        ds = base.copy()
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.95.{i}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        ds.save_as(src / f"implicit{i}.dcm", enforce_file_format=True)
+    shutil.copy(sample_file("SC_rgb_rle.dcm"), src / "rle.dcm")  # compressed: no fallback
+    node = Orthanc(tmp_path / "orthanc", accepted=[pydicom.uid.ExplicitVRLittleEndian])
+    node.start()
+    try:
+        config = write_config(tmp_path, src, node)
+        done = run_cli(
+            ["--config", str(config), "export", "ct", "--to-destination", "pacs"],
+            tmp_path / "logs",
+            "fallback",
+        )
+        assert done.returncode == 1, done.stderr
+        assert "no presentation context accepted" in done.stderr
+        stored = node.instances()
+        assert len(stored) == 2  # the implicit VR files, converted
+        for inst in stored.values():
+            meta = node.get(f"/instances/{inst['id']}/metadata?expand")
+            assert meta["TransferSyntax"] == pydicom.uid.ExplicitVRLittleEndian
+        where = state_dir_of(load_config(config), "pacs", "ct")
+        manifest = next(where.glob(".deidfs-manifest-*.jsonl"))
+        files = [json.loads(x) for x in manifest.read_text().splitlines()][:-1]
+        assert sorted((f["result"], f["converted"]) for f in files) == [
+            ("failed", False),
+            ("stored", True),
+            ("stored", True),
+        ]
+    finally:
+        node.stop()
