@@ -508,3 +508,38 @@ def test_explicit_little_endian_is_a_fallback_for_uncompressed_files_only(
         ]
     finally:
         node.stop()
+
+
+# -- deidfs destination add | list | remove ---------------------------------------------------
+def test_destination_add_list_remove_keep_comments(
+    tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deidfs.cli.main import main
+
+    cfg = write_config(tmp_path, src, None)
+    cfg.write_text("# site configuration, kept by every edit\n" + cfg.read_text() + "\n# end\n")
+    before = cfg.read_text()
+    args = ["--config", str(cfg), "destination"]
+    add = [*args, "add", "pacs", "--called-ae", "PACS", "--host", "pacs.local", "--port", "104"]
+    assert main(add) == 0
+    assert main([*args, "add", "web", "--kind", "dicomweb", "--url", "https://w/dicom-web"]) == 0
+    config = load_config(cfg)
+    assert config.destinations["pacs"].called_ae == "PACS"
+    assert config.destinations["pacs"].port == 104
+    assert config.destinations["web"].url == "https://w/dicom-web"
+    text = cfg.read_text()
+    assert text.startswith("# site configuration, kept by every edit\n")
+    assert text.rstrip().endswith("# end")
+    capsys.readouterr()
+    assert main([*args, "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "PACS@pacs.local:104" in listed
+    assert "https://w/dicom-web" in listed
+    assert main([*args, "add", "pacs", "--called-ae", "X", "--host", "h", "--port", "1"]) != 0
+    bad = [*args, "add", "x", "--called-ae", "AN AE TITLE TOO LONG", "--host", "h", "--port", "1"]
+    assert main(bad) == 78
+    assert main([*args, "add", "y", "--url", "https://w"]) == 2  # --url is not for dicom
+    assert main([*args, "remove", "pacs"]) == 0
+    assert main([*args, "remove", "pacs"]) == 66
+    assert main([*args, "remove", "web"]) == 0
+    assert cfg.read_text() == before
