@@ -394,7 +394,7 @@ def test_a_node_stopped_mid_export_gets_every_file_once_after_the_rerun(
     )
     assert first.error
     assert "pacs" in first.error
-    assert first.stored >= 7
+    assert first.stored == 7  # killed inside the second association
     assert first.failed == total - first.stored
     assert sleeps == [0.1, 0.2]  # backoff, then the export gives up
     sent = metrics.export_sent

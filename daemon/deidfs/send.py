@@ -133,7 +133,10 @@ class Sender(Protocol):
     error: str
 
     def send_batch(
-        self, batch: Sequence[Outgoing], opened: Opened, on_result: Callable[[int], None]
+        self,
+        batch: Sequence[Outgoing],
+        opened: Opened,
+        on_result: Callable[[int, SendResult], None],
     ) -> dict[int, SendResult]: ...
 
 
@@ -258,6 +261,14 @@ class CStoreSender:
             return SendResult("failed", exc.reason)
 
     def _send_opened(self, assoc: Any, out: Outgoing, opened: Opened) -> SendResult:
+        try:
+            return self._send_opened_now(assoc, out, opened)
+        except RuntimeError:  # pynetdicom: the association ended (the node went away)
+            raise _Temporary("the association ended during C-STORE") from None
+
+    def _send_opened_now(self, assoc: Any, out: Outgoing, opened: Opened) -> SendResult:
+        if not assoc.is_established:
+            raise _Temporary("the association ended during C-STORE")
         converted = False
         with opened(out) as path:
             if self._context_for(assoc, out.sop_class, out.transfer_syntax):
@@ -284,10 +295,13 @@ class CStoreSender:
         return result
 
     def send_batch(
-        self, batch: Sequence[Outgoing], opened: Opened, on_result: Callable[[int], None]
+        self,
+        batch: Sequence[Outgoing],
+        opened: Opened,
+        on_result: Callable[[int, SendResult], None],
     ) -> dict[int, SendResult]:
         """Send ``batch`` in one association (more after a temporary failure); the result
-        of each file by its index. ``on_result`` is called after each file's result."""
+        of each file by its index. ``on_result`` gets each file's result as it comes."""
         results: dict[int, SendResult] = {}
         todo = list(batch)
         attempt = 0
@@ -311,7 +325,7 @@ class CStoreSender:
                         results[out.index] = self._send_one(assoc, out, opened)
                         todo.pop(0)
                         attempt = 0  # progress: the next failure starts a fresh backoff
-                        on_result(out.index)
+                        on_result(out.index, results[out.index])
                 except _Temporary as exc:
                     why = str(exc)
                 finally:
@@ -452,6 +466,7 @@ class _State:
 
     path: Path
     stored: set[tuple[str, str]] = field(default_factory=set)
+    fd: int | None = None
 
     @classmethod
     def load(cls, path: Path) -> _State:
@@ -470,19 +485,26 @@ class _State:
                 continue  # a line cut by a crash: that file is sent again
         return state
 
-    def add(self, records: Sequence[tuple[str, str]]) -> None:
-        if not records:
-            return
-        data = "".join(
-            json.dumps({"path": p, "sha256": h}, separators=(",", ":")) + "\n" for p, h in records
-        ).encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.stored.update(records)
+    def add(self, relpath: str, sha256: str) -> None:
+        """Record one file stored; written at once (a crash of this process keeps it),
+        flushed to disk by :meth:`sync`."""
+        if self.fd is None:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            self.fd = os.open(self.path, flags, 0o600)
+        line = json.dumps({"path": relpath, "sha256": sha256}, separators=(",", ":")) + "\n"
+        os.write(self.fd, line.encode())
+        self.stored.add((relpath, sha256))
+
+    def sync(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
 
 
 def state_dir_of(config: Config, destination: str, folder: str) -> Path:
@@ -588,26 +610,27 @@ def send_folder(
     stored_now = 0
     listener.phase("send", len(todo))
 
-    def advanced(index: int) -> None:
+    def on_result(index: int, result: SendResult) -> None:
+        nonlocal stored_now
         listener.advance(1)
-
-    with quiet_pynetdicom(), quiet_pydicom():
-        for batch in _batches(todo, dest.batch_size):
-            if sender.error or (stop is not None and stop.is_set()):
-                for o in batch:
-                    results[o.index] = SendResult("failed", sender.error or "cancelled")
-                continue
-            batch_results = sender.send_batch(batch, opened_view, advanced)
-            results.update(batch_results)
-            records = [
-                (by_index[i].relpath, by_index[i].sha256)
-                for i, r in batch_results.items()
-                if r.status in ("stored", "warning")
-            ]
-            state.add(records)
-            stored_now += len(records)
-            if on_stored is not None and records:
+        if result.status in ("stored", "warning"):
+            out = by_index[index]
+            state.add(out.relpath, out.sha256)
+            stored_now += 1
+            if on_stored is not None:
                 on_stored(stored_now)
+
+    try:
+        with quiet_pynetdicom(), quiet_pydicom():
+            for batch in _batches(todo, dest.batch_size):
+                if sender.error or (stop is not None and stop.is_set()):
+                    for o in batch:
+                        results[o.index] = SendResult("failed", sender.error or "cancelled")
+                    continue
+                results.update(sender.send_batch(batch, opened_view, on_result))
+                state.sync()
+    finally:
+        state.close()
     tally: Counter[str] = Counter(r.status for r in results.values())
     for r in results.values():
         if metrics is not None:
