@@ -3,6 +3,8 @@ to a real Orthanc (Debian's package) started here on loopback ports with its own
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -25,6 +27,8 @@ from deidfs.metrics import Metrics
 from deidfs.send import STATE_NAME, send_folder, state_dir_of
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+#: Debian's orthanc-dicomweb: STOW-RS at /dicom-web/studies.
+DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 KEY = bytes(range(32))
 PSEUDO = Pseudonymizer(KEY)
 MARKER = "ZZLEAKMARKER"
@@ -46,8 +50,14 @@ class Orthanc:
     """A private Orthanc: its own configuration, storage and loopback ports."""
 
     def __init__(
-        self, root: Path, *, check_called_aet: bool = False, accepted: list[str] | None = None
+        self,
+        root: Path,
+        *,
+        check_called_aet: bool = False,
+        accepted: list[str] | None = None,
+        users: dict[str, str] | None = None,
     ) -> None:
+        self.users = users or {}
         self.root = root
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -67,11 +77,13 @@ class Orthanc:
                     "DicomServerEnabled": True,
                     "HttpServerEnabled": True,
                     "RemoteAccessAllowed": False,
-                    "AuthenticationEnabled": False,
+                    "AuthenticationEnabled": bool(users),
+                    "RegisteredUsers": users or {},
                     "DicomAlwaysAllowStore": True,
                     "DicomCheckCalledAet": check_called_aet,
                     "DicomModalities": {},
-                    "Plugins": [],
+                    "Plugins": [DICOMWEB] if os.path.exists(DICOMWEB) else [],
+                    "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
                     "StorageCompression": False,
                     "SaveJobs": False,
                     "HttpThreadsCount": 4,
@@ -104,14 +116,20 @@ class Orthanc:
             self.proc.wait(10)
         self.proc = None
 
+    def _open(self, path: str) -> Any:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}")
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        return urllib.request.urlopen(request, timeout=10)  # noqa: S310  (http on loopback)
+
     def get(self, path: str) -> Any:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with self._open(path) as r:
             return json.loads(r.read())
 
     def raw(self, path: str) -> bytes:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with self._open(path) as r:
             return bytes(r.read())
 
     def instances(self) -> dict[str, dict[str, Any]]:
@@ -164,6 +182,7 @@ def write_config(
     called_ae: str | None = None,
     port: int | None = None,
     extra: str = "",
+    web: str = "",
 ) -> Path:
     state = tmp_path / "state"
     state.mkdir(mode=0o700, exist_ok=True)
@@ -186,6 +205,14 @@ backoff_seconds = 0.1
 timeout_seconds = 5
 batch_size = 5
 {extra}
+
+[destinations.web]
+kind = "dicomweb"
+url = "http://127.0.0.1:{node.http_port}/dicom-web"
+retries = 1
+backoff_seconds = 0.1
+batch_size = 8
+{web}
 """
     path.write_text(
         f"""\
@@ -230,8 +257,7 @@ def folder_export(tmp_path: Path, config: Path) -> dict[str, bytes]:
 
 def dataset_bytes(part10: bytes) -> bytes:
     """A Part 10 file's bytes after its file meta group (what C-STORE carries)."""
-    ds = pydicom.dcmread(__import__("io").BytesIO(part10), stop_before_pixels=True)
-    del ds
+    assert part10[128:132] == b"DICM"
     at = 132
     group_length = int.from_bytes(part10[at + 8 : at + 12], "little")
     return part10[at + 12 + group_length :]
@@ -328,7 +354,7 @@ def test_every_served_file_arrives_with_its_bytes_and_grouping(
     assert "refused" in done.stdout  # notes.txt: withheld, never sent
     stored = orthanc.instances()
     views = {
-        str(pydicom.dcmread(__import__("io").BytesIO(data)).SOPInstanceUID): (rel, data)
+        str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID): (rel, data)
         for rel, data in served.items()
     }
     assert set(stored) == set(views)
@@ -543,3 +569,52 @@ def test_destination_add_list_remove_keep_comments(
     assert main([*args, "remove", "pacs"]) == 66
     assert main([*args, "remove", "web"]) == 0
     assert cfg.read_text() == before
+
+
+# -- STOW-RS to Orthanc's DICOMweb plugin ---------------------------------------------------
+needs_dicomweb = pytest.mark.skipif(
+    not (os.access(ORTHANC, os.X_OK) and os.path.exists(DICOMWEB)), reason="no orthanc-dicomweb"
+)
+
+
+@needs_dicomweb
+def test_stow_rs_stores_the_served_bytes_per_study_with_basic_auth(
+    tmp_path: Path, src: Path
+) -> None:
+    node = Orthanc(tmp_path / "orthanc", users={"deidfs": "s3cret-pass"})
+    node.start()
+    try:
+        auth = tmp_path / "web.auth"
+        auth.write_text("deidfs:s3cret-pass\n")
+        auth.chmod(0o600)
+        config = write_config(tmp_path, src, node, web=f'basic_auth_file = "{auth}"')
+        served = folder_export(tmp_path, config)
+        done = run_cli(
+            ["--config", str(config), "export", "ct", "--to-destination", "web"],
+            tmp_path / "logs",
+            "stow",
+        )
+        assert done.returncode == 0, done.stderr
+        stored = node.instances()
+        assert len(stored) == len(served)
+        for inst in stored.values():
+            got = node.raw(f"/instances/{inst['id']}/file")
+            rel = "/".join((inst["PatientID"], inst["StudyInstanceUID"], inst["SeriesInstanceUID"]))
+            rel += f"/{inst['SOPInstanceUID']}.dcm"
+            assert dataset_bytes(got) == dataset_bytes(served[rel])
+        assert "s3cret" not in done.stderr
+        # The wrong password: 401, a clear error, nothing retried, exit 69.
+        auth.write_text("deidfs:wrong\n")
+        state = state_dir_of(load_config(config), "web", "ct") / STATE_NAME
+        state.unlink()
+        refused = run_cli(
+            ["--config", str(config), "export", "ct", "--to-destination", "web"],
+            tmp_path / "logs",
+            "stow-401",
+        )
+        assert refused.returncode == os.EX_UNAVAILABLE, refused.stderr
+        assert "HTTP 401" in refused.stderr
+        assert "retries" not in refused.stderr
+        assert "wrong" not in refused.stderr
+    finally:
+        node.stop()

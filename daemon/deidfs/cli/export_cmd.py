@@ -67,14 +67,16 @@ plan digest, deidfs version, time), then one summary line (counts). It holds no 
 identifier and no original path (under the mirror layout, the files are named by their
 original relative paths, and so are their lines).
 
-Destinations: --to-destination NAME sends the same bytes to the DICOM node
-[destinations.NAME] (kind = "dicom": C-STORE, one association per batch_size files, each
-file in its own transfer syntax, Explicit VR Little Endian only as a fallback for
-uncompressed files). Temporary failures (association refused for now or aborted, timeouts,
-status 0xA7xx) are retried with backoff. Files stored are recorded, by view path and
-SHA-256, in [daemon] state_dir/destinations/NAME/FOLDER/sent.jsonl: a re-run sends only the
-others. Each run writes .deidfs-manifest-<UTC time>.jsonl there (every file: stored,
-warning with its status, failed with its reason, or already_stored).
+Destinations: --to-destination NAME sends the same bytes to the node [destinations.NAME]:
+kind = "dicom" by C-STORE, one association per batch_size files, each file in its own
+transfer syntax, Explicit VR Little Endian only as a fallback for uncompressed files;
+kind = "dicomweb" by STOW-RS, one request per study. Temporary failures (association
+refused for now or aborted, unreachable, timeouts, HTTP 408/429/5xx, status 0xA7xx) are
+retried with backoff; a permanent refusal (wrong AE title, HTTP 4xx) stops at once.
+Files stored are recorded, by view path and SHA-256, in [daemon]
+state_dir/destinations/NAME/FOLDER/sent.jsonl: a re-run sends only the others. Each run
+writes .deidfs-manifest-<UTC time>.jsonl there (every file: stored, warning with its
+status, failed with its reason, or already_stored).
 
 Without --via-daemon this command reads the configuration's pseudonym key
 ([daemon] state_dir/secret.key). With --via-daemon the running daemon exports with its own
