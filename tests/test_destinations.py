@@ -618,3 +618,53 @@ def test_stow_rs_stores_the_served_bytes_per_study_with_basic_auth(
         assert "wrong" not in refused.stderr
     finally:
         node.stop()
+
+
+# -- through the running daemon -------------------------------------------------------------
+@needs_orthanc
+@pytest.mark.fuse
+def test_the_daemon_sends_the_views_it_serves_and_counts_them(
+    daemon_factory: Any, orthanc: Orthanc, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deidfs.cli.main import main
+
+    d = daemon_factory()
+    port = free_port()
+    text = d.config_path.read_text()
+    text = text.replace('metrics_address = ""', f'metrics_address = "127.0.0.1:{port}"')
+    text += textwrap.dedent(
+        f"""
+        [destinations.pacs]
+        kind = "dicom"
+        called_ae = "{orthanc.aet}"
+        host = "127.0.0.1"
+        port = {orthanc.dicom_port}
+        retries = 0
+        """
+    )
+    d.config_path.write_text(text)
+    d.start()
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm"):
+        d.add(sample_file(name), f"in/{name}")
+    (d.incoming / "notes.txt").write_text("not DICOM")
+    views = d.wait_views(3)
+    served = {
+        str(pydicom.dcmread(io.BytesIO(v.read_bytes())).SOPInstanceUID): v.read_bytes()
+        for v in views
+    }
+    argv = ["--config", str(d.config_path), "export", "samples", "--to-destination", "pacs"]
+    assert main([*argv, "--via-daemon"]) == 0
+    assert "3 files stored there" in capsys.readouterr().out
+    stored = orthanc.instances()
+    assert set(stored) == set(served)
+    for uid, inst in stored.items():
+        got = orthanc.raw(f"/instances/{inst['id']}/file")
+        assert dataset_bytes(got) == dataset_bytes(served[uid])  # what the mount serves
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        body = r.read().decode()
+    assert 'deidfs_export_sent_total{destination="pacs",result="stored"} 3.0' in body
+    # Once more: nothing is sent again.
+    assert main([*argv, "--via-daemon"]) == 0
+    assert "nothing new" in capsys.readouterr().out
+    assert len(orthanc.get("/instances")) == 3
+    assert main([*argv, "--via-daemon", "--to", str(d.export)]) == 2

@@ -47,7 +47,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
@@ -663,6 +663,55 @@ class SendSummary:
     @property
     def refused_total(self) -> int:
         return sum(n for _, n in self.refused)
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as a JSON object (the control socket's answer)."""
+        return {
+            "folder": self.folder,
+            "destination": self.destination,
+            "profile": self.profile,
+            "files": self.files,
+            "stored": self.stored,
+            "warnings": self.warnings,
+            "already": self.already,
+            "failed": self.failed,
+            "duplicates": self.duplicates,
+            "refused": dict(self.refused),
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 3),
+            "manifest": self.manifest,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SendSummary:
+        """Read :meth:`to_json`'s form back; missing or odd fields count as zero."""
+
+        def num(key: str) -> int:
+            value = data.get(key, 0)
+            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+        refused = data.get("refused", {})
+        pairs: tuple[tuple[str, int], ...] = ()
+        if isinstance(refused, Mapping):
+            pairs = tuple(sorted((str(k), v) for k, v in refused.items() if isinstance(v, int)))
+        seconds = data.get("seconds", 0.0)
+        return cls(
+            folder=str(data.get("folder", "")),
+            destination=str(data.get("destination", "")),
+            profile=str(data.get("profile", "")),
+            files=num("files"),
+            stored=num("stored"),
+            warnings=num("warnings"),
+            already=num("already"),
+            failed=num("failed"),
+            duplicates=num("duplicates"),
+            refused=pairs,
+            skipped=num("skipped"),
+            seconds=float(seconds) if isinstance(seconds, int | float) else 0.0,
+            manifest=str(data.get("manifest", "")),
+            error=str(data.get("error", "")),
+        )
 
 
 @dataclass

@@ -215,11 +215,8 @@ def run(args: argparse.Namespace) -> int:
         accession=tuple(args.accession),
         path=tuple(args.path),
     )
-    if args.to_destination is not None and (args.via_daemon or args.to):
-        print(
-            "deidfs export: --to-destination cannot be used with --to or --via-daemon",
-            file=sys.stderr,
-        )
+    if args.to_destination is not None and args.to:
+        print("deidfs export: --to-destination cannot be used with --to", file=sys.stderr)
         return 2
     if args.via_daemon:
         return _via_daemon(args, config, selection)
@@ -289,7 +286,11 @@ def _send(
         listener=terminal,
     )
     terminal.clear()
-    if not args.quiet:
+    return _sent(summary, args.quiet)
+
+
+def _sent(summary: SendSummary, quiet: bool) -> int:
+    if not quiet:
         print_send_summary(summary, sys.stdout)
     if summary.error:
         print(f"deidfs export: {summary.error}", file=sys.stderr)
@@ -354,7 +355,11 @@ def _via_daemon(args: argparse.Namespace, config: Config, selection: Selection) 
         request["profile"] = args.profile
     if args.workers:
         request["workers"] = args.workers
+    if args.to_destination is not None:
+        request["destination"] = args.to_destination
     reply = call(config.daemon.control_socket, "export", request, timeout=DAEMON_TIMEOUT_SECONDS)
+    if reply.ok and args.to_destination is not None:
+        return _sent(SendSummary.from_json(reply.result), args.quiet)
     if reply.ok:
         summary = ExportSummary.from_json(reply.result)
         if not args.quiet:
