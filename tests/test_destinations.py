@@ -668,3 +668,21 @@ def test_the_daemon_sends_the_views_it_serves_and_counts_them(
     assert "nothing new" in capsys.readouterr().out
     assert len(orthanc.get("/instances")) == 3
     assert main([*argv, "--via-daemon", "--to", str(d.export)]) == 2
+
+
+@needs_orthanc
+def test_a_destination_pointed_at_another_node_gets_everything(
+    tmp_path: Path, src: Path, orthanc: Orthanc
+) -> None:
+    config = write_config(tmp_path, src, orthanc)
+    argv = ["--config", str(config), "export", "ct", "--to-destination", "pacs"]
+    assert run_cli(argv, tmp_path / "logs", "first").returncode == 0
+    other = Orthanc(tmp_path / "other")
+    other.start()
+    try:
+        config = write_config(tmp_path, src, other)  # same name, another node
+        done = run_cli(argv, tmp_path / "logs", "other")
+        assert done.returncode == 0, done.stderr
+        assert len(other.get("/instances")) == STUDIES * SERIES * INSTANCES
+    finally:
+        other.stop()

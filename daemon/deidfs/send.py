@@ -27,11 +27,12 @@ stops the export at once. Each file ends "stored", "warning" (stored with a warn
 0xB000, 0xB006, 0xB007) or "failed" with a reason.
 
 State: ``<state_dir>/destinations/<name>/<folder>/sent.jsonl`` records every file stored,
-by its view path and the SHA-256 of its bytes; a re-run sends only the others (a changed
-profile or key makes other bytes, which are sent again). A manifest of each run,
-``.deidfs-manifest-<UTC time>.jsonl`` beside it, has one line per file of the selection (view path,
-SHA-256, served identifiers, result, status code) and a summary line. Neither holds an
-original identifier or a source path; logs and metrics name the destination and the
+by its view path, the SHA-256 of its bytes and a digest of the node's address; a re-run
+sends only the others (a changed profile or key makes other bytes, a destination pointed
+elsewhere another node: those are sent again). A manifest of each run,
+``.deidfs-manifest-<UTC time>.jsonl`` beside it, has one line per file of the selection
+(view path, SHA-256, served identifiers, result, status code) and a summary line. Neither
+holds an original identifier or a source path; logs and metrics name the destination and the
 folder only.
 """
 
@@ -714,17 +715,25 @@ class SendSummary:
         )
 
 
+def node_key(dest: Destination) -> str:
+    """A short digest of where ``dest`` points: a destination edited to point at another
+    node (or AE) has sent nothing there yet."""
+    where = (dest.kind.value, dest.called_ae, dest.host, str(dest.port), dest.url)
+    return hashlib.sha256("\x00".join(where).encode()).hexdigest()[:16]
+
+
 @dataclass
 class _State:
-    """The files a destination holds already: (view path, SHA-256)."""
+    """The files a destination holds already: (view path, SHA-256), for one node."""
 
     path: Path
+    node: str
     stored: set[tuple[str, str]] = field(default_factory=set)
     fd: int | None = None
 
     @classmethod
-    def load(cls, path: Path) -> _State:
-        state = cls(path)
+    def load(cls, path: Path, node: str) -> _State:
+        state = cls(path, node)
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -734,7 +743,8 @@ class _State:
         for line in text.splitlines():
             try:
                 rec = json.loads(line)
-                state.stored.add((str(rec["path"]), str(rec["sha256"])))
+                if rec["node"] == node:
+                    state.stored.add((str(rec["path"]), str(rec["sha256"])))
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut by a crash: that file is sent again
         return state
@@ -745,7 +755,8 @@ class _State:
         if self.fd is None:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             self.fd = os.open(self.path, flags, 0o600)
-        line = json.dumps({"path": relpath, "sha256": sha256}, separators=(",", ":")) + "\n"
+        record = {"path": relpath, "sha256": sha256, "node": self.node}
+        line = json.dumps(record, separators=(",", ":")) + "\n"
         os.write(self.fd, line.encode())
         self.stored.add((relpath, sha256))
 
@@ -836,7 +847,7 @@ def send_folder(
         where.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise SendError(f"cannot create the send state directory: {exc.strerror}") from None
-    state = _State.load(where / STATE_NAME)
+    state = _State.load(where / STATE_NAME, node_key(dest))
     refused: Counter[str] = Counter()
     outgoing: list[Outgoing] = []
     duplicates = 0
