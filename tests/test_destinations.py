@@ -56,6 +56,7 @@ class Orthanc:
         check_called_aet: bool = False,
         accepted: list[str] | None = None,
         users: dict[str, str] | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.users = users or {}
         self.root = root
@@ -88,6 +89,17 @@ class Orthanc:
                     "SaveJobs": False,
                     "HttpThreadsCount": 4,
                     **({"AcceptedTransferSyntaxes": accepted} if accepted else {}),
+                    **(
+                        {
+                            "DicomTlsEnabled": True,
+                            "DicomTlsCertificate": str(tls[0]),
+                            "DicomTlsPrivateKey": str(tls[1]),
+                            "DicomTlsTrustedCertificates": str(tls[0]),
+                            "DicomTlsRemoteCertificateRequired": False,
+                        }
+                        if tls
+                        else {}
+                    ),
                 }
             )
         )
@@ -686,3 +698,37 @@ def test_a_destination_pointed_at_another_node_gets_everything(
         assert len(other.get("/instances")) == STUDIES * SERIES * INSTANCES
     finally:
         other.stop()
+
+
+@needs_orthanc
+def test_c_store_over_tls_verifies_the_node(tmp_path: Path, src: Path) -> None:
+    def certificate(name: str) -> tuple[Path, Path]:
+        cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                "-keyout", str(key), "-out", str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        return cert, key
+
+    cert, key = certificate("node")
+    stranger, _ = certificate("stranger")
+    node = Orthanc(tmp_path / "orthanc", tls=(cert, key))
+    node.start()
+    try:
+        argv = ["export", "ct", "--to-destination", "pacs"]
+        # A node whose certificate our CA file does not vouch for gets nothing.
+        config = write_config(tmp_path, src, node, extra=f'tls = true\nca_file = "{stranger}"')
+        done = run_cli(["--config", str(config), *argv], tmp_path / "logs", "untrusted")
+        assert done.returncode == os.EX_UNAVAILABLE, done.stderr
+        assert node.get("/instances") == []
+        config = write_config(tmp_path, src, node, extra=f'tls = true\nca_file = "{cert}"')
+        done = run_cli(["--config", str(config), *argv], tmp_path / "logs", "tls")
+        assert done.returncode == 0, done.stderr
+        assert len(node.get("/instances")) == STUDIES * SERIES * INSTANCES
+    finally:
+        node.stop()
