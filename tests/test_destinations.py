@@ -732,3 +732,22 @@ def test_c_store_over_tls_verifies_the_node(tmp_path: Path, src: Path) -> None:
         assert len(node.get("/instances")) == STUDIES * SERIES * INSTANCES
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (0x0000, ("stored", "")),
+        (0xB000, ("warning", "status 0xB000")),  # coercion of data elements
+        (0xB007, ("warning", "status 0xB007")),
+        (0xA900, ("failed", "status 0xA900")),  # data set does not match SOP class
+        (0xC000, ("failed", "status 0xC000")),
+        (0xA700, None),  # out of resources: temporary, the batch is tried again
+        (0xA7FF, None),
+    ],
+)
+def test_c_store_statuses(code: int, expected: tuple[str, str] | None) -> None:
+    from deidfs.send import _status_result
+
+    result = _status_result(code)
+    assert (None if result is None else (result.status, result.detail)) == expected
