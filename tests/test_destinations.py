@@ -725,6 +725,8 @@ def test_c_store_over_tls_verifies_the_node(tmp_path: Path, src: Path) -> None:
         config = write_config(tmp_path, src, node, extra=f'tls = true\nca_file = "{stranger}"')
         done = run_cli(["--config", str(config), *argv], tmp_path / "logs", "untrusted")
         assert done.returncode == os.EX_UNAVAILABLE, done.stderr
+        assert "TLS: the node's certificate is not trusted" in done.stderr
+        assert "retries failed" not in done.stderr  # not retried: it would not change
         assert node.get("/instances") == []
         config = write_config(tmp_path, src, node, extra=f'tls = true\nca_file = "{cert}"')
         done = run_cli(["--config", str(config), *argv], tmp_path / "logs", "tls")

@@ -249,10 +249,35 @@ class CStoreSender:
             if rj.result == 0x01:
                 raise _Permanent(why)
             raise _Temporary(why)
+        if self.dest.tls:
+            self._probe_tls()
         if assoc.is_aborted:
             # pynetdicom also says "aborted" when the connection fails or is closed.
             raise _Temporary("no association: the node could not be reached or aborted")
         raise _Temporary("no association (connection refused or timed out)")
+
+    def _probe_tls(self) -> None:
+        """After a failed TLS association: say why when it is the TLS handshake, which
+        pynetdicom only logs. A certificate the CA file does not vouch for is permanent."""
+        import socket  # noqa: PLC0415
+        import ssl  # noqa: PLC0415
+
+        tls = self._tls_args()
+        assert tls is not None
+        context, host = tls
+        try:
+            with (
+                socket.create_connection((host, self.dest.port), self.dest.timeout_seconds) as raw,
+                context.wrap_socket(raw, server_hostname=host),
+            ):
+                return
+        except ssl.SSLCertVerificationError as exc:
+            why = f"TLS: the node's certificate is not trusted ({exc.verify_message})"
+            raise _Permanent(why) from None
+        except ssl.SSLError as exc:
+            raise _Permanent(f"TLS handshake failed ({exc.reason or type(exc).__name__})") from None
+        except OSError:
+            return  # not a TLS matter: the node is away
 
     @staticmethod
     def _context_for(assoc: Any, sop_class: str, ts: str) -> bool:
