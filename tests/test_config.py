@@ -115,7 +115,15 @@ def test_reference_config_examples_are_valid(tmp_path: Path) -> None:
     text = uncomment_examples(REFERENCE.read_text())
     assert "\n[profiles.Research]\n" in text
     assert "\n[folders.ct_incoming]\n" in text
+    assert "\n[destinations.research_pacs]\n" in text
     config = parse_config(text, tmp_path / "deidfs.toml")
+    pacs = config.destinations["research_pacs"]
+    assert (pacs.ae_title, pacs.called_ae, pacs.host, pacs.port) == (
+        "DEIDFS",
+        "RESEARCH",
+        "pacs.example.org",
+        11112,
+    )
     assert config.folders["ct_incoming"] == FolderConfig(
         id="ct_incoming",
         path=Path("/srv/dicom/incoming/ct"),

@@ -228,6 +228,7 @@ def _every_series() -> str:
     m.fuse_read(10)
     m.export_file("ct", "written", 10)
     m.export_failure("ct", "io_error")
+    m.file_sent("pacs", "stored")
     m.export_finished("ct", 1.0, ok=True, when=100.0)
     m.control_request("status", "ok")
     folder = FolderState(
@@ -294,6 +295,7 @@ def test_metric_names_pass_promtool() -> None:
     m.file_refused("ct", "truncated")
     m.export_file("ct", "written", 1)
     m.export_failure("ct", "io_error")
+    m.file_sent("pacs", "failed")
     m.fuse_error("getattr", 2)
     m.control_request("status", "ok")
     m.config_loaded(True, 1.0)

@@ -9,6 +9,11 @@ Schema (the annotated reference is ``etc/deidfs.toml``):
 
 - ``[daemon]``: the fields of :class:`DaemonConfig`.
 - ``[folders.<id>]``: ``path``, ``profile`` (default ``Nominal``), ``layout``, ``watch``.
+- ``[destinations.<name>]``: where ``deidfs export --to-destination`` sends: ``kind =
+  "dicom"`` (``ae_title``, ``called_ae``, ``host``, ``port``, ``tls``, ``ca_file``,
+  ``cert_file``, ``key_file``) or ``kind = "dicomweb"`` (``url``, ``token_file`` or
+  ``basic_auth_file``); both take ``timeout_seconds``, ``retries``, ``backoff_seconds``,
+  ``batch_size``.
 - ``[profiles.<name>]``: ``base`` (default ``Basic``), ``comment``, ``enabled``,
   ``apply_masks``, ``options``, ``disabled``, ``rules`` or ``rules_file``, ``masks``,
   ``date_modification``, ``max_age``, ``accepted``.
@@ -99,12 +104,49 @@ class FolderConfig:
     watch: WatchMode = WatchMode.AUTO
 
 
+class DestinationKind(Enum):
+    """How a destination receives files."""
+
+    DICOM = "dicom"  #: a DICOM node: C-STORE (PS3.4 Annex B) over an association
+    DICOMWEB = "dicomweb"  #: a DICOMweb server: STOW-RS (PS3.18 10.5)
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """One ``[destinations.<name>]`` table: a node exports are sent to.
+
+    ``kind`` says which fields matter: ``dicom`` the AE titles, ``host``, ``port`` and TLS
+    files; ``dicomweb`` the ``url`` and one credentials file. A credentials file holds a
+    bearer token (``token_file``) or ``user:password`` (``basic_auth_file``); its content
+    is read when sending, never kept in the configuration.
+    """
+
+    name: str
+    kind: DestinationKind
+    ae_title: str = "DEIDFS"  #: our own AE title (Calling AE)
+    called_ae: str = ""  #: the node's AE title
+    host: str = ""
+    port: int = 0
+    tls: bool = False
+    ca_file: Path | None = None  #: CA bundle that verifies the node (TLS)
+    cert_file: Path | None = None  #: our client certificate (TLS, optional)
+    key_file: Path | None = None  #: its private key
+    url: str = ""  #: the STOW-RS base URL (``.../studies`` is appended)
+    token_file: Path | None = None
+    basic_auth_file: Path | None = None
+    timeout_seconds: float = 30.0  #: connection, association and per-response timeout
+    retries: int = 3  #: further attempts of a batch after a temporary failure
+    backoff_seconds: float = 1.0  #: wait before the first retry, doubled for each next one
+    batch_size: int = 64  #: files per association (per STOW-RS request: per study)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """A whole, validated configuration. ``profiles`` includes the built-ins."""
 
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     folders: Mapping[str, FolderConfig] = field(default_factory=dict)
+    destinations: Mapping[str, Destination] = field(default_factory=dict)
     profiles: Mapping[str, Profile] = field(default_factory=lambda: dict(BUILTIN_PROFILES))
     source: Path | None = None  #: the file it was read from
     sha256: str = ""  #: digest of the file's bytes, shown by ``status``
@@ -173,6 +215,24 @@ _PROFILE_KEYS = (
     "max_age",
     "accepted",
 )
+_COMMON_DESTINATION_KEYS = ("kind", "timeout_seconds", "retries", "backoff_seconds", "batch_size")
+_DESTINATION_KEYS = {
+    DestinationKind.DICOM: (
+        *_COMMON_DESTINATION_KEYS,
+        "ae_title",
+        "called_ae",
+        "host",
+        "port",
+        "tls",
+        "ca_file",
+        "cert_file",
+        "key_file",
+    ),
+    DestinationKind.DICOMWEB: (*_COMMON_DESTINATION_KEYS, "url", "token_file", "basic_auth_file"),
+}
+#: PS3.5 Table 6.2-1, AE: 16 characters of the Default Character Repertoire, no backslash,
+#: no control character, not only spaces (leading and trailing spaces are not significant).
+_AE_TITLE = re.compile(r"^[ -\[\]-~]{1,16}$")
 _RULE_KEYS = ("id", "act", "note")
 _MASK_KEYS = ("modality", "manufacturer", "model", "rows", "columns", "enabled", "rects")
 _RECT_KEYS = ("left", "top", "width", "height")
@@ -283,6 +343,7 @@ def _parse(text: str, path: Path | None, digest: str, *, allow_blank: bool = Tru
         daemon=config.daemon,
         folders=config.folders,
         profiles=config.profiles,
+        destinations=config.destinations,
         source=path.absolute() if path is not None else None,
         sha256=digest,
     )
@@ -419,11 +480,142 @@ class _Checker:
 
     def config(self, doc: Mapping[str, object]) -> Config:
         top = _Table(self, (), dict(doc))
-        top.check_keys(("daemon", "folders", "profiles"))
+        top.check_keys(("daemon", "folders", "profiles", "destinations"))
         daemon = self.daemon(top.table("daemon"))
         profiles, broken = self.profiles(top.table("profiles"))
         folders = self.folders(top.table("folders"), daemon, profiles, broken)
-        return Config(daemon=daemon, folders=folders, profiles=profiles)
+        destinations = self.destinations(top.table("destinations"))
+        return Config(daemon=daemon, folders=folders, profiles=profiles, destinations=destinations)
+
+    # -- [destinations.*] --------------------------------------------------------------------
+
+    def destinations(self, t: _Table | None) -> dict[str, Destination]:
+        out: dict[str, Destination] = {}
+        if t is None:
+            return out
+        for name, sub in t.subtables():
+            if sub is None:
+                continue
+            before = len(self.problems)
+            if not _FOLDER_ID.match(name):
+                self.error(
+                    sub.key,
+                    f"invalid destination name {name!r}: use 1 to 64 of A-Z a-z 0-9 _ . - "
+                    "(not starting with '.' or '-')",
+                )
+            if "kind" not in sub.data:
+                self.error((*sub.key, "kind"), 'missing kind ("dicom" or "dicomweb")')
+                continue
+            kind = sub.choice("kind", DestinationKind, DestinationKind.DICOM)
+            if len(self.problems) != before:
+                continue
+            sub.check_keys(_DESTINATION_KEYS[kind])
+            d = Destination(name=name, kind=kind)
+            common = {
+                "timeout_seconds": sub.number(
+                    "timeout_seconds", d.timeout_seconds, minimum=0.0, exclusive=True
+                ),
+                "retries": sub.integer("retries", d.retries, minimum=0, maximum=100),
+                "backoff_seconds": sub.number("backoff_seconds", d.backoff_seconds, minimum=0.0),
+                "batch_size": sub.integer("batch_size", d.batch_size, minimum=1, maximum=10000),
+            }
+            if kind is DestinationKind.DICOM:
+                dest = self.dicom_destination(sub, d, common)
+            else:
+                dest = self.dicomweb_destination(sub, d, common)
+            if len(self.problems) == before:
+                out[name] = dest
+        return out
+
+    def ae_title(self, t: _Table, name: str, default: str, *, required: bool) -> str:
+        value = t.string(name, default, required=required)
+        if (
+            name in t.data
+            and isinstance(t.data[name], str)
+            and (not _AE_TITLE.match(value) or not value.strip())
+        ):
+            self.error(
+                (*t.key, name),
+                f"invalid AE title {value!r}: 1 to 16 printable ASCII characters, no "
+                "backslash, not only spaces (PS3.5 Table 6.2-1)",
+            )
+        return value.strip()
+
+    def dicom_destination(
+        self, t: _Table, d: Destination, common: Mapping[str, float | int]
+    ) -> Destination:
+        host = t.string("host", "", required=True)
+        if (
+            "host" in t.data
+            and isinstance(t.data["host"], str)
+            and (not host.strip() or any(c.isspace() or not c.isprintable() for c in host))
+        ):
+            self.error((*t.key, "host"), f"expected a host name or address, got {host!r}")
+        port = t.integer("port", 0, minimum=1, maximum=65535)
+        if "port" not in t.data:
+            self.error((*t.key, "port"), "missing port (the node's DICOM port, e.g. 104)")
+        tls = t.boolean("tls", False)
+        files = {n: t.optional_path(n) for n in ("ca_file", "cert_file", "key_file")}
+        if not tls:
+            for n in files:
+                if n in t.data:
+                    self.error((*t.key, n), f"{n} is used only with tls = true")
+        if (files["cert_file"] is None) != (files["key_file"] is None):
+            given, missing = (
+                ("cert_file", "key_file")
+                if files["key_file"] is None
+                else ("key_file", "cert_file")
+            )
+            self.error((*t.key, given), f"{given} needs {missing} too (they go together)")
+        return Destination(
+            name=d.name,
+            kind=d.kind,
+            ae_title=self.ae_title(t, "ae_title", d.ae_title, required=False),
+            called_ae=self.ae_title(t, "called_ae", "", required=True),
+            host=host,
+            port=port,
+            tls=tls,
+            ca_file=files["ca_file"],
+            cert_file=files["cert_file"],
+            key_file=files["key_file"],
+            timeout_seconds=float(common["timeout_seconds"]),
+            retries=int(common["retries"]),
+            backoff_seconds=float(common["backoff_seconds"]),
+            batch_size=int(common["batch_size"]),
+        )
+
+    def dicomweb_destination(
+        self, t: _Table, d: Destination, common: Mapping[str, float | int]
+    ) -> Destination:
+        url = t.string("url", "", required=True)
+        if "url" in t.data and isinstance(t.data["url"], str):
+            m = re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", url)
+            if m is None:
+                self.error(
+                    (*t.key, "url"),
+                    f"expected an http:// or https:// URL without query (the STOW-RS base, "
+                    f'e.g. "https://pacs.example.org/dicom-web"), got {url!r}',
+                )
+            elif "@" in url.split("/")[2]:
+                self.error(
+                    (*t.key, "url"),
+                    "no credentials in the URL: put them in token_file or basic_auth_file",
+                )
+        token = t.optional_path("token_file")
+        basic = t.optional_path("basic_auth_file")
+        if token is not None and basic is not None:
+            self.error((*t.key, "basic_auth_file"), "give token_file or basic_auth_file, not both")
+        return Destination(
+            name=d.name,
+            kind=d.kind,
+            url=url.rstrip("/"),
+            token_file=token,
+            basic_auth_file=basic,
+            timeout_seconds=float(common["timeout_seconds"]),
+            retries=int(common["retries"]),
+            backoff_seconds=float(common["backoff_seconds"]),
+            batch_size=int(common["batch_size"]),
+        )
 
     # -- [daemon] --------------------------------------------------------------------------
 

@@ -1312,3 +1312,32 @@ def remove_folder(fid: str) -> Edit:
         return [("folders", fid)]
 
     return edit
+
+
+def add_destination(name: str, pairs: Sequence[tuple[str, Any]]) -> Edit:
+    """Edit: add ``[destinations.<name>]`` with ``pairs`` (``kind`` first), validated by
+    the loader like any other table."""
+
+    def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
+        del context
+        if _has_table(doc, "destinations", name):
+            raise ConfigError(f"a destination named {name!r} already exists")
+        _append_table(doc, "destinations", name, _new_table(pairs))
+        return [("destinations", name)]
+
+    return edit
+
+
+def remove_destination(name: str) -> Edit:
+    """Edit: delete ``[destinations.<name>]`` (what was sent there stays there)."""
+
+    def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
+        del context
+        try:
+            _find_table(doc, "destinations", name)
+        except KeyError:
+            raise NotFound(f"no destination named {name!r} in the configuration") from None
+        _remove_table(doc, "destinations", name)
+        return [("destinations", name)]
+
+    return edit

@@ -200,7 +200,8 @@ class ExportRequest:
 
     ``study``, ``patient`` and ``accession`` match original or anonymized identifiers;
     ``path`` selects sources by path relative to the folder; ``to`` replaces
-    ``<export_dir>/<folder>``; ``profile`` overrides the folder's profile for this export.
+    ``<export_dir>/<folder>``; ``profile`` overrides the folder's profile for this export;
+    ``destination`` sends to ``[destinations.<name>]`` instead of writing files (no ``to``).
     """
 
     folder: str
@@ -211,6 +212,7 @@ class ExportRequest:
     to: str | None = None
     profile: str | None = None
     workers: int | None = None
+    destination: str | None = None
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> ExportRequest:
@@ -221,7 +223,17 @@ class ExportRequest:
         ValueError
             A missing folder, an unknown argument or a value of the wrong type.
         """
-        known = {"folder", "study", "patient", "accession", "path", "to", "profile", "workers"}
+        known = {
+            "folder",
+            "study",
+            "patient",
+            "accession",
+            "path",
+            "to",
+            "profile",
+            "workers",
+            "destination",
+        }
         unknown = sorted(set(args) - known)
         if unknown:
             raise ValueError(f"unknown argument(s): {', '.join(unknown)}")
@@ -257,6 +269,7 @@ class ExportRequest:
             to=optional("to"),
             profile=optional("profile"),
             workers=workers,
+            destination=optional("destination"),
         )
 
 

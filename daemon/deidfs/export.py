@@ -1325,6 +1325,11 @@ def _walk_values(buf: bytes, wanted: Iterable[int]) -> dict[int, str]:
     return out
 
 
+def served_values(view: View, tags: Iterable[int]) -> dict[int, str]:
+    """The text of ``tags`` (file meta or top level) in ``view``'s header ("" when absent)."""
+    return _values(io.BytesIO(view.header), tags)
+
+
 def served_ids(view: View) -> ServedIds:
     """The identifiers in ``view``'s header."""
     try:
@@ -2684,3 +2689,82 @@ def export_folder(
     finally:
         if metrics is not None:
             metrics.export_finished(folder.id, time.monotonic() - run.start, ok, time.time())
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSet:
+    """The sources an export of a folder takes, resolved as :func:`export_folder` does
+    (for exports that send instead of writing: :mod:`deidfs.send`)."""
+
+    folder: FolderConfig
+    profile: Profile
+    plan: Plan
+    #: (absolute source path, path relative to the folder) of every source, sorted by path
+    files: list[tuple[str, str]]
+    skipped: int  #: dotfiles, partial transfers, links, special files
+    items: list[Item]  #: the selected sources (every source without a selection)
+
+
+def select_sources(
+    config: Config,
+    folder_id: str,
+    pseudonymizer: Pseudonymizer,
+    *,
+    selection: Selection | None = None,
+    profile: str | None = None,
+    workers: int | None = 1,
+    listener: ExportListener | None = None,
+    stop: StopFlag | None = None,
+) -> SourceSet:
+    """The folder, profile, plan and selected sources of an export, with the checks and
+    the selection of :func:`export_folder` (a selection is matched on every rendered header).
+
+    Raises
+    ------
+    NotFound
+        Unknown folder or profile, a missing folder directory, a selector that matches
+        nothing.
+    ProfileError
+        The profile is disabled.
+    ExportStopped
+        ``stop`` was set during the scan.
+    """
+    folder = config.folders.get(folder_id)
+    if folder is None:
+        known = ", ".join(sorted(config.folders)) or "none"
+        raise NotFound(f"no folder {folder_id!r} in the configuration (have: {known})")
+    name = profile or folder.profile
+    prof = config.profiles.get(name)
+    if prof is None:
+        raise NotFound(f"no profile named {name!r} (have: {', '.join(sorted(config.profiles))})")
+    if not prof.enabled:
+        raise ProfileError(f"profile {name!r} is disabled")
+    plan = compile_plan(prof)
+    root = Path(os.path.abspath(folder.path))
+    if not root.is_dir():
+        raise NotFound(f"folder {folder.id!r}: its source directory does not exist")
+    sel = selection if selection is not None else Selection()
+    mount_root = Path(os.path.abspath(config.daemon.mountpoint)) / folder.id
+    matcher = None if sel.empty else make_matcher(sel, root, mount_root)
+    run = _FolderExport(
+        folder,
+        prof,
+        plan,
+        pseudonymizer,
+        root,  # never written: only the scan runs
+        workers=max(1, workers or 1),
+        durable=False,
+        listener=listener if listener is not None else ExportListener(),
+        metrics=None,
+        stop=stop,
+        clock=_utcnow,
+        cached=None,
+        max_header_bytes=config.daemon.max_header_bytes,
+    )
+    with quiet_pydicom():
+        run.files, run.skipped = walk_sources(str(root))
+        if matcher is None:
+            items = [(i, p, r) for i, (p, r) in enumerate(run.files)]
+        else:
+            items = run.scan(matcher)
+    return SourceSet(folder, prof, plan, run.files, run.skipped, items)

@@ -340,6 +340,12 @@ class Metrics:
             ("folder", "reason"),
             registry=r,
         )
+        self.export_sent = Counter(
+            "deidfs_export_sent",
+            "Files sent to destinations (DICOM nodes), by result: stored, warning, failed.",
+            ("destination", "result"),
+            registry=r,
+        )
         self.export_seconds = Histogram(
             "deidfs_export_duration_seconds",
             "Duration of export requests.",
@@ -458,6 +464,10 @@ class Metrics:
     def export_failure(self, folder: str, reason: str) -> None:
         """An export could not write one file (``reason``: bounded, e.g. ``source_changed``)."""
         self.export_failures.labels(folder, reason).inc()
+
+    def file_sent(self, destination: str, result: str) -> None:
+        """An export to ``destination`` (a configured name) ended one file with ``result``."""
+        self.export_sent.labels(destination, result).inc()
 
     def export_finished(
         self, folder: str, seconds: float, ok: bool, when: float | None = None

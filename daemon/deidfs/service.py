@@ -1278,6 +1278,7 @@ class Service:
             daemon=daemon,
             folders=new.folders,
             profiles=new.profiles,
+            destinations=new.destinations,
             source=new.source if new.source is not None else self.config.source,
             sha256=new.sha256,
         )
@@ -1494,6 +1495,8 @@ class Service:
 
     def _forward_export(self, selection: export_module.Selection, req: ExportRequest) -> Reply:
         assert self._pseudo is not None
+        if req.destination is not None:
+            return self._forward_send(selection, req)
         extra: dict[str, Any] = {}
         folder = self._folders.get(req.folder)
         same_profile = req.profile is None or (
@@ -1519,6 +1522,32 @@ class Service:
                 metrics=self.metrics,
                 stop=_CancelFlag(self._stop),
                 **extra,
+            )
+        except NotFound as exc:
+            return Reply.failure(ErrorCode.NOT_FOUND, str(exc), (f"exit_code={exc.exit_code}",))
+        except DeidfsError as exc:
+            return Reply.failure(ErrorCode.FAILED, str(exc), (f"exit_code={exc.exit_code}",))
+        return Reply.success(summary.to_json())
+
+    def _forward_send(self, selection: export_module.Selection, req: ExportRequest) -> Reply:
+        """``export`` with a ``destination``: :func:`deidfs.send.send_folder`, counted in
+        ``deidfs_export_sent_total``."""
+        assert self._pseudo is not None
+        assert req.destination is not None
+        if req.to is not None:
+            return Reply.failure(ErrorCode.BAD_REQUEST, "'to' and 'destination' exclude each other")
+        from deidfs import send as send_module  # noqa: PLC0415  (pynetdicom only when sending)
+
+        try:
+            summary = send_module.send_folder(
+                self.config,
+                req.folder,
+                req.destination,
+                self._pseudo,
+                selection=selection,
+                profile=req.profile,
+                metrics=self.metrics,
+                stop=_CancelFlag(self._stop),
             )
         except NotFound as exc:
             return Reply.failure(ErrorCode.NOT_FOUND, str(exc), (f"exit_code={exc.exit_code}",))

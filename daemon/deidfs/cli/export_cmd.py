@@ -30,6 +30,7 @@ from deidfs.export import (
     export_folder,
 )
 from deidfs.secret import load_or_create_key
+from deidfs.send import SendSummary, send_folder
 
 #: How long ``--via-daemon`` waits for the daemon's answer (an export can be long).
 DAEMON_TIMEOUT_SECONDS = 24 * 3600.0
@@ -66,6 +67,17 @@ plan digest, deidfs version, time), then one summary line (counts). It holds no 
 identifier and no original path (under the mirror layout, the files are named by their
 original relative paths, and so are their lines).
 
+Destinations: --to-destination NAME sends the same bytes to the node [destinations.NAME]:
+kind = "dicom" by C-STORE, one association per batch_size files, each file in its own
+transfer syntax, Explicit VR Little Endian only as a fallback for uncompressed files;
+kind = "dicomweb" by STOW-RS, one request per study. Temporary failures (association
+refused for now or aborted, unreachable, timeouts, HTTP 408/429/5xx, status 0xA7xx) are
+retried with backoff; a permanent refusal (wrong AE title, HTTP 4xx) stops at once.
+Files stored are recorded, by view path and SHA-256, in [daemon]
+state_dir/destinations/NAME/FOLDER/sent.jsonl: a re-run sends only the others. Each run
+writes .deidfs-manifest-<UTC time>.jsonl there (every file: stored, warning with its
+status, failed with its reason, or already_stored).
+
 Without --via-daemon this command reads the configuration's pseudonym key
 ([daemon] state_dir/secret.key). With --via-daemon the running daemon exports with its own
 key: an operator needs access to the control socket only, not to the key. The daemon
@@ -86,7 +98,9 @@ exit codes:
       the profile (fail closed), not errors
   1   some file could not be read consistently or written (the others are in place)
   66  unknown folder, profile, study, patient, accession or path; nothing is written
-  69  --via-daemon: the daemon is not running
+  69  --via-daemon: the daemon is not running; --to-destination: the node refused the
+      association for good or stayed unreachable after its retries (what was stored is
+      recorded: the next run sends the rest)
   73  the destination cannot be created or written; 75 the destination is full (free space
       and run again: it resumes); 77 no access to the control socket, or the destination is
       refused (see Confinement); 78 bad configuration, disabled profile, unreadable key
@@ -139,6 +153,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--to",
         metavar="DIR",
         help="export directory instead of [daemon] export_dir; files go to DIR/FOLDER/",
+    )
+    p.add_argument(
+        "--to-destination",
+        metavar="NAME",
+        help="send to the node [destinations.NAME] (C-STORE) instead of writing files",
     )
     p.add_argument("--profile", metavar="NAME", help="a profile instead of the folder's")
     p.add_argument(
@@ -196,6 +215,9 @@ def run(args: argparse.Namespace) -> int:
         accession=tuple(args.accession),
         path=tuple(args.path),
     )
+    if args.to_destination is not None and args.to:
+        print("deidfs export: --to-destination cannot be used with --to", file=sys.stderr)
+        return 2
     if args.via_daemon:
         return _via_daemon(args, config, selection)
     try:
@@ -209,6 +231,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if own_handler:
         signal.signal(signal.SIGTERM, _terminate)
+    if args.to_destination is not None:
+        try:
+            return _send(args, config, Pseudonymizer(key), selection, terminal)
+        finally:
+            terminal.clear()
+            if own_handler:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         summary = export_folder(
             config,
@@ -240,6 +269,73 @@ def run(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _send(
+    args: argparse.Namespace,
+    config: Config,
+    pseudonymizer: Pseudonymizer,
+    selection: Selection,
+    terminal: _Terminal,
+) -> int:
+    summary = send_folder(
+        config,
+        args.folder,
+        args.to_destination,
+        pseudonymizer,
+        selection=selection,
+        profile=args.profile,
+        listener=terminal,
+    )
+    terminal.clear()
+    return _sent(summary, args.quiet)
+
+
+def _sent(summary: SendSummary, quiet: bool) -> int:
+    if not quiet:
+        print_send_summary(summary, sys.stdout)
+    if summary.error:
+        print(f"deidfs export: {summary.error}", file=sys.stderr)
+        print(
+            "deidfs export: the files stored are recorded; run the same export again to send "
+            "the others",
+            file=sys.stderr,
+        )
+        return os.EX_UNAVAILABLE
+    return 1 if summary.failed else 0
+
+
+def print_send_summary(summary: SendSummary, out: TextIO) -> None:
+    """The summary of an export to a destination, for people."""
+    print(
+        f"deidfs export {summary.folder} (profile {summary.profile}) to destination "
+        f"{summary.destination}: {summary.files} files stored there, in {summary.seconds:.2f} s",
+        file=out,
+    )
+    rows = [
+        (
+            "stored",
+            summary.stored,
+            f"{summary.warnings} with a warning" if summary.warnings else "",
+        ),
+        ("already", summary.already, "stored by an earlier run, not sent again"),
+        (
+            "refused",
+            summary.refused_total,
+            ", ".join(f"{reason} {n}" for reason, n in summary.refused),
+        ),
+        ("failed", summary.failed, "see the manifest; run again to retry them"),
+        ("duplicate", summary.duplicates, "same view path as another file; the first is sent"),
+        ("skipped", summary.skipped, "dotfiles, partial transfers, links"),
+    ]
+    for name, n, note in rows:
+        print(f"  {name:<10}{n:>8}" + (f"   {note}" if note and n else ""), file=out)
+    if summary.manifest:
+        print(f"manifest: {summary.manifest}", file=out)
+    elif summary.files and not summary.failed:
+        print(f"nothing new: all {summary.files} files were stored already", file=out)
+    else:
+        print("nothing to send: no file of the selection is served", file=out)
+
+
 def _terminate(signum: int, frame: object) -> None:
     # SIGTERM: stop like Ctrl-C, so workers are shut down and temporary files removed.
     raise KeyboardInterrupt
@@ -259,7 +355,11 @@ def _via_daemon(args: argparse.Namespace, config: Config, selection: Selection) 
         request["profile"] = args.profile
     if args.workers:
         request["workers"] = args.workers
+    if args.to_destination is not None:
+        request["destination"] = args.to_destination
     reply = call(config.daemon.control_socket, "export", request, timeout=DAEMON_TIMEOUT_SECONDS)
+    if reply.ok and args.to_destination is not None:
+        return _sent(SendSummary.from_json(reply.result), args.quiet)
     if reply.ok:
         summary = ExportSummary.from_json(reply.result)
         if not args.quiet:
