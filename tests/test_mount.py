@@ -6,16 +6,19 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -664,3 +667,71 @@ def test_mount_serves_exactly_what_anonymize_writes(daemon: Daemon) -> None:
     written = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     written = {k: v for k, v in written.items() if not str(k).startswith(".")}
     assert written == served
+
+
+def _fuse_ops(port: int) -> dict[str, float]:
+    """``deidfs_fuse_operations_total`` by op, scraped from the daemon."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "deidfs_fuse_operations_total":
+                out[s.labels["op"]] = s.value
+            elif s.name == "deidfs_files_visible":
+                out["visible"] = s.value
+    return out
+
+
+def test_listings_carry_types_modes_and_inodes(daemon: Daemon) -> None:
+    """readdir gives each entry's type and inode (as stat gives them), and with readdirplus
+    its attributes: ``ls -lR`` of a fresh mount then needs no getattr per entry."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    daemon.stop()
+    text = daemon.config_path.read_text(encoding="utf-8")
+    daemon.config_path.write_text(
+        text.replace('metrics_address = ""', f'metrics_address = "127.0.0.1:{port}"')
+    )
+    daemon.start()
+    names = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm")
+    for n in names:
+        daemon.add(sample_file(n), f"in/{n}")
+    daemon.wait_views(len(names))
+    daemon.stop()
+    daemon.start()  # the index persists: nothing of the mount is in the kernel's caches
+    wait_for(lambda: _fuse_ops(port).get("visible") == len(names))
+    before = _fuse_ops(port)
+    listing = subprocess.run(
+        ["ls", "-lRi", str(daemon.mnt)], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    after = _fuse_ops(port)
+    # "INODE MODE LINKS ..." lines (inodes right-aligned), not "total" or "DIR:" lines.
+    entries = [ln for ln in listing.splitlines() if ln.split()[:1] and ln.split()[0].isdigit()]
+    assert len(entries) >= len(names) + 4  # the files and their directories
+    stats = after.get("getattr", 0) - before.get("getattr", 0)
+    assert stats < len(entries) // 2, (stats, len(entries))
+    files = dirs = 0
+    for top, subdirs, filenames in os.walk(daemon.mnt):
+        with os.scandir(top) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                # inode() and is_dir() come from the readdir entry itself (d_ino, d_type).
+                assert entry.inode() == st.st_ino, entry.name
+                assert entry.is_dir(follow_symlinks=False) == stat.S_ISDIR(st.st_mode)
+                assert entry.is_file(follow_symlinks=False) == stat.S_ISREG(st.st_mode)
+                if entry.is_dir(follow_symlinks=False):
+                    dirs += 1
+                    assert stat.S_IMODE(st.st_mode) == 0o555
+                else:
+                    files += 1
+                    assert stat.S_IMODE(st.st_mode) == 0o444
+                    assert st.st_size > 0
+        assert len(subdirs) + len(filenames) >= 1
+    assert files == len(names)
+    assert dirs >= 4
+    # Inodes are distinct, and ls -i printed the ones stat gives.
+    inos = {os.lstat(p).st_ino for p in daemon.mnt.rglob("*")}
+    assert len(inos) == files + dirs
+    assert {int(line.split()[0]) for line in entries} == inos

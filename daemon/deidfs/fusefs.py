@@ -18,6 +18,7 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import hashlib
 import itertools
 import logging
 import os
@@ -77,6 +78,19 @@ def default_max_handles() -> int:
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
     return max(1, soft - max(FD_RESERVE, soft // 8))
+
+
+def inode_of(path: str) -> int:
+    """The inode number of a mount path: stable for the life of the path, the same in
+    ``stat`` and ``readdir`` (the mount runs with ``use_ino``). 1 is the root's.
+
+    A hash of the mount path, which is itself de-identified: it tells nothing the name
+    does not; 63 bits, so two paths of one mount practically never share one.
+    """
+    if path == "/":
+        return 1
+    digest = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") >> 1) | 2
 
 
 def pseudo_mtime_ns(pseudonymizer: Pseudonymizer, state: SourceStat, digest: str) -> int:
@@ -930,6 +944,7 @@ class DeidOperations:
     def _file_attrs(self, vf: ViewFile) -> dict[str, int]:
         t = vf.mtime_ns
         return {
+            "st_ino": inode_of(vf.mount_path),
             "st_mode": FILE_MODE,
             "st_nlink": 1,
             "st_size": vf.size,
@@ -942,8 +957,9 @@ class DeidOperations:
             "st_blocks": (vf.size + 511) // 512,
         }
 
-    def _dir_attrs(self) -> dict[str, int]:
+    def _dir_attrs(self, path: str) -> dict[str, int]:
         return {
+            "st_ino": inode_of(path),
             "st_mode": DIR_MODE,
             "st_nlink": 2,
             "st_size": 0,
@@ -972,17 +988,45 @@ class DeidOperations:
             if held is not None and (path is None or held.mount_path == path):
                 return self._file_attrs(held)
         if path is not None and self.tree.is_dir(path):
-            return self._dir_attrs()
+            return self._dir_attrs(path)
         raise OSError(errno.ENOENT, "no such view")
 
+    def readdir(self, path: str, fh: int) -> list[str | tuple[str, dict[str, int], int]]:
+        """Entries of a directory as ``(name, {st_mode, st_ino}, 0)`` after "." and ".."
+        (mfusepy's form; the mount itself lists through :meth:`readdir_attrs`)."""
+        out: list[str | tuple[str, dict[str, int], int]] = [".", ".."]
+        entries = self.readdir_attrs(path, plus=False, start=2)
+        out.extend((name, attrs, 0) for name, attrs in entries)
+        return out
+
     @_counted("readdir")
-    def readdir(self, path: str, fh: int) -> list[str | tuple[str, int, int]]:
-        """Entries of a directory as ``(name, mode, 0)``."""
+    def readdir_attrs(
+        self, path: str, *, plus: bool, start: int = 0, limit: int | None = None
+    ) -> list[tuple[str, dict[str, int]]]:
+        """Entries ``start`` to ``start + limit`` of a directory ("." and ".." first), with
+        their attributes: mode and inode, or with ``plus`` everything ``getattr`` answers
+        (readdirplus: the kernel then needs no lookup or getattr per entry). Dictionary
+        lookups only."""
         entries = self.tree.listdir(path)
         if entries is None:
             raise OSError(errno.ENOTDIR if self.tree.file(path) else errno.ENOENT, path)
-        out: list[str | tuple[str, int, int]] = [".", ".."]
-        out.extend((name, mode, 0) for name, mode in entries)
+        parent = path.rpartition("/")[0] or "/"
+        prefix = path if path.endswith("/") else path + "/"
+        names: list[tuple[str, int]] = [(".", DIR_MODE), ("..", DIR_MODE), *entries]
+        stop = len(names) if limit is None else start + limit
+        out: list[tuple[str, dict[str, int]]] = []
+        for name, mode in names[start:stop]:
+            child = path if name == "." else parent if name == ".." else prefix + name
+            if not plus or name in (".", ".."):
+                out.append((name, {"st_mode": mode, "st_ino": inode_of(child)}))
+                continue
+            vf = self.tree.file(child) if mode == FILE_MODE else None
+            if vf is not None:
+                out.append((name, self._file_attrs(vf)))
+            elif mode != FILE_MODE:
+                out.append((name, self._dir_attrs(child)))
+            else:  # withdrawn since the listing was taken: its type and inode only
+                out.append((name, {"st_mode": mode, "st_ino": inode_of(child)}))
         return out
 
     @_counted("statfs")
@@ -1146,6 +1190,50 @@ def _libfuse() -> ctypes.CDLL:
     return lib
 
 
+#: libfuse 3 readdir flags (fuse.h): the kernel asks for attributes; the filler gets them.
+FUSE_READDIR_PLUS = 1 << 0
+FUSE_FILL_DIR_PLUS = 1 << 1
+#: Entries whose attributes are made at a time: more than one reply holds (a page).
+READDIR_BATCH = 128
+
+
+@functools.cache
+def fuse_class(mfusepy: Any) -> Any:
+    """mfusepy's ``FUSE`` with the callbacks deidfs answers better than its generic ones.
+
+    ``readdir``: mfusepy hands libfuse names and modes only, so ``ls -l`` costs a LOOKUP
+    and a GETATTR per entry. When the kernel asks for readdirplus, this fills the whole
+    ``stat`` of each entry (dictionary lookups) with ``FUSE_FILL_DIR_PLUS``, and libfuse
+    answers the kernel with the entries and their attributes at once.
+    """
+
+    class DeidFUSE(mfusepy.FUSE):  # type: ignore[misc]
+        def readdir_fuse_3(
+            self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
+        ) -> int:
+            # Entries go with their positions as offsets: libfuse 3.14 sends readdirplus
+            # attributes only then (its offset-less mode sends them with node id 0, which
+            # the kernel ignores). The kernel resumes a listing from the last offset.
+            ops = self.operations
+            decoded = "/" if path is None else path.decode(self.encoding, self.errors)
+            plus = bool(flags & FUSE_READDIR_PLUS)
+            st = mfusepy.c_stat()
+            size = ctypes.sizeof(st)
+            while True:
+                batch = ops.readdir_attrs(decoded, plus=plus, start=offset, limit=READDIR_BATCH)
+                for name, attrs in batch:
+                    offset += 1
+                    ctypes.memset(ctypes.byref(st), 0, size)
+                    mfusepy.set_st_attrs(st, attrs, use_ns=True)
+                    fill = FUSE_FILL_DIR_PLUS if plus and name not in (".", "..") else 0
+                    if filler(buf, name.encode(self.encoding, self.errors), st, offset, fill):
+                        return 0  # the kernel's buffer is full
+                if len(batch) < READDIR_BATCH:
+                    return 0
+
+    return DeidFUSE
+
+
 def mount_options(allow_other: bool) -> dict[str, object]:
     """The ``-o`` options of the mount (notes/fuse-perf.md, sections 2 and 6)."""
     opts: dict[str, object] = {
@@ -1166,6 +1254,8 @@ def mount_options(allow_other: bool) -> dict[str, object]:
         "entry_timeout": ATTR_TIMEOUT,
         "negative_timeout": NEGATIVE_TIMEOUT,
         "no_rofd_flush": True,
+        # stat and readdir report the same inode numbers (inode_of), not libfuse's node ids.
+        "use_ino": True,
     }
     if allow_other:
         opts["allow_other"] = True
@@ -1314,7 +1404,7 @@ class FuseMount:
 
     def _run(self, mfusepy: Any) -> None:
         try:
-            mfusepy.FUSE(
+            fuse_class(mfusepy)(
                 self.ops,
                 os.fspath(self.mountpoint),
                 raw_fi=True,
