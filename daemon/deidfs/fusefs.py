@@ -39,7 +39,7 @@ from deidfs.deid.plan import Plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, Exhausted, NotFound, Refused
 from deidfs.metrics import Metrics
-from deidfs.render import Layout, SourceStat, View, read_view, render
+from deidfs.render import Layout, SourceStat, View, read_view, read_view_into, render
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,47 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 FD_RESERVE = 64
 #: Seconds between two log lines about running out of descriptors.
 EXHAUSTED_LOG_SECONDS = 60.0
+
+
+# -- libfuse's buffer vector (fuse_common.h of libfuse 3) -----------------------------------
+# mfusepy declares ``fuse_bufvec.buf`` as a pointer; in C it is an inline array
+# ``struct fuse_buf buf[1]``, so the read_buf reply is built on these declarations.
+
+FUSE_BUF_IS_FD = 1 << 1
+FUSE_BUF_FD_SEEK = 1 << 2
+
+
+class FuseBuf(ctypes.Structure):
+    """``struct fuse_buf``."""
+
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("flags", ctypes.c_int),  # enum fuse_buf_flags
+        ("mem", ctypes.c_void_p),
+        ("fd", ctypes.c_int),
+        ("pos", ctypes.c_int64),  # off_t (64-bit: libfuse3 is built with _FILE_OFFSET_BITS=64)
+    ]
+
+
+class FuseBufvec(ctypes.Structure):
+    """``struct fuse_bufvec`` with its one inline buffer (``buf[1]``)."""
+
+    _fields_ = [
+        ("count", ctypes.c_size_t),
+        ("idx", ctypes.c_size_t),
+        ("off", ctypes.c_size_t),
+        ("buf", FuseBuf * 1),
+    ]
+
+
+@functools.cache
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.free.restype = None
+    return libc
 
 
 def default_max_handles() -> int:
@@ -707,21 +748,61 @@ class ViewFS:
         Refused
             The source changed under the open handle, or a newer version replaced it.
         """
+        h = self._use(fh)
+        try:
+            self._check_current(h)
+            try:
+                data = read_view(h.view, h.fd, offset, size)
+            except (Refused, OSError) as exc:
+                h.broken = True
+                raise self._stale(h.file, "source shrank while open") from exc
+            self._check_after(h, offset, size)
+            return data
+        finally:
+            self._unuse(h)
+
+    def read_into(self, fh: int, offset: int, out: memoryview) -> int:
+        """:meth:`read` into ``out`` (``len(out)`` bytes at ``offset``, fewer at the end of
+        the view); returns how many were written. The same checks as :meth:`read`: bytes
+        written into ``out`` are served only when this returns.
+
+        Raises
+        ------
+        NotFound
+            Unknown handle.
+        Refused
+            The source changed under the open handle, or a newer version replaced it.
+        """
+        h = self._use(fh)
+        try:
+            self._check_current(h)
+            try:
+                n = read_view_into(h.view, h.fd, offset, out)
+            except (Refused, OSError) as exc:
+                h.broken = True
+                raise self._stale(h.file, "source shrank while open") from exc
+            self._check_after(h, offset, len(out))
+            return n
+        finally:
+            self._unuse(h)
+
+    def _use(self, fh: int) -> _Handle:
         with self._lock:
             h = self._handles.get(fh)
             if h is None:
                 raise NotFound("no such handle")
             h.users += 1
-        try:
-            return self._read(h, offset, size)
-        finally:
-            with self._lock:
-                h.users -= 1
-                last = h.closed and h.users == 0
-            if last:
-                os.close(h.fd)
+        return h
 
-    def _read(self, h: _Handle, offset: int, size: int) -> bytes:
+    def _unuse(self, h: _Handle) -> None:
+        with self._lock:
+            h.users -= 1
+            last = h.closed and h.users == 0
+        if last:
+            os.close(h.fd)
+
+    def _check_current(self, h: _Handle) -> None:
+        """Before a read: the handle is whole and its version still the one served."""
         if h.broken:
             raise Refused("source_changed", "source changed while open")
         current = self.tree.file(h.file.mount_path)
@@ -732,20 +813,17 @@ class ViewFS:
             raise Refused("source_changed", "a newer version replaced this view")
         # No view at the path (the source was deleted or renamed away, or its folder
         # withdrawn): the descriptor still holds the bytes this view was built from.
+
+    def _check_after(self, h: _Handle, offset: int, size: int) -> None:
+        """After the source was read for ``[offset, offset+size)``: it still holds the
+        indexed bytes. Checked after the read: a writer updates mtime before it changes
+        data, so an unchanged state here means the bytes just read are the indexed ones."""
         view = h.view
-        try:
-            data = read_view(view, h.fd, offset, size)
-        except (Refused, OSError) as exc:
-            h.broken = True
-            raise self._stale(h.file, "source shrank while open") from exc
-        header = len(view.header)
-        # Checked after the pread: a writer updates mtime before it changes data, so an
-        # unchanged state here means the bytes just read are the indexed ones.
+        header = len(view.header) + len(view.pixels)
         read_source = offset + size > header and offset < header + view.pixel_length
         if read_source and not self._unchanged(h, os.fstat(h.fd)):
             h.broken = True
             raise self._stale(h.file, "source changed while open")
-        return data
 
     def _unchanged(self, h: _Handle, st: os.stat_result) -> bool:
         """Whether the held source still has the content the view was built from.
@@ -893,6 +971,8 @@ class DeidOperations:
         self._fuse_ptr: int | None = None
         self._invalidate_fn: Any = None
         self._inval_lock = threading.Lock()
+        self.read_calls = 0  #: reads answered by :meth:`read` (bytes through Python)
+        self.read_buf_calls = 0  #: reads answered by :meth:`read_buf`
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -1085,7 +1165,9 @@ class DeidOperations:
 
     @_counted("read")
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-        """Bytes of an open view; EIO if its source changed."""
+        """Bytes of an open view; EIO if its source changed (the path without
+        :meth:`read_buf`: mfusepy copies the returned bytes into libfuse's buffer)."""
+        self.read_calls += 1
         try:
             data = self.fs.read(int(fi.fh), offset, size)
             if self.metrics is not None:
@@ -1098,6 +1180,61 @@ class DeidOperations:
         except Exception as exc:
             log.error("read failed: %s", type(exc).__name__)
             raise OSError(errno.EIO, "read failed") from exc
+
+    @_counted("read")
+    def read_buf(self, path: str | None, bufpp: Any, size: int, offset: int, fi: Any) -> int:
+        """libfuse's ``read_buf``: the bytes of an open view in a buffer vector of our own.
+
+        One ``malloc``'d buffer, written by :meth:`ViewFS.read_into` (pixel bytes read
+        from the source straight into it, the GIL released), handed to libfuse, which
+        writes it to the kernel and then frees it and the vector (``fuse_free_buf``:
+        ``free(mem)`` of every buffer that is not a descriptor, then ``free(bufvec)``).
+        The vector is handed over only once every check of :meth:`ViewFS.read` passed.
+        """
+        self.read_buf_calls += 1
+        libc = _libc()
+        n = max(0, min(size, int(self._view_size(fi)) - offset))
+        mem: int | None = libc.malloc(n) if n else None
+        if n and not mem:
+            raise OSError(errno.ENOMEM, "out of memory")
+        try:
+            if mem:
+                out = memoryview((ctypes.c_char * n).from_address(mem)).cast("B")
+            else:
+                out = memoryview(bytearray())  # still checks the handle (EBADF)
+            try:
+                got = self.fs.read_into(int(fi.fh), offset, out)
+            finally:
+                out.release()
+            vec_addr = libc.malloc(ctypes.sizeof(FuseBufvec))
+            if not vec_addr:
+                raise OSError(errno.ENOMEM, "out of memory")
+        except NotFound as exc:
+            libc.free(mem)
+            raise OSError(errno.EBADF, "no such handle") from exc
+        except Refused as exc:
+            libc.free(mem)
+            raise OSError(errno.EIO, exc.reason) from exc
+        except OSError:
+            libc.free(mem)
+            raise
+        except Exception as exc:
+            libc.free(mem)
+            log.error("read failed: %s", type(exc).__name__)
+            raise OSError(errno.EIO, "read failed") from exc
+        vec = FuseBufvec.from_address(vec_addr)
+        vec.count, vec.idx, vec.off = 1, 0, 0
+        buf = vec.buf[0]
+        buf.size, buf.flags, buf.mem, buf.fd, buf.pos = got, 0, mem, -1, 0
+        ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = vec_addr
+        if self.metrics is not None:
+            self.metrics.fuse_read(got)
+        return 0
+
+    def _view_size(self, fi: Any) -> int:
+        """Size of the view open on ``fi`` (0 for an unknown handle: read_into says so)."""
+        vf = self.fs.held(int(fi.fh))
+        return 0 if vf is None else vf.size
 
     @_counted("release")
     def release(self, path: str, fi: Any) -> int:
@@ -1230,6 +1367,11 @@ def fuse_class(mfusepy: Any) -> Any:
                         return 0  # the kernel's buffer is full
                 if len(batch) < READDIR_BATCH:
                     return 0
+
+        def read_buf(self, path: bytes | None, bufpp: Any, size: int, offset: int, fip: Any) -> int:
+            # The path is not needed (the handle says everything): not decoded.
+            result: int = self.operations.read_buf(None, bufpp, size, offset, fip.contents)
+            return result
 
     return DeidFUSE
 
