@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from conftest import Daemon, mounted_type, sample_file, sha256, wait_for
+from deidfs import fusefs
 from deidfs.config import load_config
 from deidfs.service import Service
 from leak_corpus import build_leak_dataset, expectation, find, value_texts, write_source
@@ -830,5 +831,35 @@ def test_reads_at_odd_offsets_match_the_reference_through_read_buf(
         assert service.ops.read_calls == before_read  # nothing through the bytes path
         assert service.ops.read_buf_calls >= before_buf + odd_reads
         assert kinds == {"zeroed", "pixels"}, kinds  # the masked cases were covered
+    finally:
+        service.stop()
+
+
+def test_fuse_worker_threads_keep_their_python_thread_state(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """Each libfuse worker thread gets one Python thread state for the life of the mount,
+    not one per callback: the per-thread mark set in its first callback is still there in
+    every later one (a state destroyed after each callback would take the mark with it)."""
+    d = daemon_factory()
+    sources = [d.add(sample_file(n), f"in/{n}") for n in ("CT_small.dcm", "MR_small.dcm")]
+    service = Service(load_config(d.config_path))
+    try:
+        before = fusefs.kept_thread_states
+        service.start()
+        expected = dict(map(d.expected, sources))
+        wait_for(lambda: all((d.folder / rel).exists() for rel in expected))
+        calls = service.ops.read_buf_calls
+        for _ in range(50):
+            for rel, want in expected.items():
+                fd = os.open(d.folder / rel, os.O_RDONLY | os.O_DIRECT)
+                try:
+                    assert os.pread(fd, 777, 301) == want[301:1078]
+                finally:
+                    os.close(fd)
+        assert service.ops.read_buf_calls >= calls + 100
+        kept = fusefs.kept_thread_states - before
+        # libfuse starts at most max_threads (10) workers, and the init callback's thread.
+        assert 1 <= kept <= 12, kept
     finally:
         service.stop()

@@ -1334,6 +1334,33 @@ FUSE_FILL_DIR_PLUS = 1 << 1
 READDIR_BATCH = 128
 
 
+_worker = threading.local()
+_kept_lock = threading.Lock()
+#: Threads whose Python thread state :func:`keep_thread_state` keeps (in this process).
+kept_thread_states = 0
+
+
+def keep_thread_state() -> None:
+    """Keep the calling thread's Python thread state until the thread ends.
+
+    Called on libfuse's worker threads, from within a callback: ctypes gives each callback
+    on a thread Python did not create a fresh thread state (``PyGILState_Ensure``) and
+    destroys it on return, a cost paid at every FUSE request (allocations, page faults,
+    GIL hand-offs). One more ``PyGILState_Ensure``, never released, keeps the state for
+    the thread's life; ctypes' own calls then only take and drop the GIL. libfuse 3.12+
+    never ends idle workers (``max_idle_threads`` defaults to -1) and starts at most
+    ``max_threads`` (10), so at most that many states are kept, until the mount ends.
+    """
+    global kept_thread_states  # noqa: PLW0603  (a count for tests and diagnostics)
+    ensure = ctypes.pythonapi.PyGILState_Ensure
+    ensure.restype = ctypes.c_int
+    ensure.argtypes = []
+    ensure()
+    _worker.kept = True
+    with _kept_lock:
+        kept_thread_states += 1
+
+
 @functools.cache
 def fuse_class(mfusepy: Any) -> Any:
     """mfusepy's ``FUSE`` with the callbacks deidfs answers better than its generic ones.
@@ -1345,6 +1372,11 @@ def fuse_class(mfusepy: Any) -> Any:
     """
 
     class DeidFUSE(mfusepy.FUSE):  # type: ignore[misc]
+        def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+            if not getattr(_worker, "kept", False):
+                keep_thread_state()
+            return super()._wrapper(func, *args, **kwargs)
+
         def readdir_fuse_3(
             self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
         ) -> int:
