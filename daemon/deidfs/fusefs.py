@@ -108,6 +108,25 @@ def _libc() -> Any:
     return libc
 
 
+#: PyBUF_WRITE of Python's C API: a writable memoryview.
+_PYBUF_WRITE = 0x200
+
+
+@functools.cache
+def _memory_view_fn() -> Any:
+    fn = ctypes.pythonapi.PyMemoryView_FromMemory
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+    fn.restype = ctypes.py_object
+    return fn
+
+
+def _memory_view(addr: int, size: int) -> memoryview:
+    """A writable memoryview of ``size`` bytes at ``addr`` (no ctypes array type is made:
+    ctypes keeps every array type it makes, one per distinct size, for good)."""
+    view: memoryview = _memory_view_fn()(addr, size, _PYBUF_WRITE)
+    return view
+
+
 def default_max_handles() -> int:
     """How many views may be open at once: the descriptor limit less a reserve.
 
@@ -1198,10 +1217,8 @@ class DeidOperations:
         if n and not mem:
             raise OSError(errno.ENOMEM, "out of memory")
         try:
-            if mem:
-                out = memoryview((ctypes.c_char * n).from_address(mem)).cast("B")
-            else:
-                out = memoryview(bytearray())  # still checks the handle (EBADF)
+            # Empty, read_into still checks the handle (EBADF).
+            out = _memory_view(mem, n) if mem else memoryview(bytearray())
             try:
                 got = self.fs.read_into(int(fi.fh), offset, out)
             finally:
