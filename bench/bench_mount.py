@@ -18,8 +18,16 @@ See ``bench/README.md``. Needs root and /dev/fuse (a real mount). In one invocat
    deidfs and through a plain passthrough mfusepy mount of the same source (the same
    binding, libfuse and mount options: what FUSE in Python costs without deidfs).
 
-Nothing passes or fails on time: the ratios are measured against the raw read of the same
-files in the same run.
+7. unless ``--no-c``: the C floor. ``bench/passthrough.c`` (libfuse3's high-level API,
+   built here with gcc and pkg-config fuse3) serves the same files (hard links) with
+   deidfs's mount options and read-ahead; in alternating rounds both mounts are read with
+   the same loop after dropping the page cache and warming the sources: first reads with 1
+   and ``--readers`` processes, second reads, open + 4 KiB p50/p99, ``ls -lR``, the large
+   file; then first reads while ``--burst-files`` new files are copied into each tree
+   (deidfs indexes them). Prints each as a ratio deidfs / C beside the raw figures.
+
+Nothing passes or fails on time: the ratios are measured against the raw read (or the C
+passthrough) of the same files in the same run.
 """
 
 from __future__ import annotations
@@ -27,20 +35,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_index import Daemon, drop_caches, log_problems, proc_status, wait_settled
-from synth import build_tree, write_multiframe
+from synth import build_tree, write_instances, write_multiframe
 
 CONFIG = """\
 [daemon]
@@ -295,12 +305,293 @@ def large_part(work: Path, view: str, large: Path, rounds: int) -> None:
         )
 
 
+# -- deidfs against the C passthrough, in the same run ---------------------------------------
+
+PASSTHROUGH_C = Path(__file__).resolve().parent / "passthrough.c"
+APT_PACKAGES = ("gcc", "libfuse3-dev", "pkg-config")
+
+
+def _have_c_toolchain() -> bool:
+    if shutil.which("gcc") is None or shutil.which("pkg-config") is None:
+        return False
+    return subprocess.run(["pkg-config", "--exists", "fuse3"], check=False).returncode == 0
+
+
+def build_passthrough(out: Path, read_buf: bool) -> Path:
+    """Compile ``passthrough.c`` with gcc against libfuse3; installs the packages it needs
+    with apt-get (the bench's own set-up) when gcc, pkg-config or fuse3.pc are missing."""
+    if not _have_c_toolchain():
+        print(f"installing {' '.join(APT_PACKAGES)} with apt-get (for bench/passthrough.c)")
+        apt = ["apt-get", "install", "-y", "-q", *APT_PACKAGES]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(apt, env=env, check=False).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, check=False)
+            subprocess.run(apt, env=env, check=True)
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    define = ["-DPT_READ_BUF"] if read_buf else []
+    subprocess.run(
+        ["gcc", "-O2", "-Wall", "-Wextra", *define, str(PASSTHROUGH_C), "-o", str(out), *flags],
+        check=True,
+    )
+    return out
+
+
+def _fuse_o(options: dict[str, object]) -> str:
+    return ",".join(k if v is True else f"{k}={v}" for k, v in options.items() if v is not False)
+
+
+@contextlib.contextmanager
+def c_mount(
+    binary: Path, source: Path, mountpoint: Path, log_path: Path, single: bool
+) -> Iterator[Path]:
+    """The C passthrough of ``source`` at ``mountpoint``, with deidfs's mount options and
+    read-ahead (multithreaded like deidfs unless ``single``); unmounted after."""
+    from deidfs.fusefs import mount_options
+
+    options = mount_options(allow_other=False)
+    options.update(fsname="passthrough-c", subtype="passthrough-c")
+    argv = [str(binary), str(source), str(mountpoint), "-f", "-o", _fuse_o(options)]
+    if single:
+        argv.append("-s")
+    mountpoint.mkdir(exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not os.path.ismount(mountpoint):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the C passthrough did not mount; see {log_path}")
+                time.sleep(0.02)
+            _set_read_ahead(mountpoint)
+            yield mountpoint
+        finally:
+            subprocess.run(["fusermount3", "-u", "-q", str(mountpoint)], check=False)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _read_share(paths: list[str]) -> Pass:
+    return read_files("share", paths)
+
+
+def read_parallel(name: str, paths: list[str], pool: Any, readers: int) -> Pass:
+    """``readers`` processes of ``pool`` read an interleaved share of ``paths`` each."""
+    started = time.perf_counter()
+    parts = pool.map(_read_share, [paths[i::readers] for i in range(readers)])
+    out = Pass(name, seconds=time.perf_counter() - started)
+    for p in parts:
+        out.files += p.files
+        out.bytes += p.bytes
+        out.open_s += p.open_s
+        out.first_s += p.first_s
+    return out
+
+
+def _walk_lstat(root: Path) -> int:
+    n = 0
+    for top, dirs, names in os.walk(root):
+        for name in (*dirs, *names):
+            os.lstat(os.path.join(top, name))
+            n += 1
+    return n
+
+
+def _fresh(warm: list[str], meta: Sequence[Path] = ()) -> None:
+    """Drop the page cache (the mounts' pages, names and attributes go with it), then read
+    ``warm`` and stat ``meta`` again: the sources are warm, the mounts are not."""
+    if not drop_caches():
+        raise SystemExit("cannot drop the page cache (needs root)")
+    if warm:
+        read_files("warm", warm)
+    for root in meta:
+        _walk_lstat(root)
+
+
+def _ls_lr(root: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["ls", "-lR", str(root)], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t0
+
+
+@dataclass
+class Side:
+    """One mount's figures, one list entry per round."""
+
+    name: str
+    first1: list[Pass] = field(default_factory=list)
+    first4: list[Pass] = field(default_factory=list)
+    second: list[Pass] = field(default_factory=list)
+    ls_s: list[float] = field(default_factory=list)
+    large: list[Pass] = field(default_factory=list)
+    burst: list[Pass] = field(default_factory=list)
+
+
+@dataclass
+class Tree2:
+    """What one mount serves: the CT files, the root to list, the large file."""
+
+    views: list[str]
+    listed: Path
+    large: str
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def c_rounds(
+    sides: dict[str, Tree2],
+    results: dict[str, Side],
+    originals: list[str],
+    large_source: str,
+    meta: list[Path],
+    rounds: int,
+    readers: int,
+) -> None:
+    """Rounds in which each mount is measured once, the order alternating."""
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(readers) as pool:
+        pool.map(abs, range(readers))  # the workers are up before anything is timed
+        for r in range(rounds):
+            names = list(sides) if r % 2 == 0 else list(reversed(sides))
+            for name in names:
+                tree, res = sides[name], results[name]
+                _fresh(originals)
+                res.first1.append(read_files(name, tree.views))
+                res.second.append(read_files(name, tree.views))
+                _fresh(originals)
+                res.first4.append(read_parallel(name, tree.views, pool, readers))
+                _fresh([], meta)
+                res.ls_s.append(_ls_lr(tree.listed))
+                _fresh([large_source])
+                res.large.append(read_files(name, [tree.large]))
+            print(f"round {r + 1}/{rounds} done")
+
+
+def _copy_tree(stage: Path, dest: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["cp", "-r", str(stage), str(dest)])
+
+
+def burst_round(
+    sides: dict[str, Tree2],
+    results: dict[str, Side],
+    originals: list[str],
+    stage: Path,
+    dests: dict[str, Path],
+    daemon: Daemon,
+    want: int,
+) -> dict[str, str]:
+    """First reads while ``stage`` is copied into each mount's source tree: deidfs indexes
+    the new files as they arrive; the C passthrough only sees the copy. Returns a note per
+    side on how much of the load overlapped the reads."""
+    notes: dict[str, str] = {}
+    for name, tree in sides.items():
+        _fresh(originals)
+        before = (daemon.status() or {}).get("index", {}).get("rendered", 0)
+        t0 = time.monotonic()
+        cp = _copy_tree(stage, dests[name])
+        if name == "deidfs":
+            # Start reading once indexing is under way (the copy alone is C's whole load).
+            while time.monotonic() - t0 < 30:
+                st = daemon.status() or {}
+                if st.get("index", {}).get("rendered", 0) > before:
+                    break
+                time.sleep(0.01)
+        results[name].burst.append(read_files(name, tree.views))
+        copying = cp.poll() is None
+        if name == "deidfs":
+            st = daemon.status() or {}
+            rendered = st.get("index", {}).get("rendered", 0) - before
+            notes[name] = (
+                f"{rendered} of {want} new files indexed when the reads ended"
+                f"{', copy still running' if copying else ''}"
+            )
+        else:
+            notes[name] = (
+                "copy still running when the reads ended"
+                if copying
+                else (f"copy ended {time.monotonic() - t0:.1f} s after its start, before the reads")
+            )
+        cp.wait()
+        if name == "deidfs":
+            # Let indexing finish before anything else is measured.
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                st = daemon.status() or {}
+                if (
+                    st.get("index", {}).get("rendered", 0) - before >= want
+                    and st.get("index", {}).get("backlog", 1) == 0
+                ):
+                    break
+                time.sleep(0.1)
+            notes[name] += f"; all indexed {time.monotonic() - t0:.1f} s after the copy began"
+    return notes
+
+
+def _row(label: str, deid: float, c: float, unit: str, ratio: float, target: str) -> str:
+    return f"{label:<40}{deid:>12.3f}{c:>12.3f}  {unit:<9}{ratio:>7.2f}x  {target}"
+
+
+def print_c_table(
+    results: dict[str, Side], files: int, rounds: int, notes: dict[str, str], how: str
+) -> None:
+    d, c = results["deidfs"], results["C"]
+
+    def per_file(ps: list[Pass]) -> float:
+        return _median([p.seconds / p.files * 1000 for p in ps])
+
+    def q(ps: list[Pass], quant: float) -> float:
+        return _median([_quantile(p.first_s, quant) * 1000 for p in ps])
+
+    print(
+        f"\ndeidfs against the C passthrough ({how}; the same mount options and read-ahead), "
+        f"{files} CT files; medians of {rounds} round(s)"
+    )
+    print("speed ratios are C's time / deidfs's time (1.00x = as fast as C); latency ratios")
+    print("are deidfs's / C's (1.00x = as short as C's)")
+    header = f"{'measure':<40}{'deidfs':>12}{'C':>12}  {'unit':<9}{'ratio':>8}  target"
+    print(header)
+    print("-" * len(header))
+    rows = [
+        ("first reads, 1 reader", per_file(d.first1), per_file(c.first1), "ms/file", ">= 0.85x"),
+        ("first reads, 4 readers", per_file(d.first4), per_file(c.first4), "ms/file", ">= 0.85x"),
+        ("second reads, 1 reader", per_file(d.second), per_file(c.second), "ms/file", ">= 0.9x"),
+    ]
+    for label, dv, cv, unit, target in rows:
+        print(_row(label, dv, cv, unit, cv / dv, target))
+    for quant, target in ((0.5, ""), (0.99, "<= 2x")):
+        dv, cv = q(d.first1, quant), q(c.first1, quant)
+        label = f"open + first 4 KiB p{round(quant * 100)}, first reads"
+        print(_row(label, dv, cv, "ms", dv / cv, target))
+    dv, cv = _median(d.ls_s) * 1000, _median(c.ls_s) * 1000
+    print(_row("ls -lR of the tree", dv, cv, "ms", cv / dv, ">= 0.8x"))
+    dl, cl = _median([p.mb_s for p in d.large]), _median([p.mb_s for p in c.large])
+    size = d.large[0].bytes / 1e6
+    print(
+        _row(f"one {size:.0f} MB multi-frame file, first read", dl, cl, "MB/s", dl / cl, ">= 0.9x")
+    )
+    if d.burst and c.burst:
+        dv, cv = per_file(d.burst), per_file(c.burst)
+        print(_row("first reads during the burst, 1 reader", dv, cv, "ms/file", cv / dv, ">= 0.6x"))
+        for name, note in notes.items():
+            print(f"  burst, {name}: {note}")
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=int, default=1000, help="CT files of 0.5 MB (1000)")
+    parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
+    parser.add_argument("--files", type=int, help="CT files of 0.5 MB (1000; --quick 200)")
     parser.add_argument("--cold", action="store_true", help="also from a cold page cache")
     parser.add_argument(
         "--restart", action="store_true", help="also after a restart (empty header cache)"
@@ -308,11 +599,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--large", action="store_true", help="a large multi-frame file, also via passthrough"
     )
-    parser.add_argument("--large-mb", type=int, default=128, help="its size in MB (128)")
+    parser.add_argument("--large-mb", type=int, help="its size in MB (128; --quick 32)")
     parser.add_argument(
-        "--no-passthrough", action="store_true", help="skip the passthrough mount of the files"
+        "--no-passthrough", action="store_true", help="skip the mfusepy passthrough of the files"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of --large, best (3)")
+    parser.add_argument(
+        "--no-c", action="store_true", help="skip the comparison with the C passthrough"
+    )
+    parser.add_argument(
+        "--c-read-buf", action="store_true", help="build the C passthrough with read_buf"
+    )
+    parser.add_argument(
+        "--c-single-thread", action="store_true", help="run the C passthrough with -s"
+    )
+    parser.add_argument("--readers", type=int, default=4, help="parallel reader processes (4)")
+    parser.add_argument(
+        "--burst-files", type=int, help="new files copied in during reads (10000; --quick 1000)"
+    )
+    parser.add_argument(
+        "--burst-rows", type=int, default=256, help="their rows and columns of pixels (256)"
+    )
+    parser.add_argument("--rounds", type=int, help="rounds of --large and against C (3)")
     parser.add_argument("--workers", type=int, default=2, help="[daemon] workers (2)")
     parser.add_argument("--cache-mib", type=int, default=32, help="[daemon] cache_mib (32)")
     parser.add_argument("--settle", type=float, default=2.0, help="[daemon] settle_seconds (2)")
@@ -320,13 +627,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="parent of the work directory (default: $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--serve-passthrough", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+QUICK_HELP = "a run of under 2 minutes: 200 files, a 32 MB file, 1,000 new files"
+
+
+def _defaults(args: argparse.Namespace) -> None:
+    quick = args.quick
+    for name, full, short in (
+        ("files", 1000, 200),
+        ("large_mb", 128, 32),
+        ("burst_files", 10000, 1000),
+        ("rounds", 3, 3),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, short if quick else full)
+
+
+def _link_tree(src: Path, dest: Path) -> None:
+    """``dest`` mirrors ``src`` with hard links: the same inodes (and page cache), in a tree
+    deidfs does not watch."""
+    for top, _dirs, names in os.walk(src):
+        out = dest / os.path.relpath(top, src)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            os.link(os.path.join(top, name), out / name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.serve_passthrough:
         return serve_passthrough(*args.serve_passthrough)
+    _defaults(args)
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("needs root and /dev/fuse (a real mount)")
         return 1
-
+    with_c = not args.no_c
     work = Path(tempfile.mkdtemp(prefix="deidfs-bench-mount-", dir=args.workdir))
     daemon: Daemon | None = None
     try:
@@ -347,12 +684,25 @@ def main(argv: list[str] | None = None) -> int:
             cache_mib=args.cache_mib,
         )
         large = work / "large"
-        if args.large:
+        with_large = args.large or with_c
+        if with_large:
             large.mkdir()
             frames = -(-args.large_mb * 1_000_000 // (512 * 512 * 2))
             size = write_multiframe(large / "multiframe.dcm", frames)
             print(f"wrote a multi-frame file of {frames} frames, {size / 1e6:.0f} MB")
             text += LARGE_FOLDER.format(large=large)
+        ctree, stage = work / "ctree", work / "stage"
+        if with_c:
+            _link_tree(src, ctree / "ct")
+            _link_tree(large, ctree / "large")
+            if args.burst_files:
+                burst = write_instances(
+                    stage, args.burst_files, rows=args.burst_rows, columns=args.burst_rows
+                )
+                print(
+                    f"wrote {burst.files} new files of {burst.bytes / burst.files / 1e6:.2f} MB "
+                    "to copy in during reads"
+                )
         config = work / "deidfs.toml"
         config.write_text(text)
         subprocess.run(["sync"], check=True)
@@ -364,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             f"settle_seconds = {args.settle}"
         )
         listed = {mnt / "ct": tree.files}
-        if args.large:
+        if with_large:
             listed[mnt / "large"] = 1
         took = start_served(daemon, listed, args.timeout)
         views = _views(mnt / "ct")
@@ -387,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
             raw,
         )
         print(_cache_line(daemon))
+        if with_c:
+            c_part(work, args, daemon, originals, mnt, src, ctree, stage, tree.files)
         if args.cold:
             _cold(originals, views)
         if args.restart:
@@ -406,13 +758,73 @@ def main(argv: list[str] | None = None) -> int:
         if daemon is not None:
             daemon.stop()
             log_problems(daemon.log)
-        for m in (work / "mnt", work / "mnt-pt", work / "mnt-pt-large"):
+        for m in (work / "mnt", work / "mnt-pt", work / "mnt-pt-large", work / "mnt-c"):
             subprocess.run(["fusermount3", "-u", "-q", str(m)], check=False)
         if args.keep:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def c_part(
+    work: Path,
+    args: argparse.Namespace,
+    daemon: Daemon,
+    originals: list[str],
+    mnt: Path,
+    src: Path,
+    ctree: Path,
+    stage: Path,
+    files: int,
+) -> None:
+    """deidfs and the C passthrough of the same files, measured in alternating rounds."""
+    t0 = time.monotonic()
+    binary = build_passthrough(work / "passthrough", args.c_read_buf)
+    how = (
+        f"bench/passthrough.c, {'read_buf with an fd bufvec' if args.c_read_buf else 'pread'}, "
+        f"{'single-threaded (-s)' if args.c_single_thread else 'multithreaded'}"
+    )
+    print(f"\nbuilt the C passthrough in {time.monotonic() - t0:.1f} s: {how}")
+    large_source = str(work / "large" / "multiframe.dcm")
+    with c_mount(
+        binary, ctree, work / "mnt-c", work / "passthrough-c.log", args.c_single_thread
+    ) as cm:
+        sides = {
+            "deidfs": Tree2(
+                views=_views(mnt / "ct"), listed=mnt / "ct", large=_views(mnt / "large")[0]
+            ),
+            "C": Tree2(
+                views=[str(cm / "ct" / os.path.relpath(p, src)) for p in originals],
+                listed=cm / "ct",
+                large=str(cm / "large" / "multiframe.dcm"),
+            ),
+        }
+        if len(sides["deidfs"].views) != len(sides["C"].views):
+            raise SystemExit("the two mounts do not list the same files")
+        results = {name: Side(name) for name in sides}
+        c_rounds(
+            sides,
+            results,
+            originals,
+            large_source,
+            [src, ctree / "ct"],
+            args.rounds,
+            args.readers,
+        )
+        notes: dict[str, str] = {}
+        if args.burst_files:
+            notes = burst_round(
+                sides,
+                results,
+                originals,
+                stage,
+                {"deidfs": src / "burst", "C": ctree / "burst"},
+                daemon,
+                args.burst_files,
+            )
+    print_c_table(results, files, args.rounds, notes, how)
+    print(_cache_line(daemon))
 
 
 def _cold(originals: list[str], views: list[str]) -> None:

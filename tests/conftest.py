@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -111,6 +112,7 @@ class Daemon:
     command_prefix: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
     runs: int = 0
+    _control_socket: Path = Path()
     _log_files: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -157,6 +159,7 @@ class Daemon:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
+        self._control_socket = self.config().daemon.control_socket
         deadline = time.monotonic() + timeout
         while not self._serving():
             if self.proc.poll() is not None:
@@ -167,14 +170,22 @@ class Daemon:
         return self
 
     def _serving(self) -> bool:
-        """Mounted and answering (a stale mount from a killed run answers ENOTCONN)."""
+        """Mounted and answering (a stale mount from a killed run answers ENOTCONN), and
+        the control socket accepting (it comes up after the mount)."""
         if mounted_type(self.mnt) != "fuse.deidfs":
             return False
         try:
             os.statvfs(self.mnt)  # never answered from the kernel's caches
-            return self.folder.is_dir()
+            if not self.folder.is_dir():
+                return False
         except OSError:
             return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(str(self._control_socket))
+            except OSError:
+                return False
+        return True
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait; returns the exit code."""

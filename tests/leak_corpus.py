@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -267,6 +268,19 @@ def table_rows() -> list[TableRow]:
         for r in rows
         if "x" not in r["tag"].lower() and "gggg" not in r["tag"]
     ]
+
+
+_ROWS_BY_TAG = {r.tag: r for r in table_rows()}
+#: PS3.3 C.7.1.3: Clinical Trial Protocol Ethics Committee Name is Type 1C, required if
+#: (and only if) Clinical Trial Protocol Ethics Committee Approval Number is present.
+_CONDITIONED_ON = {0x00120081: 0x00120082}
+
+
+def condition_dropped(row: TableRow, options: Iterable[Option]) -> bool:
+    """Whether ``row``'s attribute is Type 1C on another attribute's value that ``options``
+    do not keep: it goes with that value (PS3.3), whatever its own action says."""
+    leader = _CONDITIONED_ON.get(row.tag)
+    return leader is not None and row_action(_ROWS_BY_TAG[leader], options) != "K"
 
 
 def row_action(row: TableRow, options: Iterable[Option]) -> str:
@@ -607,6 +621,8 @@ def expectation(plant: Plant, options: frozenset[Option], year_only: bool = Fals
             # dummies), a C sequence's text cleaned, other kept sequences keep it.
             return "absent" if parent == "D" else "present"
     assert plant.row is not None
+    if condition_dropped(plant.row, options):
+        return "absent"
     action = row_action(plant.row, options)
     if action == "K":
         return "present"
@@ -621,8 +637,21 @@ def expectation(plant: Plant, options: frozenset[Option], year_only: bool = Fals
     return "absent"
 
 
+#: A UID deidfs made (``2.25.`` and a 128-bit integer from the keyed hash).
+_MADE_UID = re.compile(rb"2\.25\.\d{10,39}")
+
+
 def find(plant: Plant, data: bytes, values: set[str], relpath: PurePosixPath) -> bool:
-    """Whether ``plant`` shows in the served bytes, the parsed values or the served path."""
-    if plant.needle is not None and (plant.needle in data or plant.needle.decode() in str(relpath)):
-        return True
+    """Whether ``plant`` shows in the served bytes, the parsed values or the served path.
+
+    A needle of digits alone (a date, a time, a number) is not looked for inside the UIDs
+    deidfs made: 39 digits of a keyed hash hold any 8-digit string now and then, by chance
+    and depending on the key, without anything of the source in them.
+    """
+    if plant.needle is not None:
+        where, path = data, str(relpath).encode()
+        if plant.needle.isdigit():
+            where, path = _MADE_UID.sub(b"", where), _MADE_UID.sub(b"", path)
+        if plant.needle in where or plant.needle in path:
+            return True
     return plant.value_text is not None and plant.value_text in values

@@ -74,6 +74,7 @@ REASONS = frozenset(
         "not_regular",
         "burned_in_no_mask",
         "pixel_unsupported",
+        "parse_timeout",  # the daemon's: a render past [daemon] parse_timeout_seconds
     }
 )
 MARK = "QZX9SECRET"  #: planted in values of the bad files; never in a message

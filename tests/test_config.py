@@ -1136,3 +1136,16 @@ def test_global_options_are_accepted_after_every_subcommand(tmp_path: Path) -> N
     done = deidfs("status", "--log-level", "loud")
     assert done.returncode == 2
     assert "invalid choice: 'loud'" in done.stderr
+
+
+def test_parse_timeout_seconds_defaults_to_a_minute_and_must_be_positive(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert load_config(write(tmp_path, NOMINAL)).daemon.parse_timeout_seconds == 60.0
+    path = write(tmp_path, "[daemon]\nparse_timeout_seconds = 2.5\n" + NOMINAL)
+    assert load_config(path).daemon.parse_timeout_seconds == 2.5
+    for bad in ("0", "-1", '"60"', "true"):
+        path = write(tmp_path, f"[daemon]\nparse_timeout_seconds = {bad}\n")
+        assert main(["check-config", str(path)]) == os.EX_CONFIG
+        err = capsys.readouterr().err.splitlines()
+        assert err[0].startswith(f"{path}:2: daemon.parse_timeout_seconds: "), err

@@ -248,7 +248,7 @@ def test_hipaa(tmp_path: Path) -> None:
     assert s.ds.ContentDate == "20210101"
     assert s.ds.AcquisitionDateTime == "2021"
     assert s.ds.StudyTime == ""
-    assert s.ds.ContentTime == ""
+    assert s.ds.ContentTime == "000000"  # Basic gives it a dummy (Type 1 in SR, enhanced)
     assert s.ds.PatientAge == "090Y"
     assert s.ds.PatientBirthDate == ""
     assert s.ds.PatientSex == "F"
@@ -567,3 +567,98 @@ def test_clean_structured_content_and_basic_content_sequence(tmp_path: Path) -> 
 
 def _served_values(s: Served) -> str:
     return repr(s.ds)
+
+
+# -- X, X/Z and X/Z/D by the attribute's Type in its IOD (PS3.15 E.1.1) -------------------
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+
+def _reference(sop_class: str, sop_instance: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_instance
+    return item
+
+
+def _study_references(ds: Dataset) -> None:
+    """Referenced Study Sequence (X/Z) and Referenced Performed Procedure Step Sequence
+    (X/Z/D), one item each."""
+    study = _reference("1.2.840.10008.3.1.2.3.1", f"{UID_ROOT}61")
+    step = _reference("1.2.840.10008.3.1.2.3.3", f"{UID_ROOT}62")
+    ds.ReferencedStudySequence = Sequence([study])
+    ds.ReferencedPerformedProcedureStepSequence = Sequence([step])
+
+
+def test_type3_sequences_are_removed_not_emptied(tmp_path: Path) -> None:
+    """Both are Type 3 in a CT image (General Study, General Series): zero items would be an
+    invalid value, so X/Z and X/Z/D remove them."""
+    ds = make_image(f"{UID_ROOT}60")
+    _study_references(ds)
+    s = serve(write_source(tmp_path, "ct.dcm", ds), plan_of(BASIC))
+    assert "ReferencedStudySequence" not in s.ds
+    assert "ReferencedPerformedProcedureStepSequence" not in s.ds
+    assert f"{UID_ROOT}61".encode() not in s.data
+
+
+def test_type2_sequences_are_emptied(tmp_path: Path) -> None:
+    """In an SR document Referenced Performed Procedure Step Sequence is Type 2 (SR Document
+    Series), and Referenced Study Sequence is Type 2 in the items of Referenced Request
+    Sequence (SR Document General) but Type 3 at the top level (General Study)."""
+    ds = make_image(f"{UID_ROOT}63")
+    for kw in ("PixelData", "Rows", "Columns", "BitsAllocated"):
+        delattr(ds, kw)
+    ds.SOPClassUID = BASIC_TEXT_SR
+    ds.file_meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
+    ds.Modality = "SR"
+    _study_references(ds)
+    request = Dataset()
+    request.StudyInstanceUID = f"{UID_ROOT}64"
+    request.ReferencedStudySequence = Sequence(
+        [_reference("1.2.840.10008.3.1.2.3.1", f"{UID_ROOT}65")]
+    )
+    ds.ReferencedRequestSequence = Sequence([request])
+    s = serve(write_source(tmp_path, "sr.dcm", ds), plan_of(BASIC))
+    assert "ReferencedStudySequence" not in s.ds
+    assert len(s.ds.ReferencedPerformedProcedureStepSequence) == 0
+    inner = s.ds.ReferencedRequestSequence[0]
+    assert "ReferencedStudySequence" in inner
+    assert len(inner.ReferencedStudySequence) == 0
+    for uid in (f"{UID_ROOT}61", f"{UID_ROOT}62", f"{UID_ROOT}65"):
+        assert uid.encode() not in s.data
+
+
+def test_type2c_attributes_of_a_patient_are_emptied_not_removed(tmp_path: Path) -> None:
+    """Responsible Person and Responsible Organization (X) are Type 2C in the Patient Module
+    (a veterinary patient): present, they stay present, empty. Responsible Person Role
+    (Type 1C: only where Responsible Person has a value) goes with the person's name."""
+    ds = make_image(f"{UID_ROOT}66")
+    ds.PatientSpeciesDescription = "Canine species"
+    ds.PatientBreedDescription = "Beagle"
+    ds.ResponsiblePerson = "Owner^Olive"
+    ds.ResponsiblePersonRole = "OWNER"
+    ds.ResponsibleOrganization = "Kennel Club of Springfield"
+    s = serve(write_source(tmp_path, "vet.dcm", ds), plan_of(BASIC))
+    assert "ResponsiblePerson" in s.ds
+    assert s.ds.ResponsiblePerson == ""
+    assert "ResponsibleOrganization" in s.ds
+    assert s.ds.ResponsibleOrganization == ""
+    assert "ResponsiblePersonRole" not in s.ds
+    assert b"Olive" not in s.data
+    assert b"Kennel" not in s.data
+
+
+def test_type3_attributes_of_an_unknown_iod_are_removed(tmp_path: Path) -> None:
+    """A SOP Class the PS3.3 table does not know: nothing is known to be required, so the
+    X/Z attributes are removed (they reveal nothing, present or not)."""
+    ds = make_image(f"{UID_ROOT}67")
+    ds.SOPClassUID = f"{UID_ROOT}999.1"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.ResponsiblePerson = "Owner^Olive"
+    _study_references(ds)
+    s = serve(write_source(tmp_path, "private.dcm", ds), plan_of(BASIC))
+    for kw in (
+        "ReferencedStudySequence",
+        "ReferencedPerformedProcedureStepSequence",
+        "ResponsiblePerson",
+    ):
+        assert kw not in s.ds, kw

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydicom import dcmread
 from pydicom.data import get_testdata_files
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -39,7 +40,7 @@ from deidfs.deid.profiles import BASIC, BUILTIN_PROFILES, Profile, Rule
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
 from deidfs.errors import Refused
-from deidfs.render import Layout, SourceStat, View, _render_fast, render
+from deidfs.render import MAX_HEADER_BYTES, Layout, SourceStat, View, _render_fast, render
 from leak_corpus import KEY, build_leak_dataset, file_meta, part10_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -161,7 +162,9 @@ def views(
         )
     except Refused as exc:
         reference = exc.reason
-    fast = _render_fast(io.BytesIO(data), stat, the_plan, PSEUDO, layout, SOURCE_REL)
+    fast = _render_fast(
+        io.BytesIO(data), stat, the_plan, PSEUDO, layout, SOURCE_REL, MAX_HEADER_BYTES
+    )
     return reference, fast
 
 
@@ -730,3 +733,61 @@ def test_random_data_sets_are_mostly_served() -> None:
         pytest.skip("the Hypothesis test did not run first")
     assert _OUTCOMES["served"] >= 0.3 * (_OUTCOMES["served"] + _OUTCOMES["declined"])
     assert _OUTCOMES["served"] >= 30, _OUTCOMES
+
+
+# -- actions that depend on the attribute's Type in the instance's IOD -------------------------
+_TYPE_CASES = {
+    # SOP Class (data set, file meta) -> Referenced Performed Procedure Step Sequence served
+    # as: None (removed, Type 3), 0 (emptied, Type 2) or 1 (its item kept, Type 1C: D)
+    "ct": (("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2"), None),
+    "sr": (("1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.88.11"), 0),
+    "seg": (("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.4"), 1),
+    "unknown": (("1.2.826.0.1.3680043.10.999.5", "1.2.826.0.1.3680043.10.999.5"), None),
+    "meta only": ((None, "1.2.840.10008.5.1.4.1.1.88.11"), 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_TYPE_CASES))
+def test_type_dependent_actions_take_the_fast_path_and_match(case: str) -> None:
+    """X/Z and X/Z/D by the attribute's Type at its place in the IOD: the fast path reads
+    SOP Class UID ahead (Instance Creation Date, X/D, comes before it), falls back on the
+    file meta's, and decides in nested items by their sequence, as the engine does."""
+    (sop_class, media_class), expected = _TYPE_CASES[case]
+    ds = Dataset()
+    ds.InstanceCreationDate = "20240312"
+    ds.SOPClassUID = sop_class
+    if sop_class is None:
+        del ds.SOPClassUID
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.999.9.1"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.10.999.9.2"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10.999.9.3"
+    ds.Modality = "OT"
+    study = Dataset()
+    study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    study.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.10.999.9.4"
+    ds.ReferencedStudySequence = Sequence([study])
+    step = Dataset()
+    step.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.3"
+    step.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.10.999.9.5"
+    ds.ReferencedPerformedProcedureStepSequence = Sequence([step])
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "PID-9"
+    ds.ResponsiblePerson = "Owner^Olive"
+    ds.ResponsiblePersonRole = "OWNER"
+    request = Dataset()
+    request.ReferencedStudySequence = Sequence([study])
+    ds.ReferencedRequestSequence = Sequence([request])
+    ds.file_meta = file_meta(media_class, ds.SOPInstanceUID)
+    data = part10_bytes(ds)
+    assert decline_reason(data, plan("Basic")) == ""
+    assert check_same(data, plan("Basic"))
+    reference, _fast = views(data, plan("Basic"))
+    assert isinstance(reference, View)
+    out = dcmread(io.BytesIO(reference.header))
+    served = out.get("ReferencedPerformedProcedureStepSequence")
+    assert (None if served is None else len(served)) == expected
+    assert "ReferencedStudySequence" not in out  # Type 3 at the top level of every IOD
+    inner = out.ReferencedRequestSequence[0].get("ReferencedStudySequence")
+    assert (inner is not None) is (expected == 0)  # Type 2 in SR Document General's items
+    assert "ResponsiblePersonRole" not in out
+    assert ("ResponsiblePerson" in out) is (case != "unknown")  # Type 2C in the Patient Module

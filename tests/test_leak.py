@@ -33,6 +33,7 @@ from leak_corpus import (
     Served,
     TableRow,
     build_leak_dataset,
+    condition_dropped,
     expectation,
     file_meta,
     find,
@@ -251,6 +252,8 @@ def _datasets(draw: st.DrawFn) -> tuple[bytes, list[tuple[TableRow, str, bytes, 
 
 def _present(row: TableRow, vr: str, options: frozenset[Option]) -> bool | None:
     """Whether the value must stay (True), must go (False) or either (None)."""
+    if condition_dropped(row, options):
+        return False
     action = row_action(row, options)
     if action == "K":
         return True

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from deidfs.deid.plan import (
+    FOLLOWERS,
     TYPE1_DUMMY_TAGS,
     Op,
     Source,
@@ -53,24 +54,30 @@ EXPECTED_OPS = {
     "U": Op.UID,
     "K": Op.KEEP,
     "C": Op.CLEAN,
-    "X/Z": Op.EMPTY,
+    "X/Z": Op.REMOVE,  # where Type 3; emptied where the IOD requires it (Decision.at)
     "X/Z/U*": Op.KEEP,
 }
 
 
 def _expected_op(code: str, tag: int) -> Op:
-    """PS3.15 code -> operation: the combined codes take D for Type 1 attributes."""
+    """PS3.15 code -> operation where the attribute is Type 3: the combined codes take D for
+    Type 1 attributes."""
     if code in EXPECTED_OPS:
         return EXPECTED_OPS[code]
     if tag in TYPE1_DUMMY_TAGS:
         return Op.DUMMY
-    return {"Z/D": Op.EMPTY, "X/D": Op.REMOVE, "X/Z/D": Op.EMPTY}[code]
+    return {"Z/D": Op.EMPTY, "X/D": Op.REMOVE, "X/Z/D": Op.REMOVE}[code]
 
 
 def test_basic_follows_the_basic_column() -> None:
     plan = compile_plan(BASIC)
+    # Responsible Person Role, Clinical Trial Protocol Ethics Committee Name (PS3.3 1C).
+    assert set(FOLLOWERS) == {0x00102298, 0x00120081}
     for tag, row in _exact_rows():
         d = plan.decide(tag)
+        if tag in FOLLOWERS:
+            assert (d.op, d.source) == (Op.REMOVE, Source.DEFAULT), row  # see FOLLOWERS
+            continue
         assert d.source is Source.BASIC, row
         assert d.action.value == row["basic_profile"], row
         assert d.op is _expected_op(row["basic_profile"], tag), row
@@ -82,8 +89,13 @@ def test_combined_codes_keep_type1_attributes_valid() -> None:
     assert plan.decide(0x00080023).op is Op.DUMMY
     # Patient ID is Z/D: a dummy (the keyed token) so viewers still group patients.
     assert plan.decide(0x00100020).op is Op.DUMMY
-    # Institution Name is X/Z/D and Type 3 everywhere it occurs: emptied.
-    assert plan.decide(0x00080080).op is Op.EMPTY
+    # Institution Name is X/Z/D: removed where it is Type 3 (the General Equipment Module),
+    # emptied where Type 2 (items of Author Identification Sequence, for one).
+    institution = plan.decide(0x00080080)
+    assert institution.op is Op.REMOVE
+    assert institution.at(None).op is Op.REMOVE
+    assert institution.at(2).op is Op.EMPTY
+    assert institution.at(1).op is Op.DUMMY
     for code in ("Z/D", "X/D", "X/Z/D"):
         assert resolve_op(Action(code), 0x00080023) is Op.DUMMY
 
@@ -96,6 +108,9 @@ def test_option_changes_exactly_its_column(option: Option) -> None:
     for tag, row in _exact_rows():
         cell = row["options"].get(option.value)
         d = plan.decide(tag)
+        if tag in FOLLOWERS:
+            assert d == basic.decide(tag), row  # removed with its leader's value, whatever
+            continue
         if cell is None:
             assert d == basic.decide(tag), row
             continue
@@ -111,7 +126,9 @@ def test_option_changes_exactly_its_column(option: Option) -> None:
             cell = row["options"].get(option.value)
             expected = cell if cell is not None else row["basic_profile"]
             assert plan.decide(tag).action.value == expected, row
-    expected_count = sum(1 for _t, r in _exact_rows() if option.value in r["options"])
+    expected_count = sum(
+        1 for t, r in _exact_rows() if option.value in r["options"] and t not in FOLLOWERS
+    )
     assert changed == expected_count
 
 
@@ -217,10 +234,21 @@ def test_overlay_group_goes_when_overlay_data_cannot_be_kept() -> None:
 def test_describe_lists_every_row_and_custom_extras() -> None:
     p = BASIC.derive("P", rules=(Rule.parse("Rows", "remove", "no sizes"),))
     rows = list(describe(compile_plan(p)))
-    assert len(rows) == len(_table()) + 1
+    # The extras: Responsible Person Role, removed with Responsible Person, and the rule.
+    assert len(rows) == len(_table()) + 2
+    assert rows[-2].tag == "(0010,2298)"
+    assert rows[-2].decision.op is Op.REMOVE
+    assert rows[-2].decision.note == "follows Responsible Person"
     assert rows[-1].tag == "(0028,0010)"
     assert rows[-1].decision.source is Source.CUSTOM
     assert rows[-1].name == "Rows"
+
+
+def test_responsible_person_role_follows_responsible_person() -> None:
+    kept = BASIC.derive("K", rules=(Rule.parse("ResponsiblePerson", "keep"),))
+    assert compile_plan(kept).decide(0x00102298).op is Op.KEEP
+    role = BASIC.derive("R", rules=(Rule.parse("ResponsiblePersonRole", "keep"),))
+    assert compile_plan(role).decide(0x00102298).op is Op.VERBATIM
 
 
 def _digest_variants() -> list[Profile]:

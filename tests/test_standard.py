@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deidfs.deid import standard
+from deidfs.deid import attribute_types, standard
 from deidfs.deid.standard import (
     BASIC_PROFILE_CODE,
     EDITION,
@@ -26,6 +26,9 @@ from deidfs.deid.standard import (
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_FILES = (standard.E1_1_FILE, standard.E3_10_1_FILE, standard.CID_7050_FILE)
+#: The PS3.3 table of attribute Types (deidfs.deid.attribute_types): generated, not an edition
+#: of PS3.15, so it has its own checks below.
+TYPES_FILE = attribute_types.TYPES_FILE
 SUMS_FILE = "SHA256SUMS"
 
 
@@ -50,12 +53,12 @@ def _recorded_digests() -> dict[str, str]:
 
 
 def test_recorded_digests_cover_exactly_the_tables() -> None:
-    assert set(_recorded_digests()) == set(DATA_FILES)
+    assert set(_recorded_digests()) == {*DATA_FILES, TYPES_FILE}
     bundled = {r.name for r in _data_dir().iterdir() if r.name.endswith(".json")}
-    assert bundled == set(DATA_FILES)
+    assert bundled == {*DATA_FILES, TYPES_FILE}
 
 
-@pytest.mark.parametrize("name", DATA_FILES)
+@pytest.mark.parametrize("name", [*DATA_FILES, TYPES_FILE])
 def test_package_copy_has_the_recorded_bytes(name: str) -> None:
     assert hashlib.sha256(_package_bytes(name)).hexdigest() == _recorded_digests()[name]
 
@@ -63,7 +66,7 @@ def test_package_copy_has_the_recorded_bytes(name: str) -> None:
 def test_readme_records_edition_and_files() -> None:
     readme = _package_bytes("README.md").decode("utf-8")
     assert f"Edition: **{EDITION}**" in readme
-    for name in (*DATA_FILES, SUMS_FILE):
+    for name in (*DATA_FILES, TYPES_FILE, SUMS_FILE):
         assert f"`{name}`" in readme, name
 
 
@@ -200,3 +203,39 @@ def test_option_keys_are_the_table_columns() -> None:
     data = json.loads(_package_bytes(standard.E1_1_FILE))
     keys = {k for row in data["rows"] for k in row["options"]}
     assert keys == {o.value for o in Option} - {Option.CLEAN_PIXEL_DATA.value}
+
+
+def test_attribute_types_digest_matches_its_content() -> None:
+    data = json.loads(_package_bytes(TYPES_FILE))
+    body = {key: data[key] for key in ("iods", "sop_classes", "entries")}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    assert hashlib.sha256(blob.encode()).hexdigest() == data["content_sha256"]
+    assert "highdicom" in data["source"]
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "parent", "tag", "level"),
+    [
+        # PS3.3 C.7.2.1 General Study: Referenced Study Sequence is Type 3; C.7.3.1 General
+        # Series: Referenced Performed Procedure Step Sequence is Type 3.
+        ("1.2.840.10008.5.1.4.1.1.2", 0, 0x00081110, None),
+        ("1.2.840.10008.5.1.4.1.1.2", 0, 0x00081111, None),
+        # C.7.1.1 Patient: Responsible Person, Responsible Organization are Type 2C.
+        ("1.2.840.10008.5.1.4.1.1.2", 0, 0x00102297, 2),
+        ("1.2.840.10008.5.1.4.1.1.7", 0, 0x00102299, 2),
+        # C.17.1 SR Document Series: Referenced Performed Procedure Step Sequence is Type 2;
+        # C.17.2 SR Document General: Referenced Study Sequence is Type 2 in the items of
+        # Referenced Request Sequence.
+        ("1.2.840.10008.5.1.4.1.1.88.11", 0, 0x00081111, 2),
+        ("1.2.840.10008.5.1.4.1.1.88.11", 0x0040A370, 0x00081110, 2),
+        ("1.2.840.10008.5.1.4.1.1.88.11", 0, 0x00081110, None),
+        # C.8.20.1 Segmentation Series: Referenced Performed Procedure Step Sequence is 1C.
+        ("1.2.840.10008.5.1.4.1.1.66.4", 0, 0x00081111, 1),
+        # A SOP Class the table does not know: nothing is known to be required.
+        ("1.2.826.0.1.3680043.10.999.5", 0, 0x00102297, None),
+    ],
+)
+def test_attribute_types_spot_checks(
+    sop_class: str, parent: int, tag: int, level: int | None
+) -> None:
+    assert attribute_types.placements(sop_class).get((parent, tag)) == level

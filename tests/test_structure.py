@@ -15,6 +15,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from deidfs.cli.main import main
 from deidfs.deid.profiles import BASIC
 from deidfs.deid.structure import check_dataset
 from deidfs.errors import Refused
-from deidfs.render import SourceStat, render
+from deidfs.render import SourceStat, read_view, render
 from leak_corpus import make_image, part10_bytes, plan_of, pseudonymizer, serve_bytes
 
 ENCODINGS = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
@@ -61,8 +62,11 @@ def _render(data: bytes, fast: bool) -> bytes:
         pseudonymizer(),
         fast=fast,
     )
-    pixels = data[view.pixel_offset : view.pixel_offset + view.pixel_length]
-    return view.header + pixels + view.trailer
+    # Read as the mount reads it: zeroed ranges and all.
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        return read_view(view, f.fileno(), 0, view.size)
 
 
 def _outcome(data: bytes, fast: bool) -> str:
@@ -340,3 +344,42 @@ def test_the_daemon_withholds_a_sparse_file_and_serves_the_rest(
     reasons = wait_for(withheld)
     assert reasons == {"trailing_data": 1, "header_too_large": 1}
     assert len(d.views()) == 1
+
+
+@pytest.mark.parametrize("vr", [b"UT", b"LO", b"SQ"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+def test_pixel_data_under_a_vr_it_cannot_have_is_withheld(fast: bool, vr: bytes) -> None:
+    """Pixel Data is served verbatim: under UT or LO a reader would show its bytes as text."""
+    data = _image_bytes()
+    at = data.index(b"\xe0\x7f\x10\x00OW")
+    text = b"Doe^Jane MRK0999991 "
+    element = _element(0x7FE00010, vr, text) if vr != b"SQ" else _element(0x7FE00010, vr, b"")
+    assert _outcome(data[:at] + element, fast) == "bad_pixel_data"
+
+
+# -- pixel bytes past the image ---------------------------------------------------------------
+@pytest.mark.parametrize("ts", ENCODINGS, ids=IDS)
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+def test_bytes_past_the_last_frame_are_served_as_zeros(ts: str, fast: bool) -> None:
+    """Native Pixel Data longer than its image: no viewer shows the tail, any parser reads it."""
+    ds = make_image("1.2.826.0.1.3680043.10.1234.80")  # 8 x 8, 16-bit: 128 bytes of image
+    image = bytes(ds.PixelData)
+    hidden = b"Doe^Jane MRK0999991 Springfield "
+    ds.PixelData = image + hidden
+    data = part10_bytes(ds, ts)
+    served = _render(data, fast)
+    assert b"MRK0999991" not in served
+    pixels = dcmread(io.BytesIO(served)).PixelData
+    assert pixels == image + b"\x00" * len(hidden)
+    view = render(
+        io.BytesIO(data), SourceStat(0, 0, len(data), 0, 0), plan_of(BASIC), pseudonymizer()
+    )
+    assert dict(view.report.counts)["pixel_excess_zeroed"] == 1
+
+
+def test_an_image_of_the_size_its_header_says_is_served_unchanged() -> None:
+    ds = make_image("1.2.826.0.1.3680043.10.1234.81")
+    image = bytes(ds.PixelData)
+    served = serve_bytes(part10_bytes(ds), plan_of(BASIC))
+    assert served.ds.PixelData == image
+    assert "pixel_excess_zeroed" not in dict(served.view.report.counts)

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -646,3 +647,27 @@ def test_a_short_untrusted_value_served_as_the_source_has_it_is_found(tmp_path: 
     result = run(folder, BASIC, tmp_path / "tree")
     assert kinds(result) == {("value_retained", "ImageType"), ("value_untrusted", "ImageType")}
     assert {f.reason for f in result.findings} == {"", "repertoire"}
+
+
+def test_sequences_dummied_where_their_iod_requires_them_are_no_finding(tmp_path: Path) -> None:
+    """X/D and X/Z/D keep a Type 1 sequence's items, de-identified (Waveform Annotation
+    Sequence in an ECG, Referenced Performed Procedure Step Sequence in a Segmentation):
+    verify decides by the same place in the IOD, so their kept codes are no finding."""
+    folder_path = tmp_path / "originals"
+    for name in ("waveform_ecg.dcm", "liver_1frame.dcm"):
+        ds = dcmread(sample_file(name))
+        if name == "liver_1frame.dcm":
+            step = Dataset()
+            step.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.3"
+            step.ReferencedSOPInstanceUID = f"{UID_ROOT}70.1"
+            ds.ReferencedPerformedProcedureStepSequence = Sequence([step])
+        write_source(folder_path, name, ds)
+    folder = folder_of(folder_path)
+    assert export_tree(folder, BASIC, Pseudonymizer(KEY), tmp_path / "tree") == 2
+    served = {p.name: dcmread(p) for p in (tmp_path / "tree").rglob("*") if p.is_file()}
+    ecg = next(ds for ds in served.values() if ds.Modality == "ECG")
+    seg = next(ds for ds in served.values() if ds.Modality == "SEG")
+    assert len(ecg.WaveformAnnotationSequence) > 0
+    assert len(seg.ReferencedPerformedProcedureStepSequence) == 1
+    result = run(folder, BASIC, tmp_path / "tree")
+    assert result.findings == (), kinds(result)

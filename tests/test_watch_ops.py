@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import Daemon, sample_file, wait_for
+from leak_corpus import make_image, part10_bytes
 
 pytestmark = pytest.mark.fuse
 
@@ -267,8 +269,20 @@ def test_a_duplicate_is_logged_and_withheld_lists_sources_for_root_and_owner_onl
 WARNING_SAMPLES = {
     "badVR.dcm": "invalid_value",
     "rtdose.dcm": "invalid_value",
-    "SC_rgb_jpeg.dcm": "vr_encoding_mismatch",
+    # Made by _unknown_charset: pydicom's own sample of an encoding mismatch
+    # (SC_rgb_jpeg.dcm) is now refused from its bytes before pydicom reads it.
+    "unknown_charset.dcm": "character_set",
 }
+
+
+def _unknown_charset(directory: Path) -> Path:
+    ds = make_image("1.2.826.0.1.3680043.10.1234.90")
+    ds.SpecificCharacterSet = "ISO_IR 999"
+    path = directory / "unknown_charset.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns as it writes the names, too
+        path.write_bytes(part10_bytes(ds))
+    return path
 
 
 def test_pydicom_warnings_are_counted_by_category_in_status_metrics_and_log(
@@ -277,13 +291,17 @@ def test_pydicom_warnings_are_counted_by_category_in_status_metrics_and_log(
     d = daemon_factory(layout="mirror")
     url = _with_metrics(d)
     d.start()
-    added = {d.add(sample_file(name), name): category for name, category in WARNING_SAMPLES.items()}
+    made = _unknown_charset(d.root)
+    added = {
+        d.add(made if name == made.name else sample_file(name), name): category
+        for name, category in WARNING_SAMPLES.items()
+    }
 
     def counted() -> dict[str, int] | None:
         warned = _status(d).get("warnings")
         assert isinstance(warned, dict)
         counts = dict(warned["pydicom"])
-        enough = counts.get("invalid_value", 0) >= 2 and counts.get("vr_encoding_mismatch")
+        enough = counts.get("invalid_value", 0) >= 2 and counts.get("character_set")
         return counts if enough else None
 
     counts = wait_for(counted)
@@ -306,7 +324,7 @@ def test_pydicom_warnings_are_counted_by_category_in_status_metrics_and_log(
     assert done.returncode == 0, done.stderr
     assert "pydicom: " in done.stdout
     assert "invalid_value" in done.stdout
-    assert "vr_encoding_mismatch" in done.stdout
+    assert "character_set" in done.stdout
 
 
 def test_verify_counts_pydicom_warnings_instead_of_printing_each(

@@ -77,7 +77,9 @@ class DaemonConfig:
     reconcile_seconds: float = 300.0  #: periodic full rescan of every folder; 0 disables
     poll_seconds: float = 5.0  #: interval of the polling observer
     cache_mib: int = 32  #: bound of the in-memory header cache
-    workers: int = 2  #: indexing threads
+    workers: int = 2  #: indexing threads, each with a render process (at least 2)
+    #: a source's render past this is abandoned and the source withheld (``parse_timeout``)
+    parse_timeout_seconds: float = 60.0
     #: bound of a source's header (its elements before Pixel Data); past it: header_too_large
     max_header_mib: int = 256
 
@@ -154,6 +156,7 @@ _DAEMON_KEYS = (
     "cache_mib",
     "workers",
     "max_header_mib",
+    "parse_timeout_seconds",
 )
 _FOLDER_KEYS = ("path", "profile", "layout", "watch")
 _PROFILE_KEYS = (
@@ -442,6 +445,9 @@ class _Checker:
             cache_mib=t.integer("cache_mib", d.cache_mib, minimum=1),
             workers=t.integer("workers", d.workers, minimum=1, maximum=_MAX_WORKERS),
             max_header_mib=t.integer("max_header_mib", d.max_header_mib, minimum=1),
+            parse_timeout_seconds=t.number(
+                "parse_timeout_seconds", d.parse_timeout_seconds, minimum=0.0, exclusive=True
+            ),
         )
         for name, other in (("export_dir", out.export_dir), ("state_dir", out.state_dir)):
             if _overlaps(out.mountpoint, other):

@@ -74,8 +74,6 @@ import os
 import queue
 import re
 import secrets
-import select
-import signal
 import stat
 import struct
 import threading
@@ -101,6 +99,7 @@ from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, NotFound, ProfileError, Refused
+from deidfs.lifeline import die_with_parent
 from deidfs.render import (
     DEFLATED,
     Layout,
@@ -1706,59 +1705,6 @@ def quiet_pydicom() -> Iterator[None]:
         finally:
             lib_log.setLevel(saved[0])
             lib_log.propagate = saved[1]
-
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _parent_pid_of(pid: int) -> int | None:
-    """The parent of process ``pid`` (from /proc), None when it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def die_with_parent(coordinator: int) -> None:
-    """Make this worker process die as soon as the process that coordinates it does.
-
-    A pool's workers block for their next task, or on a full pipe of results, on pipes whose
-    other ends their siblings hold too: a ``kill -9`` of the coordinator would leave them
-    there forever. A worker forked by the coordinator has the kernel kill it with its parent
-    (``PR_SET_PDEATHSIG``). A worker forked by a fork server (whose parent is the
-    coordinator) cannot count on that: the fork server outlives the coordinator as long as
-    its workers do, since each holds the descriptor whose closing would stop it. It watches
-    the coordinator itself (a pidfd, else a look every second) from a thread, and exits
-    when it is gone, whatever the worker is blocked on. A parent that died before this took
-    effect is caught by looking at who the parent is afterwards.
-    """
-    prctl = _libc_function("prctl", "c_int", "c_ulong", "c_ulong", "c_ulong", "c_ulong")
-    if prctl is not None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    parent = os.getppid()
-    if parent == coordinator:
-        return
-    pidfd: int | None = None
-    with contextlib.suppress(OSError, AttributeError):  # ESRCH: gone; ENOSYS: before 5.3
-        pidfd = os.pidfd_open(coordinator)
-    # Checked after the pidfd is open: it is the coordinator's, not a later process's.
-    if _parent_pid_of(parent) != coordinator:
-        os._exit(1)  # orphaned already: no one will ever read what this worker would do
-    threading.Thread(
-        target=_exit_with, args=(coordinator, parent, pidfd), name="deidfs-lifeline", daemon=True
-    ).start()
-
-
-def _exit_with(coordinator: int, parent: int, pidfd: int | None) -> None:
-    """Exit this process once ``coordinator`` (the parent of ``parent``) has exited."""
-    if pidfd is not None:
-        select.select([pidfd], [], [])  # a pidfd turns readable when its process exits
-    else:
-        while _parent_pid_of(parent) == coordinator:
-            time.sleep(1.0)
-    os._exit(1)
 
 
 def _init_worker(job: object, stop: StopFlag, coordinator: int) -> None:

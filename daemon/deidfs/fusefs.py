@@ -839,8 +839,14 @@ class ViewFS:
             # follow it, so this handle's bytes could be cut short or mixed with it.
             h.broken = True
             raise Refused("source_changed", "a newer version replaced this view")
-        # No view at the path (the source was deleted or renamed away, or its folder
-        # withdrawn): the descriptor still holds the bytes this view was built from.
+        folder = self.tree.folder(h.file.folder)
+        if folder is None or folder.digest != h.file.digest:
+            # The folder is withdrawn, or its views changed (a reload to another profile):
+            # fail closed, the old view may hold what the new profile removes.
+            h.broken = True
+            raise Refused("source_changed", "the folder's views changed while open")
+        # No view at the path (the source was deleted or renamed away): the descriptor
+        # still holds the bytes this view was built from.
 
     def _check_after(self, h: _Handle, offset: int, size: int) -> None:
         """After the source was read for ``[offset, offset+size)``: it still holds the

@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 _JOURNAL_PRIORITY = {
     logging.DEBUG: 7,
@@ -132,10 +132,12 @@ class LibraryWarnings(logging.Handler):
     drops the twin that :func:`logging.captureWarnings` would print.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, log_first: bool = True) -> None:
         super().__init__(logging.WARNING)
         self._counts: dict[str, int] = {}
         self._count_lock = threading.Lock()
+        #: False in a worker process: its parent takes the counts and logs them.
+        self._log_first = log_first
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -147,19 +149,44 @@ class LibraryWarnings(logging.Handler):
         with self._count_lock:
             seen = self._counts.get(category, 0)
             self._counts[category] = seen + 1
-        if not seen:
-            _log.warning(
-                "pydicom warning: category=%s level=%s file=%s; further ones of this "
-                "category are counted, not logged (their text may quote values or paths)",
-                category,
-                record.levelname.lower(),
-                _source.get(),
-            )
+        if not seen and self._log_first:
+            self._log_category(category, record.levelname.lower(), _source.get())
+
+    @staticmethod
+    def _log_category(category: str, level: str, token: str) -> None:
+        _log.warning(
+            "pydicom warning: category=%s level=%s file=%s; further ones of this "
+            "category are counted, not logged (their text may quote values or paths)",
+            category,
+            level,
+            token,
+        )
 
     def counts(self) -> dict[str, int]:
         """Warnings counted so far, by category."""
         with self._count_lock:
             return dict(self._counts)
+
+    def take(self) -> dict[str, int]:
+        """The counts so far, by category, and start again from none (a worker process
+        hands them to its parent after each file)."""
+        with self._count_lock:
+            counts, self._counts = self._counts, {}
+        return counts
+
+    def add(self, counts: Mapping[str, int], token: str) -> None:
+        """Count warnings another process counted (:meth:`take`) while reading the file
+        ``token`` names; the first of each category is logged as :meth:`emit` logs it."""
+        for name, n in counts.items():
+            if n <= 0:
+                continue
+            # Bounded, whatever the other process sent.
+            category = name if name in WARNING_CATEGORIES else OTHER_CATEGORY
+            with self._count_lock:
+                seen = self._counts.get(category, 0)
+                self._counts[category] = seen + n
+            if not seen and self._log_first:
+                self._log_category(category, "warning", token)
 
     def summary(self) -> str:
         """``invalid_value 3, vr_encoding_mismatch 1``; "" when there were none."""
@@ -222,19 +249,21 @@ class ThirdPartyRedactor(logging.Filter):
         return True
 
 
-def setup_logging(level: int = logging.INFO) -> None:
+def setup_logging(level: int = logging.INFO, tally: LibraryWarnings | None = None) -> None:
     """Configure the root logger once for the CLI or the daemon.
 
     pydicom's warnings are counted by category (:class:`LibraryWarnings`) rather than
-    written one by one; the counts are logged once when the process ends.
+    written one by one; the counts are logged once when the process ends. A worker process
+    passes its own ``tally``, whose counts it hands to its parent: no summary is logged.
     """
     for tallied in list(logging.getLogger("pydicom").handlers):
         if isinstance(tallied, LibraryWarnings):
             atexit.unregister(tallied.log_summary)
             tallied.uninstall()
-    tally = LibraryWarnings()
+    if tally is None:
+        tally = LibraryWarnings()
+        atexit.register(tally.log_summary)
     tally.install()
-    atexit.register(tally.log_summary)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ThirdPartyRedactor())
     if _under_journald():

@@ -9,6 +9,7 @@ anything malformed, which it refuses. Importing it imports pydicom.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 import zlib
@@ -35,6 +36,7 @@ from deidfs.deid.pixels import (
     decoded_size,
     image_info,
     merge_ranges,
+    native_excess,
     native_geometry,
     native_ranges,
     reencode,
@@ -171,10 +173,18 @@ def render_reference(
         out.file_meta.TransferSyntaxUID = UID(actual_ts)
     zeroed: tuple[tuple[int, int], ...] = ()
     pixels = b""
-    if result.report.redactions:
-        zeroed, pixels = _redact(f, ds, out, result.report, pixel_offset, pixel_end, preamble)
+    report = result.report
+    if report.redactions:
+        zeroed, pixels = _redact(f, ds, out, report, pixel_offset, pixel_end, preamble)
         if pixels:
             pixel_offset = pixel_end = 0
+    if has_pixels and not pixels:
+        excess = _excess(f, ds, ts, pixel_offset, pixel_end, implicit, little)
+        if excess is not None:
+            zeroed = tuple(merge_ranges([*zeroed, excess]))
+            counts = dict(report.counts)
+            counts["pixel_excess_zeroed"] = 1
+            report = dataclasses.replace(report, counts=tuple(sorted(counts.items())))
     try:
         header = _encode_header(out, implicit, little)
         trailer_bytes = (
@@ -188,7 +198,7 @@ def render_reference(
         pixel_length=pixel_end - pixel_offset,
         trailer=trailer_bytes,
         relpath=layout_path(out, layout, source_rel),
-        report=result.report,
+        report=report,
         source=st,
         zeroed=zeroed,
         pixels=pixels,
@@ -471,6 +481,26 @@ def _check_trailer(
     """:func:`~deidfs.deid.structure.check_trailer` of what follows Pixel Data."""
     f.seek(at)
     check_trailer(f.read(size - at), after, implicit, little)
+
+
+def _excess(
+    f: BinaryIO,
+    ds: Dataset,
+    ts: str,
+    pixel_offset: int,
+    pixel_end: int,
+    implicit: bool,
+    little: bool,
+) -> tuple[int, int] | None:
+    """The range (relative to ``pixel_offset``) of native pixel bytes past the last frame,
+    served as zeros (see :func:`~deidfs.deid.pixels.native_excess`), or None."""
+    value_at, length = _pixel_value_at(f, pixel_offset, implicit, little)
+    if length == 0xFFFFFFFF:
+        return None
+    stop = native_excess(image_info(ds, "", ts or IMPLICIT_LE), length)
+    if stop is None:
+        return None
+    return value_at - pixel_offset + stop, pixel_end - pixel_offset
 
 
 def _pixel_value_at(f: BinaryIO, pos: int, implicit: bool, little: bool) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from typing import BinaryIO
 from deidfs.deid.fastpath import Decline, NeedMore, deidentify_header
 from deidfs.deid.layout import Layout, layout_path, layout_path_of
 from deidfs.deid.outcome import Report
-from deidfs.deid.pixels import zero_ranges
+from deidfs.deid.pixels import native_excess, zero_ranges
 from deidfs.deid.plan import Plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.structure import check_dataset, check_trailer, meta_end
@@ -113,6 +113,16 @@ class View:
         return len(self.header) + len(self.pixels) + self.pixel_length + len(self.trailer)
 
 
+#: The VRs each pixel data element may have (PS3.5 Table 7-1 and A.4; OB or OW for Pixel
+#: Data, as written, and OB when encapsulated, checked below).
+_PIXEL_VRS = {0x7FE00010: (b"OB", b"OW"), 0x7FE00008: (b"OF",), 0x7FE00009: (b"OD",)}
+
+
+def _tag_at(head: bytes, e: str) -> int:
+    group, element = struct.unpack(e + "HH", head[:4])
+    return int((group << 16) | element)
+
+
 def _pixel_element_end(f: BinaryIO, pos: int, size: int, implicit: bool, little: bool) -> int:
     """Offset just past the Pixel Data element at ``pos``, walking items if encapsulated."""
     e = "<" if little else ">"
@@ -133,6 +143,10 @@ def _pixel_element_end(f: BinaryIO, pos: int, size: int, implicit: bool, little:
         else:
             length = int(struct.unpack(e + "H", head[6:8])[0])
             value_start = pos + 8
+        if vr not in _PIXEL_VRS.get(_tag_at(head, e), (b"OB", b"OW")):
+            # What is there must be what can be there: pixel data under another VR (text,
+            # a sequence) would reach a reader as that, served verbatim.
+            raise Refused("bad_pixel_data", "pixel data with a VR it cannot have")
         if length == 0xFFFFFFFF and vr not in (b"OB", b"OW"):
             # Encapsulated pixel data is OB (PS3.5 A.4; OW is seen in the wild); served as
             # is, an undefined length UN (or SQ) would be read as a sequence by readers.
@@ -200,7 +214,7 @@ def _render_fast(
     pseudonymizer: Pseudonymizer,
     layout: Layout,
     source_rel: PurePosixPath | None,
-    limit: int,
+    limit: int = MAX_HEADER_BYTES,
 ) -> View | None:
     """The view by :func:`~deidfs.deid.fastpath.deidentify_header`, or None when it declines
     (or anything is amiss: the reference path then decides, refusals included). It reads
@@ -225,6 +239,11 @@ def _render_fast(
             pixel_end = _fast_pixel_end(f, data, fast.pixel_offset, size)
             if pixel_end < 0:
                 return None
+            head = data[fast.pixel_offset : fast.pixel_offset + 12]
+            long = head[4:6] in _LONG_VRS
+            length = struct.unpack_from("<L" if long else "<H", head, 8 if long else 6)[0]
+            if fast.image is not None and native_excess(fast.image, int(length)) is not None:
+                return None  # bytes past the image: the reference path zeroes them
             if pixel_end < size:
                 f.seek(pixel_end)
                 trailer = f.read(size - pixel_end)
@@ -258,6 +277,8 @@ def _fast_pixel_end(f: BinaryIO, data: bytes, pos: int, size: int) -> int:
     ``data`` when its value has a defined length; -1 where that function refuses."""
     head = data[pos : pos + 12]
     if len(head) == 12:
+        if head[4:6] not in _PIXEL_VRS.get(_tag_at(head, "<"), (b"OB", b"OW")):
+            return -1  # the reference path refuses it
         if head[4:6] in _LONG_VRS:
             length, value_start = int(struct.unpack("<L", head[8:12])[0]), pos + 12
         else:

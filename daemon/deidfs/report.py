@@ -88,6 +88,7 @@ REASON_MEANINGS: dict[str, str] = {
     "unreadable": "file cannot be opened (permissions, symbolic link)",
     "not_regular": "not a regular file",
     "source_changed": "file changed while it was read",
+    "parse_timeout": "header took longer to read than [daemon] parse_timeout_seconds allows",
     DUPLICATE: "same view path as another file (one of them is served)",
     UNREADABLE_VIEW: "rendered, but its header could not be read back (not measured)",
 }

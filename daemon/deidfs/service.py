@@ -8,14 +8,15 @@ Threads:
 - ``fuse-loop`` runs the mfusepy loop, which has its own worker threads;
 - each folder's :class:`~deidfs.watcher.FolderWatcher` reports settled and deleted files to
   :meth:`Service._sink`, which only queues them;
-- ``deidfs-index-N`` threads (``[daemon] workers``) render queued sources header-only,
-  store the result in the index and update the mount's tree atomically. They read sources
-  ahead in parallel (the first bytes, into the page cache: slow storage is read
-  concurrently), but one at a time indexes what is read ahead, for up to a tenth of a
-  second before another takes over (``_index_lock``). Rendering is Python holding the
-  GIL: two threads rendering at once on two cores hand the GIL (and the interpreter's hot
-  cache lines) back and forth at every system call; that took about twice the CPU time
-  per file and indexed slower than one thread alone;
+- ``deidfs-index-N`` threads (``[daemon] workers``, at least two) index queued sources.
+  Each owns a render process (:mod:`deidfs.render_pool`) that renders the source
+  header-only while the thread waits on its pipe: rendering is Python, and in this process
+  it would hold the GIL the FUSE callbacks need. The thread then stores the result in the
+  index and updates the mount's tree. Only that bookkeeping, before and after a render,
+  is serialized (``_index_lock``); no lock is held across a render, so a slow source holds
+  up its own thread only, and one past ``[daemon] parse_timeout_seconds`` is abandoned
+  (its process killed and replaced) and withheld as ``parse_timeout``. ``status`` lists
+  the renders that have run for more than a second;
 - ``deidfs-verify`` checks, once at start, that the sources loaded from the index still
   exist (files deleted while the daemon was down are never reported by a watcher);
 - ``deidfs-control`` serves the control socket (status, reload, export) and
@@ -86,7 +87,7 @@ from deidfs.control import (
 )
 from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.errors import ConfigError, DeidfsError, NotFound, Refused
+from deidfs.errors import ConfigError, DeidfsError, NotFound
 from deidfs.fusefs import (
     DeidOperations,
     FolderView,
@@ -99,10 +100,11 @@ from deidfs.fusefs import (
     unsettled_ns,
 )
 from deidfs.index import Entry, Index, Status
-from deidfs.logs import LibraryWarnings, source_token
+from deidfs.logs import LibraryWarnings
 from deidfs.metrics import FolderState, Metrics, StateSnapshot
 from deidfs.metrics_http import MetricsServer
-from deidfs.render import SourceStat, View, render_path
+from deidfs.render import SourceStat, View
+from deidfs.render_pool import TIMEOUT_REASON, Rendered, RenderProcess
 from deidfs.sdnotify import Notifier
 from deidfs.secret import load_or_create_key
 from deidfs.watcher import Change, FileEvent, FolderWatcher
@@ -111,20 +113,20 @@ log = logging.getLogger(__name__)
 
 #: Bumped when the bytes a view holds change for the same source, plan, layout and key
 #: (render.py changes); part of every view digest, so old index rows are re-rendered.
-RENDER_VERSION = "2"  # 2: data sets not whole at every depth are withheld
+RENDER_VERSION = "2"  # 2: data sets not whole at every depth withheld; bytes past the image zeroed
 #: Bound of each join at shutdown.
 JOIN_SECONDS = 5.0
 #: How often the configuration file's SHA-256 is compared (see the module notes).
 CONFIG_POLL_SECONDS = 0.5
 #: How often ``STATUS=`` is sent to systemd.
 STATUS_SECONDS = 5.0
-#: Bytes of a source an indexing worker reads ahead, outside the index lock: what the
-#: renderer reads first (a typical header fits).
-READ_AHEAD_BYTES = 16 * 1024
-#: Sources read ahead beyond which a worker waits for the index lock instead of reading on.
-READ_AHEAD_DEPTH = 16
-#: How long a worker holding the index lock keeps indexing before it lets another take over.
-INDEX_HOLD_SECONDS = 0.1
+#: Indexing threads (each with its render process) at least, whatever ``workers`` says: with
+#: one, a source taking its whole time bound would hold up every other.
+MIN_INDEX_WORKERS = 2
+#: A render running longer than this is shown by ``status`` (as in progress).
+SHOW_RENDER_AFTER_SECONDS = 1.0
+#: How long a stopping daemon lets renders in progress finish before it kills them.
+STOP_RENDER_GRACE_SECONDS = 1.0
 #: ``[daemon]`` settings a running daemon cannot change: a reload keeps their old value.
 RESTART_SETTINGS = ("mountpoint", "state_dir", "metrics_address", "control_socket", "allow_other")
 _WATCH_SETTINGS = ("settle_seconds", "poll_seconds", "reconcile_seconds")
@@ -217,6 +219,8 @@ class ServiceStatus:
     pydicom_warnings: tuple[tuple[str, int], ...] = ()
     open_limit: int = 0  #: views that may be open at once (each holds its source open)
     refused_opens: int = 0  #: opens refused for want of a file descriptor
+    #: renders running for more than a second: (folder id, file token, seconds so far)
+    rendering: tuple[tuple[str, str, float], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The wire form of ``status`` on the control socket (``deidfs status --json``)."""
@@ -256,7 +260,15 @@ class ServiceStatus:
                 }
                 for f in self.folders
             ],
-            "index": {"backlog": self.backlog, "rendered": self.rendered, "reused": self.reused},
+            "index": {
+                "backlog": self.backlog,
+                "rendered": self.rendered,
+                "reused": self.reused,
+                "in_progress": [
+                    {"folder": fid, "file": token, "seconds": round(seconds, 1)}
+                    for fid, token, seconds in self.rendering
+                ],
+            },
             "fuse": {
                 "open_files": self.open_files,
                 "open_limit": self.open_limit,
@@ -497,10 +509,11 @@ class Service:
         self._export_lock = threading.Lock()
         self._config_poll: _ConfigPoll | None = None
         self._counter_lock = threading.Lock()
-        #: Held by the indexing worker that indexes (see the module notes).
+        #: Held while the index and the tree are updated, never across a render.
         self._index_lock = threading.Lock()
-        #: Sources taken from the queue and read ahead, not indexed yet (still in flight).
-        self._ahead: deque[tuple[_Key, _Kind]] = deque()
+        self._renderers: list[RenderProcess] = []
+        #: Renders in progress: worker slot -> (folder id, file token, start on the clock).
+        self._rendering: dict[int, tuple[str, str, float]] = {}
         self._hinted: dict[_Key, float] = {}
         self.rendered = 0
         self.reused = 0
@@ -545,7 +558,7 @@ class Service:
         self.mount = FuseMount(self.ops, self.mountpoint, allow_other=d.allow_other)
         self.mount.start()
         self.tree.invalidator = self.ops.invalidate
-        self._start_workers(max(1, d.workers))
+        self._start_workers(_index_workers(d.workers))
         threading.Thread(target=self._verify, name="deidfs-verify", daemon=True).start()
         self.control = ControlServer(
             Path(os.path.abspath(d.control_socket)),
@@ -575,7 +588,12 @@ class Service:
     def _start_workers(self, count: int) -> None:
         for _ in range(count):
             n = len(self._workers)
-            t = threading.Thread(target=self._work, name=f"deidfs-index-{n}", daemon=True)
+            renderer = RenderProcess(f"deidfs-render-{n}")
+            renderer.start()
+            t = threading.Thread(
+                target=self._work, args=(n, renderer), name=f"deidfs-index-{n}", daemon=True
+            )
+            self._renderers.append(renderer)
             t.start()
             self._workers.append(t)
 
@@ -712,61 +730,31 @@ class Service:
             self._hinted[key] = now
         self._queue.put(key, _Kind.HINT)
 
-    def _work(self) -> None:
-        """An indexing worker: read the next source ahead, then index what is read ahead
-        unless another worker is doing so (see the module notes)."""
-        while not self._stop.is_set():
-            item = self._queue.get(timeout=0.5)
-            if item is None:
-                self._flush_index()
-                continue
-            key, kind = item
-            if kind is not _Kind.GONE:
-                folder = self._folders.get(key[0])
-                if folder is not None and not self._indexed_as_is(folder, key[1]):
-                    _read_ahead(key[1])  # in parallel with the worker that indexes
-            self._ahead.append(item)
-            # Far enough ahead: wait for the lock (and index) rather than read on.
-            self._index_ahead(block=len(self._ahead) >= READ_AHEAD_DEPTH)
+    def _work(self, slot: int, renderer: RenderProcess) -> None:
+        """An indexing worker: index queued sources one by one, rendering each in its own
+        render process (see the module notes)."""
+        try:
+            while not self._stop.is_set():
+                item = self._queue.get(timeout=0.5)
+                if item is not None:
+                    self._index_item(slot, renderer, *item)
+                if not len(self._queue):
+                    self._flush_index()
+        finally:
+            renderer.close()
 
-    def _index_ahead(self, block: bool) -> None:
-        """Index the sources read ahead (any worker's), holding the index lock.
-
-        The holder keeps indexing for up to :data:`INDEX_HOLD_SECONDS` before it lets
-        another worker take over: passing the lock on at every file moved the work from core
-        to core at every file, which cost almost as much as rendering in parallel.
-        """
-        while self._index_lock.acquire(blocking=block):
-            try:
-                until = self._clock() + INDEX_HOLD_SECONDS
-                while not self._stop.is_set():
-                    try:
-                        item = self._ahead.popleft()
-                    except IndexError:
-                        break
-                    self._index_item(*item)
-                    if self._clock() >= until:
-                        break
-            finally:
-                self._index_lock.release()
-            if not self._ahead or self._stop.is_set():
-                break
-            # More was read ahead meanwhile: index it, unless another worker took over.
-            block = False
-        if not len(self._queue):
-            self._flush_index()
-
-    def _index_item(self, key: _Key, kind: _Kind) -> None:
-        """Handle one queued source (index lock held); a failure is logged, never raised."""
+    def _index_item(self, slot: int, renderer: RenderProcess, key: _Key, kind: _Kind) -> None:
+        """Handle one queued source; a failure is logged, never raised."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("event: folder=%s file=%s %s", key[0], self._token(key[1]), kind.value)
         try:
             folder = self._folders.get(key[0])
             if folder is not None:
                 if kind is _Kind.GONE:
-                    self._forget(folder, key[1])
+                    with self._index_lock:
+                        self._forget(folder, key[1])
                 else:
-                    self._index_source(folder, key[1], hint=kind is _Kind.HINT)
+                    self._index_source(folder, key[1], slot, renderer, hint=kind is _Kind.HINT)
         except Exception as exc:  # contain: one bad file must not stop indexing
             log.error(
                 "indexing failed: folder=%s file=%s error=%s",
@@ -777,55 +765,25 @@ class Service:
         finally:
             self._queue.done(key)
 
-    def _indexed_as_is(self, folder: _Folder, path: str) -> bool:
-        """Whether the source is served or withheld in its current state already (a
-        restart's scan reports every file: those need no reading ahead)."""
-        try:
-            state = SourceStat.of(os.lstat(path))
-        except OSError:
-            return True  # nothing to read; indexing decides what it means
-        digest = folder.view.digest
-        served = self.tree.by_source(folder.config.id, path)
-        if served is not None and served.state == state and served.digest == digest:
-            return True
-        known = folder.refused.get(path)
-        return known is not None and known[0] == state and known[1] == digest
-
     def _flush_index(self) -> None:
         """Nothing (more) to index for now: commit the index rows written in a batch."""
         if self.index is not None:
             self.index.flush()
 
-    def _index_source(self, folder: _Folder, path: str, hint: bool = False) -> None:
-        assert self.index is not None
+    def _index_source(
+        self,
+        folder: _Folder,
+        path: str,
+        slot: int,
+        renderer: RenderProcess,
+        hint: bool = False,
+    ) -> None:
+        with self._index_lock:
+            checked = self._needs_render(folder, path, hint)
+        if checked is None:
+            return
+        st, state = checked
         fid = folder.config.id
-        digest = folder.view.digest
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            self._forget(folder, path)
-            return
-        except OSError:
-            self._withhold(folder, path, None, "unreadable")
-            return
-        state = SourceStat.of(st)
-        if hint and time.time_ns() - st.st_mtime_ns < self.config.daemon.settle_seconds * 1e9:
-            return  # still being written: the watcher reports it once it has settled
-        served = self.tree.by_source(fid, path)
-        if served is not None and served.state == state and served.digest == digest:
-            return
-        known = folder.refused.get(path)
-        if known is not None and known[0] == state and known[1] == digest:
-            return
-        row = self.index.get(fid, path)
-        if row is not None and row.source == state and row.digest == digest:
-            self._apply(folder, row)
-            self._count(reused=1)
-            return
-        reason = self._unsafe(folder, path, st)
-        if reason:
-            self._withhold(folder, path, state, reason)
-            return
         wait = unsettled_ns(st, time.time_ns())
         if wait:
             # Changed within a timestamp tick: a write later in that tick would not show in
@@ -842,18 +800,86 @@ class Service:
                 return
         rel = _relative(path, folder.prefix, folder.view.root)
         view = folder.view
-        started = time.perf_counter()
+        token = self._token(path)
+        self._rendering[slot] = (fid, token, self._clock())
         try:
-            with source_token(self._token(path)):
-                rendered: View | None = render_path(
-                    path, view.plan, view.pseudonymizer, view.layout, rel, view.max_header_bytes
-                )
-            reason = ""
-        except Refused as exc:
-            rendered, reason = None, exc.reason
-        self.metrics.observe_render(fid, time.perf_counter() - started)
+            outcome = renderer.render(
+                path,
+                rel,
+                view.digest,
+                (view.plan, view.pseudonymizer, view.layout, view.max_header_bytes),
+                self.config.daemon.parse_timeout_seconds,
+            )
+        finally:
+            self._rendering.pop(slot, None)
+        if outcome.warnings:
+            self.library_warnings.add(dict(outcome.warnings), token)
+        if outcome.lost and self._stop.is_set():
+            return  # stopping: the render was abandoned, the file is indexed at the next start
+        self.metrics.observe_render(fid, outcome.seconds)
         self._count(rendered=1)
         after = self._still(path, state)
+        with self._index_lock:
+            self._store(folder, path, st, state, after, outcome)
+
+    def _needs_render(
+        self, folder: _Folder, path: str, hint: bool
+    ) -> tuple[os.stat_result, SourceStat] | None:
+        """The source's lstat and state when it must be rendered; None when it was handled
+        here (forgotten, withheld, taken from the index, or nothing to do). Index lock held."""
+        assert self.index is not None
+        fid = folder.config.id
+        digest = folder.view.digest
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self._forget(folder, path)
+            return None
+        except OSError:
+            self._withhold(folder, path, None, "unreadable")
+            return None
+        state = SourceStat.of(st)
+        if hint and time.time_ns() - st.st_mtime_ns < self.config.daemon.settle_seconds * 1e9:
+            return None  # still being written: the watcher reports it once it has settled
+        served = self.tree.by_source(fid, path)
+        if served is not None and served.state == state and served.digest == digest:
+            return None
+        known = folder.refused.get(path)
+        if known is not None and known[0] == state and known[1] == digest:
+            return None
+        row = self.index.get(fid, path)
+        if row is not None and row.source == state and row.digest == digest:
+            self._apply(folder, row)
+            self._count(reused=1)
+            return None
+        reason = self._unsafe(folder, path, st)
+        if reason:
+            self._withhold(folder, path, state, reason)
+            return None
+        return st, state
+
+    def _store(
+        self,
+        rendered_for: _Folder,
+        path: str,
+        st: os.stat_result,
+        state: SourceStat,
+        after: os.stat_result | None,
+        outcome: Rendered,
+    ) -> None:
+        """Make the index and the tree say what the render found. Index lock held."""
+        assert self.index is not None
+        fid = rendered_for.config.id
+        folder = self._folders.get(fid)
+        if (
+            folder is None
+            or folder.view.digest != rendered_for.view.digest
+            or not path.startswith(folder.prefix)
+        ):
+            # A reload replaced the folder's views meanwhile: the source is queued again
+            # for them (or the folder is gone).
+            return
+        rendered = outcome.view
         if after is None or (rendered is not None and rendered.source != state):
             # Written to while it was parsed (a copy in place): what was read may be a
             # mix. The watcher reports the file again once it has settled.
@@ -865,14 +891,36 @@ class Service:
             # READY: the watcher reported this state and will not report it again).
             self._queue.put((fid, path), _Kind.READY)
             return
+        if outcome.error:
+            log.error(
+                "indexing failed: folder=%s file=%s error=%s", fid, self._token(path), outcome.error
+            )
+            return
+        reason = outcome.reason
+        if outcome.lost:
+            # The render process died under this file (killed, out of memory, a crash in
+            # a decoder): fail closed.
+            log.warning(
+                "render process died while rendering folder=%s file=%s; withheld",
+                fid,
+                self._token(path),
+            )
+            reason = "unparseable"
         if rendered is None:
+            if reason == TIMEOUT_REASON:
+                log.warning(
+                    "folder=%s file=%s: render took longer than %g s; abandoned",
+                    fid,
+                    self._token(path),
+                    self.config.daemon.parse_timeout_seconds,
+                )
             log.debug("folder=%s file=%s refused at size %d", fid, self._token(path), state.size)
             self._withhold(folder, path, state, reason)
             return
         entry = self._entry(folder, path, rendered)
         self.index.put(entry)
         self._apply(folder, entry)
-        key = (path, rendered.source, digest)
+        key = (path, rendered.source, folder.view.digest)
         # The header was just built: keep it so the first open of the view is cheap.
         self.fs.cache.put(key, rendered)
 
@@ -1032,6 +1080,12 @@ class Service:
             )
         m = self.mount
         cache = self.fs.cache
+        now = self._clock()
+        rendering = sorted(
+            (fid, token, now - since)
+            for fid, token, since in list(self._rendering.values())
+            if now - since > SHOW_RENDER_AFTER_SECONDS
+        )
         return ServiceStatus(
             mountpoint=str(self.mountpoint),
             mounted=m is not None and m.alive,
@@ -1054,6 +1108,7 @@ class Service:
             pydicom_warnings=tuple(sorted(self.library_warnings.counts().items())),
             open_limit=self.fs.max_handles,
             refused_opens=self.fs.exhausted,
+            rendering=tuple(rendering),
         )
 
     def metrics_state(self) -> StateSnapshot:
@@ -1213,8 +1268,8 @@ class Service:
                     f"[daemon] {name} changed: takes effect at the next restart "
                     f"(running with {getattr(old_d, name)!s})"
                 )
-        if new_d.workers < len(self._workers):
-            keep["workers"] = len(self._workers)
+        if _index_workers(new_d.workers) < len(self._workers):
+            keep["workers"] = old_d.workers
             warnings_.append(
                 f"[daemon] workers lowered to {new_d.workers}: takes effect at the next restart"
             )
@@ -1232,8 +1287,10 @@ class Service:
             plan.changes.append("watch timing changed: watchers restarted")
         if daemon.cache_mib != old_d.cache_mib:
             plan.changes.append(f"header cache bound set to {daemon.cache_mib} MiB")
-        if daemon.workers > len(self._workers):
+        if _index_workers(daemon.workers) > len(self._workers):
             plan.changes.append(f"indexing workers raised to {daemon.workers}")
+        if daemon.parse_timeout_seconds != old_d.parse_timeout_seconds:
+            plan.changes.append(f"parse timeout set to {daemon.parse_timeout_seconds:g} s")
         current = self._folders
         plans: dict[str, Plan] = {}
         for fid in sorted(set(current) - set(new.folders)):
@@ -1280,8 +1337,9 @@ class Service:
         assert self.index is not None
         self.config = plan.config
         self.fs.cache.max_bytes = plan.config.daemon.cache_mib * 1024 * 1024
-        if plan.config.daemon.workers > len(self._workers):
-            self._start_workers(plan.config.daemon.workers - len(self._workers))
+        wanted = _index_workers(plan.config.daemon.workers)
+        if wanted > len(self._workers):
+            self._start_workers(wanted - len(self._workers))
         folders = dict(self._folders)
         stop: list[FolderWatcher] = []
         for fid in plan.removed:
@@ -1487,6 +1545,13 @@ class Service:
                 if folder.watcher is not None:
                     folder.watcher.stop()
             self._queue.close()
+            # Idle workers end at once; a render still running after a grace is abandoned
+            # (the file is indexed at the next start), and every render process reaped.
+            grace = time.monotonic() + STOP_RENDER_GRACE_SECONDS
+            for t in self._workers:
+                t.join(max(0.0, grace - time.monotonic()))
+            for renderer in self._renderers:
+                renderer.shutdown()
             deadline = time.monotonic() + JOIN_SECONDS
             for t in self._workers:
                 t.join(max(0.0, deadline - time.monotonic()))
@@ -1598,23 +1663,9 @@ class Service:
         return 0
 
 
-def _read_ahead(path: str) -> None:
-    """Bring a regular file's first :data:`READ_AHEAD_BYTES` into the page cache.
-
-    Opened as the renderer opens sources (read-only, no final symlink, O_NONBLOCK so a FIFO
-    put in its place does not block); anything but a regular file is left unread.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return
-    try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            os.pread(fd, READ_AHEAD_BYTES, 0)
-    except OSError:
-        pass  # the render reports what is wrong with it
-    finally:
-        os.close(fd)
+def _index_workers(workers: int) -> int:
+    """Indexing threads (and render processes) for ``[daemon] workers``."""
+    return max(MIN_INDEX_WORKERS, workers)
 
 
 def _relative(path: str, prefix: str, root: Path) -> PurePosixPath:

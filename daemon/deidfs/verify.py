@@ -62,7 +62,7 @@ import os
 import re
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path, PurePosixPath
@@ -75,6 +75,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
 
 from deidfs.config import FolderConfig
+from deidfs.deid.attribute_types import TOP_LEVEL, placements
 from deidfs.deid.engine import MISPLACED_GROUP, distrust, element_decision
 from deidfs.deid.identifiers import DirectKind, direct_kind
 from deidfs.deid.plan import Decision, Op, Plan, Source, compile_plan
@@ -403,9 +404,17 @@ def _element(ds: Dataset, key: Any) -> DataElement | None:
 class _Values:
     """The original values of one file, sorted into searched, kept and structurally checked."""
 
-    def __init__(self, plan: Plan, *, implicit: bool = False) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        implicit: bool = False,
+        places: Mapping[tuple[int, int], int] | None = None,
+    ) -> None:
         self.plan = plan
         self.implicit = implicit  #: the file's encoding: VRs are the dictionary's
+        #: where the file's IOD requires attributes (X codes decide by it, as the engine)
+        self.places = places
         self.year_only = plan.profile.date_modification is DateModification.YEAR
         self.secret: dict[bytes, _Needle] = {}
         self.kept: set[bytes] = set()
@@ -478,13 +487,18 @@ class _Values:
             self.kept.update(_encodings(text))
 
     def walk(
-        self, ds: Dataset, inherited: str = "", top: bool = False, scrub: Op | None = None
+        self,
+        ds: Dataset,
+        inherited: str = "",
+        top: bool = False,
+        scrub: Op | None = None,
+        parent: int = TOP_LEVEL,
     ) -> None:
         """Sort every element of ``ds``.
 
         ``inherited`` says a kept or removed sequence encloses it; ``scrub`` that a D or C
         sequence does, whose text the table does not list is dummied or cleaned (see
-        :mod:`deidfs.deid.engine`).
+        :mod:`deidfs.deid.engine`); ``parent`` is the tag of the sequence whose item it is.
         """
         creators: dict[int, str] = {}
         for key in ds.keys():
@@ -524,7 +538,7 @@ class _Values:
                 # value kept by its tag's row that cannot be that attribute (a name under
                 # Image Type, a description under a command element) is removed, so it is
                 # searched for like any other removed value.
-                decision = element_decision(self.plan, tag, raw, scrub)
+                decision = element_decision(self.plan, tag, raw, scrub, self.places, parent)
                 if distrust(tag, decision, raw, implicit=self.implicit) is not None:
                     decision = _UNTRUSTED
             op = decision.op
@@ -538,7 +552,7 @@ class _Values:
                 if op in (Op.DUMMY, Op.CLEAN) and scrub is not Op.DUMMY:
                     inner = op  # D inside C scrubs harder, never softer
                 for item in elem.value:
-                    self.walk(item, inherited=sub, scrub=inner)
+                    self.walk(item, inherited=sub, scrub=inner, parent=tag)
             elif op is Op.CLEAN and str(elem.VR) not in _DATE_VRS and str(elem.VR) != "UI":
                 continue  # a cleaned descriptor keeps its non-identifying text
             elif op is Op.CLEAN and elem.VR == "TM" and not self.year_only:
@@ -569,6 +583,15 @@ def _implicit(ds: Dataset) -> bool:
     return bool(ds.original_encoding[0])
 
 
+def _sop_class(ds: Dataset) -> str:
+    """The SOP Class UID the engine decides by: the data set's, else the file meta's."""
+    text = str(ds.get("SOPClassUID", "") or "").strip()
+    meta = getattr(ds, "file_meta", None)
+    if not text and meta is not None:
+        text = str(meta.get("MediaStorageSOPClassUID", "") or "").strip()
+    return text
+
+
 def _read_header(f: BinaryIO) -> Dataset:
     f.seek(0)
     return dcmread(f, stop_before_pixels=True, force=True)
@@ -588,6 +611,9 @@ class _Level:
     verbatim: Decision | None = None  #: a sequence kept as is around: its decision
     verbatim_source: str | None = None  #: and what keeps it, with its tag
     cause: str | None = None  #: what keeps this level though Basic drops it, with its tag
+    #: where the file's IOD requires attributes, and the sequence whose items these are
+    places: Mapping[tuple[int, int], int] | None = None
+    parent: int = TOP_LEVEL
 
     def inside(self, tag: int, decision: Decision, basic: Decision, source: str) -> _Level:
         """The level of the items of the sequence ``tag``, served by ``decision``, which
@@ -608,6 +634,8 @@ class _Level:
             verbatim=verbatim,
             verbatim_source=verbatim_source,
             cause=cause,
+            places=self.places,
+            parent=tag,
         )
 
 
@@ -663,7 +691,9 @@ class _Verifier:
             log.debug("original %s unreadable: %s", token, type(exc).__name__)
             self.add(FindingKind.UNREADABLE, token)
             return
-        values = _Values(self.plan, implicit=_implicit(original))
+        values = _Values(
+            self.plan, implicit=_implicit(original), places=placements(_sop_class(original))
+        )
         values.walk(original, top=True)
         values.walk_meta(original)
         needles = values.needles()
@@ -693,7 +723,7 @@ class _Verifier:
             self.add(FindingKind.UNREADABLE, token)
             return
         self._structural(values, ds, token)
-        self._served(ds, _Level(), token, implicit=_implicit(ds))
+        self._served(ds, _Level(places=placements(_sop_class(ds))), token, implicit=_implicit(ds))
         self._pair_uids(original, ds, 0, token)
 
     def _check_regions(
@@ -814,7 +844,9 @@ class _Verifier:
             if level.verbatim is not None:
                 decision = level.verbatim  # served as is, with the sequence around it
             else:
-                decision = element_decision(self.plan, tag, raw, level.scrub)
+                decision = element_decision(
+                    self.plan, tag, raw, level.scrub, level.places, level.parent
+                )
                 if decision is MISPLACED_GROUP:
                     self.add(FindingKind.VALUE_UNTRUSTED, token, tag, "misplaced")
                     continue
@@ -825,7 +857,9 @@ class _Verifier:
             basic = (
                 _REMOVED
                 if level.basic_drops
-                else element_decision(self.basic, tag, raw, level.basic_scrub)
+                else element_decision(
+                    self.basic, tag, raw, level.basic_scrub, level.places, level.parent
+                )
             )
             elem = _element(ds, key)
             if elem is None:

@@ -303,6 +303,11 @@ def format_status(st: Mapping[str, Any]) -> str:
         f"index:   {index.get('backlog', 0)} queued, {index.get('rendered', 0)} rendered, "
         f"{index.get('reused', 0)} reused from the index"
     )
+    for job in index.get("in_progress") or []:
+        out.append(
+            f"         rendering folder={job.get('folder')} file={job.get('file')} "
+            f"for {float(job.get('seconds', 0)):.1f} s"
+        )
     cache = st.get("cache") or {}
     lookups = int(cache.get("hits", 0)) + int(cache.get("misses", 0))
     ratio = f", {100 * int(cache.get('hits', 0)) // lookups}% hits" if lookups else ""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections import Counter
-from collections.abc import MutableSequence
+from collections.abc import Mapping, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from pydicom.uid import UID
 from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
 
 from deidfs import __version__
+from deidfs.deid.attribute_types import TOP_LEVEL, placements
 from deidfs.deid.dictionary import TEXT_VRS, VALUE_SIZES, length_fits, text_is_clean
 from deidfs.deid.outcome import (
     ENCAPSULATED_DOCUMENT_CLASSES,
@@ -36,7 +37,7 @@ from deidfs.deid.outcome import (
     Report,
 )
 from deidfs.deid.pixels import PixelDecision, PixelPolicy, decide, image_info
-from deidfs.deid.plan import Decision, Op, Plan, Source
+from deidfs.deid.plan import Decision, Op, Plan, Source, basic_dummies
 from deidfs.deid.profiles import DateModification
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Action, Option, method_codes
@@ -109,6 +110,9 @@ class _Context:
     charset: str | MutableSequence[str] | None
     implicit: bool
     little: bool
+    #: Where this instance's IOD requires the attributes Table E.1-1 removes (its SOP Class's
+    #: :func:`~deidfs.deid.attribute_types.placements`).
+    places: Mapping[tuple[int, int], int]
     counts: Counter[str] = field(default_factory=Counter)
     notes: set[str] = field(default_factory=set)
     _patient_key: str | None = None
@@ -332,17 +336,29 @@ MISPLACED_GROUP = Decision(
 
 
 def element_decision(
-    plan: Plan, tag: int, raw: RawDataElement | DataElement, scrub: Op | None = None
+    plan: Plan,
+    tag: int,
+    raw: RawDataElement | DataElement,
+    scrub: Op | None = None,
+    places: Mapping[tuple[int, int], int] | None = None,
+    parent: int = TOP_LEVEL,
 ) -> Decision:
     """What the engine decides for the public element ``tag`` (``raw`` as read) at a level
     of the data set: :data:`MISPLACED_GROUP` for command and file meta elements (they belong
     to a message or the file meta group, never to a data set or an item: whatever they hold
     goes), the plan's decision otherwise, with the text the table does not list dummied or
     cleaned inside a D or C sequence (``scrub``). Whether the element is trusted to be what
-    its tag says is :func:`distrust`'s question, asked once the decision keeps it."""
+    its tag says is :func:`distrust`'s question, asked once the decision keeps it.
+
+    A decision that depends on the attribute's Type (X codes, :meth:`Decision.at`) is taken
+    where it occurs: in the items of the sequence ``parent`` (:data:`TOP_LEVEL`: the data
+    set itself), in the IOD whose :func:`~deidfs.deid.attribute_types.placements` are
+    ``places`` (None: an IOD the table does not know)."""
     if tag >> 16 in (0x0000, 0x0002):
         return MISPLACED_GROUP
     decision = _decide(plan, tag)
+    if decision.by_type:
+        decision = decision.at((places or {}).get((parent, tag)))
     if (
         scrub is not None
         and decision.op is Op.KEEP
@@ -384,9 +400,10 @@ def distrust(
 class _Walker:
     """Walks one dataset level; recursion creates a walker per sequence item."""
 
-    def __init__(self, ctx: _Context, scrub: Op | None = None) -> None:
+    def __init__(self, ctx: _Context, scrub: Op | None = None, parent: int = TOP_LEVEL) -> None:
         self.ctx = ctx
         self.scrub = scrub  #: Op.DUMMY or Op.CLEAN inside a D or C sequence (_SCRUB_VRS)
+        self.parent = parent  #: the tag of the sequence whose items this walks
 
     def dataset(self, src: Dataset) -> Dataset:
         ctx = self.ctx
@@ -404,7 +421,7 @@ class _Walker:
             if tag >> 16 & 1:
                 self._private(src, tag, raw, creators, kept_private_blocks, private_out)
                 continue
-            decision = element_decision(ctx.plan, tag, raw, self.scrub)
+            decision = element_decision(ctx.plan, tag, raw, self.scrub, ctx.places, self.parent)
             if decision is MISPLACED_GROUP:
                 ctx.counts[Op.REMOVE.value] += 1
                 ctx.counts["misplaced_group_removed"] += 1
@@ -537,9 +554,10 @@ class _Walker:
         items = elem.value if elem.VR == "SQ" else None
         if items is None:
             raise Refused("bad_sequence", f"element {tag:08X} is not a readable sequence")
-        walker = self
+        inner = self.scrub
         if scrub is not None and self.scrub is not Op.DUMMY and scrub is not self.scrub:
-            walker = _Walker(self.ctx, scrub)  # D inside C scrubs harder; never softer
+            inner = scrub  # D inside C scrubs harder; never softer
+        walker = _Walker(self.ctx, inner, tag)
         return DataElement(tag, "SQ", Sequence([walker.dataset(item) for item in items]))
 
     def _uids(
@@ -606,6 +624,12 @@ class _Walker:
         values = _values(_convert(raw, self.ctx, src).value)
         if not values:
             return _empty(tag, vr)
+        year_only = self.ctx.plan.profile.date_modification is DateModification.YEAR
+        if vr == "TM" and not shift and year_only and tag in basic_dummies():
+            # Year only keeps no time of day; where the Basic Profile gives the attribute a
+            # dummy (D: Content Time, Type 1 in SR and enhanced images) it is midnight.
+            self.ctx.notes.add("time_of_day_midnight")
+            return _element(tag, vr, [_DUMMY_BY_VR["TM"] for _ in values])
         out = _modify_dates(vr, values, self.ctx, shift=shift)
         if out is None:
             self.ctx.notes.add("unparseable_date_emptied")
@@ -773,7 +797,9 @@ def deidentify(
     if SOP_INSTANCE_UID not in ds or not _plain(_raw_value(ds, SOP_INSTANCE_UID, charset)):
         raise Refused("no_sop_instance_uid", "SOP Instance UID is missing")
 
-    ctx = _Context(plan, pseudonymizer, ds, charset, bool(implicit), bool(little))
+    ctx = _Context(
+        plan, pseudonymizer, ds, charset, bool(implicit), bool(little), placements(sop_class)
+    )
     walker = _Walker(ctx)
     out = walker.dataset(ds)
     out_trailer = walker.dataset(trailer) if trailer is not None and len(trailer) else None

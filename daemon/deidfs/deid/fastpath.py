@@ -31,10 +31,12 @@ from __future__ import annotations
 import math
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from deidfs import __version__
+from deidfs.deid.attribute_types import TOP_LEVEL, placements
 from deidfs.deid.dictionary import (
     BAD_TEXT,
     LONG_LENGTH_VRS,
@@ -231,6 +233,7 @@ class FastHeader:
     #: Output values the view's name is built from (None: absent), in this order:
     #: SOPInstanceUID, PatientID, StudyInstanceUID, SeriesInstanceUID.
     names: tuple[str | None, str | None, str | None, str | None]
+    image: ImageInfo | None = None  #: what the header says of the pixels (with pixels)
 
 
 # -- per-plan tables -------------------------------------------------------------------------
@@ -492,7 +495,9 @@ def _reencode(tag: int, vr: str, value: bytes) -> bytes:
 class _Run:
     """One file: walks its data sets and collects the output, mirroring engine._Walker."""
 
-    def __init__(self, data: bytes, size: int, tables: _Tables, pseudo: Pseudonymizer) -> None:
+    def __init__(
+        self, data: bytes, size: int, tables: _Tables, pseudo: Pseudonymizer, media_class: str
+    ) -> None:
         self.data = data
         self.size = size
         self.tables = tables
@@ -511,6 +516,9 @@ class _Run:
         self.removed_slot = -1  #: index of PatientIdentityRemoved in the top-level output
         #: Top-level output slots to replace when the source has pixels (None: decline).
         self.pixel_fixups: list[tuple[int, bytes | None]] = []
+        self.media_class = media_class  #: the file meta's Media Storage SOP Class UID
+        self.top_start = 0  #: offset of the data set
+        self._places: Mapping[tuple[int, int], int] | None = None
 
     # -- structure --------------------------------------------------------------------------
     def header(self, pos: int) -> tuple[int, str, int, int]:
@@ -631,12 +639,53 @@ class _Run:
     def count(self, key: str) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1
 
+    def places(self) -> Mapping[tuple[int, int], int]:
+        """engine._Context.places: by the SOP Class UID, or the file meta's when the data set
+        has none."""
+        if self._places is None:
+            if self.root_done > SOP_CLASS_UID:
+                sop = self.root.get(SOP_CLASS_UID)
+            else:
+                sop = self.sop_class_ahead()
+            sop_class = _plain(sop[0], sop[1]) if sop is not None else ""
+            self._places = placements(sop_class or self.media_class)
+        return self._places
+
+    def sop_class_ahead(self) -> tuple[str, bytes] | None:
+        """SOP Class UID (VR, value), read ahead of the walk: Instance Creation Date, which
+        comes before it, is decided by the IOD."""
+        data = self.data
+        pos = self.top_start
+        previous = -1
+        while True:
+            if pos >= len(data):
+                if len(data) < self.size:
+                    raise NeedMore(min(self.size, 2 * len(data)))
+                return None
+            tag, vr, start, length = self.header(pos)
+            if tag <= previous:
+                raise Decline("element_order")
+            previous = tag
+            if tag > SOP_CLASS_UID:
+                return None
+            end = self.value_end(tag, vr, start, length)
+            if tag == SOP_CLASS_UID:
+                return vr, data[start:end]
+            pos = end
+
     # -- data sets --------------------------------------------------------------------------
     def dataset(
-        self, pos: int, end: int | None, top: bool, scrub: bool, raw_mode: bool = False
+        self,
+        pos: int,
+        end: int | None,
+        top: bool,
+        scrub: bool,
+        raw_mode: bool = False,
+        parent: int = TOP_LEVEL,
     ) -> tuple[int, list[bytes]]:
         """Walk one data set from ``pos`` to ``end`` (None: its item delimiter; the top level:
         Pixel Data or the end). Returns the offset after it and its encoded output elements.
+        ``parent``: the tag of the sequence whose item this is.
 
         ``raw_mode``: kept elements are copied as they are (a top level with a kept Specific
         Character Set); else re-encoded. Kept and removed elements of the most common kinds
@@ -835,6 +884,8 @@ class _Run:
                 raise Decline("command_group")  # pydicom reads it apart, as implicit VR
             else:
                 decision = self.decide(tag)
+                if decision.by_type:
+                    decision = decision.at(self.places().get((parent, tag)))
                 if (
                     scrub
                     and decision.op is Op.KEEP
@@ -895,7 +946,8 @@ class _Run:
             or tag == PIXEL_DATA
             or tag in (SPECIFIC_CHARACTER_SET, PATIENT_ID, PATIENT_NAME)
         ):
-            decided = self.decide(tag).op
+            decision = self.decide(tag)
+            decided = None if decision.by_type else decision.op  # by place: the long way
             if decided is Op.KEEP:
                 op = _KEEP
             elif decided is Op.REMOVE:
@@ -1128,7 +1180,7 @@ class _Run:
                 raise Decline("item_overrun")
             if item_end != item_start:
                 self.check_explicit(item_start)
-            pos, parts = self.dataset(item_start, item_end, False, scrub)
+            pos, parts = self.dataset(item_start, item_end, False, scrub, parent=tag)
             items.append(b"".join(parts))
         if end is not None and pos != end:
             raise Decline("sequence_overrun")
@@ -1411,8 +1463,9 @@ def _deidentify_header(
     if len(data) > size:
         raise Decline("size")
     start, ts, media_class = _transfer_syntax(data)
-    run = _Run(data, size, tables, pseudo)
+    run = _Run(data, size, tables, pseudo, media_class)
     run.top_next = start
+    run.top_start = start
     run.top_end = len(data)
     raw_mode = run.top_mode()
     # The added attributes depend on Burned In Annotation, which may follow them: walk with
@@ -1452,8 +1505,10 @@ def _deidentify_header(
     if sop_class == MEDIA_DIRECTORY_CLASS or sop_class in ENCAPSULATED_DOCUMENT_CLASSES:
         raise Decline("refused_class")
     at_risk = False
+    image = None
     if has_pixels:
-        policy = pixel_decision(plan.profile, plan.options, _image_info(root, sop_class, ts))
+        image = _image_info(root, sop_class, ts)
+        policy = pixel_decision(plan.profile, plan.options, image)
         if policy.policy not in (PixelPolicy.AS_IS, PixelPolicy.AT_RISK) or policy.rects:
             raise Decline("pixel_policy")
         at_risk = policy.policy is PixelPolicy.AT_RISK
@@ -1485,4 +1540,5 @@ def _deidentify_header(
             names.get(STUDY_INSTANCE_UID),
             names.get(SERIES_INSTANCE_UID),
         ),
+        image=image,
     )

@@ -394,6 +394,26 @@ class Reencoded:
     source_lossy: bool  #: the source pixel data was lossy-compressed once
 
 
+def native_excess(info: ImageInfo, value_length: int) -> int | None:
+    """Where the image ends in a native Pixel Data value of ``value_length`` bytes, when
+    bytes follow it (None otherwise, or when the header does not say how large it is).
+
+    Bytes past the last frame (and its even-length padding) are shown by no viewer but read
+    by anyone who parses the file: a channel for text. Sizes are reckoned high (samples
+    padded to whole bytes, so a 1-bit or subsampled image is never cut), so what lies past
+    them is never image.
+    """
+    if not info.is_native or not info.rows or not info.columns or not info.bits_allocated:
+        return None
+    frames = 1 if info.number_of_frames is None else info.number_of_frames
+    if frames < 1:
+        return None
+    sample_bytes = -(-info.bits_allocated // 8)
+    size = info.rows * info.columns * max(1, info.samples_per_pixel) * sample_bytes * frames
+    size += size & 1
+    return size if value_length > size else None
+
+
 def decoded_size(info: ImageInfo) -> int:
     """Bytes of all decoded frames, samples padded to whole bytes."""
     rows, cols = info.rows or 0, info.columns or 0

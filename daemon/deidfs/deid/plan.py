@@ -12,7 +12,9 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from functools import cache
 
+from deidfs.deid import attribute_types
 from deidfs.deid.dictionary import name_of, vr_of
 from deidfs.deid.profiles import Profile
 from deidfs.deid.standard import (
@@ -28,7 +30,7 @@ from deidfs.deid.tags import format_tag, keyword_of
 
 #: Bumped whenever the engine's output for the same input, plan and key changes, so
 #: persisted indexes keyed by the plan digest are rebuilt.
-ENGINE_VERSION = "3"
+ENGINE_VERSION = "4"
 
 
 class Op(Enum):
@@ -66,6 +68,22 @@ class Decision:
     source: Source
     option: Option | None = None
     note: str = ""
+    #: The operation where the instance's IOD makes the attribute Type 1/1C, or Type 2/2C,
+    #: at the place it occurs (:mod:`deidfs.deid.attribute_types`); ``op`` applies elsewhere.
+    #: None: ``op`` everywhere.
+    if_type1: Op | None = None
+    if_type2: Op | None = None
+
+    @property
+    def by_type(self) -> bool:
+        """Whether the operation depends on where the attribute occurs (see :meth:`at`)."""
+        return self.if_type1 is not None or self.if_type2 is not None
+
+    def at(self, level: int | None) -> Decision:
+        """This decision where the attribute is Type 1/1C (``level`` 1), Type 2/2C (2), or
+        Type 3 or not in the IOD (None)."""
+        op = self.if_type1 if level == 1 else self.if_type2 if level == 2 else None
+        return Decision(op or self.op, self.action, self.source, self.option, self.note)
 
     def describe(self) -> str:
         where = self.source.value
@@ -107,7 +125,7 @@ _DIRECT_OPS = {
     Action.UID: Op.UID,
     Action.PSEUDONYMIZE: Op.PSEUDONYM,
     Action.SHIFT: Op.SHIFT,
-    # X/Z: emptying is valid whatever the attribute's Type; it reveals no more than X.
+    # X/Z in a custom rule: emptied. Table rows decide by Type (_table_decision).
     Action.REMOVE_OR_EMPTY: Op.EMPTY,
     # X/Z/U*: keep the sequence and replace the UIDs in its items (their own rows are U),
     # so references still resolve inside the de-identified set.
@@ -130,7 +148,53 @@ def resolve_op(action: Action, tag: int) -> Op:
     raise AssertionError(action)  # pragma: no cover - every Action is handled above
 
 
+@cache
+def basic_dummies() -> frozenset[int]:
+    """Attributes the Basic Profile gives a dummy value (D, or a combined code that resolves
+    to D): an instance needs a value there (the engine keeps one where an option changes
+    the value, as year-only dates do times of day)."""
+    return frozenset(
+        row.pattern.value
+        for row in e1_1_rows()
+        if row.pattern is not None
+        and row.pattern.is_exact
+        and resolve_op(row.basic, row.pattern.value) is Op.DUMMY
+    )
+
+
 _PROTECTIVE_ORDER = {Action.KEEP: 0, Action.CLEAN: 1}
+_BY_TYPE_NOTES = {
+    Action.REMOVE: "emptied where its IOD makes it Type 2",
+    Action.REMOVE_OR_EMPTY: "emptied where its IOD requires it, else removed",
+    Action.REMOVE_OR_EMPTY_OR_DUMMY: "dummy where Type 1, emptied where Type 2, else removed",
+    Action.REMOVE_OR_DUMMY: "dummy where its IOD requires it, else removed",
+}
+
+
+def _table_decision(action: Action, tag: int, source: Source, option: Option | None) -> Decision:
+    """A Table E.1-1 cell as a decision. X, X/Z, X/Z/D and X/D remove an attribute where it
+    is Type 3, and take the least destructive action the code allows where the instance's
+    IOD requires it (PS3.15 E.1.1; PS3.5 7.4): Z for Type 2/2C, D (or Z where D is not
+    allowed) for Type 1/1C. A sequence is never emptied where it is Type 3 (zero items are
+    not a Type 3 value); D on a sequence keeps its items, de-identified (the engine)."""
+    op = resolve_op(action, tag)
+    if action is Action.REMOVE_OR_EMPTY or (
+        action is Action.REMOVE_OR_EMPTY_OR_DUMMY and op is Op.EMPTY
+    ):
+        op = Op.REMOVE
+    if op is not Op.REMOVE or tag not in attribute_types.listed_tags():
+        return Decision(op, action, source, option)
+    type1: Op | None = None
+    type2: Op | None = None
+    if action is Action.REMOVE:
+        type2 = Op.EMPTY  # Z keeps a Type 2/2C attribute valid and reveals no more than X
+    elif action is Action.REMOVE_OR_EMPTY:
+        type1 = type2 = Op.EMPTY
+    elif action is Action.REMOVE_OR_EMPTY_OR_DUMMY:
+        type1, type2 = Op.DUMMY, Op.EMPTY
+    elif action is Action.REMOVE_OR_DUMMY:
+        type1 = type2 = Op.DUMMY
+    return Decision(op, action, source, option, _BY_TYPE_NOTES[action], type1, type2)
 
 
 def _row_decision(row: StandardRow, tag: int, options: frozenset[Option]) -> Decision:
@@ -141,9 +205,23 @@ def _row_decision(row: StandardRow, tag: int, options: frozenset[Option]) -> Dec
         if chosen is None or _PROTECTIVE_ORDER.get(act, 2) > _PROTECTIVE_ORDER.get(chosen[1], 2):
             chosen = (opt, act)
     if chosen is not None:
-        return Decision(resolve_op(chosen[1], tag), chosen[1], Source.OPTION, chosen[0])
-    return Decision(resolve_op(row.basic, tag), row.basic, Source.BASIC)
+        return _table_decision(chosen[1], tag, Source.OPTION, chosen[0])
+    return _table_decision(row.basic, tag, Source.BASIC, None)
 
+
+#: Type 1C attributes whose condition is another attribute's value (follower -> (leader,
+#: note)): removed when the plan takes the leader's value away, or the instance would be
+#: invalid (dciodvfy: "present when condition unsatisfied"). This comes before the table's
+#: own action and its options (a D or K would keep the attribute where it may not be);
+#: custom rules and disabled entries still win.
+FOLLOWERS: Mapping[int, tuple[int, str]] = {
+    # PS3.3 C.7.1.1 Patient Module: Responsible Person Role is required if, and only if,
+    # Responsible Person is present and has a value.
+    0x00102298: (0x00102297, "follows Responsible Person"),
+    # PS3.3 C.7.1.3 Clinical Trial Subject Module: Clinical Trial Protocol Ethics Committee
+    # Name is required if Clinical Trial Protocol Ethics Committee Approval Number is present.
+    0x00120081: (0x00120082, "follows Clinical Trial Protocol Ethics Committee Approval Number"),
+}
 
 _REMOVE_GROUP_LENGTH = Decision(Op.REMOVE, Action.REMOVE, Source.DEFAULT, note="group length")
 _REMOVE_UNKNOWN = Decision(
@@ -281,6 +359,10 @@ def compile_plan(profile: Profile) -> Plan:
     for rule in profile.rules:
         op = Op.VERBATIM if rule.act is Action.KEEP else resolve_op(rule.act, rule.tag)
         exact[rule.tag] = Decision(op, rule.act, Source.CUSTOM, note=rule.note)
+    chosen = set(profile.disabled) | {rule.tag for rule in profile.rules}
+    for tag, (on, note) in FOLLOWERS.items():
+        if tag not in chosen and exact[on].op not in (Op.KEEP, Op.VERBATIM):
+            exact[tag] = Decision(Op.REMOVE, Action.REMOVE, Source.DEFAULT, note=note)
     safe = {(r.group, r.element_low, r.creator): r.vr for r in safe_private_rows()}
     return Plan(
         profile=profile,

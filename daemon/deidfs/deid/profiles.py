@@ -48,7 +48,9 @@ class DateModification(Enum):
     """How Retain Longitudinal Temporal Information with Modified Dates modifies dates."""
 
     SHIFT = "shift"  #: shift by a keyed per-patient number of days; intervals survive
-    YEAR = "year"  #: keep the year only (HIPAA Safe Harbor); times of day are emptied
+    #: keep the year only (HIPAA Safe Harbor); times of day are emptied, or midnight where the
+    #: Basic Profile gives a dummy (Content Time, Time)
+    YEAR = "year"
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +188,8 @@ HIPAA = Profile(
     base="Basic",
     comment=(
         "HIPAA Safe Harbor: Basic, patient characteristics kept, dates reduced to the year "
-        "(times of day emptied), ages over 89 shown as 090Y with birth dates emptied"
+        "(times of day emptied, or midnight where required), ages over 89 shown as 090Y "
+        "with birth dates emptied"
     ),
     options=frozenset(
         {Option.RETAIN_PATIENT_CHARACTERISTICS, Option.RETAIN_LONGITUDINAL_MODIFIED_DATES}

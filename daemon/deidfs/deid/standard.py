@@ -15,6 +15,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from deidfs.deid import attribute_types
 from deidfs.deid.tags import parse_tag
 
 EDITION = "2026d"
@@ -209,5 +210,7 @@ def method_codes(options: Iterable[Option]) -> tuple[Code, ...]:
 
 
 def table_digest_source() -> str:
-    """The content digests of the bundled tables, so plan digests change with the tables."""
-    return "|".join(_load(name)["content_sha256"] for name in (E1_1_FILE, E3_10_1_FILE))
+    """The content digests of the bundled tables (attribute Types included), so plan digests
+    change with the tables."""
+    tables = [_load(name)["content_sha256"] for name in (E1_1_FILE, E3_10_1_FILE)]
+    return "|".join([*tables, attribute_types.digest()])
