@@ -352,6 +352,8 @@ def c_mount(
 
     options = mount_options(allow_other=False)
     options.update(fsname="passthrough-c", subtype="passthrough-c")
+    # libfuse 3 takes use_ino in fuse_config only (mfusepy sets it there), never as -o.
+    options.pop("use_ino", None)
     argv = [str(binary), str(source), str(mountpoint), "-f", "-o", _fuse_o(options)]
     if single:
         argv.append("-s")

@@ -6,21 +6,27 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from conftest import Daemon, mounted_type, sample_file, sha256, wait_for
+from deidfs import fusefs
+from deidfs.config import load_config
+from deidfs.service import Service
 from leak_corpus import build_leak_dataset, expectation, find, value_texts, write_source
 
 pytestmark = pytest.mark.fuse
@@ -664,3 +670,196 @@ def test_mount_serves_exactly_what_anonymize_writes(daemon: Daemon) -> None:
     written = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     written = {k: v for k, v in written.items() if not str(k).startswith(".")}
     assert written == served
+
+
+def _fuse_ops(port: int) -> dict[str, float]:
+    """``deidfs_fuse_operations_total`` by op, scraped from the daemon."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "deidfs_fuse_operations_total":
+                out[s.labels["op"]] = s.value
+            elif s.name == "deidfs_files_visible":
+                out["visible"] = s.value
+    return out
+
+
+def test_listings_carry_types_modes_and_inodes(daemon: Daemon) -> None:
+    """readdir gives each entry's type and inode (as stat gives them), and with readdirplus
+    its attributes: ``ls -lR`` of a fresh mount then needs no getattr per entry."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    daemon.stop()
+    text = daemon.config_path.read_text(encoding="utf-8")
+    daemon.config_path.write_text(
+        text.replace('metrics_address = ""', f'metrics_address = "127.0.0.1:{port}"')
+    )
+    daemon.start()
+    names = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm")
+    for n in names:
+        daemon.add(sample_file(n), f"in/{n}")
+    daemon.wait_views(len(names))
+    daemon.stop()
+    daemon.start()  # the index persists: nothing of the mount is in the kernel's caches
+    wait_for(lambda: _fuse_ops(port).get("visible") == len(names))
+    before = _fuse_ops(port)
+    listing = subprocess.run(
+        ["ls", "-lRi", str(daemon.mnt)], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    after = _fuse_ops(port)
+    # "INODE MODE LINKS ..." lines (inodes right-aligned), not "total" or "DIR:" lines.
+    entries = [ln for ln in listing.splitlines() if ln.split()[:1] and ln.split()[0].isdigit()]
+    assert len(entries) >= len(names) + 4  # the files and their directories
+    stats = after.get("getattr", 0) - before.get("getattr", 0)
+    assert stats < len(entries) // 2, (stats, len(entries))
+    files = dirs = 0
+    for top, subdirs, filenames in os.walk(daemon.mnt):
+        with os.scandir(top) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                # inode() and is_dir() come from the readdir entry itself (d_ino, d_type).
+                assert entry.inode() == st.st_ino, entry.name
+                assert entry.is_dir(follow_symlinks=False) == stat.S_ISDIR(st.st_mode)
+                assert entry.is_file(follow_symlinks=False) == stat.S_ISREG(st.st_mode)
+                if entry.is_dir(follow_symlinks=False):
+                    dirs += 1
+                    assert stat.S_IMODE(st.st_mode) == 0o555
+                else:
+                    files += 1
+                    assert stat.S_IMODE(st.st_mode) == 0o444
+                    assert st.st_size > 0
+        assert len(subdirs) + len(filenames) >= 1
+    assert files == len(names)
+    assert dirs >= 4
+    # Inodes are distinct, and ls -i printed the ones stat gives.
+    inos = {os.lstat(p).st_ino for p in daemon.mnt.rglob("*")}
+    assert len(inos) == files + dirs
+    assert {int(line.split()[0]) for line in entries} == inos
+
+
+MASKED_FOLDER = """
+[folders.masked]
+path = "{path}"
+profile = "Masked"
+layout = "dicom"
+
+[profiles.Masked]
+base = "+Pixel"
+
+[[profiles.Masked.masks]]
+modality = "CT"
+rows = 128
+columns = 128
+rects = [[10, 5, 30, 20], [0, 120, 128, 8]]
+
+[[profiles.Masked.masks]]
+modality = "MR"
+rects = [[0, 0, 64, 6], [50, 40, 14, 24]]
+"""
+#: Native little and big endian, deflated, encapsulated, sequences; the masked folder
+#: adds zeroed native ranges (CT) and re-encoded compressed pixels held in memory (RLE).
+PLAIN_SOURCES = (
+    "CT_small.dcm",
+    "MR_small_bigendian.dcm",
+    "ExplVR_BigEnd.dcm",
+    "image_dfl.dcm",
+    "JPEG2000.dcm",
+    "SC_rgb_rle.dcm",
+    "rtplan.dcm",
+)
+MASKED_SOURCES = ("CT_small.dcm", "MR_small_RLE.dcm")
+
+
+def test_reads_at_odd_offsets_match_the_reference_through_read_buf(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """Every served file, read through the mount at odd offsets and sizes (and whole), is
+    byte for byte what ``deidfs anonymize`` writes; every read went through read_buf."""
+    d = daemon_factory()
+    masked_in = d.root / "masked-in"
+    masked_in.mkdir()
+    with open(d.config_path, "a", encoding="utf-8") as f:
+        f.write(MASKED_FOLDER.format(path=masked_in))
+    sources = [d.add(sample_file(n), f"in/{n}") for n in PLAIN_SOURCES]
+    masked = []
+    for n in MASKED_SOURCES:
+        shutil.copyfile(sample_file(n), masked_in / n)
+        masked.append(masked_in / n)
+    service = Service(load_config(d.config_path))
+    try:
+        service.start()
+        expected = {f"samples/{rel}": data for rel, data in map(d.expected, sources)}
+        expected.update(
+            (f"masked/{rel}", data) for rel, data in (d.expected(s, "Masked") for s in masked)
+        )
+        assert len(expected) == len(PLAIN_SOURCES) + len(MASKED_SOURCES)
+        wait_for(
+            lambda: all((d.mnt / rel).exists() for rel in expected),
+            timeout=30,
+        )
+        kinds = set()
+        for rel in expected:
+            vf = service.tree.file(f"/{rel}")
+            assert vf is not None
+            key = (vf.source, vf.state, vf.digest)
+            view = service.fs.cache.peek(key)
+            if view is not None:
+                kinds |= {"zeroed"} if view.zeroed else set()
+                kinds |= {"pixels"} if view.pixels else set()
+        before_buf, before_read = service.ops.read_buf_calls, service.ops.read_calls
+        odd_reads = 0
+        for rel, want in expected.items():
+            path = d.mnt / rel
+            # O_DIRECT: each pread reaches the daemon at its own offset and size (cached
+            # reads would come as whole pages of read-ahead).
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            try:
+                size = len(want)
+                cuts = [0, 1, 127, 128, 131, 132, 1000, 4095, 4097, 65537]
+                cuts += [size // 3, size // 2 + 1, size - 4099, size - 7, size - 1, size]
+                for at in sorted({c for c in cuts if 0 <= c <= size}):
+                    for n in (1, 3, 511, 4097, 70001):
+                        assert os.pread(fd, n, at) == want[at : at + n], (rel, at, n)
+                        odd_reads += at < size  # the kernel answers EOF itself
+                assert os.pread(fd, 10, size + 3) == b""
+            finally:
+                os.close(fd)
+            assert path.read_bytes() == want, rel
+        assert service.ops.read_calls == before_read  # nothing through the bytes path
+        assert service.ops.read_buf_calls >= before_buf + odd_reads
+        assert kinds == {"zeroed", "pixels"}, kinds  # the masked cases were covered
+    finally:
+        service.stop()
+
+
+def test_fuse_worker_threads_keep_their_python_thread_state(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    """Each libfuse worker thread gets one Python thread state for the life of the mount,
+    not one per callback: the per-thread mark set in its first callback is still there in
+    every later one (a state destroyed after each callback would take the mark with it)."""
+    d = daemon_factory()
+    sources = [d.add(sample_file(n), f"in/{n}") for n in ("CT_small.dcm", "MR_small.dcm")]
+    service = Service(load_config(d.config_path))
+    try:
+        before = fusefs.kept_thread_states
+        service.start()
+        expected = dict(map(d.expected, sources))
+        wait_for(lambda: all((d.folder / rel).exists() for rel in expected))
+        calls = service.ops.read_buf_calls
+        for _ in range(50):
+            for rel, want in expected.items():
+                fd = os.open(d.folder / rel, os.O_RDONLY | os.O_DIRECT)
+                try:
+                    assert os.pread(fd, 777, 301) == want[301:1078]
+                finally:
+                    os.close(fd)
+        assert service.ops.read_buf_calls >= calls + 100
+        kept = fusefs.kept_thread_states - before
+        # libfuse starts at most max_threads (10) workers, and the init callback's thread.
+        assert 1 <= kept <= 12, kept
+    finally:
+        service.stop()

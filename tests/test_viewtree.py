@@ -29,7 +29,15 @@ from deidfs.fusefs import (
     ViewTree,
     pseudo_mtime_ns,
 )
-from deidfs.render import Layout, SourceStat, View, render_path, write_view
+from deidfs.render import (
+    Layout,
+    SourceStat,
+    View,
+    read_view,
+    read_view_into,
+    render_path,
+    write_view,
+)
 
 KEY = b"view-tree-test-key-0123456789ab"
 PSEUDO = Pseudonymizer(KEY)
@@ -309,3 +317,48 @@ def test_operations_translate(tmp_path: Path) -> None:
     fs = ops.statfs("/")
     assert fs["f_blocks"] * fs["f_frsize"] >= ix.view.size
     assert fs["f_bavail"] == 0
+
+
+@pytest.mark.parametrize("kind", ["native", "zeroed", "pixels", "trailer"])
+def test_read_view_into_writes_what_read_view_returns(tmp_path: Path, kind: str) -> None:
+    """The read_buf path's bytes (read into a buffer) are read_view's, at every cut."""
+    source = tmp_path / "src.bin"
+    body = bytes(range(256)) * 40  # 10,240 bytes of "source"
+    source.write_bytes(body)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        pixel_offset, pixel_length = 1000, 6000
+        zeroed = ((0, 5), (700, 1300), (5990, 6000)) if kind == "zeroed" else ()
+        pixels = b"P" * 777 if kind == "pixels" else b""
+        trailer = b"T" * 333 if kind in ("trailer", "zeroed") else b""
+        view = View(
+            b"H" * 300,
+            pixel_offset,
+            0 if pixels else pixel_length,
+            trailer,
+            PurePosixPath("x.dcm"),
+            None,  # type: ignore[arg-type]
+            SourceStat.of(os.fstat(fd)),
+            zeroed=zeroed,
+            pixels=pixels,
+        )
+        whole = read_view(view, fd, 0, view.size)
+        assert len(whole) == view.size
+        if zeroed:
+            assert whole[300 + 700 : 300 + 1300] == bytes(600)
+            assert whole[300 + 1300 : 300 + 1301] != b"\0"
+        cuts = sorted({0, 1, 299, 300, 301, 1000, 1299, 1300, 1301, 6299, 6300, 6301, 6600})
+        for at in [c for c in cuts if c <= view.size]:
+            for n in (0, 1, 2, 299, 1000, 4096, 9999):
+                buf = bytearray(b"\xee" * n)
+                got = read_view_into(view, fd, at, memoryview(buf))
+                want = read_view(view, fd, at, n)
+                assert got == len(want)
+                assert bytes(buf[:got]) == want, (at, n)
+                assert buf[got:] == b"\xee" * (n - got)  # nothing written past the view
+        os.truncate(source, pixel_offset + 10)  # the source shrank: refused, as read_view
+        if view.pixel_length:
+            with pytest.raises(Refused):
+                read_view_into(view, fd, 0, memoryview(bytearray(view.size)))
+    finally:
+        os.close(fd)

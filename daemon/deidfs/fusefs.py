@@ -7,8 +7,17 @@ ENOENT, failure -> EIO, any write -> EROFS), and :class:`FuseMount` runs the mfu
 a thread. mfusepy is imported lazily, after ``FUSE_LIBRARY_NAME=fuse3`` is set, because on
 a machine with both libfuse2 and libfuse3 it would otherwise pick libfuse2.
 
-Performance (see notes/fuse-perf.md): ``getattr`` and ``readdir`` are dictionary lookups;
-headers are rendered in ``open`` into a bounded cache, never in ``read``.
+Performance (see notes/fuse-perf.md): ``getattr`` and ``readdir`` are dictionary lookups,
+and readdirplus hands the kernel every entry's attributes with the listing; headers are
+rendered in ``open`` into a bounded cache, never in ``read``. Reads are answered by
+``read_buf`` with a buffer libfuse owns, the source's pixel bytes read straight into it
+(no bytes object, the GIL released); libfuse's worker threads keep their Python thread
+state between callbacks.
+
+Not done on purpose: handing libfuse the source *descriptor* for the pixel bytes (an fd
+buffer, spliced). libfuse reads it after the callback has returned, so the source's state
+could no longer be checked after the read, and an in-place write racing a read would be
+served mixed; measured here it was no faster (slower for large files with 1 MiB requests).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import hashlib
 import itertools
 import logging
 import os
@@ -38,7 +48,7 @@ from deidfs.deid.plan import Plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, Exhausted, NotFound, Refused
 from deidfs.metrics import Metrics
-from deidfs.render import Layout, SourceStat, View, read_view, render
+from deidfs.render import Layout, SourceStat, View, read_view, read_view_into, render
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +76,66 @@ FD_RESERVE = 64
 EXHAUSTED_LOG_SECONDS = 60.0
 
 
+# -- libfuse's buffer vector (fuse_common.h of libfuse 3) -----------------------------------
+# mfusepy declares ``fuse_bufvec.buf`` as a pointer; in C it is an inline array
+# ``struct fuse_buf buf[1]``, so the read_buf reply is built on these declarations.
+
+FUSE_BUF_IS_FD = 1 << 1
+FUSE_BUF_FD_SEEK = 1 << 2
+
+
+class FuseBuf(ctypes.Structure):
+    """``struct fuse_buf``."""
+
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("flags", ctypes.c_int),  # enum fuse_buf_flags
+        ("mem", ctypes.c_void_p),
+        ("fd", ctypes.c_int),
+        ("pos", ctypes.c_int64),  # off_t (64-bit: libfuse3 is built with _FILE_OFFSET_BITS=64)
+    ]
+
+
+class FuseBufvec(ctypes.Structure):
+    """``struct fuse_bufvec`` with its one inline buffer (``buf[1]``)."""
+
+    _fields_ = [
+        ("count", ctypes.c_size_t),
+        ("idx", ctypes.c_size_t),
+        ("off", ctypes.c_size_t),
+        ("buf", FuseBuf * 1),
+    ]
+
+
+@functools.cache
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.free.restype = None
+    return libc
+
+
+#: PyBUF_WRITE of Python's C API: a writable memoryview.
+_PYBUF_WRITE = 0x200
+
+
+@functools.cache
+def _memory_view_fn() -> Any:
+    fn = ctypes.pythonapi.PyMemoryView_FromMemory
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+    fn.restype = ctypes.py_object
+    return fn
+
+
+def _memory_view(addr: int, size: int) -> memoryview:
+    """A writable memoryview of ``size`` bytes at ``addr`` (no ctypes array type is made:
+    ctypes keeps every array type it makes, one per distinct size, for good)."""
+    view: memoryview = _memory_view_fn()(addr, size, _PYBUF_WRITE)
+    return view
+
+
 def default_max_handles() -> int:
     """How many views may be open at once: the descriptor limit less a reserve.
 
@@ -77,6 +147,19 @@ def default_max_handles() -> int:
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
     return max(1, soft - max(FD_RESERVE, soft // 8))
+
+
+def inode_of(path: str) -> int:
+    """The inode number of a mount path: stable for the life of the path, the same in
+    ``stat`` and ``readdir`` (the mount runs with ``use_ino``). 1 is the root's.
+
+    A hash of the mount path, which is itself de-identified: it tells nothing the name
+    does not; 63 bits, so two paths of one mount practically never share one.
+    """
+    if path == "/":
+        return 1
+    digest = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") >> 1) | 2
 
 
 def pseudo_mtime_ns(pseudonymizer: Pseudonymizer, state: SourceStat, digest: str) -> int:
@@ -693,21 +776,61 @@ class ViewFS:
         Refused
             The source changed under the open handle, or a newer version replaced it.
         """
+        h = self._use(fh)
+        try:
+            self._check_current(h)
+            try:
+                data = read_view(h.view, h.fd, offset, size)
+            except (Refused, OSError) as exc:
+                h.broken = True
+                raise self._stale(h.file, "source shrank while open") from exc
+            self._check_after(h, offset, size)
+            return data
+        finally:
+            self._unuse(h)
+
+    def read_into(self, fh: int, offset: int, out: memoryview) -> int:
+        """:meth:`read` into ``out`` (``len(out)`` bytes at ``offset``, fewer at the end of
+        the view); returns how many were written. The same checks as :meth:`read`: bytes
+        written into ``out`` are served only when this returns.
+
+        Raises
+        ------
+        NotFound
+            Unknown handle.
+        Refused
+            The source changed under the open handle, or a newer version replaced it.
+        """
+        h = self._use(fh)
+        try:
+            self._check_current(h)
+            try:
+                n = read_view_into(h.view, h.fd, offset, out)
+            except (Refused, OSError) as exc:
+                h.broken = True
+                raise self._stale(h.file, "source shrank while open") from exc
+            self._check_after(h, offset, len(out))
+            return n
+        finally:
+            self._unuse(h)
+
+    def _use(self, fh: int) -> _Handle:
         with self._lock:
             h = self._handles.get(fh)
             if h is None:
                 raise NotFound("no such handle")
             h.users += 1
-        try:
-            return self._read(h, offset, size)
-        finally:
-            with self._lock:
-                h.users -= 1
-                last = h.closed and h.users == 0
-            if last:
-                os.close(h.fd)
+        return h
 
-    def _read(self, h: _Handle, offset: int, size: int) -> bytes:
+    def _unuse(self, h: _Handle) -> None:
+        with self._lock:
+            h.users -= 1
+            last = h.closed and h.users == 0
+        if last:
+            os.close(h.fd)
+
+    def _check_current(self, h: _Handle) -> None:
+        """Before a read: the handle is whole and its version still the one served."""
         if h.broken:
             raise Refused("source_changed", "source changed while open")
         current = self.tree.file(h.file.mount_path)
@@ -724,20 +847,17 @@ class ViewFS:
             raise Refused("source_changed", "the folder's views changed while open")
         # No view at the path (the source was deleted or renamed away): the descriptor
         # still holds the bytes this view was built from.
+
+    def _check_after(self, h: _Handle, offset: int, size: int) -> None:
+        """After the source was read for ``[offset, offset+size)``: it still holds the
+        indexed bytes. Checked after the read: a writer updates mtime before it changes
+        data, so an unchanged state here means the bytes just read are the indexed ones."""
         view = h.view
-        try:
-            data = read_view(view, h.fd, offset, size)
-        except (Refused, OSError) as exc:
-            h.broken = True
-            raise self._stale(h.file, "source shrank while open") from exc
-        header = len(view.header)
-        # Checked after the pread: a writer updates mtime before it changes data, so an
-        # unchanged state here means the bytes just read are the indexed ones.
+        header = len(view.header) + len(view.pixels)
         read_source = offset + size > header and offset < header + view.pixel_length
         if read_source and not self._unchanged(h, os.fstat(h.fd)):
             h.broken = True
             raise self._stale(h.file, "source changed while open")
-        return data
 
     def _unchanged(self, h: _Handle, st: os.stat_result) -> bool:
         """Whether the held source still has the content the view was built from.
@@ -885,6 +1005,8 @@ class DeidOperations:
         self._fuse_ptr: int | None = None
         self._invalidate_fn: Any = None
         self._inval_lock = threading.Lock()
+        self.read_calls = 0  #: reads answered by :meth:`read` (bytes through Python)
+        self.read_buf_calls = 0  #: reads answered by :meth:`read_buf`
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -936,6 +1058,7 @@ class DeidOperations:
     def _file_attrs(self, vf: ViewFile) -> dict[str, int]:
         t = vf.mtime_ns
         return {
+            "st_ino": inode_of(vf.mount_path),
             "st_mode": FILE_MODE,
             "st_nlink": 1,
             "st_size": vf.size,
@@ -948,8 +1071,9 @@ class DeidOperations:
             "st_blocks": (vf.size + 511) // 512,
         }
 
-    def _dir_attrs(self) -> dict[str, int]:
+    def _dir_attrs(self, path: str) -> dict[str, int]:
         return {
+            "st_ino": inode_of(path),
             "st_mode": DIR_MODE,
             "st_nlink": 2,
             "st_size": 0,
@@ -978,17 +1102,45 @@ class DeidOperations:
             if held is not None and (path is None or held.mount_path == path):
                 return self._file_attrs(held)
         if path is not None and self.tree.is_dir(path):
-            return self._dir_attrs()
+            return self._dir_attrs(path)
         raise OSError(errno.ENOENT, "no such view")
 
+    def readdir(self, path: str, fh: int) -> list[str | tuple[str, dict[str, int], int]]:
+        """Entries of a directory as ``(name, {st_mode, st_ino}, 0)`` after "." and ".."
+        (mfusepy's form; the mount itself lists through :meth:`readdir_attrs`)."""
+        out: list[str | tuple[str, dict[str, int], int]] = [".", ".."]
+        entries = self.readdir_attrs(path, plus=False, start=2)
+        out.extend((name, attrs, 0) for name, attrs in entries)
+        return out
+
     @_counted("readdir")
-    def readdir(self, path: str, fh: int) -> list[str | tuple[str, int, int]]:
-        """Entries of a directory as ``(name, mode, 0)``."""
+    def readdir_attrs(
+        self, path: str, *, plus: bool, start: int = 0, limit: int | None = None
+    ) -> list[tuple[str, dict[str, int]]]:
+        """Entries ``start`` to ``start + limit`` of a directory ("." and ".." first), with
+        their attributes: mode and inode, or with ``plus`` everything ``getattr`` answers
+        (readdirplus: the kernel then needs no lookup or getattr per entry). Dictionary
+        lookups only."""
         entries = self.tree.listdir(path)
         if entries is None:
             raise OSError(errno.ENOTDIR if self.tree.file(path) else errno.ENOENT, path)
-        out: list[str | tuple[str, int, int]] = [".", ".."]
-        out.extend((name, mode, 0) for name, mode in entries)
+        parent = path.rpartition("/")[0] or "/"
+        prefix = path if path.endswith("/") else path + "/"
+        names: list[tuple[str, int]] = [(".", DIR_MODE), ("..", DIR_MODE), *entries]
+        stop = len(names) if limit is None else start + limit
+        out: list[tuple[str, dict[str, int]]] = []
+        for name, mode in names[start:stop]:
+            child = path if name == "." else parent if name == ".." else prefix + name
+            if not plus or name in (".", ".."):
+                out.append((name, {"st_mode": mode, "st_ino": inode_of(child)}))
+                continue
+            vf = self.tree.file(child) if mode == FILE_MODE else None
+            if vf is not None:
+                out.append((name, self._file_attrs(vf)))
+            elif mode != FILE_MODE:
+                out.append((name, self._dir_attrs(child)))
+            else:  # withdrawn since the listing was taken: its type and inode only
+                out.append((name, {"st_mode": mode, "st_ino": inode_of(child)}))
         return out
 
     @_counted("statfs")
@@ -1047,7 +1199,9 @@ class DeidOperations:
 
     @_counted("read")
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-        """Bytes of an open view; EIO if its source changed."""
+        """Bytes of an open view; EIO if its source changed (the path without
+        :meth:`read_buf`: mfusepy copies the returned bytes into libfuse's buffer)."""
+        self.read_calls += 1
         try:
             data = self.fs.read(int(fi.fh), offset, size)
             if self.metrics is not None:
@@ -1060,6 +1214,59 @@ class DeidOperations:
         except Exception as exc:
             log.error("read failed: %s", type(exc).__name__)
             raise OSError(errno.EIO, "read failed") from exc
+
+    @_counted("read")
+    def read_buf(self, path: str | None, bufpp: Any, size: int, offset: int, fi: Any) -> int:
+        """libfuse's ``read_buf``: the bytes of an open view in a buffer vector of our own.
+
+        One ``malloc``'d buffer, written by :meth:`ViewFS.read_into` (pixel bytes read
+        from the source straight into it, the GIL released), handed to libfuse, which
+        writes it to the kernel and then frees it and the vector (``fuse_free_buf``:
+        ``free(mem)`` of every buffer that is not a descriptor, then ``free(bufvec)``).
+        The vector is handed over only once every check of :meth:`ViewFS.read` passed.
+        """
+        self.read_buf_calls += 1
+        libc = _libc()
+        n = max(0, min(size, int(self._view_size(fi)) - offset))
+        mem: int | None = libc.malloc(n) if n else None
+        if n and not mem:
+            raise OSError(errno.ENOMEM, "out of memory")
+        try:
+            # Empty, read_into still checks the handle (EBADF).
+            out = _memory_view(mem, n) if mem else memoryview(bytearray())
+            try:
+                got = self.fs.read_into(int(fi.fh), offset, out)
+            finally:
+                out.release()
+            vec_addr = libc.malloc(ctypes.sizeof(FuseBufvec))
+            if not vec_addr:
+                raise OSError(errno.ENOMEM, "out of memory")
+        except NotFound as exc:
+            libc.free(mem)
+            raise OSError(errno.EBADF, "no such handle") from exc
+        except Refused as exc:
+            libc.free(mem)
+            raise OSError(errno.EIO, exc.reason) from exc
+        except OSError:
+            libc.free(mem)
+            raise
+        except Exception as exc:
+            libc.free(mem)
+            log.error("read failed: %s", type(exc).__name__)
+            raise OSError(errno.EIO, "read failed") from exc
+        vec = FuseBufvec.from_address(vec_addr)
+        vec.count, vec.idx, vec.off = 1, 0, 0
+        buf = vec.buf[0]
+        buf.size, buf.flags, buf.mem, buf.fd, buf.pos = got, 0, mem, -1, 0
+        ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = vec_addr
+        if self.metrics is not None:
+            self.metrics.fuse_read(got)
+        return 0
+
+    def _view_size(self, fi: Any) -> int:
+        """Size of the view open on ``fi`` (0 for an unknown handle: read_into says so)."""
+        vf = self.fs.held(int(fi.fh))
+        return 0 if vf is None else vf.size
 
     @_counted("release")
     def release(self, path: str, fi: Any) -> int:
@@ -1152,6 +1359,113 @@ def _libfuse() -> ctypes.CDLL:
     return lib
 
 
+#: libfuse 3 readdir flags (fuse.h): the kernel asks for attributes; the filler gets them.
+FUSE_READDIR_PLUS = 1 << 0
+FUSE_FILL_DIR_PLUS = 1 << 1
+#: Entries whose attributes are made at a time: more than one reply holds (a page).
+READDIR_BATCH = 128
+
+
+_worker = threading.local()
+_kept_lock = threading.Lock()
+#: Threads whose Python thread state :func:`keep_thread_state` keeps (in this process).
+kept_thread_states = 0
+
+
+def keep_thread_state() -> None:
+    """Keep the calling thread's Python thread state until the thread ends.
+
+    Called on libfuse's worker threads, from within a callback: ctypes gives each callback
+    on a thread Python did not create a fresh thread state (``PyGILState_Ensure``) and
+    destroys it on return, a cost paid at every FUSE request (allocations, page faults,
+    GIL hand-offs). One more ``PyGILState_Ensure``, never released, keeps the state for
+    the thread's life; ctypes' own calls then only take and drop the GIL. libfuse 3.12+
+    never ends idle workers (``max_idle_threads`` defaults to -1) and starts at most
+    ``max_threads`` (10), so at most that many states are kept, until the mount ends.
+    """
+    global kept_thread_states  # noqa: PLW0603  (a count for tests and diagnostics)
+    ensure = ctypes.pythonapi.PyGILState_Ensure
+    ensure.restype = ctypes.c_int
+    ensure.argtypes = []
+    ensure()
+    _worker.kept = True
+    with _kept_lock:
+        kept_thread_states += 1
+
+
+def _fill_stat(st: Any, attrs: dict[str, int]) -> None:
+    """Set mfusepy's ``c_stat`` from a :meth:`DeidOperations.getattr` dictionary.
+
+    Every field libfuse reads for a readdirplus entry is set (``st_rdev`` is never
+    anything but 0), so ``st`` is reused without clearing it; ten times as fast as
+    ``mfusepy.set_st_attrs`` after a ``memset``, for every entry of a listing.
+    """
+    get = attrs.get
+    st.st_ino = attrs["st_ino"]
+    st.st_mode = attrs["st_mode"]
+    st.st_nlink = get("st_nlink", 0)
+    st.st_size = get("st_size", 0)
+    st.st_uid = get("st_uid", 0)
+    st.st_gid = get("st_gid", 0)
+    st.st_blksize = get("st_blksize", 0)
+    st.st_blocks = get("st_blocks", 0)
+    for key, ts in (
+        ("st_atime", st.st_atimespec),
+        ("st_mtime", st.st_mtimespec),
+        ("st_ctime", st.st_ctimespec),
+    ):
+        ts.tv_sec, ts.tv_nsec = divmod(get(key, 0), 1_000_000_000)
+
+
+@functools.cache
+def fuse_class(mfusepy: Any) -> Any:
+    """mfusepy's ``FUSE`` with the callbacks deidfs answers better than its generic ones.
+
+    ``readdir``: mfusepy hands libfuse names and modes only, so ``ls -l`` costs a LOOKUP
+    and a GETATTR per entry. When the kernel asks for readdirplus, this fills the whole
+    ``stat`` of each entry (dictionary lookups) with ``FUSE_FILL_DIR_PLUS``, and libfuse
+    answers the kernel with the entries and their attributes at once.
+    """
+
+    class DeidFUSE(mfusepy.FUSE):  # type: ignore[misc]
+        def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+            if not getattr(_worker, "kept", False):
+                try:
+                    keep_thread_state()
+                except Exception as exc:  # never fail a request for it (ctypes would
+                    _worker.kept = True  # turn an exception here into a success)
+                    log.warning("thread state not kept: %s", type(exc).__name__)
+            return super()._wrapper(func, *args, **kwargs)
+
+        def readdir_fuse_3(
+            self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
+        ) -> int:
+            # Entries go with their positions as offsets: libfuse 3.14 sends readdirplus
+            # attributes only then (its offset-less mode sends them with node id 0, which
+            # the kernel ignores). The kernel resumes a listing from the last offset.
+            ops = self.operations
+            decoded = "/" if path is None else path.decode(self.encoding, self.errors)
+            plus = bool(flags & FUSE_READDIR_PLUS)
+            st = mfusepy.c_stat()
+            while True:
+                batch = ops.readdir_attrs(decoded, plus=plus, start=offset, limit=READDIR_BATCH)
+                for name, attrs in batch:
+                    offset += 1
+                    _fill_stat(st, attrs)
+                    fill = FUSE_FILL_DIR_PLUS if plus and name not in (".", "..") else 0
+                    if filler(buf, name.encode(self.encoding, self.errors), st, offset, fill):
+                        return 0  # the kernel's buffer is full
+                if len(batch) < READDIR_BATCH:
+                    return 0
+
+        def read_buf(self, path: bytes | None, bufpp: Any, size: int, offset: int, fip: Any) -> int:
+            # The path is not needed (the handle says everything): not decoded.
+            result: int = self.operations.read_buf(None, bufpp, size, offset, fip.contents)
+            return result
+
+    return DeidFUSE
+
+
 def mount_options(allow_other: bool) -> dict[str, object]:
     """The ``-o`` options of the mount (notes/fuse-perf.md, sections 2 and 6)."""
     opts: dict[str, object] = {
@@ -1172,6 +1486,8 @@ def mount_options(allow_other: bool) -> dict[str, object]:
         "entry_timeout": ATTR_TIMEOUT,
         "negative_timeout": NEGATIVE_TIMEOUT,
         "no_rofd_flush": True,
+        # stat and readdir report the same inode numbers (inode_of), not libfuse's node ids.
+        "use_ino": True,
     }
     if allow_other:
         opts["allow_other"] = True
@@ -1320,7 +1636,7 @@ class FuseMount:
 
     def _run(self, mfusepy: Any) -> None:
         try:
-            mfusepy.FUSE(
+            fuse_class(mfusepy)(
                 self.ops,
                 os.fspath(self.mountpoint),
                 raw_fi=True,

@@ -44,6 +44,7 @@ __all__ = [
     "View",
     "layout_path",
     "read_view",
+    "read_view_into",
     "render",
     "render_path",
     "source_unchanged",
@@ -356,6 +357,53 @@ def read_view(view: View, fd: int, offset: int, size: int) -> bytes:
     if end > p_end:
         parts.append(view.trailer[max(offset, p_end) - p_end : end - p_end])
     return b"".join(parts) if len(parts) != 1 else parts[0]
+
+
+def read_view_into(view: View, fd: int, offset: int, out: memoryview) -> int:
+    """Write bytes ``[offset, offset+len(out))`` of ``view`` into ``out``, the very bytes
+    :func:`read_view` returns, without building them in Python objects: pixel bytes are
+    read from source ``fd`` straight into ``out`` (``preadv``). Returns how many were
+    written (fewer than ``len(out)`` only at the end of the view).
+
+    Raises
+    ------
+    Refused
+        When the source no longer holds the bytes the view was built from (changed or
+        truncated), so a reader never gets stale or mixed bytes.
+    """
+    end = min(offset + len(out), view.size)
+    if offset >= end:
+        return 0
+    h = len(view.header)
+    if offset < h:
+        stop = min(end, h)
+        out[: stop - offset] = memoryview(view.header)[offset:stop]
+    if view.pixels:
+        m_end = h + len(view.pixels)
+        if end > h and offset < m_end:
+            start, stop = max(offset, h), min(end, m_end)
+            out[start - offset : stop - offset] = memoryview(view.pixels)[start - h : stop - h]
+        h = m_end
+    p_end = h + view.pixel_length
+    if end > h and offset < p_end and view.pixel_length:
+        start = max(offset, h)
+        stop = min(end, p_end)
+        at = view.pixel_offset + (start - h)
+        into = out[start - offset : stop - offset]
+        while into:
+            n = os.preadv(fd, [into], at)
+            if n <= 0:
+                raise Refused("source_changed", "source is shorter than when it was indexed")
+            into = into[n:]
+            at += n
+        if view.zeroed:
+            chunk_at = start - h
+            first = max(0, bisect.bisect_right(view.zeroed, (chunk_at, _END)) - 1)
+            zero_ranges(out[start - offset : stop - offset], chunk_at, view.zeroed, first)
+    if end > p_end:
+        start = max(offset, p_end)
+        out[start - offset : end - offset] = memoryview(view.trailer)[start - p_end : end - p_end]
+    return end - offset
 
 
 def _zero_chunk(chunk: bytes, at: int, zeroed: tuple[tuple[int, int], ...]) -> bytes:
