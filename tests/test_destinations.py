@@ -506,8 +506,18 @@ def test_an_unreachable_node_is_retried_then_exits_69(tmp_path: Path, src: Path)
     assert time.monotonic() - started < 30
 
 
+#: Lossless-compressed samples of pydicom (RLE, JPEG-LS Lossless, JPEG Lossless SV1 RGB, JPEG
+#: 2000 Lossless): a node that takes Explicit VR Little Endian only gets them decoded.
+LOSSLESS_SAMPLES = {
+    "MR_small_RLE.dcm": "1.2.840.10008.1.2.5",
+    "MR_small_jpeg_ls_lossless.dcm": "1.2.840.10008.1.2.4.80",
+    "SC_rgb_jpeg_gdcm.dcm": "1.2.840.10008.1.2.4.70",
+    "MR_small_jp2klossless.dcm": "1.2.840.10008.1.2.4.90",
+}
+
+
 @needs_orthanc
-def test_explicit_little_endian_is_a_fallback_for_uncompressed_files_only(
+def test_explicit_little_endian_is_a_fallback_for_lossless_files_only(
     tmp_path: Path,
 ) -> None:
     src = tmp_path / "src"
@@ -519,7 +529,19 @@ def test_explicit_little_endian_is_a_fallback_for_uncompressed_files_only(
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
         ds.save_as(src / f"implicit{i}.dcm", enforce_file_format=True)
-    shutil.copy(sample_file("SC_rgb_rle.dcm"), src / "rle.dcm")  # compressed: no fallback
+    originals: dict[str, Any] = {}  # decoded pixels of each source, by its file name
+    for i, name in enumerate(LOSSLESS_SAMPLES):
+        ds = pydicom.dcmread(sample_file(name))
+        assert ds.file_meta.TransferSyntaxUID == LOSSLESS_SAMPLES[name]
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.96.{i}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(src / name, enforce_file_format=True)
+        originals[name] = pydicom.dcmread(src / name).pixel_array
+    # Lossy: JPEG Baseline, and RLE (a lossless syntax) of pixels once lossy-compressed.
+    shutil.copy(sample_file("SC_rgb_jpeg_dcmtk.dcm"), src / "baseline.dcm")
+    ds = pydicom.dcmread(sample_file("SC_rgb_rle.dcm"))
+    ds.LossyImageCompression = "01"
+    ds.save_as(src / "once-lossy-rle.dcm", enforce_file_format=True)
     node = Orthanc(tmp_path / "orthanc", accepted=[pydicom.uid.ExplicitVRLittleEndian])
     node.start()
     try:
@@ -530,20 +552,47 @@ def test_explicit_little_endian_is_a_fallback_for_uncompressed_files_only(
             "fallback",
         )
         assert done.returncode == 1, done.stderr
-        assert "no presentation context accepted" in done.stderr
+        assert done.stderr.count("lossy-compressed, never converted") == 2, done.stderr
         stored = node.instances()
-        assert len(stored) == 2  # the implicit VR files, converted
+        assert len(stored) == 2 + len(LOSSLESS_SAMPLES)  # the lossless files, converted
+        by_modality: dict[str, int] = {}
         for inst in stored.values():
             meta = node.get(f"/instances/{inst['id']}/metadata?expand")
             assert meta["TransferSyntax"] == pydicom.uid.ExplicitVRLittleEndian
+            by_modality[inst["Modality"]] = by_modality.get(inst["Modality"], 0) + 1
+        assert by_modality == {"CT": 2, "MR": 3, "OT": 1}
+        # The pixel values Orthanc holds are the decoded values of the source.
+        served = folder_export(tmp_path, config)
+        by_source = {}  # the SOP Instance UID served for each lossless source
+        for data in served.values():
+            view = pydicom.dcmread(io.BytesIO(data))
+            if view.get("LossyImageCompression") == "01":
+                continue
+            for name, syntax in LOSSLESS_SAMPLES.items():
+                if view.file_meta.TransferSyntaxUID == syntax:
+                    by_source[str(view.SOPInstanceUID)] = name
+        assert sorted(by_source.values()) == sorted(LOSSLESS_SAMPLES)
+        assert set(by_source) <= set(stored)
+        for uid, name in by_source.items():
+            got = pydicom.dcmread(io.BytesIO(node.raw(f"/instances/{stored[uid]['id']}/file")))
+            assert got.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+            assert "PixelData" in got
+            assert not got["PixelData"].is_undefined_length
+            arr = got.pixel_array
+            assert arr.dtype == originals[name].dtype, name
+            assert arr.shape == originals[name].shape, name
+            assert (arr == originals[name]).all(), name
         where = state_dir_of(load_config(config), "pacs", "ct")
         manifest = next(where.glob(".deidfs-manifest-*.jsonl"))
         files = [json.loads(x) for x in manifest.read_text().splitlines()][:-1]
         assert sorted((f["result"], f["converted"]) for f in files) == [
             ("failed", False),
-            ("stored", True),
-            ("stored", True),
-        ]
+            ("failed", False),
+        ] + [("stored", True)] * (2 + len(LOSSLESS_SAMPLES))
+        assert {f["detail"] for f in files if f["result"] == "failed"} == {
+            "no presentation context accepted for its SOP class and syntax; its pixels are "
+            "lossy-compressed, never converted"
+        }
     finally:
         node.stop()
 
