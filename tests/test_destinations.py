@@ -408,6 +408,70 @@ def test_every_served_file_arrives_with_its_bytes_and_grouping(
 
 
 @needs_orthanc
+def test_anonymize_sends_what_it_would_write_and_a_rerun_sends_nothing(
+    tmp_path: Path, src: Path, orthanc: Orthanc
+) -> None:
+    config = write_config(tmp_path, src, orthanc)
+    send = ["--config", str(config), "anonymize", str(src), "--profile", "Basic"]
+    done = run_cli([*send, "--to-destination", "pacs"], tmp_path / "logs", "anonymize-send")
+    assert done.returncode == 0, done.stderr
+    total = STUDIES * SERIES * INSTANCES
+    assert f"deidfs anonymize: {total + 1} files (profile Basic) to destination pacs" in (
+        done.stdout
+    )
+    rows = [line.split() for line in done.stdout.splitlines()]
+    assert ["stored", str(total)] in rows, done.stdout
+    assert ["refused", "1", "not_dicom", "1"] in rows, done.stdout  # notes.txt: never sent
+    # What --to writes with the same key and profile is what Orthanc holds.
+    out = tmp_path / "anon"
+    wrote = run_cli(
+        ["--config", str(config), "anonymize", str(src), "--profile", "Basic", "--to", str(out)],
+        tmp_path / "logs",
+        "anonymize-write",
+    )
+    assert wrote.returncode == 0, wrote.stderr
+    written = {
+        str(pydicom.dcmread(p).SOPInstanceUID): p.read_bytes()
+        for p in out.rglob("*.dcm")
+        if not p.name.startswith(".")
+    }
+    assert len(written) == total
+    stored = orthanc.instances()
+    assert set(stored) == set(written)
+    for uid, data in written.items():
+        got = orthanc.raw(f"/instances/{stored[uid]['id']}/file")
+        assert dataset_bytes(got) == dataset_bytes(data)
+    where = state_dir_of(load_config(config), "pacs", ".anonymize")
+    manifests = sorted(where.glob(".deidfs-manifest-*.jsonl"))
+    assert len(manifests) == 1
+    lines = [json.loads(x) for x in manifests[0].read_text().splitlines()]
+    assert sorted(x["result"] for x in lines if x["type"] == "file") == ["stored"] * total
+    assert lines[-1]["refused"] == {"not_dicom": 1}
+    for text in (manifests[0].read_text(), (where / STATE_NAME).read_text(), done.stderr):
+        assert MARKER not in text
+    assert str(src) not in manifests[0].read_text()
+    # A re-run sends nothing: Orthanc sees no new instance.
+    changes_before = orthanc.get("/changes?limit=1000")["Last"]
+    again = run_cli([*send, "--to-destination", "pacs"], tmp_path / "logs", "anonymize-again")
+    assert again.returncode == 0, again.stderr
+    assert "nothing new" in again.stdout
+    assert any(
+        r[:2] == ["already", str(total)]
+        for r in [line.split() for line in again.stdout.splitlines()]
+    ), again.stdout
+    changes = orthanc.get(f"/changes?since={changes_before}&limit=1000")["Changes"]
+    assert [c for c in changes if c["ChangeType"] == "NewInstance"] == []
+    assert len(sorted(where.glob(".deidfs-manifest-*.jsonl"))) == 1
+    # One place at a time; the destination is one of the configuration.
+    both = run_cli([*send, "--to", str(out), "--to-destination", "pacs"], tmp_path / "logs", "both")
+    assert both.returncode == 2
+    assert "not allowed with argument" in both.stderr
+    unknown = run_cli([*send, "--to-destination", "nowhere"], tmp_path / "logs", "nowhere")
+    assert unknown.returncode == os.EX_NOINPUT, unknown.stderr
+    assert "no destination 'nowhere'" in unknown.stderr
+
+
+@needs_orthanc
 def test_a_node_stopped_mid_export_gets_every_file_once_after_the_rerun(
     tmp_path: Path, src: Path, orthanc: Orthanc
 ) -> None:
