@@ -593,6 +593,10 @@ def test_explicit_little_endian_is_a_fallback_for_lossless_files_only(
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
         ds.save_as(src / f"implicit{i}.dcm", enforce_file_format=True)
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.95.9"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.LossyImageCompression = "01"  # uncompressed, but once lossy: not converted either
+    ds.save_as(src / "implicit-once-lossy.dcm", enforce_file_format=True)
     originals: dict[str, Any] = {}  # decoded pixels of each source, by its file name
     for i, name in enumerate(LOSSLESS_SAMPLES):
         ds = pydicom.dcmread(sample_file(name))
@@ -603,6 +607,12 @@ def test_explicit_little_endian_is_a_fallback_for_lossless_files_only(
         originals[name] = pydicom.dcmread(src / name).pixel_array
     # Lossy: JPEG Baseline, and RLE (a lossless syntax) of pixels once lossy-compressed.
     shutil.copy(sample_file("SC_rgb_jpeg_dcmtk.dcm"), src / "baseline.dcm")
+    # JPEG 2000 (not "Lossless Only") that says nothing of loss: not known lossless.
+    ds = pydicom.dcmread(sample_file("MR_small_jp2klossless.dcm"))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.97.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(src / "j2k.dcm", enforce_file_format=True)
     ds = pydicom.dcmread(sample_file("SC_rgb_rle.dcm"))
     ds.LossyImageCompression = "01"
     ds.save_as(src / "once-lossy-rle.dcm", enforce_file_format=True)
@@ -616,7 +626,8 @@ def test_explicit_little_endian_is_a_fallback_for_lossless_files_only(
             "fallback",
         )
         assert done.returncode == 1, done.stderr
-        assert done.stderr.count("lossy-compressed, never converted") == 2, done.stderr
+        assert done.stderr.count("lossy-compressed, never converted") == 3, done.stderr
+        assert done.stderr.count("its syntax may be lossy, never converted") == 1, done.stderr
         stored = node.instances()
         assert len(stored) == 2 + len(LOSSLESS_SAMPLES)  # the lossless files, converted
         by_modality: dict[str, int] = {}
@@ -649,14 +660,16 @@ def test_explicit_little_endian_is_a_fallback_for_lossless_files_only(
         where = state_dir_of(load_config(config), "pacs", "ct")
         manifest = next(where.glob(".deidfs-manifest-*.jsonl"))
         files = [json.loads(x) for x in manifest.read_text().splitlines()][:-1]
-        assert sorted((f["result"], f["converted"]) for f in files) == [
-            ("failed", False),
-            ("failed", False),
-        ] + [("stored", True)] * (2 + len(LOSSLESS_SAMPLES))
-        assert {f["detail"] for f in files if f["result"] == "failed"} == {
+        assert sorted((f["result"], f["converted"]) for f in files) == [("failed", False)] * 4 + [
+            ("stored", True)
+        ] * (2 + len(LOSSLESS_SAMPLES))
+        assert sorted(f["detail"] for f in files if f["result"] == "failed") == [
             "no presentation context accepted for its SOP class and syntax; its pixels are "
             "lossy-compressed, never converted"
-        }
+        ] * 3 + [
+            "no presentation context accepted for its SOP class and syntax; its syntax may be "
+            "lossy, never converted"
+        ]
     finally:
         node.stop()
 

@@ -11,10 +11,11 @@ This module is part of the export edge: it takes its sources from
 C-STORE (PS3.4 Annex B, PS3.7 9.1.1) with pynetdicom: one association per batch of
 ``batch_size`` files; its presentation contexts are those of the batch's SOP classes, each
 with the file's own transfer syntax, and for lossless files a second context with Explicit
-VR Little Endian, used only where the node refuses the first. Lossless: uncompressed, or in
+VR Little Endian, used only where the node refuses the first. Lossless: uncompressed or in
 a lossless-only compressed syntax (:data:`LOSSLESS_COMPRESSED`: RLE, JPEG Lossless, JPEG-LS
-Lossless, JPEG 2000 Lossless) with neither the source nor the view saying Lossy Image
-Compression "01"; those are decoded (pydicom and its pylibjpeg plugins) and their header
+Lossless, JPEG 2000 Lossless), and neither the source nor the view saying Lossy Image
+Compression "01" (pixels once lossy-compressed are not converted, whatever their syntax);
+compressed ones are decoded (pydicom and its pylibjpeg plugins) and their header
 updated as pydicom's ``decompress`` does, the pixel values unchanged. A lossy file is never
 converted: refused by the node in its own syntax, it fails and says why. A file sent in its
 own transfer syntax goes out as its very bytes (after the file meta group, which C-STORE
@@ -60,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from deidfs import __version__
 from deidfs.config import Destination, DestinationKind
-from deidfs.deid.pixels import MAX_DECODED_BYTES
+from deidfs.deid.pixels import LOSSY_SYNTAXES, MAX_DECODED_BYTES
 from deidfs.errors import DeidfsError, NotFound, Refused
 from deidfs.export import (
     ExportListener,
@@ -141,6 +142,8 @@ class Outgoing:
     #: its pixels were never lossy-compressed (syntax and Lossy Image Compression of the
     #: source and the view): it may be sent as Explicit VR Little Endian, decoded if need be
     lossless: bool = False
+    #: the source or the view says Lossy Image Compression "01"
+    marked_lossy: bool = False
 
     @property
     def convertible(self) -> bool:
@@ -339,11 +342,13 @@ class CStoreSender:
             elif out.convertible and self._context_for(assoc, out.sop_class, EXPLICIT_LE):
                 converted = True
                 status = assoc.send_c_store(explicit_little_endian(path, out.transfer_syntax))
-            elif out.transfer_syntax not in UNCOMPRESSED and not out.lossless:
+            elif not out.lossless:
+                lossy = out.marked_lossy or out.transfer_syntax in LOSSY_SYNTAXES
+                why = "its pixels are lossy-compressed" if lossy else "its syntax may be lossy"
                 return SendResult(
                     "failed",
-                    "no presentation context accepted for its SOP class and syntax; its pixels "
-                    "are lossy-compressed, never converted",
+                    f"no presentation context accepted for its SOP class and syntax; {why}, "
+                    "never converted",
                 )
             else:
                 return SendResult(
@@ -1126,12 +1131,10 @@ def _render_one(
     sop_class, ts, view_lossy = _classes(view)
     if not sop_class or not ts:
         raise Refused("no_sop_class", "no SOP Class UID or Transfer Syntax UID")
-    lossless = (ts in UNCOMPRESSED or ts in LOSSLESS_COMPRESSED) and not (
-        source_lossy or view_lossy
-    )
-    return Outgoing(
-        index, path, str(view.relpath), view, sha, sop_class, ts, served_ids(view), lossless
-    )
+    marked = source_lossy or view_lossy
+    lossless = (ts in UNCOMPRESSED or ts in LOSSLESS_COMPRESSED) and not marked
+    ids = served_ids(view)
+    return Outgoing(index, path, str(view.relpath), view, sha, sop_class, ts, ids, lossless, marked)
 
 
 def _batches(items: Sequence[Outgoing], size: int) -> Iterator[list[Outgoing]]:
