@@ -544,6 +544,26 @@ def test_a_refused_association_is_a_clear_error(tmp_path: Path, src: Path) -> No
         node.stop()
 
 
+@pytest.mark.skipif(os.path.exists("/etc/deidfs/deidfs.toml"), reason="a system configuration")
+def test_anonymize_to_a_destination_needs_a_configuration(
+    tmp_path: Path, src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DEIDFS_CONFIG", raising=False)
+    key = tmp_path / "secret.key"
+    key.write_text(KEY.hex() + "\n")
+    key.chmod(0o600)
+    done = run_cli(
+        [
+            *("anonymize", str(src), "--profile", "Basic"),
+            *("--key-file", str(key), "--to-destination", "pacs"),
+        ],
+        tmp_path / "logs",
+        "no-config",
+    )
+    assert done.returncode == os.EX_CONFIG, done.stderr
+    assert "--to-destination needs a configuration" in done.stderr
+
+
 def test_an_unknown_destination_exits_66(tmp_path: Path, src: Path) -> None:
     config = write_config(tmp_path, src, None)
     done = run_cli(

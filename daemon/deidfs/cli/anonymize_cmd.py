@@ -4,6 +4,10 @@ Every file is rendered exactly as the mount renders it (:func:`deidfs.render.ren
 written with :class:`deidfs.export.ExportWriter`, so the bytes equal what the mount serves for
 the same file, profile and key. Files are spread over a pool of worker processes, each
 rendering and writing a chunk of files at a time.
+
+``--to-destination NAME`` sends the same views to the configuration's destination with
+:func:`deidfs.send.send_sources` (one process: sending, not rendering, takes the time), its
+state kept as that of a folder named :data:`SEND_STATE_NAME`.
 """
 
 from __future__ import annotations
