@@ -408,15 +408,16 @@ def test_every_served_file_arrives_with_its_bytes_and_grouping(
 
 
 @needs_orthanc
+@pytest.mark.parametrize("destination", ["pacs", "web"])  # C-STORE, STOW-RS
 def test_anonymize_sends_what_it_would_write_and_a_rerun_sends_nothing(
-    tmp_path: Path, src: Path, orthanc: Orthanc
+    tmp_path: Path, src: Path, orthanc: Orthanc, destination: str
 ) -> None:
     config = write_config(tmp_path, src, orthanc)
     send = ["--config", str(config), "anonymize", str(src), "--profile", "Basic"]
-    done = run_cli([*send, "--to-destination", "pacs"], tmp_path / "logs", "anonymize-send")
+    done = run_cli([*send, "--to-destination", destination], tmp_path / "logs", "anonymize-send")
     assert done.returncode == 0, done.stderr
     total = STUDIES * SERIES * INSTANCES
-    assert f"deidfs anonymize: {total + 1} files (profile Basic) to destination pacs" in (
+    assert f"deidfs anonymize: {total + 1} files (profile Basic) to destination {destination}" in (
         done.stdout
     )
     rows = [line.split() for line in done.stdout.splitlines()]
@@ -441,7 +442,7 @@ def test_anonymize_sends_what_it_would_write_and_a_rerun_sends_nothing(
     for uid, data in written.items():
         got = orthanc.raw(f"/instances/{stored[uid]['id']}/file")
         assert dataset_bytes(got) == dataset_bytes(data)
-    where = state_dir_of(load_config(config), "pacs", ".anonymize")
+    where = state_dir_of(load_config(config), destination, ".anonymize")
     manifests = sorted(where.glob(".deidfs-manifest-*.jsonl"))
     assert len(manifests) == 1
     lines = [json.loads(x) for x in manifests[0].read_text().splitlines()]
@@ -452,7 +453,7 @@ def test_anonymize_sends_what_it_would_write_and_a_rerun_sends_nothing(
     assert str(src) not in manifests[0].read_text()
     # A re-run sends nothing: Orthanc sees no new instance.
     changes_before = orthanc.get("/changes?limit=1000")["Last"]
-    again = run_cli([*send, "--to-destination", "pacs"], tmp_path / "logs", "anonymize-again")
+    again = run_cli([*send, "--to-destination", destination], tmp_path / "logs", "anonymize-again")
     assert again.returncode == 0, again.stderr
     assert "nothing new" in again.stdout
     assert any(
@@ -463,7 +464,9 @@ def test_anonymize_sends_what_it_would_write_and_a_rerun_sends_nothing(
     assert [c for c in changes if c["ChangeType"] == "NewInstance"] == []
     assert len(sorted(where.glob(".deidfs-manifest-*.jsonl"))) == 1
     # One place at a time; the destination is one of the configuration.
-    both = run_cli([*send, "--to", str(out), "--to-destination", "pacs"], tmp_path / "logs", "both")
+    both = run_cli(
+        [*send, "--to", str(out), "--to-destination", destination], tmp_path / "logs", "both"
+    )
     assert both.returncode == 2
     assert "not allowed with argument" in both.stderr
     unknown = run_cli([*send, "--to-destination", "nowhere"], tmp_path / "logs", "nowhere")
