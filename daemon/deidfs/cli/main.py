@@ -52,6 +52,7 @@ COMMANDS = {
     "verify": "report_cmd",
     "profile": "admin_cmd",
     "folder": "admin_cmd",
+    "destination": "admin_cmd",
 }
 _GLOBAL_OPTIONS_WITH_VALUE = ("--config", "--log-level")
 
