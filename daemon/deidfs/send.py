@@ -948,6 +948,7 @@ def send_folder(
     """
     listener = listener if listener is not None else ExportListener()
     dest = destination_of(config, destination)
+    since = (time.monotonic(), clock())  # the scan of a selection is part of the export
     sources = select_sources(
         config,
         folder_id,
@@ -968,6 +969,7 @@ def send_folder(
         clock=clock,
         sleep=sleep,
         on_stored=on_stored,
+        since=since,
     )
 
 
@@ -998,13 +1000,14 @@ def send_sources(
     clock: Callable[[], dt.datetime] = _utcnow,
     sleep: Callable[[float], None] = time.sleep,
     on_stored: Callable[[int], None] | None = None,
+    since: tuple[float, dt.datetime] | None = None,
 ) -> SendSummary:
     """Render ``sources`` (their items, in order: the first of two with one view path is
     sent) with their plan and layout, and send what ``dest`` does not hold yet; the state
-    and manifests are those of ``sources.folder.id`` (see :func:`send_folder`)."""
+    and manifests are those of ``sources.folder.id`` (see :func:`send_folder`). ``since``:
+    when the export began (monotonic and wall clock), if before this call."""
     listener = listener if listener is not None else ExportListener()
-    start = time.monotonic()
-    started = clock()
+    start, started = since if since is not None else (time.monotonic(), clock())
     folder = sources.folder
     sender = make_sender(dest, sleep=sleep, stop=stop)
     where = state_dir_of(config, dest.name, folder.id)
