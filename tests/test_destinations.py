@@ -408,6 +408,73 @@ def test_every_served_file_arrives_with_its_bytes_and_grouping(
 
 
 @needs_orthanc
+@pytest.mark.parametrize("destination", ["pacs", "web"])  # C-STORE, STOW-RS
+def test_anonymize_sends_what_it_would_write_and_a_rerun_sends_nothing(
+    tmp_path: Path, src: Path, orthanc: Orthanc, destination: str
+) -> None:
+    config = write_config(tmp_path, src, orthanc)
+    send = ["--config", str(config), "anonymize", str(src), "--profile", "Basic"]
+    done = run_cli([*send, "--to-destination", destination], tmp_path / "logs", "anonymize-send")
+    assert done.returncode == 0, done.stderr
+    total = STUDIES * SERIES * INSTANCES
+    assert f"deidfs anonymize: {total + 1} files (profile Basic) to destination {destination}" in (
+        done.stdout
+    )
+    rows = [line.split() for line in done.stdout.splitlines()]
+    assert ["stored", str(total)] in rows, done.stdout
+    assert ["refused", "1", "not_dicom", "1"] in rows, done.stdout  # notes.txt: never sent
+    # What --to writes with the same key and profile is what Orthanc holds.
+    out = tmp_path / "anon"
+    wrote = run_cli(
+        ["--config", str(config), "anonymize", str(src), "--profile", "Basic", "--to", str(out)],
+        tmp_path / "logs",
+        "anonymize-write",
+    )
+    assert wrote.returncode == 0, wrote.stderr
+    written = {
+        str(pydicom.dcmread(p).SOPInstanceUID): p.read_bytes()
+        for p in out.rglob("*.dcm")
+        if not p.name.startswith(".")
+    }
+    assert len(written) == total
+    stored = orthanc.instances()
+    assert set(stored) == set(written)
+    for uid, data in written.items():
+        got = orthanc.raw(f"/instances/{stored[uid]['id']}/file")
+        assert dataset_bytes(got) == dataset_bytes(data)
+    where = state_dir_of(load_config(config), destination, ".anonymize")
+    manifests = sorted(where.glob(".deidfs-manifest-*.jsonl"))
+    assert len(manifests) == 1
+    lines = [json.loads(x) for x in manifests[0].read_text().splitlines()]
+    assert sorted(x["result"] for x in lines if x["type"] == "file") == ["stored"] * total
+    assert lines[-1]["refused"] == {"not_dicom": 1}
+    for text in (manifests[0].read_text(), (where / STATE_NAME).read_text(), done.stderr):
+        assert MARKER not in text
+    assert str(src) not in manifests[0].read_text()
+    # A re-run sends nothing: Orthanc sees no new instance.
+    changes_before = orthanc.get("/changes?limit=1000")["Last"]
+    again = run_cli([*send, "--to-destination", destination], tmp_path / "logs", "anonymize-again")
+    assert again.returncode == 0, again.stderr
+    assert "nothing new" in again.stdout
+    assert any(
+        r[:2] == ["already", str(total)]
+        for r in [line.split() for line in again.stdout.splitlines()]
+    ), again.stdout
+    changes = orthanc.get(f"/changes?since={changes_before}&limit=1000")["Changes"]
+    assert [c for c in changes if c["ChangeType"] == "NewInstance"] == []
+    assert len(sorted(where.glob(".deidfs-manifest-*.jsonl"))) == 1
+    # One place at a time; the destination is one of the configuration.
+    both = run_cli(
+        [*send, "--to", str(out), "--to-destination", destination], tmp_path / "logs", "both"
+    )
+    assert both.returncode == 2
+    assert "not allowed with argument" in both.stderr
+    unknown = run_cli([*send, "--to-destination", "nowhere"], tmp_path / "logs", "nowhere")
+    assert unknown.returncode == os.EX_NOINPUT, unknown.stderr
+    assert "no destination 'nowhere'" in unknown.stderr
+
+
+@needs_orthanc
 def test_a_node_stopped_mid_export_gets_every_file_once_after_the_rerun(
     tmp_path: Path, src: Path, orthanc: Orthanc
 ) -> None:
@@ -480,6 +547,26 @@ def test_a_refused_association_is_a_clear_error(tmp_path: Path, src: Path) -> No
         node.stop()
 
 
+@pytest.mark.skipif(os.path.exists("/etc/deidfs/deidfs.toml"), reason="a system configuration")
+def test_anonymize_to_a_destination_needs_a_configuration(
+    tmp_path: Path, src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DEIDFS_CONFIG", raising=False)
+    key = tmp_path / "secret.key"
+    key.write_text(KEY.hex() + "\n")
+    key.chmod(0o600)
+    done = run_cli(
+        [
+            *("anonymize", str(src), "--profile", "Basic"),
+            *("--key-file", str(key), "--to-destination", "pacs"),
+        ],
+        tmp_path / "logs",
+        "no-config",
+    )
+    assert done.returncode == os.EX_CONFIG, done.stderr
+    assert "--to-destination needs a configuration" in done.stderr
+
+
 def test_an_unknown_destination_exits_66(tmp_path: Path, src: Path) -> None:
     config = write_config(tmp_path, src, None)
     done = run_cli(
@@ -506,8 +593,18 @@ def test_an_unreachable_node_is_retried_then_exits_69(tmp_path: Path, src: Path)
     assert time.monotonic() - started < 30
 
 
+#: Lossless-compressed samples of pydicom (RLE, JPEG-LS Lossless, JPEG Lossless SV1 RGB, JPEG
+#: 2000 Lossless): a node that takes Explicit VR Little Endian only gets them decoded.
+LOSSLESS_SAMPLES = {
+    "MR_small_RLE.dcm": "1.2.840.10008.1.2.5",
+    "MR_small_jpeg_ls_lossless.dcm": "1.2.840.10008.1.2.4.80",
+    "SC_rgb_jpeg_gdcm.dcm": "1.2.840.10008.1.2.4.70",
+    "MR_small_jp2klossless.dcm": "1.2.840.10008.1.2.4.90",
+}
+
+
 @needs_orthanc
-def test_explicit_little_endian_is_a_fallback_for_uncompressed_files_only(
+def test_explicit_little_endian_is_a_fallback_for_lossless_files_only(
     tmp_path: Path,
 ) -> None:
     src = tmp_path / "src"
@@ -519,7 +616,29 @@ def test_explicit_little_endian_is_a_fallback_for_uncompressed_files_only(
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
         ds.save_as(src / f"implicit{i}.dcm", enforce_file_format=True)
-    shutil.copy(sample_file("SC_rgb_rle.dcm"), src / "rle.dcm")  # compressed: no fallback
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.95.9"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.LossyImageCompression = "01"  # uncompressed, but once lossy: not converted either
+    ds.save_as(src / "implicit-once-lossy.dcm", enforce_file_format=True)
+    originals: dict[str, Any] = {}  # decoded pixels of each source, by its file name
+    for i, name in enumerate(LOSSLESS_SAMPLES):
+        ds = pydicom.dcmread(sample_file(name))
+        assert ds.file_meta.TransferSyntaxUID == LOSSLESS_SAMPLES[name]
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.96.{i}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(src / name, enforce_file_format=True)
+        originals[name] = pydicom.dcmread(src / name).pixel_array
+    # Lossy: JPEG Baseline, and RLE (a lossless syntax) of pixels once lossy-compressed.
+    shutil.copy(sample_file("SC_rgb_jpeg_dcmtk.dcm"), src / "baseline.dcm")
+    # JPEG 2000 (not "Lossless Only") that says nothing of loss: not known lossless.
+    ds = pydicom.dcmread(sample_file("MR_small_jp2klossless.dcm"))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.97.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(src / "j2k.dcm", enforce_file_format=True)
+    ds = pydicom.dcmread(sample_file("SC_rgb_rle.dcm"))
+    ds.LossyImageCompression = "01"
+    ds.save_as(src / "once-lossy-rle.dcm", enforce_file_format=True)
     node = Orthanc(tmp_path / "orthanc", accepted=[pydicom.uid.ExplicitVRLittleEndian])
     node.start()
     try:
@@ -530,19 +649,49 @@ def test_explicit_little_endian_is_a_fallback_for_uncompressed_files_only(
             "fallback",
         )
         assert done.returncode == 1, done.stderr
-        assert "no presentation context accepted" in done.stderr
+        assert done.stderr.count("lossy-compressed, never converted") == 3, done.stderr
+        assert done.stderr.count("its syntax may be lossy, never converted") == 1, done.stderr
         stored = node.instances()
-        assert len(stored) == 2  # the implicit VR files, converted
+        assert len(stored) == 2 + len(LOSSLESS_SAMPLES)  # the lossless files, converted
+        by_modality: dict[str, int] = {}
         for inst in stored.values():
             meta = node.get(f"/instances/{inst['id']}/metadata?expand")
             assert meta["TransferSyntax"] == pydicom.uid.ExplicitVRLittleEndian
+            by_modality[inst["Modality"]] = by_modality.get(inst["Modality"], 0) + 1
+        assert by_modality == {"CT": 2, "MR": 3, "OT": 1}
+        # The pixel values Orthanc holds are the decoded values of the source.
+        served = folder_export(tmp_path, config)
+        by_source = {}  # the SOP Instance UID served for each lossless source
+        for data in served.values():
+            view = pydicom.dcmread(io.BytesIO(data))
+            if view.get("LossyImageCompression") == "01":
+                continue
+            for name, syntax in LOSSLESS_SAMPLES.items():
+                if view.file_meta.TransferSyntaxUID == syntax:
+                    by_source[str(view.SOPInstanceUID)] = name
+        assert sorted(by_source.values()) == sorted(LOSSLESS_SAMPLES)
+        assert set(by_source) <= set(stored)
+        for uid, name in by_source.items():
+            got = pydicom.dcmread(io.BytesIO(node.raw(f"/instances/{stored[uid]['id']}/file")))
+            assert got.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+            assert "PixelData" in got
+            assert not got["PixelData"].is_undefined_length
+            arr = got.pixel_array
+            assert arr.dtype == originals[name].dtype, name
+            assert arr.shape == originals[name].shape, name
+            assert (arr == originals[name]).all(), name
         where = state_dir_of(load_config(config), "pacs", "ct")
         manifest = next(where.glob(".deidfs-manifest-*.jsonl"))
         files = [json.loads(x) for x in manifest.read_text().splitlines()][:-1]
-        assert sorted((f["result"], f["converted"]) for f in files) == [
-            ("failed", False),
-            ("stored", True),
-            ("stored", True),
+        assert sorted((f["result"], f["converted"]) for f in files) == [("failed", False)] * 4 + [
+            ("stored", True)
+        ] * (2 + len(LOSSLESS_SAMPLES))
+        assert sorted(f["detail"] for f in files if f["result"] == "failed") == [
+            "no presentation context accepted for its SOP class and syntax; its pixels are "
+            "lossy-compressed, never converted"
+        ] * 3 + [
+            "no presentation context accepted for its SOP class and syntax; its syntax may be "
+            "lossy, never converted"
         ]
     finally:
         node.stop()

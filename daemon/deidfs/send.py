@@ -10,10 +10,16 @@ This module is part of the export edge: it takes its sources from
 
 C-STORE (PS3.4 Annex B, PS3.7 9.1.1) with pynetdicom: one association per batch of
 ``batch_size`` files; its presentation contexts are those of the batch's SOP classes, each
-with the file's own transfer syntax, and for uncompressed files (which convert losslessly)
-a second context with Explicit VR Little Endian, used only where the node refuses the first.
-A file sent in its own transfer syntax goes out as its very bytes (after the file meta
-group, which C-STORE does not carry).
+with the file's own transfer syntax, and for lossless files a second context with Explicit
+VR Little Endian, used only where the node refuses the first. Lossless: uncompressed or in
+a lossless-only compressed syntax (:data:`LOSSLESS_COMPRESSED`: RLE, JPEG Lossless, JPEG-LS
+Lossless, JPEG 2000 Lossless), and neither the source nor the view saying Lossy Image
+Compression "01" (pixels once lossy-compressed are not converted, whatever their syntax);
+compressed ones are decoded (pydicom and its pylibjpeg plugins) and their header
+updated as pydicom's ``decompress`` does, the pixel values unchanged. A lossy file is never
+converted: refused by the node in its own syntax, it fails and says why. A file sent in its
+own transfer syntax goes out as its very bytes (after the file meta group, which C-STORE
+does not carry).
 
 STOW-RS (PS3.18 10.5) with requests: one ``multipart/related; type="application/dicom"``
 request per study of a batch, each part a file's exact Part 10 bytes; the answer's Failed
@@ -55,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from deidfs import __version__
 from deidfs.config import Destination, DestinationKind
+from deidfs.deid.pixels import LOSSY_SYNTAXES, MAX_DECODED_BYTES
 from deidfs.errors import DeidfsError, NotFound, Refused
 from deidfs.export import (
     ExportListener,
@@ -91,7 +98,24 @@ STATE_NAME = "sent.jsonl"
 MAX_CONTEXTS = 128
 #: Transfer syntaxes that convert to Explicit VR Little Endian without loss.
 UNCOMPRESSED = frozenset({IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE, DEFLATED})
+#: Compressed transfer syntaxes whose every encoding is lossless: RLE Lossless, JPEG
+#: Lossless (Process 14, and its first-order prediction SV1), JPEG-LS Lossless, JPEG 2000
+#: Lossless Only, HTJ2K Lossless and Lossless RPCL. Decoded, their pixels are the very
+#: values encoded, so they convert to Explicit VR Little Endian without loss (unless Lossy
+#: Image Compression says the pixels were lossy-compressed before).
+LOSSLESS_COMPRESSED = frozenset(
+    {
+        "1.2.840.10008.1.2.5",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202",
+    }
+)
 SOP_CLASS_UID = 0x00080016
+LOSSY_IMAGE_COMPRESSION = 0x00282110
 _HASH_CHUNK = 1 << 20
 
 
@@ -115,6 +139,16 @@ class Outgoing:
     sop_class: str
     transfer_syntax: str
     ids: ServedIds
+    #: its pixels were never lossy-compressed (syntax and Lossy Image Compression of the
+    #: source and the view): it may be sent as Explicit VR Little Endian, decoded if need be
+    lossless: bool = False
+    #: the source or the view says Lossy Image Compression "01"
+    marked_lossy: bool = False
+
+    @property
+    def convertible(self) -> bool:
+        """Explicit VR Little Endian is a fallback for it (and not its own syntax)."""
+        return self.lossless and self.transfer_syntax != EXPLICIT_LE
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +260,7 @@ class CStoreSender:
         for out in batch:
             pairs[(out.sop_class, out.transfer_syntax)] = None
         for out in batch:  # fallbacks after every original syntax
-            if out.transfer_syntax in UNCOMPRESSED and out.transfer_syntax != EXPLICIT_LE:
+            if out.convertible:
                 pairs[(out.sop_class, EXPLICIT_LE)] = None
         return [build_context(sop, [ts]) for sop, ts in pairs]
 
@@ -305,13 +339,17 @@ class CStoreSender:
         with opened(out) as path:
             if self._context_for(assoc, out.sop_class, out.transfer_syntax):
                 status = assoc.send_c_store(Path(path))
-            elif out.transfer_syntax in UNCOMPRESSED and self._context_for(
-                assoc, out.sop_class, EXPLICIT_LE
-            ):
-                from pydicom import dcmread  # noqa: PLC0415
-
+            elif out.convertible and self._context_for(assoc, out.sop_class, EXPLICIT_LE):
                 converted = True
-                status = assoc.send_c_store(dcmread(path))
+                status = assoc.send_c_store(explicit_little_endian(path, out.transfer_syntax))
+            elif not out.lossless:
+                lossy = out.marked_lossy or out.transfer_syntax in LOSSY_SYNTAXES
+                why = "its pixels are lossy-compressed" if lossy else "its syntax may be lossy"
+                return SendResult(
+                    "failed",
+                    f"no presentation context accepted for its SOP class and syntax; {why}, "
+                    "never converted",
+                )
             else:
                 return SendResult(
                     "failed", "no presentation context accepted for its SOP class and syntax"
@@ -620,21 +658,80 @@ def _sha256_fd(fd: int) -> tuple[str, int]:
     return h.hexdigest(), at
 
 
-def _classes(view: View) -> tuple[str, str]:
-    """The SOP Class UID and the Transfer Syntax UID of ``view`` ("" when absent)."""
+def _classes(view: View) -> tuple[str, str, bool]:
+    """The SOP Class UID and the Transfer Syntax UID of ``view`` ("" when absent), and
+    whether its Lossy Image Compression says "01"."""
     from pydicom import dcmread  # noqa: PLC0415
 
     try:
         ds = dcmread(
             io.BytesIO(view.header),
             stop_before_pixels=True,
-            specific_tags=[SOP_CLASS_UID],
+            specific_tags=[SOP_CLASS_UID, LOSSY_IMAGE_COMPRESSION],
             force=True,
         )
         ts = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
-        return str(ds.get("SOPClassUID", "") or ""), ts
+        return str(ds.get("SOPClassUID", "") or ""), ts, _says_lossy(ds)
     except Exception:  # pydicom raises many types; such a view is not sent
-        return "", ""
+        return "", "", True
+
+
+def _says_lossy(ds: Any) -> bool:
+    value = ds.get("LossyImageCompression", "")
+    return str(value or "").strip() == "01"
+
+
+def _lossy_marked(f: Any) -> bool:
+    """Whether the source open as ``f`` says Lossy Image Compression "01" (or cannot be
+    read: then it is not taken as lossless either)."""
+    from pydicom import dcmread  # noqa: PLC0415
+
+    try:
+        f.seek(0)
+        ds = dcmread(
+            f, stop_before_pixels=True, specific_tags=[LOSSY_IMAGE_COMPRESSION], force=True
+        )
+        return _says_lossy(ds)
+    except Exception:  # pydicom raises many types: not known lossless
+        return True
+
+
+def explicit_little_endian(path: str, transfer_syntax: str) -> Any:
+    """The file at ``path`` (whose pixels are lossless) as a data set in Explicit VR Little
+    Endian: as it is when uncompressed, else its pixel data decoded and its header updated
+    as pydicom's ``decompress`` does (Transfer Syntax UID, Photometric Interpretation after a
+    colour transform the decoder undid). Pixel values are the decoded values, unchanged.
+
+    Raises
+    ------
+    Refused
+        ``too_large`` or ``bad_pixel_data`` (no decoder, decoding failed).
+    """
+    from pydicom import dcmread  # noqa: PLC0415
+
+    try:
+        ds = dcmread(path)
+    except Exception as exc:  # pydicom raises many types
+        raise Refused("bad_pixel_data", f"cannot read it again: {type(exc).__name__}") from None
+    if transfer_syntax in UNCOMPRESSED or "PixelData" not in ds:
+        if transfer_syntax not in UNCOMPRESSED:
+            from pydicom.uid import ExplicitVRLittleEndian  # noqa: PLC0415
+
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        return ds
+    size = 1
+    for keyword in ("Rows", "Columns", "SamplesPerPixel", "NumberOfFrames"):
+        size *= int(ds.get(keyword, 1) or 1)
+    size *= max(1, -(-int(ds.get("BitsAllocated", 8) or 8) // 8))
+    if size > MAX_DECODED_BYTES:
+        raise Refused("too_large", "decoded pixel data exceeds the size limit")
+    try:
+        # as_rgb=False: YCbCr stays YCbCr (a conversion to RGB would change values); the
+        # instance keeps its (served) SOP Instance UID.
+        ds.decompress(as_rgb=False, generate_instance_uid=False)
+    except Exception as exc:  # decoders raise many types
+        raise Refused("bad_pixel_data", f"decoding failed: {type(exc).__name__}") from None
+    return ds
 
 
 def _open_source(path: str) -> int:
@@ -850,12 +947,8 @@ def send_folder(
         :attr:`SendSummary.error`, with the files not stored "failed".
     """
     listener = listener if listener is not None else ExportListener()
-    dest = config.destinations.get(destination)
-    if dest is None:
-        known = ", ".join(sorted(config.destinations)) or "none"
-        raise NotFound(f"no destination {destination!r} in the configuration (have: {known})")
-    start = time.monotonic()
-    started = clock()
+    dest = destination_of(config, destination)
+    since = (time.monotonic(), clock())  # the scan of a selection is part of the export
     sources = select_sources(
         config,
         folder_id,
@@ -865,6 +958,56 @@ def send_folder(
         listener=listener,
         stop=stop,
     )
+    return send_sources(
+        config,
+        sources,
+        dest,
+        pseudonymizer,
+        listener=listener,
+        metrics=metrics,
+        stop=stop,
+        clock=clock,
+        sleep=sleep,
+        on_stored=on_stored,
+        since=since,
+    )
+
+
+def destination_of(config: Config, name: str) -> Destination:
+    """The destination ``name`` of ``config``.
+
+    Raises
+    ------
+    NotFound
+        There is no such destination.
+    """
+    dest = config.destinations.get(name)
+    if dest is None:
+        known = ", ".join(sorted(config.destinations)) or "none"
+        raise NotFound(f"no destination {name!r} in the configuration (have: {known})")
+    return dest
+
+
+def send_sources(
+    config: Config,
+    sources: SourceSet,
+    dest: Destination,
+    pseudonymizer: Pseudonymizer,
+    *,
+    listener: ExportListener | None = None,
+    metrics: Metrics | None = None,
+    stop: StopFlag | None = None,
+    clock: Callable[[], dt.datetime] = _utcnow,
+    sleep: Callable[[float], None] = time.sleep,
+    on_stored: Callable[[int], None] | None = None,
+    since: tuple[float, dt.datetime] | None = None,
+) -> SendSummary:
+    """Render ``sources`` (their items, in order: the first of two with one view path is
+    sent) with their plan and layout, and send what ``dest`` does not hold yet; the state
+    and manifests are those of ``sources.folder.id`` (see :func:`send_folder`). ``since``:
+    when the export began (monotonic and wall clock), if before this call."""
+    listener = listener if listener is not None else ExportListener()
+    start, started = since if since is not None else (time.monotonic(), clock())
     folder = sources.folder
     sender = make_sender(dest, sleep=sleep, stop=stop)
     where = state_dir_of(config, dest.name, folder.id)
@@ -982,15 +1125,19 @@ def _render_one(
                 PurePosixPath(rel),
                 max_header_bytes=config.daemon.max_header_bytes,
             )
+            source_lossy = _lossy_marked(f)
         sha, _ = _sha256_view(view, src)
         if not source_unchanged(view, src):
             raise Refused("source_changed", "the source changed while it was read")
     finally:
         os.close(src)
-    sop_class, ts = _classes(view)
+    sop_class, ts, view_lossy = _classes(view)
     if not sop_class or not ts:
         raise Refused("no_sop_class", "no SOP Class UID or Transfer Syntax UID")
-    return Outgoing(index, path, str(view.relpath), view, sha, sop_class, ts, served_ids(view))
+    marked = source_lossy or view_lossy
+    lossless = (ts in UNCOMPRESSED or ts in LOSSLESS_COMPRESSED) and not marked
+    ids = served_ids(view)
+    return Outgoing(index, path, str(view.relpath), view, sha, sop_class, ts, ids, lossless, marked)
 
 
 def _batches(items: Sequence[Outgoing], size: int) -> Iterator[list[Outgoing]]:

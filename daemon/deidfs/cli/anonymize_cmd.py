@@ -4,6 +4,10 @@ Every file is rendered exactly as the mount renders it (:func:`deidfs.render.ren
 written with :class:`deidfs.export.ExportWriter`, so the bytes equal what the mount serves for
 the same file, profile and key. Files are spread over a pool of worker processes, each
 rendering and writing a chunk of files at a time.
+
+``--to-destination NAME`` sends the same views to the configuration's destination with
+:func:`deidfs.send.send_sources` (one process: sending, not rendering, takes the time), its
+state kept as that of a folder named :data:`SEND_STATE_NAME`.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from deidfs.cli.common import add_writer_options, config_path, load_profiles
-from deidfs.config import load_config
+from deidfs.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, FolderConfig, load_config
 from deidfs.deid.plan import compile_plan
+from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.errors import NotFound, ProfileError
+from deidfs.errors import ConfigError, NotFound, ProfileError
 from deidfs.export import (
     Claims,
     ExportError,
@@ -38,6 +43,7 @@ from deidfs.export import (
     Job,
     Outcome,
     Place,
+    SourceSet,
     forbidden_places,
     guard_of,
     quiet_pydicom,
@@ -48,10 +54,14 @@ from deidfs.export import (
 )
 from deidfs.render import Layout
 from deidfs.secret import load_or_create_key, read_key_file
+from deidfs.send import destination_of, send_sources
 
 log = logging.getLogger(__name__)
 
 KEY_FILE_ENV = "DEIDFS_KEY_FILE"
+#: The name the send state of ``anonymize --to-destination`` is kept under, beside the
+#: configured folders' (no folder id starts with a dot): <state_dir>/destinations/NAME/.anonymize
+SEND_STATE_NAME = ".anonymize"
 
 DESCRIPTION = """\
 De-identify DICOM files once and write them into DIR, named by the layout: by default
@@ -78,6 +88,13 @@ the state directory or the mount of the configuration. Below it, deidfs follows 
 link: every file is written through descriptors of its directories, so a link put in DIR
 meanwhile cannot send a file elsewhere.
 
+With --to-destination NAME (instead of --to DIR) the same files, rendered the same way and
+refused by the same rules, are sent to the node [destinations.NAME] of the configuration
+(--config; C-STORE or STOW-RS), as `deidfs export FOLDER --to-destination NAME` sends: in
+batches, retried on temporary failures, with a manifest of each run and a record of what
+the node stored under <state_dir>/destinations/NAME/.anonymize/, so that a re-run sends
+only the files not stored yet.
+
 Pseudonym key (the same key gives the same UIDs, IDs and dates as the mount):
   1. --key-file FILE, or $DEIDFS_KEY_FILE: an existing key file (hex, mode 0600);
   2. else, with a configuration (--config, $DEIDFS_CONFIG or /etc/deidfs/deidfs.toml if it
@@ -92,6 +109,8 @@ exit codes:
   1   some file could not be read or written
   66  a SRC does not exist; 73 DIR cannot be created or written; 78 bad profile, key or config
   75  DIR ran out of space (run again once there is room: files in place are complete)
+  69  --to-destination: the node refused the association or stayed unreachable (the files
+      stored are recorded: run again to send the others)
   77  DIR (its symbolic links resolved) is inside a watched folder, the state directory or
       the mount of the configuration; or a symbolic link was put in DIR while writing
 """
@@ -108,7 +127,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument("src", nargs="+", metavar="SRC", help="DICOM files and folders")
     p.add_argument("--profile", required=True, help="profile name (built-in: Basic, HIPAA)")
-    p.add_argument("--to", required=True, metavar="DIR", help="output directory")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", metavar="DIR", help="output directory")
+    where.add_argument(
+        "--to-destination",
+        metavar="NAME",
+        help="send to the node [destinations.NAME] of the configuration instead of writing files",
+    )
     p.add_argument(
         "--config",
         default=argparse.SUPPRESS,
@@ -324,6 +349,8 @@ def run(args: argparse.Namespace) -> int:
     pseudo = Pseudonymizer(load_key(args.key_file, config))
     layout = Layout(args.layout)
     sources = collect_sources(args.src)
+    if args.to_destination is not None:
+        return _send(args, config, profile, pseudo, layout, sources)
     try:
         places = _forbidden_places(args.key_file, config)
         out = resolve_destination(Path(args.to), places)
@@ -415,6 +442,47 @@ def run(args: argparse.Namespace) -> int:
         return 1 if tally.failed else 0
     finally:
         writer.close()  # its directory descriptors
+
+
+def _send(
+    args: argparse.Namespace,
+    config_arg: str | None,
+    profile: Profile,
+    pseudo: Pseudonymizer,
+    layout: Layout,
+    sources: Sources,
+) -> int:
+    """``--to-destination``: send the files ``--to`` would write, with deidfs export's sender."""
+    from deidfs.cli.export_cmd import Terminal, sent_exit_code  # noqa: PLC0415  (it imports us)
+
+    path = config_path(config_arg)
+    if path is None:
+        raise ConfigError(
+            "--to-destination needs a configuration with [destinations]: give --config, set "
+            f"${CONFIG_ENV} or create {DEFAULT_CONFIG_PATH}"
+        )
+    config = load_config(path)
+    dest = destination_of(config, args.to_destination)
+    # The first source by path takes a view path two sources share, as with --to.
+    files = sorted(sources.files)
+    items = [(index, src, rel) for index, (src, rel) in enumerate(files)]
+    folder = FolderConfig(SEND_STATE_NAME, Path("/"), profile.name, layout)
+    source_set = SourceSet(folder, profile, compile_plan(profile), files, sources.skipped, items)
+    terminal = Terminal(args.quiet, sys.stderr)
+    previous = signal.getsignal(signal.SIGTERM)
+    own_handler = (
+        previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
+    )
+    if own_handler:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        summary = send_sources(config, source_set, dest, pseudo, listener=terminal)
+    finally:
+        terminal.clear()
+        if own_handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    title = f"deidfs anonymize: {len(files)} files"
+    return sent_exit_code(summary, args.quiet, "anonymize", title)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -169,7 +169,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=run)
 
 
-class _Terminal(ExportListener):
+class Terminal(ExportListener):
     """Progress bar and per-file lines on stderr."""
 
     def __init__(self, quiet: bool, stream: TextIO) -> None:
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
         key = load_or_create_key(config.daemon.state_dir)
     except SecretError as exc:
         raise SecretError(f"{exc} (to export without reading the key, use --via-daemon)") from None
-    terminal = _Terminal(args.quiet, sys.stderr)
+    terminal = Terminal(args.quiet, sys.stderr)
     previous = signal.getsignal(signal.SIGTERM)
     own_handler = (
         previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
@@ -274,7 +274,7 @@ def _send(
     config: Config,
     pseudonymizer: Pseudonymizer,
     selection: Selection,
-    terminal: _Terminal,
+    terminal: Terminal,
 ) -> int:
     summary = send_folder(
         config,
@@ -286,27 +286,32 @@ def _send(
         listener=terminal,
     )
     terminal.clear()
-    return _sent(summary, args.quiet)
+    return sent_exit_code(summary, args.quiet)
 
 
-def _sent(summary: SendSummary, quiet: bool) -> int:
+def sent_exit_code(
+    summary: SendSummary, quiet: bool, command: str = "export", title: str | None = None
+) -> int:
+    """Print ``summary`` (unless ``quiet``) and the destination's error; the exit code."""
     if not quiet:
-        print_send_summary(summary, sys.stdout)
+        print_send_summary(summary, sys.stdout, title)
     if summary.error:
-        print(f"deidfs export: {summary.error}", file=sys.stderr)
+        print(f"deidfs {command}: {summary.error}", file=sys.stderr)
         print(
-            "deidfs export: the files stored are recorded; run the same export again to send "
-            "the others",
+            f"deidfs {command}: the files stored are recorded; run the same {command} again "
+            "to send the others",
             file=sys.stderr,
         )
         return os.EX_UNAVAILABLE
     return 1 if summary.failed else 0
 
 
-def print_send_summary(summary: SendSummary, out: TextIO) -> None:
-    """The summary of an export to a destination, for people."""
+def print_send_summary(summary: SendSummary, out: TextIO, title: str | None = None) -> None:
+    """The summary of an export to a destination, for people; ``title`` names what was
+    sent (by default the folder, as ``deidfs export`` says it)."""
+    what = title if title is not None else f"deidfs export {summary.folder}"
     print(
-        f"deidfs export {summary.folder} (profile {summary.profile}) to destination "
+        f"{what} (profile {summary.profile}) to destination "
         f"{summary.destination}: {summary.files} files stored there, in {summary.seconds:.2f} s",
         file=out,
     )
@@ -359,7 +364,7 @@ def _via_daemon(args: argparse.Namespace, config: Config, selection: Selection) 
         request["destination"] = args.to_destination
     reply = call(config.daemon.control_socket, "export", request, timeout=DAEMON_TIMEOUT_SECONDS)
     if reply.ok and args.to_destination is not None:
-        return _sent(SendSummary.from_json(reply.result), args.quiet)
+        return sent_exit_code(SendSummary.from_json(reply.result), args.quiet)
     if reply.ok:
         summary = ExportSummary.from_json(reply.result)
         if not args.quiet:
