@@ -109,7 +109,10 @@ class FuseBufvec(ctypes.Structure):
 
 @functools.cache
 def _libc() -> Any:
-    libc = ctypes.CDLL(None, use_errno=True)
+    # PyDLL: malloc and free keep the GIL. They take well under a microsecond, and a
+    # callback that released the GIL for them would wait to take it back whenever another
+    # libfuse thread is in Python (a hand-off per call with several readers).
+    libc = ctypes.PyDLL(None, use_errno=True)
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
@@ -206,6 +209,12 @@ class ViewFile:
     pixel_offset: int = 0
     pixel_length: int = 0
     trailer_length: int = 0
+    #: :func:`inode_of` its mount path, computed once (``getattr`` answers every open)
+    ino: int = dataclasses.field(default=0, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.ino:
+            object.__setattr__(self, "ino", inode_of(self.mount_path))
 
     @property
     def mount_path(self) -> str:
@@ -1058,7 +1067,7 @@ class DeidOperations:
     def _file_attrs(self, vf: ViewFile) -> dict[str, int]:
         t = vf.mtime_ns
         return {
-            "st_ino": inode_of(vf.mount_path),
+            "st_ino": vf.ino,
             "st_mode": FILE_MODE,
             "st_nlink": 1,
             "st_size": vf.size,
@@ -1436,6 +1445,14 @@ def fuse_class(mfusepy: Any) -> Any:
                     _worker.kept = True  # turn an exception here into a success)
                     log.warning("thread state not kept: %s", type(exc).__name__)
             return super()._wrapper(func, *args, **kwargs)
+
+        def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+            # mfusepy's generic getattr clears the stat (libfuse has just zeroed it) and
+            # sets it field by field through a table; every open asks (ac_attr_timeout=0).
+            decoded = None if path is None else path.decode(self.encoding, self.errors)
+            attrs = self.operations.getattr(decoded, fip.contents if fip else None)
+            _fill_stat(buf.contents, attrs)
+            return 0
 
         def readdir_fuse_3(
             self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
