@@ -24,12 +24,12 @@ from pathlib import Path, PurePosixPath
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_anonymize import Timing, _count_files, _warm
-from deidfs.config import load_config
+from deidfs.config.model import load_config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.export import export_folder, walk_sources
-from deidfs.render import SourceStat, View, render_path
+from deidfs.export.folder import export_folder, walk_sources
 from deidfs.secret import read_key_file
+from deidfs.view.render import SourceStat, View, render_path
 from synth import Tree, build_tree
 
 CONFIG = """\

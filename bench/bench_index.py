@@ -38,12 +38,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deidfs.control import call
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError
-from deidfs.render import Layout, render_path
+from deidfs.ops.control import call
+from deidfs.view.render import Layout, render_path
 from synth import Tree, write_instances
 
 CONFIG = """\

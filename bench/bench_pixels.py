@@ -32,7 +32,7 @@ from pydicom.data import get_testdata_file
 from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.profiles import BASIC, Mask, Profile, Rect
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.render import SourceStat, read_view, render, render_path
+from deidfs.view.render import SourceStat, read_view, render, render_path
 from synth import write_minimal_ct
 
 READ = 128 * 1024

@@ -20,11 +20,11 @@ from pathlib import Path, PurePosixPath
 import pytest
 from pydicom.data import get_testdata_file
 
-from deidfs.config import Config, load_config
+from deidfs.config.model import Config, load_config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.render import Layout, render_path, write_view
 from deidfs.secret import load_or_create_key
+from deidfs.view.render import Layout, render_path, write_view
 
 #: Sample files that render without warnings under every built-in profile but +Pixel.
 SAMPLE_NAMES = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm")

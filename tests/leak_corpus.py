@@ -37,7 +37,7 @@ from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
 from deidfs.deid.tags import parse_tag
 from deidfs.deid.trust import ENUMERATED
-from deidfs.render import (
+from deidfs.view.render import (
     Layout,
     SourceStat,
     View,

@@ -20,15 +20,15 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 
 from conftest import sample_file
-from deidfs import reference, render
 from deidfs.cli import common
 from deidfs.cli.main import main
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import Refused
-from deidfs.export import is_temp_name
-from deidfs.render import Layout, render_path, write_view
+from deidfs.export.folder import is_temp_name
+from deidfs.view import model, reference
+from deidfs.view.render import Layout, render_path, write_view
 
 KEY = bytes(range(32))
 REPO = Path(__file__).resolve().parents[1]
@@ -388,7 +388,7 @@ def test_fast_encoding_equals_pydicom_writer(monkeypatch: pytest.MonkeyPatch) ->
 
     def pydicom_header(ds: pydicom.Dataset, implicit: bool, little: bool) -> bytes:
         buf = DicomBytesIO()
-        buf.write(render.PREAMBLE)
+        buf.write(model.PREAMBLE)
         write_file_meta_info(buf, ds.file_meta, enforce_standard=True)
         return buf.getvalue() + pydicom_encode(ds, implicit, little)
 

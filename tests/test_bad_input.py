@@ -31,13 +31,13 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from deidfs import reference
-from deidfs import render as render_module
 from deidfs.deid.dictionary import text_is_clean
 from deidfs.deid.profiles import BASIC, HIPAA
 from deidfs.deid.standard import Option, safe_private_rows
 from deidfs.errors import Refused
-from deidfs.render import read_view, render, render_path, write_view
+from deidfs.view import reference
+from deidfs.view import render as render_module
+from deidfs.view.render import read_view, render, render_path, write_view
 from leak_corpus import (
     CT_IMAGE,
     UID_ROOT,

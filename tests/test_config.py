@@ -17,7 +17,7 @@ import pytest
 from conftest import sample_file
 from deidfs.cli.common import load_profiles
 from deidfs.cli.main import main
-from deidfs.config import (
+from deidfs.config.model import (
     CONFIG_ENV,
     Config,
     ConfigInvalid,
@@ -33,7 +33,7 @@ from deidfs.deid.profiles import BUILTIN_PROFILES, DateModification, Rect
 from deidfs.deid.standard import Action, Option
 from deidfs.deid.tags import parse_tag
 from deidfs.errors import ConfigError
-from deidfs.render import Layout
+from deidfs.view.render import Layout
 
 REFERENCE = Path(__file__).resolve().parents[1] / "etc" / "deidfs.toml"
 

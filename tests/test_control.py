@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import Daemon, sample_file, wait_for
-from deidfs.control import (
+from deidfs.errors import DeidfsError
+from deidfs.ops.control import (
     MAX_LINE_BYTES,
     ControlDenied,
     ControlServer,
@@ -29,7 +30,6 @@ from deidfs.control import (
     Request,
     call,
 )
-from deidfs.errors import DeidfsError
 
 
 def _deidfs(*argv: str, as_nobody: bool = False) -> subprocess.CompletedProcess[str]:
@@ -96,7 +96,7 @@ def test_socket_is_0660_in_a_created_directory_and_answers(
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o660
     assert srv.path.parent.is_dir()
-    with caplog.at_level(logging.DEBUG, logger="deidfs.control"):
+    with caplog.at_level(logging.DEBUG, logger="deidfs.ops.control"):
         reply = call(srv.path, "status", {"x": 1})
     assert reply.ok
     assert reply.result == {"echo": {"x": 1}, "pid_seen": os.getpid()}
@@ -315,7 +315,7 @@ def test_status_of_a_running_daemon(daemon_factory: Callable[..., Daemon]) -> No
 
 
 def test_only_root_and_the_config_owner_may_read_source_paths(tmp_path: Path) -> None:
-    from deidfs.control import Peer, may_read_sources
+    from deidfs.ops.control import Peer, may_read_sources
 
     config = tmp_path / "deidfs.toml"
     config.write_text("")

@@ -27,7 +27,7 @@ from pydicom.data import get_charset_files, get_testdata_files
 from deidfs.deid.profiles import BASIC, HIPAA
 from deidfs.deid.standard import Option
 from deidfs.errors import Refused
-from deidfs.render import render_path, write_view
+from deidfs.view.render import render_path, write_view
 from leak_corpus import plan_of, pseudonymizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -30,7 +30,7 @@ from deidfs.deid.plan import Plan
 from deidfs.deid.profiles import BASIC, HIPAA
 from deidfs.deid.standard import Option
 from deidfs.errors import Refused
-from deidfs.render import render_path, write_view
+from deidfs.view.render import render_path, write_view
 from leak_corpus import UID_ROOT, build_leak_dataset, plan_of, pseudonymizer, write_source
 
 pytestmark = [

@@ -82,7 +82,7 @@ import os, sys
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.render import render_path, write_view
+from deidfs.view.render import render_path, write_view
 view = render_path({source!r}, compile_plan(BUILTIN_PROFILES["Basic"]), Pseudonymizer(b"k" * 32))
 fd = os.open({source!r}, os.O_RDONLY)
 with open({str(out)!r}, "wb") as f:

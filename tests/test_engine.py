@@ -22,7 +22,7 @@ from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BASIC, HIPAA, PIXEL, Rule
 from deidfs.deid.standard import OPTION_CODES, Option, safe_private_rows
 from deidfs.errors import Refused
-from deidfs.render import Layout
+from deidfs.view.render import Layout
 from leak_corpus import (
     KEY,
     OTHER_KEY,

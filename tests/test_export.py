@@ -23,17 +23,17 @@ from typing import Any
 import pydicom
 import pytest
 
-import deidfs.export as export_module
+import deidfs.export.folder as export_module
 from conftest import Daemon, sample_file
 from deidfs.cli import common
 from deidfs.cli.main import main
-from deidfs.config import Config, DaemonConfig, FolderConfig
-from deidfs.control import ControlServer, ErrorCode, ExportRequest, Reply, Request
+from deidfs.config.model import Config, DaemonConfig, FolderConfig
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, NotFound, ProfileError, Refused
-from deidfs.export import (
+from deidfs.evidence.verify import verify_tree
+from deidfs.export.folder import (
     ExportRefused,
     ExportStopped,
     ExportSummary,
@@ -42,8 +42,8 @@ from deidfs.export import (
     is_manifest_name,
     is_temp_name,
 )
-from deidfs.render import Layout, render_path, write_view
-from deidfs.verify import verify_tree
+from deidfs.ops.control import ControlServer, ErrorCode, ExportRequest, Reply, Request
+from deidfs.view.render import Layout, render_path, write_view
 
 KEY = bytes(range(32))
 PSEUDO = Pseudonymizer(KEY)

@@ -20,19 +20,19 @@ from typing import Any
 
 import pytest
 
-import deidfs.export as export_module
+import deidfs.export.folder as export_module
 from conftest import Daemon, run_cli, sample_file
 from deidfs.cli import common
 from deidfs.cli.main import main
-from deidfs.config import load_config
-from deidfs.export import (
+from deidfs.config.model import load_config
+from deidfs.export.folder import (
     ExportError,
     ExportRefused,
     ExportStopped,
     export_folder,
     is_temp_name,
 )
-from deidfs.render import View
+from deidfs.view.render import View
 from test_export import PSEUDO, many_sources, tree, write_config_file
 
 
@@ -83,7 +83,7 @@ from pathlib import Path
 if __name__ == "__main__":
     sys.path.insert(0, sys.argv[1])
     import test_export as t
-    from deidfs.export import export_folder
+    from deidfs.export.folder import export_folder
     root = Path(sys.argv[2])
     config = t.make_config(root, root / "src")
     threading.Thread(target=threading.Event().wait, daemon=True).start()

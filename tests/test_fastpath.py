@@ -40,7 +40,7 @@ from deidfs.deid.profiles import BASIC, BUILTIN_PROFILES, Profile, Rule
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
 from deidfs.errors import Refused
-from deidfs.render import MAX_HEADER_BYTES, Layout, SourceStat, View, _render_fast, render
+from deidfs.view.render import MAX_HEADER_BYTES, Layout, SourceStat, View, _render_fast, render
 from leak_corpus import KEY, build_leak_dataset, file_meta, part10_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -473,7 +473,12 @@ def test_anonymize_imports_no_daemon_module() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(done.stdout.split("\n")[-2].split())
     assert "deidfs.cli.anonymize_cmd" in loaded
-    for module in ("deidfs.service", "deidfs.fusefs", "deidfs.config_edit", "deidfs.report"):
+    for module in (
+        "deidfs.service.core",
+        "deidfs.mount.fusefs",
+        "deidfs.config.edit",
+        "deidfs.evidence.report",
+    ):
         assert module not in loaded
 
 

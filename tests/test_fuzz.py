@@ -56,9 +56,9 @@ from deidfs.deid.profiles import BASIC
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
 from deidfs.errors import Refused
-from deidfs.reference import MAX_INFLATED
-from deidfs.render import SourceStat, render
 from deidfs.secret import load_or_create_key
+from deidfs.view.reference import MAX_INFLATED
+from deidfs.view.render import SourceStat, render
 from leak_corpus import (
     build_leak_dataset,
     file_meta,

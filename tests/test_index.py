@@ -10,9 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from deidfs import index as index_module
-from deidfs.index import BATCH_ROWS, BATCH_SECONDS, FILE_NAME, SCHEMA_VERSION, Entry, Index, Status
-from deidfs.render import SourceStat
+from deidfs.view import index as index_module
+from deidfs.view.index import (
+    BATCH_ROWS,
+    BATCH_SECONDS,
+    FILE_NAME,
+    SCHEMA_VERSION,
+    Entry,
+    Index,
+    Status,
+)
+from deidfs.view.render import SourceStat
 
 
 def _entry(n: int, folder: str = "ct", status: Status = Status.OK) -> Entry:

@@ -11,9 +11,9 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from conftest import mounted_type, sample_file, wait_for
-from deidfs.config import Config, DaemonConfig, FolderConfig
+from deidfs.config.model import Config, DaemonConfig, FolderConfig
 from deidfs.deid.profiles import BUILTIN_PROFILES
-from deidfs.service import Service, _real_directory, _relative
+from deidfs.service.core import Service, _real_directory, _relative
 
 FILES = 120
 

@@ -1,7 +1,7 @@
 """Marker leak test: a unique marker in every place PS3.15 says must not leak.
 
 See :mod:`leak_corpus` for what is planted where. Every profile is rendered through
-:func:`deidfs.render.render_path`, read back with :func:`read_view` and :func:`write_view`
+:func:`deidfs.view.render.render_path`, read back with :func:`read_view` and :func:`write_view`
 (both must agree) and searched byte by byte, value by value, and in the served path.
 """
 

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from conftest import sample_file
-from deidfs.logs import (
+from deidfs.ops.logs import (
     OTHER_CATEGORY,
     WARNING_CATEGORIES,
     LibraryWarnings,
@@ -28,7 +28,7 @@ def tally() -> Iterator[tuple[LibraryWarnings, io.StringIO]]:
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.addFilter(ThirdPartyRedactor())
-    own = logging.getLogger("deidfs.logs")
+    own = logging.getLogger("deidfs.ops.logs")
     own.addHandler(handler)
     saved = own.level
     own.setLevel(logging.INFO)

@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Daemon, sample_file, wait_for
 from deidfs.errors import DeidfsError
-from deidfs.metrics import FolderState, Metrics, StateSnapshot, errno_name
-from deidfs.metrics_http import MetricsServer, split_address
+from deidfs.ops.http import MetricsServer, split_address
+from deidfs.ops.metrics import FolderState, Metrics, StateSnapshot, errno_name
 
 #: Label names allowed anywhere in the exposition (bounded identifiers only).
 ALLOWED_LABELS = {

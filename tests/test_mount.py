@@ -24,9 +24,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from conftest import Daemon, mounted_type, sample_file, sha256, wait_for
-from deidfs import fusefs
-from deidfs.config import load_config
-from deidfs.service import Service
+from deidfs.config.model import load_config
+from deidfs.mount import fusefs
+from deidfs.service.core import Service
 from leak_corpus import build_leak_dataset, expectation, find, value_texts, write_source
 
 pytestmark = pytest.mark.fuse
@@ -532,9 +532,9 @@ def test_corrupt_index_is_rebuilt_at_start(daemon_factory: Callable[..., Daemon]
 
 
 def test_service_in_process_reports_status(tmp_path: Path) -> None:
-    from deidfs.config import Config, DaemonConfig, FolderConfig
+    from deidfs.config.model import Config, DaemonConfig, FolderConfig
     from deidfs.deid.profiles import BUILTIN_PROFILES
-    from deidfs.service import Service
+    from deidfs.service.core import Service
 
     incoming = tmp_path / "incoming"
     incoming.mkdir()

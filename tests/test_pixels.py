@@ -455,7 +455,7 @@ def test_one_bit_pixels_under_a_mask_are_withheld(tmp_path: Path) -> None:
 
 
 def test_compressed_redaction_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from deidfs import reference
+    from deidfs.view import reference
 
     path = tmp_path / "mr.dcm"
     shutil.copyfile(sample_file("MR_small_RLE.dcm"), path)

@@ -54,16 +54,16 @@ from conftest import (
     sample_file,
     wait_for,
 )
-from deidfs import fusefs
-from deidfs.config import Config, DaemonConfig, FolderConfig
+from deidfs.config.model import Config, DaemonConfig, FolderConfig
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import Refused
-from deidfs.fusefs import FolderView, ViewFile, ViewFS, ViewTree
-from deidfs.render import Layout, View, render_path, write_view
+from deidfs.mount import fusefs
+from deidfs.mount.fusefs import FolderView, ViewFile, ViewFS, ViewTree
 from deidfs.secret import load_or_create_key
-from deidfs.service import Service
+from deidfs.service.core import Service
+from deidfs.view.render import Layout, View, render_path, write_view
 
 pytestmark = pytest.mark.fuse
 

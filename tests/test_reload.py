@@ -18,12 +18,12 @@ import pytest
 from pydicom import dcmread
 
 from conftest import Daemon, mounted_type, sample_file, wait_for
-from deidfs import config_edit
 from deidfs.cli.ops_cmd import format_status
-from deidfs.config import parse_config
-from deidfs.config_edit import Edit, ProfileChanges
-from deidfs.control import call
+from deidfs.config import edit as config_edit
+from deidfs.config.edit import Edit, ProfileChanges
+from deidfs.config.model import parse_config
 from deidfs.deid.standard import Option
+from deidfs.ops.control import call
 
 pytestmark = pytest.mark.fuse
 

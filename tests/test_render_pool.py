@@ -14,11 +14,11 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from conftest import SAMPLE_NAMES, Daemon, add_folder, run_cli, sample_file, wait_for
-from deidfs.config import BUILTIN_PROFILES
+from deidfs.config.model import BUILTIN_PROFILES
 from deidfs.deid.layout import Layout
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.render_pool import TIMEOUT_REASON, RenderProcess
+from deidfs.view.pool import TIMEOUT_REASON, RenderProcess
 
 #: Private elements of the slow file: some 24 MB of header (the fast path reads 16 MB at
 #: most, then pydicom reads it all), well within the default header bound of 256 MiB. Its
@@ -72,7 +72,7 @@ def write_slow_source(path: Path, elements: int = SLOW_ELEMENTS, n: int = 1) -> 
 
 
 def _status(d: Daemon) -> dict[str, object]:
-    from deidfs.control import call
+    from deidfs.ops.control import call
 
     reply = call(d.state / "control.sock", "status")
     assert reply.ok, reply.error

@@ -16,13 +16,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from deidfs.cli.main import main
-from deidfs.config import FolderConfig
+from deidfs.config.model import FolderConfig
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BASIC, Profile, Rule
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
-from deidfs.render import Layout
-from deidfs.report import (
+from deidfs.evidence.report import (
     DUPLICATE,
     ReportFormat,
     assess_folder,
@@ -34,6 +33,7 @@ from deidfs.report import (
     render_report,
     to_json_object,
 )
+from deidfs.view.render import Layout
 from leak_corpus import KEY, UID_ROOT, file_meta, make_image, write_source
 
 CHARACTERISTICS = BASIC.derive(

@@ -26,13 +26,13 @@ import pytest
 from pydicom import dcmread
 
 from conftest import Daemon, mounted_type, run_cli, sample_file, wait_for
-from deidfs.config import Config, DaemonConfig, FolderConfig
+from deidfs.config.model import Config, DaemonConfig, FolderConfig
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.fusefs import DeidOperations, FolderView, ViewFile, ViewFS, ViewTree
-from deidfs.render import Layout, render_path
-from deidfs.service import Service
+from deidfs.mount.fusefs import DeidOperations, FolderView, ViewFile, ViewFS, ViewTree
+from deidfs.service.core import Service
+from deidfs.view.render import Layout, render_path
 
 pytestmark = pytest.mark.fuse
 

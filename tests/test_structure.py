@@ -32,7 +32,7 @@ from deidfs.cli.main import main
 from deidfs.deid.profiles import BASIC
 from deidfs.deid.structure import check_dataset
 from deidfs.errors import Refused
-from deidfs.render import SourceStat, read_view, render
+from deidfs.view.render import SourceStat, read_view, render
 from leak_corpus import make_image, part10_bytes, plan_of, pseudonymizer, serve_bytes
 
 ENCODINGS = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]

@@ -151,16 +151,16 @@ def test_notifications_watchdog_and_journal_logs(
         assert not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", line), line
     assert " INFO deidfs" not in log_path.read_text()  # the interactive format is not used
     text = "\n".join(lines)
-    assert "<6>deidfs.service: serving 1 folder(s)" in text
+    assert "<6>deidfs.service.core: serving 1 folder(s)" in text
     assert "ct.dcm" not in text
     assert str(d.incoming) not in text
 
 
 @pytest.mark.fuse
 def test_watchdog_pings_only_while_every_part_is_alive(tmp_path: Path) -> None:
-    from deidfs.config import Config, DaemonConfig, FolderConfig
+    from deidfs.config.model import Config, DaemonConfig, FolderConfig
     from deidfs.deid.profiles import BUILTIN_PROFILES
-    from deidfs.service import Service
+    from deidfs.service.core import Service
 
     incoming = tmp_path / "incoming"
     incoming.mkdir()

@@ -19,16 +19,16 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from conftest import SAMPLE_NAMES, Daemon, run_cli, sample_file
 from deidfs.cli.main import main
-from deidfs.config import FolderConfig, load_config
+from deidfs.config.model import FolderConfig, load_config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BASIC, HIPAA, Profile, Rule
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
 from deidfs.deid.tags import format_tag, parse_tag
-from deidfs.render import Layout, render_path, write_view
-from deidfs.report import render_folder
+from deidfs.evidence.report import render_folder
+from deidfs.evidence.verify import Verification, verify_tree
 from deidfs.secret import load_or_create_key
-from deidfs.verify import Verification, verify_tree
+from deidfs.view.render import Layout, render_path, write_view
 from leak_corpus import KEY, UID_ROOT, build_leak_dataset, make_image, write_source
 
 MARKED_NAME = "Marker^Leaky^MRK0777771"

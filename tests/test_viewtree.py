@@ -16,7 +16,7 @@ from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BASIC
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import NotFound, Refused
-from deidfs.fusefs import (
+from deidfs.mount.fusefs import (
     CACHE_ENTRY_OVERHEAD,
     DIR_MODE,
     FILE_MODE,
@@ -29,7 +29,7 @@ from deidfs.fusefs import (
     ViewTree,
     pseudo_mtime_ns,
 )
-from deidfs.render import (
+from deidfs.view.render import (
     Layout,
     SourceStat,
     View,

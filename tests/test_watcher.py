@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from watchdog.observers.inotify import InotifyObserver
 
-from deidfs import watcher as watcher_mod
-from deidfs.config import WatchMode
-from deidfs.watcher import (
+from deidfs.config.model import WatchMode
+from deidfs.watch import watcher as watcher_mod
+from deidfs.watch.watcher import (
     Change,
     FileEvent,
     FolderWatcher,
@@ -356,7 +356,7 @@ def test_initial_scan_runs_in_the_background(
 def test_root_removed_and_recreated_comes_back(
     make_watcher: Factory, root: Path, mode: WatchMode, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="deidfs.watcher")
+    caplog.set_level(logging.DEBUG, logger="deidfs.watch.watcher")
     w, sink = make_watcher(root, mode)
     started(w)
     first = write(root / "s" / "a.dcm")
@@ -372,7 +372,7 @@ def test_root_removed_and_recreated_comes_back(
     # Watching really resumed, not only the scan.
     third = write(root / "t" / "c.dcm")
     assert sink.wait_for(FileEvent.READY, third) == [Change(FOLDER, third, FileEvent.READY)]
-    messages = [r.getMessage() for r in caplog.records if r.name == "deidfs.watcher"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "deidfs.watch.watcher"]
     # Which of the two the watcher notices first depends on timing: the root check finding
     # it gone, or inotify's observer stopping with its root (then restarted on the new one).
     assert any(
@@ -544,8 +544,8 @@ _USERNS_SCRIPT = textwrap.dedent(
     """
     import json, queue, sys, time
     from pathlib import Path
-    from deidfs.config import WatchMode
-    from deidfs.watcher import FileEvent, FolderWatcher, inotify_watch_limit
+    from deidfs.config.model import WatchMode
+    from deidfs.watch.watcher import FileEvent, FolderWatcher, inotify_watch_limit
 
     root = Path(sys.argv[1])
     q = queue.Queue()
@@ -664,9 +664,9 @@ _OVERFLOW_SCRIPT = textwrap.dedent(
     """
     import json, queue, sys, time
     from pathlib import Path
-    from deidfs.config import WatchMode
-    from deidfs.logs import setup_logging
-    from deidfs.watcher import FileEvent, FolderWatcher
+    from deidfs.config.model import WatchMode
+    from deidfs.ops.logs import setup_logging
+    from deidfs.watch.watcher import FileEvent, FolderWatcher
 
     setup_logging()  # as the daemon: watchdog's lines (with paths) redacted
     root, count = Path(sys.argv[1]), int(sys.argv[2])

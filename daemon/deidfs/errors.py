@@ -6,7 +6,11 @@ errno values (FUSE), exit codes (CLI) or JSON errors (control socket).
 
 from __future__ import annotations
 
-import os
+#: Exit codes of sysexits.h (``os.EX_*``), spelled out so that the de-identification core,
+#: which raises these errors, imports no I/O module.
+EX_CONFIG = 78
+EX_NOINPUT = 66
+EX_TEMPFAIL = 75
 
 
 class DeidfsError(Exception):
@@ -18,13 +22,13 @@ class DeidfsError(Exception):
 class ProfileError(DeidfsError):
     """A profile, rule, tag or option is invalid."""
 
-    exit_code = os.EX_CONFIG
+    exit_code = EX_CONFIG
 
 
 class ConfigError(DeidfsError):
     """The configuration file is invalid; carries file, line and key where known."""
 
-    exit_code = os.EX_CONFIG
+    exit_code = EX_CONFIG
 
     def __init__(
         self, message: str, *, path: str | None = None, line: int | None = None, key: str = ""
@@ -56,13 +60,13 @@ class Refused(DeidfsError):
 class SecretError(DeidfsError):
     """The pseudonym key is missing, malformed or readable by others."""
 
-    exit_code = os.EX_CONFIG
+    exit_code = EX_CONFIG
 
 
 class NotFound(DeidfsError):
     """A requested folder, profile, study or file does not exist."""
 
-    exit_code = os.EX_NOINPUT
+    exit_code = EX_NOINPUT
 
 
 class Exhausted(DeidfsError):
@@ -71,7 +75,7 @@ class Exhausted(DeidfsError):
     ``resource`` is a short, bounded identifier fit for a metric label.
     """
 
-    exit_code = os.EX_TEMPFAIL
+    exit_code = EX_TEMPFAIL
 
     def __init__(self, resource: str) -> None:
         super().__init__(f"out of {resource}")

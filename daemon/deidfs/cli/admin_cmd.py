@@ -2,7 +2,7 @@
 profiles, folders and destinations in the config.
 
 Reads (``list``, ``show``, ``rules-export``) load the configuration as the daemon does.
-Edits go through :mod:`deidfs.config_edit`: under ``<config>.lock``, comments and layout
+Edits go through :mod:`deidfs.config.edit`: under ``<config>.lock``, comments and layout
 kept, the whole result validated before an atomic write, the change printed as a unified
 diff. A running daemon watches the file and picks the change up by itself.
 """
@@ -17,9 +17,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from deidfs import config_edit
 from deidfs.cli.common import config_path, described_json, mask_json
-from deidfs.config import (
+from deidfs.config import edit as config_edit
+from deidfs.config.edit import Edit, ProfileChanges
+from deidfs.config.model import (
     DEFAULT_CONFIG_PATH,
     Config,
     DestinationKind,
@@ -27,7 +28,6 @@ from deidfs.config import (
     load_config,
     parse_config,
 )
-from deidfs.config_edit import Edit, ProfileChanges
 from deidfs.deid.layout import Layout
 from deidfs.deid.plan import compile_plan, describe
 from deidfs.deid.profiles import Mask, Profile, Rule, rules_from_json

@@ -1,12 +1,12 @@
 """``deidfs anonymize SRC... --profile NAME --to DIR``: de-identify files once, into DIR.
 
-Every file is rendered exactly as the mount renders it (:func:`deidfs.render.render`) and
-written with :class:`deidfs.export.ExportWriter`, so the bytes equal what the mount serves for
-the same file, profile and key. Files are spread over a pool of worker processes, each
+Every file is rendered exactly as the mount renders it (:func:`deidfs.view.render.render`)
+and written with :class:`deidfs.export.folder.ExportWriter`, so the bytes equal what the mount
+serves for the same file, profile and key. Files are spread over a pool of worker processes, each
 rendering and writing a chunk of files at a time.
 
 ``--to-destination NAME`` sends the same views to the configuration's destination with
-:func:`deidfs.send.send_sources` (one process: sending, not rendering, takes the time), its
+:func:`deidfs.export.send.send_sources` (one process: sending, not rendering, takes the time), its
 state kept as that of a folder named :data:`SEND_STATE_NAME`.
 """
 
@@ -15,25 +15,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import signal
 import stat
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from deidfs.cli.common import add_writer_options, config_path, load_profiles
-from deidfs.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, FolderConfig, load_config
+from deidfs.cli.terminal import Progress, Terminal, sent_exit_code
+from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, FolderConfig, load_config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, NotFound, ProfileError
-from deidfs.export import (
+from deidfs.export.folder import (
     Claims,
     ExportError,
     ExportStopped,
@@ -52,9 +52,9 @@ from deidfs.export import (
     stopped_exit_code,
     walk_sources,
 )
-from deidfs.render import Layout
+from deidfs.export.send import destination_of, send_sources
 from deidfs.secret import load_or_create_key, read_key_file
-from deidfs.send import destination_of, send_sources
+from deidfs.view.render import Layout
 
 log = logging.getLogger(__name__)
 
@@ -225,58 +225,6 @@ def _forbidden_places(key_file: str | None, config: str | None) -> list[Place]:
 
 
 # -- progress and summary -----------------------------------------------------------------------
-class Progress:
-    """A one-line progress bar on a terminal; does nothing when disabled."""
-
-    def __init__(
-        self,
-        total: int,
-        stream: TextIO,
-        enabled: bool,
-        clock: Callable[[], float] = time.monotonic,
-        label: str = "",
-    ) -> None:
-        self.total = total
-        self.label = label
-        self.stream = stream
-        self.enabled = enabled and total > 0
-        self.clock = clock
-        self.start = clock()
-        self.done = 0
-        self._last = -1.0
-        self._shown = False
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = self.clock()
-        if self.enabled and (now - self._last >= 0.1 or self.done >= self.total):
-            self._last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
-        pct = self.done / self.total
-        tail = f" {self.done}/{self.total} {pct:4.0%} {rate:6.0f} files/s"
-        width = shutil.get_terminal_size((80, 24)).columns
-        bar_width = max(10, min(40, width - len(tail) - 3))
-        filled = int(bar_width * pct)
-        line = "[" + "#" * filled + "-" * (bar_width - filled) + "]" + tail
-        if self.label:
-            line = f"{self.label} {line}"
-        self.stream.write("\r" + line[: width - 1])
-        self.stream.flush()
-        self._shown = True
-
-    def clear(self) -> None:
-        """Erase the bar (before printing a line, and at the end)."""
-        if self._shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._shown = False
-            self._last = -1.0
-
-
 @dataclass
 class Tally:
     """Counts of a run."""
@@ -453,7 +401,6 @@ def _send(
     sources: Sources,
 ) -> int:
     """``--to-destination``: send the files ``--to`` would write, with deidfs export's sender."""
-    from deidfs.cli.export_cmd import Terminal, sent_exit_code  # noqa: PLC0415  (it imports us)
 
     path = config_path(config_arg)
     if path is None:

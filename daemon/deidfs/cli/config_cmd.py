@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from deidfs.cli.common import config_path
-from deidfs.config import DEFAULT_CONFIG_PATH, ConfigInvalid, load_config
+from deidfs.config.model import DEFAULT_CONFIG_PATH, ConfigInvalid, load_config
 from deidfs.errors import ConfigError
 
 EPILOG = """exit codes:

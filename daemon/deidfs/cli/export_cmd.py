@@ -1,6 +1,6 @@
 """``deidfs export FOLDER``: permanent de-identified copies of what the mount serves.
 
-The work is :func:`deidfs.export.export_folder`, in this process (which then reads the
+The work is :func:`deidfs.export.folder.export_folder`, in this process (which then reads the
 installation's key) or, with ``--via-daemon``, in the running daemon through its control
 socket (the key never leaves the daemon). This module parses arguments, shows progress and
 the summary, and maps errors to exit codes.
@@ -16,21 +16,20 @@ import threading
 from pathlib import Path
 from typing import Any, TextIO
 
-from deidfs.cli.anonymize_cmd import Progress
 from deidfs.cli.common import add_writer_options, config_path
-from deidfs.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, load_config
-from deidfs.control import ErrorCode, Reply, call
+from deidfs.cli.terminal import Terminal, sent_exit_code
+from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, load_config
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, SecretError
-from deidfs.export import (
-    ExportListener,
+from deidfs.export.folder import (
     ExportStopped,
     ExportSummary,
     Selection,
     export_folder,
 )
+from deidfs.export.send import SendSummary, send_folder
+from deidfs.ops.control import ErrorCode, Reply, call
 from deidfs.secret import load_or_create_key
-from deidfs.send import SendSummary, send_folder
 
 #: How long ``--via-daemon`` waits for the daemon's answer (an export can be long).
 DAEMON_TIMEOUT_SECONDS = 24 * 3600.0
@@ -169,34 +168,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=run)
 
 
-class Terminal(ExportListener):
-    """Progress bar and per-file lines on stderr."""
-
-    def __init__(self, quiet: bool, stream: TextIO) -> None:
-        self.quiet = quiet
-        self.stream = stream
-        self.progress: Progress | None = None
-
-    def phase(self, name: str, total: int) -> None:
-        self.clear()
-        label = "scanning" if name == "scan" else "exporting"
-        enabled = self.stream.isatty() and not self.quiet
-        self.progress = Progress(total, self.stream, enabled, label=label)
-
-    def advance(self, n: int) -> None:
-        if self.progress is not None:
-            self.progress.advance(n)
-
-    def file(self, status: str, detail: str, token: str) -> None:
-        if status == "failed" or not self.quiet:
-            self.clear()
-            print(f"deidfs: {status} ({detail}): file {token}", file=self.stream)
-
-    def clear(self) -> None:
-        if self.progress is not None:
-            self.progress.clear()
-
-
 def _load_config(arg: str | None) -> Config:
     path = config_path(arg)
     if path is None:
@@ -287,58 +258,6 @@ def _send(
     )
     terminal.clear()
     return sent_exit_code(summary, args.quiet)
-
-
-def sent_exit_code(
-    summary: SendSummary, quiet: bool, command: str = "export", title: str | None = None
-) -> int:
-    """Print ``summary`` (unless ``quiet``) and the destination's error; the exit code."""
-    if not quiet:
-        print_send_summary(summary, sys.stdout, title)
-    if summary.error:
-        print(f"deidfs {command}: {summary.error}", file=sys.stderr)
-        print(
-            f"deidfs {command}: the files stored are recorded; run the same {command} again "
-            "to send the others",
-            file=sys.stderr,
-        )
-        return os.EX_UNAVAILABLE
-    return 1 if summary.failed else 0
-
-
-def print_send_summary(summary: SendSummary, out: TextIO, title: str | None = None) -> None:
-    """The summary of an export to a destination, for people; ``title`` names what was
-    sent (by default the folder, as ``deidfs export`` says it)."""
-    what = title if title is not None else f"deidfs export {summary.folder}"
-    print(
-        f"{what} (profile {summary.profile}) to destination "
-        f"{summary.destination}: {summary.files} files stored there, in {summary.seconds:.2f} s",
-        file=out,
-    )
-    rows = [
-        (
-            "stored",
-            summary.stored,
-            f"{summary.warnings} with a warning" if summary.warnings else "",
-        ),
-        ("already", summary.already, "stored by an earlier run, not sent again"),
-        (
-            "refused",
-            summary.refused_total,
-            ", ".join(f"{reason} {n}" for reason, n in summary.refused),
-        ),
-        ("failed", summary.failed, "see the manifest; run again to retry them"),
-        ("duplicate", summary.duplicates, "same view path as another file; the first is sent"),
-        ("skipped", summary.skipped, "dotfiles, partial transfers, links"),
-    ]
-    for name, n, note in rows:
-        print(f"  {name:<10}{n:>8}" + (f"   {note}" if note and n else ""), file=out)
-    if summary.manifest:
-        print(f"manifest: {summary.manifest}", file=out)
-    elif summary.files and not summary.failed:
-        print(f"nothing new: all {summary.files} files were stored already", file=out)
-    else:
-        print("nothing to send: no file of the selection is served", file=out)
 
 
 def _terminate(signum: int, frame: object) -> None:

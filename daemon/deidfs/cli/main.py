@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from deidfs import __version__
 from deidfs.errors import DeidfsError
-from deidfs.logs import setup_logging
+from deidfs.ops.logs import setup_logging
 
 #: Subcommand modules of :mod:`deidfs.cli`, in the order ``--help`` lists them.
 MODULES = (

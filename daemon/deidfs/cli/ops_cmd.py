@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from deidfs.cli.common import config_path
-from deidfs.config import ConfigUnreadable, DaemonConfig, load_config
-from deidfs.control import ErrorCode, Reply, call
+from deidfs.config.model import ConfigUnreadable, DaemonConfig, load_config
 from deidfs.errors import ConfigError
+from deidfs.ops.control import ErrorCode, Reply, call
 
 STATUS_EPILOG = """exit codes:
   0 the daemon answered, 69 the daemon is not running, 77 permission denied on the socket,

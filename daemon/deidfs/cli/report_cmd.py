@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from deidfs.cli.common import config_path
-from deidfs.config import Config, FolderConfig, load_config
+from deidfs.config.model import Config, FolderConfig, load_config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES, Profile
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, NotFound
-from deidfs.report import ReportFormat, build_report, render_report
+from deidfs.evidence.report import ReportFormat, build_report, render_report
+from deidfs.evidence.verify import KeptIdentifier, Verification, verify_tree
 from deidfs.secret import key_path, load_or_create_key
-from deidfs.verify import KeptIdentifier, Verification, verify_tree
 
 _SUFFIX_FORMATS = {
     ".html": ReportFormat.HTML,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from deidfs.cli.common import config_path
-from deidfs.config import load_config
+from deidfs.config.model import load_config
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -68,13 +68,13 @@ def _run(args: argparse.Namespace) -> int:
     if path is None:
         return os.EX_CONFIG
     config = load_config(path)  # ConfigError: printed by main with its exit code (78)
-    from deidfs.service import run_service  # noqa: PLC0415  (keeps other commands light)
+    from deidfs.service.core import run_service  # noqa: PLC0415  (keeps other commands light)
 
     return run_service(config)
 
 
 def _unmount(args: argparse.Namespace) -> int:
-    from deidfs.fusefs import fusermount, mounted_fstype  # noqa: PLC0415
+    from deidfs.mount.fusefs import fusermount, mounted_fstype  # noqa: PLC0415
 
     path = _config(args)
     if path is None:

@@ -2,7 +2,7 @@
 
 :func:`deidentify_header` returns, byte for byte, the header the reference path builds (pydicom
 parse up to Pixel Data, :func:`~deidfs.deid.engine.deidentify`, the view encoder of
-:mod:`deidfs.render`), with the same :class:`~deidfs.deid.outcome.Report`, at a fraction of its
+:mod:`deidfs.view.render`), with the same :class:`~deidfs.deid.outcome.Report`, at a fraction of its
 cost: it walks the encoded elements with :mod:`struct`, copies kept elements as the bytes they
 are and encodes only what an action changes. Whatever it does not reproduce exactly raises
 :class:`Decline`, and the caller takes the reference path: implicit VR, big endian, deflate,

@@ -47,8 +47,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from deidfs.deid.plan import Plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, Exhausted, NotFound, Refused
-from deidfs.metrics import Metrics
-from deidfs.render import Layout, SourceStat, View, read_view, read_view_into, render
+from deidfs.ops.metrics import Metrics
+from deidfs.view.render import Layout, SourceStat, View, read_view, read_view_into, render
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from deidfs.render import SourceStat
+from deidfs.view.render import SourceStat
 
 log = logging.getLogger(__name__)
 

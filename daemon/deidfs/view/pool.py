@@ -1,10 +1,10 @@
 """Sources rendered in worker processes, each file bounded in time.
 
-Rendering a source (:func:`~deidfs.render.render_path`) is pure Python: in the process that
+Rendering a source (:func:`~deidfs.view.render.render_path`) is pure Python: in the process that
 serves the mount it holds the GIL for as long as it runs, and a source whose header takes
 minutes to walk would hold up every other file. The daemon's indexing threads therefore
 each own one :class:`RenderProcess`, a child process that renders one file at a time and
-sends the :class:`~deidfs.render.View` back through a pipe; the thread waits on the pipe
+sends the :class:`~deidfs.view.render.View` back through a pipe; the thread waits on the pipe
 (without the GIL) and updates the index and the mount's tree itself. A render that runs past
 its time bound is abandoned: the child is killed (a parse cannot be interrupted from within
 and a thread cannot be killed) and the next file gets a fresh one.
@@ -12,13 +12,13 @@ and a thread cannot be killed) and the next file gets a fresh one.
 Children start from a fork server (``forkserver``), never by forking the daemon, whose other
 threads may hold locks a fork would copy held. Each child, before its first file:
 
-- installs the daemon's logging set-up (:func:`~deidfs.logs.setup_logging`): stderr, the
-  same format, :class:`~deidfs.logs.ThirdPartyRedactor`; pydicom's log records go to a
-  :class:`~deidfs.logs.LibraryWarnings` that only counts them, and Python warnings are
+- installs the daemon's logging set-up (:func:`~deidfs.ops.logs.setup_logging`): stderr, the
+  same format, :class:`~deidfs.ops.logs.ThirdPartyRedactor`; pydicom's log records go to a
+  :class:`~deidfs.ops.logs.LibraryWarnings` that only counts them, and Python warnings are
   ignored: their text quotes element values. The counts go back with each file, and the
   daemon logs the first of each category with the file's keyed token, as for a render in
   its own process;
-- arranges to die with the daemon (:func:`~deidfs.lifeline.die_with_parent`): the fork
+- arranges to die with the daemon (:func:`~deidfs.ops.lifeline.die_with_parent`): the fork
   server is its parent, the daemon's death is watched through a pidfd; an idle child also
   ends at EOF on its pipe.
 
@@ -50,9 +50,9 @@ from deidfs.deid.layout import Layout
 from deidfs.deid.plan import Plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import Refused
-from deidfs.lifeline import die_with_parent
-from deidfs.logs import LibraryWarnings, setup_logging
-from deidfs.render import View, render_path
+from deidfs.ops.lifeline import die_with_parent
+from deidfs.ops.logs import LibraryWarnings, setup_logging
+from deidfs.view.render import View, render_path
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def render_context() -> ForkServerContext:
     context = multiprocessing.get_context("forkserver")
     assert isinstance(context, ForkServerContext)
     # Effective for the server's first start only (it lives as long as the daemon).
-    context.set_forkserver_preload(["deidfs.render_pool", "deidfs.export"])
+    context.set_forkserver_preload(["deidfs.view.pool", "deidfs.export.folder"])
     return context
 
 

@@ -104,7 +104,7 @@ class MetricsServer:
     address
         ``host:port`` as in the configuration (``metrics_address``).
     registry
-        The daemon's registry (see :class:`deidfs.metrics.Metrics`).
+        The daemon's registry (see :class:`deidfs.ops.metrics.Metrics`).
     ready
         Tells whether ``/-/ready`` answers 200; called on the HTTP thread, must be cheap.
     """

@@ -57,7 +57,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserverVFS
 
-from deidfs.config import WatchMode
+from deidfs.config.model import WatchMode
 
 logger = logging.getLogger(__name__)
 

@@ -99,8 +99,8 @@ from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, NotFound, ProfileError, Refused
-from deidfs.lifeline import die_with_parent
-from deidfs.render import (
+from deidfs.ops.lifeline import die_with_parent
+from deidfs.view.render import (
     DEFLATED,
     Layout,
     SourceStat,
@@ -112,8 +112,8 @@ from deidfs.render import (
 )
 
 if TYPE_CHECKING:
-    from deidfs.config import Config, FolderConfig
-    from deidfs.metrics import Metrics
+    from deidfs.config.model import Config, FolderConfig
+    from deidfs.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -632,7 +632,7 @@ class ExportWriter:
         """Render the source at ``path``, :meth:`put` its view and return the view.
 
         The source is opened once, read-only and without following a final symbolic link
-        (as :func:`~deidfs.render.render_path` does); its pixel bytes are copied from that
+        (as :func:`~deidfs.view.render.render_path` does); its pixel bytes are copied from that
         same open file, so a file replaced meanwhile can never mix into the output.
         ``cached`` may hold the view already, for this path and the state the open file has
         (built with the same plan, layout and key): then it is not rendered again.
@@ -640,7 +640,7 @@ class ExportWriter:
         Raises
         ------
         Refused
-            As :func:`~deidfs.render.render` does, and when the source changes meanwhile.
+            As :func:`~deidfs.view.render.render` does, and when the source changes meanwhile.
         ExportError
             When the source cannot be opened or the file cannot be written.
         """
@@ -1741,7 +1741,7 @@ def pool_context() -> BaseContext:
     if threading.active_count() == 1:
         return multiprocessing.get_context("fork")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["deidfs.export"])
+    context.set_forkserver_preload(["deidfs.export.folder"])
     return context
 
 
@@ -2694,7 +2694,7 @@ def export_folder(
 @dataclass(frozen=True, slots=True)
 class SourceSet:
     """The sources an export of a folder takes, resolved as :func:`export_folder` does
-    (for exports that send instead of writing: :mod:`deidfs.send`)."""
+    (for exports that send instead of writing: :mod:`deidfs.export.send`)."""
 
     folder: FolderConfig
     profile: Profile

@@ -2,11 +2,11 @@
 --to-destination NAME``.
 
 The files sent are the files the mount serves and a folder export writes: every source is
-rendered by :func:`deidfs.render.render` with the folder's profile and the key, under the same
+rendered by :func:`deidfs.view.render.render` with the folder's profile and the key, under the same
 fail-closed rules (a refused source is never sent), and its bytes are those of
-:func:`deidfs.render.write_view_fd`, checked against their SHA-256 right before they leave.
+:func:`deidfs.view.render.write_view_fd`, checked against their SHA-256 right before they leave.
 This module is part of the export edge: it takes its sources from
-:func:`deidfs.export.select_sources`, as :func:`deidfs.export.export_folder` does.
+:func:`deidfs.export.folder.select_sources`, as :func:`deidfs.export.folder.export_folder` does.
 
 C-STORE (PS3.4 Annex B, PS3.7 9.1.1) with pynetdicom: one association per batch of
 ``batch_size`` files; its presentation contexts are those of the batch's SOP classes, each
@@ -60,10 +60,10 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 
 from deidfs import __version__
-from deidfs.config import Destination, DestinationKind
+from deidfs.config.model import Destination, DestinationKind
 from deidfs.deid.pixels import LOSSY_SYNTAXES, MAX_DECODED_BYTES
 from deidfs.errors import DeidfsError, NotFound, Refused
-from deidfs.export import (
+from deidfs.export.folder import (
     ExportListener,
     Selection,
     ServedIds,
@@ -74,11 +74,8 @@ from deidfs.export import (
     served_ids,
     write_manifest_file,
 )
-from deidfs.render import (
-    DEFLATED,
-    EXPLICIT_BE,
-    EXPLICIT_LE,
-    IMPLICIT_LE,
+from deidfs.view.model import DEFLATED, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
+from deidfs.view.render import (
     SourceStat,
     View,
     render,
@@ -87,9 +84,9 @@ from deidfs.render import (
 )
 
 if TYPE_CHECKING:
-    from deidfs.config import Config
+    from deidfs.config.model import Config
     from deidfs.deid.pseudonym import Pseudonymizer
-    from deidfs.metrics import Metrics
+    from deidfs.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -933,7 +930,7 @@ def send_folder(
 ) -> SendSummary:
     """Send a configured folder, as the mount serves it, to ``destination``.
 
-    Sources and selection are those of :func:`deidfs.export.export_folder`; files already
+    Sources and selection are those of :func:`deidfs.export.folder.export_folder`; files already
     stored there by an earlier run (same view path, same bytes) are not sent again.
     ``on_stored`` is called with the count of files stored so far after each one (tests).
 

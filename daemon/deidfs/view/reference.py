@@ -1,4 +1,4 @@
-"""The reference path of :func:`deidfs.render.render`: pydicom parses the header up to
+"""The reference path of :func:`deidfs.view.render.render`: pydicom parses the header up to
 Pixel Data, :func:`~deidfs.deid.engine.deidentify` applies the plan, and an encoder writes
 the result byte for byte as pydicom's ``write_dataset`` would.
 
@@ -47,18 +47,18 @@ from deidfs.deid.profiles import Rect
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.structure import check_dataset, check_trailer, meta_end
 from deidfs.errors import Refused
-from deidfs.render import (
-    _LONG_VRS,
+from deidfs.view.model import (
     DEFLATED,
     EXPLICIT_BE,
     EXPLICIT_LE,
     IMPLICIT_LE,
+    LONG_VRS,
     MAX_HEADER_BYTES,
     PIXEL_TAGS,
     PREAMBLE,
     SourceStat,
     View,
-    _pixel_element_end,
+    pixel_element_end,
 )
 
 __all__ = ["MAX_INFLATED", "native_zeroed", "render_reference"]
@@ -101,7 +101,7 @@ def render_reference(
     source_rel: PurePosixPath | None = None,
     max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> View:
-    """:func:`~deidfs.render.render` without its fast path: parse the header with pydicom,
+    """:func:`~deidfs.view.render.render` without its fast path: parse the header with pydicom,
     de-identify it with :func:`~deidfs.deid.engine.deidentify`, encode it.
 
     Before pydicom reads anything, the header's bytes are walked (at most
@@ -147,7 +147,7 @@ def render_reference(
         tag = struct.unpack("<HH" if little else ">HH", head) if len(head) == 4 else (0, 0)
         pixel_tag = (tag[0] << 16) | tag[1]
         if pixel_tag in PIXEL_TAGS:
-            pixel_end = _pixel_element_end(f, pos, size, implicit, little)
+            pixel_end = pixel_element_end(f, pos, size, implicit, little)
         if pixel_end < size:
             _check_trailer(f, pixel_end, size, max(pixel_tag, highest), implicit, little)
             f.seek(pixel_end)
@@ -510,7 +510,7 @@ def _pixel_value_at(f: BinaryIO, pos: int, implicit: bool, little: bool) -> tupl
     e = "<" if little else ">"
     if implicit:
         return pos + 8, int(struct.unpack(e + "L", head[4:8])[0])
-    if head[4:6] in _LONG_VRS:
+    if head[4:6] in LONG_VRS:
         return pos + 12, int(struct.unpack(e + "L", head[8:12])[0])
     return pos + 8, int(struct.unpack(e + "H", head[6:8])[0])
 
@@ -600,7 +600,7 @@ def _meta_transfer_syntax(f: BinaryIO) -> str:
         group, element = struct.unpack_from("<HH", head, pos)
         if group != 0x0002:
             break
-        if head[pos + 4 : pos + 6] in _LONG_VRS:
+        if head[pos + 4 : pos + 6] in LONG_VRS:
             if pos + 12 > len(head):
                 break
             length, value_at = struct.unpack_from("<L", head, pos + 8)[0], pos + 12

@@ -22,7 +22,7 @@ tables changed, validate the whole result, write it atomically, return the diff.
 
 This module does no validation of its own beyond that: the caller passes the configuration
 loader as ``validate``, so a refused edit gives the same messages as ``check-config`` (and
-this layer, a sibling of :mod:`deidfs.config`, does not import it).
+this layer, a sibling of :mod:`deidfs.config.model`, does not import it).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
 
-from deidfs.config import FolderConfig
+from deidfs.config.model import FolderConfig
 from deidfs.deid.attribute_types import TOP_LEVEL, placements
 from deidfs.deid.engine import MISPLACED_GROUP, distrust, element_decision
 from deidfs.deid.identifiers import DirectKind, direct_kind
@@ -84,11 +84,11 @@ from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Action, Option
 from deidfs.deid.tags import format_tag, keyword_of
 from deidfs.errors import NotFound
-from deidfs.export import is_manifest_name
-from deidfs.logs import source_token
-from deidfs.reference import MAX_INFLATED
-from deidfs.render import DEFLATED, PIXEL_TAGS
-from deidfs.report import render_folder
+from deidfs.evidence.report import render_folder
+from deidfs.export.folder import is_manifest_name
+from deidfs.ops.logs import source_token
+from deidfs.view.reference import MAX_INFLATED
+from deidfs.view.render import DEFLATED, PIXEL_TAGS
 
 log = logging.getLogger(__name__)
 

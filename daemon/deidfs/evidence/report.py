@@ -38,7 +38,7 @@ from typing import Any
 from pydicom import dcmread
 
 from deidfs import __version__
-from deidfs.config import FolderConfig
+from deidfs.config.model import FolderConfig
 from deidfs.deid.plan import Plan, Source, compile_plan, describe
 from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer
@@ -53,8 +53,8 @@ from deidfs.deid.risk import (
 from deidfs.deid.standard import EDITION
 from deidfs.deid.tags import format_tag, keyword_of, parse_tag
 from deidfs.errors import NotFound, ProfileError, Refused
-from deidfs.logs import source_token
-from deidfs.render import View, render_path
+from deidfs.ops.logs import source_token
+from deidfs.view.render import View, render_path
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ Threads:
   configuration file, runs reloads asked for by SIGHUP, sends systemd's watchdog pings
   (only while every part is alive) and ``STATUS=`` lines;
 - ``fuse-loop`` runs the mfusepy loop, which has its own worker threads;
-- each folder's :class:`~deidfs.watcher.FolderWatcher` reports settled and deleted files to
+- each folder's :class:`~deidfs.watch.watcher.FolderWatcher` reports settled and deleted files to
   :meth:`Service._sink`, which only queues them;
 - ``deidfs-index-N`` threads (``[daemon] workers``, at least two) index queued sources.
-  Each owns a render process (:mod:`deidfs.render_pool`) that renders the source
+  Each owns a render process (:mod:`deidfs.view.pool`) that renders the source
   header-only while the thread waits on its pipe: rendering is Python, and in this process
   it would hold the GIL the FUSE callbacks need. The thread then stores the result in the
   index and updates the mount's tree. Only that bookkeeping, before and after a render,
@@ -75,20 +75,12 @@ from types import FrameType
 from typing import Any
 
 from deidfs import __version__
-from deidfs import export as export_module
-from deidfs.config import Config, ConfigInvalid, DaemonConfig, FolderConfig, load_config
-from deidfs.control import (
-    ControlServer,
-    ErrorCode,
-    ExportRequest,
-    Reply,
-    Request,
-    may_read_sources,
-)
+from deidfs.config.model import Config, ConfigInvalid, DaemonConfig, FolderConfig, load_config
 from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, DeidfsError, NotFound
-from deidfs.fusefs import (
+from deidfs.export import folder as export_module
+from deidfs.mount.fusefs import (
     DeidOperations,
     FolderView,
     FuseMount,
@@ -99,15 +91,23 @@ from deidfs.fusefs import (
     pseudo_mtime_ns,
     unsettled_ns,
 )
-from deidfs.index import Entry, Index, Status
-from deidfs.logs import LibraryWarnings
-from deidfs.metrics import FolderState, Metrics, StateSnapshot
-from deidfs.metrics_http import MetricsServer
-from deidfs.render import SourceStat, View
-from deidfs.render_pool import TIMEOUT_REASON, Rendered, RenderProcess
-from deidfs.sdnotify import Notifier
+from deidfs.ops.control import (
+    ControlServer,
+    ErrorCode,
+    ExportRequest,
+    Reply,
+    Request,
+    may_read_sources,
+)
+from deidfs.ops.http import MetricsServer
+from deidfs.ops.logs import LibraryWarnings
+from deidfs.ops.metrics import FolderState, Metrics, StateSnapshot
+from deidfs.ops.sdnotify import Notifier
 from deidfs.secret import load_or_create_key
-from deidfs.watcher import Change, FileEvent, FolderWatcher
+from deidfs.view.index import Entry, Index, Status
+from deidfs.view.pool import TIMEOUT_REASON, Rendered, RenderProcess
+from deidfs.view.render import SourceStat, View
+from deidfs.watch.watcher import Change, FileEvent, FolderWatcher
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +464,7 @@ class Service:
     notifier
         systemd notifications (a no-op outside systemd).
     metrics
-        The metrics to count in; a fresh :class:`~deidfs.metrics.Metrics` (own registry)
+        The metrics to count in; a fresh :class:`~deidfs.ops.metrics.Metrics` (own registry)
         by default.
     clock
         Monotonic clock, injectable for tests.
@@ -1407,7 +1407,7 @@ class Service:
         """Source paths not served (withheld or duplicates), each with reason and token.
 
         Paths can carry patient names: only root and the configuration file's owner get
-        them (see :func:`~deidfs.control.may_read_sources`).
+        them (see :func:`~deidfs.ops.control.may_read_sources`).
         """
         if not may_read_sources(request.peer, self.config.source):
             return Reply.failure(
@@ -1467,7 +1467,7 @@ class Service:
         )
 
     def _cmd_export(self, request: Request) -> Reply:
-        """``export``: :func:`deidfs.export.export_folder` with the daemon's key.
+        """``export``: :func:`deidfs.export.folder.export_folder` with the daemon's key.
 
         The destination is confined to ``export_dir``; one export runs at a time; a daemon
         shutting down cancels it after the files in progress. Failures carry
@@ -1530,13 +1530,13 @@ class Service:
         return Reply.success(summary.to_json())
 
     def _forward_send(self, selection: export_module.Selection, req: ExportRequest) -> Reply:
-        """``export`` with a ``destination``: :func:`deidfs.send.send_folder`, counted in
+        """``export`` with a ``destination``: :func:`deidfs.export.send.send_folder`, counted in
         ``deidfs_export_sent_total``."""
         assert self._pseudo is not None
         assert req.destination is not None
         if req.to is not None:
             return Reply.failure(ErrorCode.BAD_REQUEST, "'to' and 'destination' exclude each other")
-        from deidfs import send as send_module  # noqa: PLC0415  (pynetdicom only when sending)
+        from deidfs.export import send as send_module  # noqa: PLC0415  (pynetdicom only when sending)
 
         try:
             summary = send_module.send_folder(
