@@ -194,7 +194,8 @@ def serve_passthrough(source: str, mountpoint: str) -> int:
     The same binding, libfuse and mount options as deidfs; the operations are lstat, a
     listing, open, pread and close of the source: FUSE in Python with nothing else.
     """
-    from deidfs.mount.fusefs import load_mfusepy, mount_options
+    from deidfs.mount.binding import load_mfusepy
+    from deidfs.mount.lifecycle import mount_options
 
     mfusepy = load_mfusepy()
 
@@ -348,7 +349,7 @@ def c_mount(
 ) -> Iterator[Path]:
     """The C passthrough of ``source`` at ``mountpoint``, with deidfs's mount options and
     read-ahead (multithreaded like deidfs unless ``single``); unmounted after."""
-    from deidfs.mount.fusefs import mount_options
+    from deidfs.mount.lifecycle import mount_options
 
     options = mount_options(allow_other=False)
     options.update(fsname="passthrough-c", subtype="passthrough-c")

@@ -475,7 +475,7 @@ def test_anonymize_imports_no_daemon_module() -> None:
     assert "deidfs.cli.anonymize_cmd" in loaded
     for module in (
         "deidfs.service.core",
-        "deidfs.mount.fusefs",
+        "deidfs.mount.ops",
         "deidfs.config.edit",
         "deidfs.evidence.report",
     ):

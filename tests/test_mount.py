@@ -25,7 +25,7 @@ from pydicom.sequence import Sequence
 
 from conftest import Daemon, mounted_type, sample_file, sha256, wait_for
 from deidfs.config.model import load_config
-from deidfs.mount import fusefs
+from deidfs.mount import binding
 from deidfs.service.core import Service
 from leak_corpus import build_leak_dataset, expectation, find, value_texts, write_source
 
@@ -845,7 +845,7 @@ def test_fuse_worker_threads_keep_their_python_thread_state(
     sources = [d.add(sample_file(n), f"in/{n}") for n in ("CT_small.dcm", "MR_small.dcm")]
     service = Service(load_config(d.config_path))
     try:
-        before = fusefs.kept_thread_states
+        before = binding.kept_thread_states
         service.start()
         expected = dict(map(d.expected, sources))
         wait_for(lambda: all((d.folder / rel).exists() for rel in expected))
@@ -858,7 +858,7 @@ def test_fuse_worker_threads_keep_their_python_thread_state(
                 finally:
                     os.close(fd)
         assert service.ops.read_buf_calls >= calls + 100
-        kept = fusefs.kept_thread_states - before
+        kept = binding.kept_thread_states - before
         # libfuse starts at most max_threads (10) workers, and the init callback's thread.
         assert 1 <= kept <= 12, kept
     finally:

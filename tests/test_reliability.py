@@ -59,11 +59,12 @@ from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import Refused
-from deidfs.mount import fusefs
-from deidfs.mount.fusefs import FolderView, ViewFile, ViewFS, ViewTree
 from deidfs.secret import load_or_create_key
 from deidfs.service.core import Service
+from deidfs.view import handles
+from deidfs.view.handles import ViewFS
 from deidfs.view.render import Layout, View, render_path, write_view
+from deidfs.view.tree import FolderView, ViewFile, ViewTree
 
 pytestmark = pytest.mark.fuse
 
@@ -666,7 +667,7 @@ def test_a_header_rendered_at_open_is_not_served_if_the_source_changed_meanwhile
     tree, fs, vf, source = _indexed(tmp_path)
     tree.put(vf)
     st = source.stat()
-    original = fusefs.render
+    original = handles.render
     rewritten = VersionMaker().build(0, 5)  # other header values, same size and view path
     assert len(rewritten) == st.st_size
 
@@ -676,12 +677,12 @@ def test_a_header_rendered_at_open_is_not_served_if_the_source_changed_meanwhile
         os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
         return view
 
-    monkeypatch.setattr(fusefs, "render", render_then_rewrite)
+    monkeypatch.setattr(handles, "render", render_then_rewrite)
     with pytest.raises(Refused, match="changed while rendered"):
         fs.open(vf.mount_path)
     assert len(fs.cache) == 0
     assert fs.open_handles == 0
-    monkeypatch.setattr(fusefs, "render", original)
+    monkeypatch.setattr(handles, "render", original)
     # Size and mtime match the index, ctime does not: rendered again from the new content,
     # served off the page cache, and not cached under the indexed state it no longer has.
     opened = fs.open(vf.mount_path)

@@ -30,9 +30,11 @@ from deidfs.config.model import Config, DaemonConfig, FolderConfig
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.mount.fusefs import DeidOperations, FolderView, ViewFile, ViewFS, ViewTree
+from deidfs.mount.ops import DeidOperations
 from deidfs.service.core import Service
+from deidfs.view.handles import ViewFS
 from deidfs.view.render import Layout, render_path
+from deidfs.view.tree import FolderView, ViewFile, ViewTree
 
 pytestmark = pytest.mark.fuse
 

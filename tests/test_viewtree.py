@@ -16,19 +16,8 @@ from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BASIC
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import NotFound, Refused
-from deidfs.mount.fusefs import (
-    CACHE_ENTRY_OVERHEAD,
-    DIR_MODE,
-    FILE_MODE,
-    PSEUDO_EPOCH_NS,
-    DeidOperations,
-    FolderView,
-    HeaderCache,
-    ViewFile,
-    ViewFS,
-    ViewTree,
-    pseudo_mtime_ns,
-)
+from deidfs.mount.ops import DeidOperations
+from deidfs.view.handles import CACHE_ENTRY_OVERHEAD, HeaderCache, ViewFS
 from deidfs.view.render import (
     Layout,
     SourceStat,
@@ -37,6 +26,15 @@ from deidfs.view.render import (
     read_view_into,
     render_path,
     write_view,
+)
+from deidfs.view.tree import (
+    DIR_MODE,
+    FILE_MODE,
+    PSEUDO_EPOCH_NS,
+    FolderView,
+    ViewFile,
+    ViewTree,
+    pseudo_mtime_ns,
 )
 
 KEY = b"view-tree-test-key-0123456789ab"

@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _unmount(args: argparse.Namespace) -> int:
-    from deidfs.mount.fusefs import fusermount, mounted_fstype  # noqa: PLC0415
+    from deidfs.mount.lifecycle import fusermount, mounted_fstype  # noqa: PLC0415
 
     path = _config(args)
     if path is None:

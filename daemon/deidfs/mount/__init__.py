@@ -1,6 +1,7 @@
 """The FUSE mount: translation between libfuse (through mfusepy) and the view.
 
-Owns the view tree, open handles and the mfusepy operations; it renders nothing itself.
+Owns the mfusepy operations (ops), the libfuse binding and the mount's lifecycle; it renders
+and serves nothing itself (the view tree and open views are deidfs.view's).
 May import deidfs.view, deidfs.deid, deidfs.ops and deidfs.errors; not export, watch or cli.
 """
 

@@ -80,17 +80,8 @@ from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, DeidfsError, NotFound
 from deidfs.export import folder as export_module
-from deidfs.mount.fusefs import (
-    DeidOperations,
-    FolderView,
-    FuseMount,
-    ViewFile,
-    ViewFS,
-    ViewTree,
-    clear_stale_mount,
-    pseudo_mtime_ns,
-    unsettled_ns,
-)
+from deidfs.mount.lifecycle import FuseMount, clear_stale_mount
+from deidfs.mount.ops import DeidOperations
 from deidfs.ops.control import (
     ControlServer,
     ErrorCode,
@@ -104,9 +95,11 @@ from deidfs.ops.logs import LibraryWarnings
 from deidfs.ops.metrics import FolderState, Metrics, StateSnapshot
 from deidfs.ops.sdnotify import Notifier
 from deidfs.secret import load_or_create_key
+from deidfs.view.handles import ViewFS, unsettled_ns
 from deidfs.view.index import Entry, Index, Status
 from deidfs.view.pool import TIMEOUT_REASON, Rendered, RenderProcess
 from deidfs.view.render import SourceStat, View
+from deidfs.view.tree import FolderView, ViewFile, ViewTree, pseudo_mtime_ns
 from deidfs.watch.watcher import Change, FileEvent, FolderWatcher
 
 log = logging.getLogger(__name__)
