@@ -23,7 +23,8 @@ import pytest
 from conftest import run_cli, sample_file
 from deidfs.config.model import ConfigInvalid, DestinationKind, load_config
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.export.send import STATE_NAME, send_folder, state_dir_of
+from deidfs.export.destinations import STATE_NAME, state_dir_of
+from deidfs.export.send import send_folder
 from deidfs.ops.metrics import Metrics
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -898,7 +899,7 @@ def test_c_store_over_tls_verifies_the_node(tmp_path: Path, src: Path) -> None:
     ],
 )
 def test_c_store_statuses(code: int, expected: tuple[str, str] | None) -> None:
-    from deidfs.export.send import _status_result
+    from deidfs.export.cstore import _status_result
 
     result = _status_result(code)
     assert (None if result is None else (result.status, result.detail)) == expected
