@@ -21,18 +21,32 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from deidfs.cli.common import add_writer_options, config_path, load_profiles
+from deidfs.cli.common import (
+    add_cluster_options,
+    add_writer_options,
+    cluster_usage_error,
+    config_path,
+    load_profiles,
+)
 from deidfs.cli.terminal import Progress, Terminal, sent_exit_code
 from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, FolderConfig, load_config
-from deidfs.deid.plan import compile_plan
+from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, NotFound, ProfileError
+from deidfs.export.cluster import (
+    DEFAULT_BATCH_FILES,
+    ClusterOptions,
+    ClusterRunner,
+    KeySource,
+    connect,
+    prepare,
+)
 from deidfs.export.folder import (
     Claims,
     ExportError,
@@ -43,12 +57,13 @@ from deidfs.export.folder import (
     Job,
     Outcome,
     Place,
+    PoolRunner,
+    Runner,
     SourceSet,
     forbidden_places,
     guard_of,
     quiet_pydicom,
     resolve_destination,
-    run_batch,
     stopped_exit_code,
     walk_sources,
 )
@@ -95,6 +110,23 @@ batches, retried on temporary failures, with a manifest of each run and a record
 the node stored under <state_dir>/destinations/NAME/.anonymize/, so that a re-run sends
 only the files not stored yet.
 
+With --cluster ADDRESS the same files are rendered and written by the workers of a Dask
+cluster (dask.distributed; pip install 'deidfs[cluster]'): local:N starts N worker
+processes on this machine, tcp://HOST:PORT or tls://HOST:PORT names a running scheduler
+whose workers see SRC and DIR at the same paths (shared storage). The sources are listed
+here and cut into batches of at most --batch-size files (a directory's files stay
+together), one task each; results are counted here. The output is byte for byte that of a
+run without --cluster. A worker that dies has its batch run again on another, which counts
+its files once (those already in place "unchanged"); a lost scheduler exits 75 and the
+same command run again completes the rest. Tasks are named deidfs-job-<run> and
+deidfs-batch-<run>-<n>, never by a path or a value.
+The key on a cluster: with --key-file (or $DEIDFS_KEY_FILE) each worker reads the key from
+that file itself (the same path on shared storage; a worker that reads another key refuses
+the work, exit 78) and the key never travels. Without, the key is sent in the run's first
+task: allowed to local:N (loopback) and over tls:// (--tls-ca-file, --tls-cert and
+--tls-key, or Dask's distributed.comm.tls configuration), refused over a plain tcp://
+scheduler (exit 78) unless --allow-plain-key is given.
+
 Pseudonym key (the same key gives the same UIDs, IDs and dates as the mount):
   1. --key-file FILE, or $DEIDFS_KEY_FILE: an existing key file (hex, mode 0600);
   2. else, with a configuration (--config, $DEIDFS_CONFIG or /etc/deidfs/deidfs.toml if it
@@ -110,7 +142,9 @@ exit codes:
   66  a SRC does not exist; 73 DIR cannot be created or written; 78 bad profile, key or config
   75  DIR ran out of space (run again once there is room: files in place are complete)
   69  --to-destination: the node refused the association or stayed unreachable (the files
-      stored are recorded: run again to send the others)
+      stored are recorded: run again to send the others); --cluster: dask.distributed is
+      not installed, or the scheduler is unreachable or has no worker
+  75  --cluster: the scheduler was lost during the run (run again to complete it)
   77  DIR (its symbolic links resolved) is inside a watched folder, the state directory or
       the mount of the configuration; or a symbolic link was put in DIR while writing
 """
@@ -154,6 +188,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help=f"pseudonym key file (default: ${KEY_FILE_ENV}, else as described above)",
     )
     add_writer_options(p)
+    add_cluster_options(p)
     p.set_defaults(func=run)
 
 
@@ -202,9 +237,14 @@ def user_state_dir() -> Path:
     return Path(base) / "deidfs"
 
 
+def chosen_key_file(key_file: str | None) -> str | None:
+    """The key file ``--key-file`` or ``$DEIDFS_KEY_FILE`` names, if any."""
+    return key_file or os.environ.get(KEY_FILE_ENV) or None
+
+
 def load_key(key_file: str | None, config: str | None) -> bytes:
     """The pseudonym key, by the order documented in ``deidfs anonymize --help``."""
-    chosen = key_file or os.environ.get(KEY_FILE_ENV)
+    chosen = chosen_key_file(key_file)
     if chosen:
         return read_key_file(Path(chosen))
     cfg = config_path(config)
@@ -284,8 +324,49 @@ def _max_header_bytes(config: str | None) -> int | None:
 
 
 # -- the command --------------------------------------------------------------------------------
+def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
+    """The ``--cluster`` options of ``args`` (``anonymize`` and ``export``), None without."""
+    if args.cluster is None:
+        return None
+    return ClusterOptions(
+        args.cluster,
+        batch_files=args.batch_size or DEFAULT_BATCH_FILES,
+        allow_plain_key=args.allow_plain_key,
+        tls_ca_file=args.tls_ca_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+
+
+def run_with_runner(
+    options: ClusterOptions | None,
+    key: KeySource | None,
+    workers: int,
+    quiet: bool,
+    body: Callable[[Runner], int],
+) -> int:
+    """``body`` with a runner: this machine's ``workers`` processes, or (``options``) the
+    cluster, connected for the time of ``body``."""
+    if options is None:
+        return body(PoolRunner(workers))
+    assert key is not None
+    with connect(options) as connection:
+        runner = ClusterRunner(
+            connection,
+            key,
+            batch_files=options.batch_files,
+            stream=sys.stderr,
+            quiet=quiet,
+        )
+        return body(runner)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``deidfs anonymize``; returns the exit code."""
+    problem = cluster_usage_error(args, "anonymize")
+    if problem is not None:
+        print(f"deidfs anonymize: {problem}", file=sys.stderr)
+        return 2
     config = getattr(args, "config", None)
     profiles = load_profiles(config)
     profile = profiles.get(args.profile)
@@ -294,7 +375,11 @@ def run(args: argparse.Namespace) -> int:
     if not profile.enabled:
         raise ProfileError(f"profile {profile.name!r} is disabled")
     plan = compile_plan(profile)
-    pseudo = Pseudonymizer(load_key(args.key_file, config))
+    key = load_key(args.key_file, config)
+    pseudo = Pseudonymizer(key)
+    options = cluster_options(args)
+    # Before anything is written: a key that may not travel so stops the command here.
+    keys = prepare(options, key, chosen_key_file(args.key_file)) if options else None
     layout = Layout(args.layout)
     sources = collect_sources(args.src)
     if args.to_destination is not None:
@@ -307,89 +392,108 @@ def run(args: argparse.Namespace) -> int:
     except ExportError as exc:
         print(f"deidfs: {exc}", file=sys.stderr)
         return exc.exit_code
+    workers = min(args.workers or os.cpu_count() or 1, max(1, len(sources.files)))
+
+    def write(runner: Runner) -> int:
+        return _write(args, runner, writer, plan, pseudo, layout, sources, config)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    own_handler = (
+        previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
+    )
+    if own_handler:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
-        job = Job(
-            plan,
-            pseudo,
-            out,
-            layout,
-            not args.no_fsync,
-            os.getpid(),
-            out_id=writer.root_id,
-            guard=writer.guard,
-            max_header_bytes=_max_header_bytes(config),
-        )
-        files = sources.files
-        tally = Tally(skipped=sources.skipped)
-        claims = Claims([path for path, _ in files])
-        progress = Progress(len(files), sys.stderr, sys.stderr.isatty() and not args.quiet)
-        fatal: list[FileResult] = []
-
-        def show(res: FileResult) -> None:
-            if res.status == "failed" or not args.quiet:
-                progress.clear()
-                token = pseudo.token(files[res.index][0], "path")[:12]
-                print(f"deidfs: {res.status} ({res.detail}): file {token}", file=sys.stderr)
-
-        def report(results: list[FileResult]) -> None:
-            for res in results:
-                if res.status in ("refused", "failed"):
-                    tally.add(res.status, res.detail)
-                    if res.fatal:
-                        if fatal:
-                            continue  # the files after the first of a full disk say the same
-                        fatal.append(res)
-                    show(res)
-                else:
-                    claims.add(res)
-            progress.advance(len(results))
-
-        def lost(chunk: list[Item], why: str) -> list[FileResult]:
-            return [
-                FileResult(index, "failed", why, reason="worker_failed") for index, _, _ in chunk
-            ]
-
-        items = [(index, path, rel) for index, (path, rel) in enumerate(files)]
-        workers = min(args.workers or os.cpu_count() or 1, max(1, len(files)))
-        start = time.monotonic()
-        previous = signal.getsignal(signal.SIGTERM)
-        own_handler = (
-            previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
-        )
-        if own_handler:
-            signal.signal(signal.SIGTERM, _terminate)
-        with quiet_pydicom():
-            try:
-                finished = run_batch(job, items, workers, report, lost)
-            except BaseException:
-                claims.discard_pending(writer)
-                raise
-            finally:
-                progress.clear()
-                if own_handler:
-                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if not finished:
-            # The output takes no more files (full, read-only): what is in place is complete.
-            for res in claims.in_place():
-                tally.add(res.status, "", res.size)
-            claims.discard_pending(writer)
-            writer.finish()
-            if not args.quiet:
-                _summary(tally, time.monotonic() - start, sys.stdout)
-            first = fatal[0] if fatal else None
-            detail = first.detail if first is not None else "interrupted"
-            code = os.EX_TEMPFAIL if first is None else stopped_exit_code(first.reason)
-            raise ExportStopped(f"stopped: {detail}", exit_code=code)
-        for res in claims.settle(writer):
-            tally.add(res.status, res.detail, res.size)
-            if res.status == "failed":
-                show(res)
-        seconds = time.monotonic() - start
-        if not args.quiet:
-            _summary(tally, seconds, sys.stdout)
-        return 1 if tally.failed else 0
+        return run_with_runner(options, keys, workers, args.quiet, write)
     finally:
+        if own_handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         writer.close()  # its directory descriptors
+
+
+def _write(
+    args: argparse.Namespace,
+    runner: Runner,
+    writer: ExportWriter,
+    plan: Plan,
+    pseudo: Pseudonymizer,
+    layout: Layout,
+    sources: Sources,
+    config: str | None,
+) -> int:
+    """Write every source with ``runner``; the exit code."""
+    out = writer.root
+    job = Job(
+        plan,
+        pseudo,
+        out,
+        layout,
+        not args.no_fsync,
+        os.getpid(),
+        out_id=writer.root_id,
+        guard=writer.guard,
+        max_header_bytes=_max_header_bytes(config),
+    )
+    files = sources.files
+    tally = Tally(skipped=sources.skipped)
+    claims = Claims([path for path, _ in files])
+    progress = Progress(len(files), sys.stderr, sys.stderr.isatty() and not args.quiet)
+    fatal: list[FileResult] = []
+
+    def show(res: FileResult) -> None:
+        if res.status == "failed" or not args.quiet:
+            progress.clear()
+            token = pseudo.token(files[res.index][0], "path")[:12]
+            print(f"deidfs: {res.status} ({res.detail}): file {token}", file=sys.stderr)
+
+    def report(results: list[FileResult]) -> None:
+        for res in results:
+            if res.status in ("refused", "failed"):
+                tally.add(res.status, res.detail)
+                if res.fatal:
+                    if fatal:
+                        continue  # the files after the first of a full disk say the same
+                    fatal.append(res)
+                show(res)
+            else:
+                claims.add(res)
+        progress.advance(len(results))
+
+    def lost(chunk: list[Item], why: str) -> list[FileResult]:
+        return [FileResult(index, "failed", why, reason="worker_failed") for index, _, _ in chunk]
+
+    items = [(index, path, rel) for index, (path, rel) in enumerate(files)]
+    start = time.monotonic()
+    with quiet_pydicom():
+        try:
+            finished = runner.run(job, items, report, lost)
+        except BaseException:
+            claims.discard_pending(writer)
+            raise
+        finally:
+            progress.clear()
+    if not finished:
+        # The output takes no more files (full, read-only): what is in place is complete.
+        for res in claims.in_place():
+            tally.add(res.status, "", res.size)
+        claims.discard_pending(writer)
+        writer.finish()
+        runner.finished(writer)
+        if not args.quiet:
+            _summary(tally, time.monotonic() - start, sys.stdout)
+        first = fatal[0] if fatal else None
+        detail = first.detail if first is not None else "interrupted"
+        code = os.EX_TEMPFAIL if first is None else stopped_exit_code(first.reason)
+        raise ExportStopped(f"stopped: {detail}", exit_code=code)
+    for res in claims.settle(writer):
+        tally.add(res.status, res.detail, res.size)
+        if res.status == "failed":
+            show(res)
+    runner.finished(writer)
+    seconds = time.monotonic() - start
+    if not args.quiet:
+        _summary(tally, seconds, sys.stdout)
+    return 1 if tally.failed else 0
 
 
 def _send(

@@ -91,3 +91,64 @@ def add_writer_options(p: argparse.ArgumentParser) -> None:
         help="no progress bar, no summary, no per-file refusal lines (failures and errors "
         "still shown)",
     )
+
+
+def _cluster_address(text: str) -> object:
+    """An argparse type: ``--cluster``'s value (:func:`deidfs.export.cluster.parse_address`)."""
+    from deidfs.export.cluster import parse_address  # noqa: PLC0415  (only when the option is given)
+
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_cluster_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--cluster`` and its options, as ``anonymize`` and ``export`` share them; returns
+    the group (a command adds its own)."""
+    group = p.add_argument_group(
+        "on a Dask cluster (install the cluster extra: pip install 'deidfs[cluster]')"
+    )
+    group.add_argument(
+        "--cluster",
+        type=_cluster_address,
+        metavar="ADDRESS",
+        help="run on dask.distributed: local:N (a cluster of N worker processes on this "
+        "machine) or a scheduler's tcp://HOST:PORT or tls://HOST:PORT",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="files per task at most (default 256); a directory with fewer files is never split",
+    )
+    group.add_argument(
+        "--allow-plain-key",
+        action="store_true",
+        help="send the pseudonym key in the task over a plain tcp:// scheduler (refused "
+        "without: give --key-file on shared storage or use tls://)",
+    )
+    group.add_argument("--tls-ca-file", metavar="FILE", help="tls://: the CA certificate (PEM)")
+    group.add_argument("--tls-cert", metavar="FILE", help="tls://: this client's certificate")
+    group.add_argument("--tls-key", metavar="FILE", help="tls://: this client's private key")
+    return group
+
+
+def cluster_usage_error(args: argparse.Namespace, command: str) -> str | None:
+    """Why the options of ``args`` do not go together with ``--cluster`` (or its options
+    without it), or None."""
+    if args.cluster is None:
+        for name in ("batch_size", "tls_ca_file", "tls_cert", "tls_key"):
+            if getattr(args, name, None):
+                return f"--{name.replace('_', '-')} needs --cluster"
+        if getattr(args, "allow_plain_key", False):
+            return "--allow-plain-key needs --cluster"
+        return None
+    if getattr(args, "workers", None):
+        return "--workers cannot be used with --cluster (the cluster has its workers)"
+    if getattr(args, "to_destination", None) is not None:
+        return f"deidfs {command} --to-destination cannot run on a cluster"
+    if getattr(args, "via_daemon", False):
+        return "--via-daemon cannot be used with --cluster"
+    return None

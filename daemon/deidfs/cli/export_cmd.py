@@ -16,20 +16,28 @@ import threading
 from pathlib import Path
 from typing import Any, TextIO
 
-from deidfs.cli.common import add_writer_options, config_path
+from deidfs.cli.anonymize_cmd import cluster_options, run_with_runner
+from deidfs.cli.common import (
+    add_cluster_options,
+    add_writer_options,
+    cluster_usage_error,
+    config_path,
+)
 from deidfs.cli.terminal import Terminal, sent_exit_code
 from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, load_config
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, SecretError
+from deidfs.export.cluster import KeySource, prepare
 from deidfs.export.folder import (
     ExportStopped,
     ExportSummary,
+    Runner,
     Selection,
     export_folder,
 )
 from deidfs.export.send import SendSummary, send_folder
 from deidfs.ops.control import ErrorCode, Reply, call
-from deidfs.secret import load_or_create_key
+from deidfs.secret import load_or_create_key, read_key_file
 
 #: How long ``--via-daemon`` waits for the daemon's answer (an export can be long).
 DAEMON_TIMEOUT_SECONDS = 24 * 3600.0
@@ -77,6 +85,16 @@ state_dir/destinations/NAME/FOLDER/sent.jsonl: a re-run sends only the others. E
 writes .deidfs-manifest-<UTC time>.jsonl there (every file: stored, warning with its
 status, failed with its reason, or already_stored).
 
+With --cluster ADDRESS the scan and the writing run on the workers of a Dask cluster
+(dask.distributed; pip install 'deidfs[cluster]'), as `deidfs anonymize --cluster` runs
+them (see its help): local:N, or a scheduler tcp://HOST:PORT or tls://HOST:PORT whose
+workers see the folder and the destination at the same paths. The files, the manifest and
+the summary are those of a run without --cluster; the manifest is written here. The key:
+with --key-file FILE (a copy of [daemon] state_dir/secret.key on storage the workers share;
+it must hold the same key) each worker reads it itself; without, the key is sent in the
+task, allowed to local:N and over tls://, refused over a plain tcp:// scheduler unless
+--allow-plain-key is given.
+
 Without --via-daemon this command reads the configuration's pseudonym key
 ([daemon] state_dir/secret.key). With --via-daemon the running daemon exports with its own
 key: an operator needs access to the control socket only, not to the key. The daemon
@@ -99,10 +117,13 @@ exit codes:
   66  unknown folder, profile, study, patient, accession or path; nothing is written
   69  --via-daemon: the daemon is not running; --to-destination: the node refused the
       association for good or stayed unreachable after its retries (what was stored is
-      recorded: the next run sends the rest)
+      recorded: the next run sends the rest); --cluster: dask.distributed missing, the
+      scheduler unreachable or without workers
   73  the destination cannot be created or written; 75 the destination is full (free space
-      and run again: it resumes); 77 no access to the control socket, or the destination is
-      refused (see Confinement); 78 bad configuration, disabled profile, unreadable key
+      and run again: it resumes), or --cluster lost its scheduler (run again: it
+      resumes); 77 no access to the control socket, or the destination is refused (see
+      Confinement); 78 bad configuration, disabled profile, unreadable key, a key file
+      or a worker that does not hold the configuration's key, a key that may not travel
 """
 
 #: Exit codes of the daemon's error codes (``--via-daemon``).
@@ -165,6 +186,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="ask the running daemon to export (through [daemon] control_socket), with its key",
     )
     add_writer_options(p)
+    group = add_cluster_options(p)
+    group.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="--cluster: workers read the key from FILE (shared storage), which must hold "
+        "the configuration's key; without, the key is sent in the task",
+    )
     p.set_defaults(func=run)
 
 
@@ -179,6 +207,12 @@ def _load_config(arg: str | None) -> Config:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``deidfs export``; returns the exit code."""
+    problem = cluster_usage_error(args, "export")
+    if problem is None and args.key_file and args.cluster is None:
+        problem = "--key-file needs --cluster (without, the configuration's key is used)"
+    if problem is not None:
+        print(f"deidfs export: {problem}", file=sys.stderr)
+        return 2
     config = _load_config(getattr(args, "config", None))
     selection = Selection(
         study=tuple(args.study),
@@ -195,6 +229,15 @@ def run(args: argparse.Namespace) -> int:
         key = load_or_create_key(config.daemon.state_dir)
     except SecretError as exc:
         raise SecretError(f"{exc} (to export without reading the key, use --via-daemon)") from None
+    options = cluster_options(args)
+    keys: KeySource | None = None
+    if options is not None:
+        if args.key_file and read_key_file(Path(args.key_file)) != key:
+            raise SecretError(
+                "--key-file holds another key than the configuration's state directory: the "
+                "export would not be what the mount serves"
+            )
+        keys = prepare(options, key, args.key_file)  # before anything is written
     terminal = Terminal(args.quiet, sys.stderr)
     previous = signal.getsignal(signal.SIGTERM)
     own_handler = (
@@ -209,7 +252,9 @@ def run(args: argparse.Namespace) -> int:
             terminal.clear()
             if own_handler:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
+    workers = args.workers or os.cpu_count() or 1
+
+    def export(runner: Runner) -> int:
         summary = export_folder(
             config,
             args.folder,
@@ -217,10 +262,18 @@ def run(args: argparse.Namespace) -> int:
             selection=selection,
             to=Path(args.to) if args.to else None,
             profile=args.profile,
-            workers=args.workers or os.cpu_count() or 1,
+            workers=workers,
             durable=not args.no_fsync,
             listener=terminal,
+            runner=runner,
         )
+        terminal.clear()
+        if not args.quiet:
+            print_summary(summary, sys.stdout)
+        return 1 if summary.failed else 0
+
+    try:
+        return run_with_runner(options, keys, workers, args.quiet, export)
     except ExportStopped as exc:
         terminal.clear()
         if exc.summary is not None and not args.quiet:
@@ -235,9 +288,6 @@ def run(args: argparse.Namespace) -> int:
         terminal.clear()
         if own_handler:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if not args.quiet:
-        print_summary(summary, sys.stdout)
-    return 1 if summary.failed else 0
 
 
 def _send(

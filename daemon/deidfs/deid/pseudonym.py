@@ -70,6 +70,11 @@ class Pseudonymizer:
                 self._tokens[(domain, value)] = out
         return out
 
+    def fingerprint(self) -> str:
+        """A digest that tells keys apart without revealing them (an HMAC in a domain of
+        its own): two processes compare it to prove they hold the same key."""
+        return self._mac("key-fingerprint", "deidfs").hex()[:32]
+
     def date_shift_days(self, patient_key: str) -> int:
         """Days (1 to 3650) by which every date of this patient moves into the past."""
         mac = self._mac("date-shift", patient_key.strip())

@@ -51,7 +51,8 @@ command: 73 unwritable, 75 full or cancelled, 77 ``to`` refused, 78 disabled pro
 :func:`export_folder` counts its own metrics (per file and ``export_finished``).
 
 Its sources are the files the watcher takes (:func:`walk_sources`), read with the folder's
-profile (or another) and the key, in worker processes (:func:`run_batch`) that render and
+profile (or another) and the key, in worker processes (:func:`run_batch`, the
+:class:`PoolRunner`; or a Dask cluster's workers, :mod:`deidfs.export.cluster`) that render and
 write a chunk of files each; the coordinating process settles sources naming one target
 (:class:`Claims`, the first by path wins, as in the mount) and writes a manifest. A full or
 read-only output stops the batch at once (:class:`ExportStopped`): files in place are
@@ -243,9 +244,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(directory: Path | int) -> int:
+def remove_stale_temps(directory: Path | int, keep: int | None = None) -> int:
     """Remove temporary files of writers that no longer run from ``directory`` (a path, or
     an open descriptor of it).
+
+    Parameters
+    ----------
+    directory
+        The directory, or an open descriptor of it.
+    keep
+        A process whose temporary files are never taken for leftovers: the writer's own
+        owner. On another machine than the owner's (a cluster's worker), whether that
+        process runs cannot be seen, and its files wait there to be settled.
 
     Returns
     -------
@@ -261,7 +271,7 @@ def remove_stale_temps(directory: Path | int) -> int:
     with entries:
         for entry in entries:
             m = _TEMP_NAME.match(entry.name)
-            if m is None or _pid_alive(int(m.group(1))):
+            if m is None or int(m.group(1)) == keep or _pid_alive(int(m.group(1))):
                 continue
             try:
                 if dir_fd is None:
@@ -567,7 +577,7 @@ class ExportWriter:
             raise _oserror("cannot write to the output directory", exc) from None
         os.close(fd)
         os.unlink(temp, dir_fd=root)
-        remove_stale_temps(root)
+        remove_stale_temps(root, self._pid)
         self._dirs_ready.add(_HERE)
 
     def put(self, key: Hashable, view: View, src_fd: int) -> None:
@@ -757,7 +767,7 @@ class ExportWriter:
                 self._dirs_touched.update(p.parent for p in created)
             self._dirs_new.add(rel_dir)
         else:
-            remove_stale_temps(fd)
+            remove_stale_temps(fd, self._pid)
         self._dirs_ready.add(rel_dir)
         return fd
 
@@ -956,6 +966,55 @@ class ExportWriter:
             log.warning("could not remove a temporary file: %s", _why(exc))
             return
         _unlink_at_quietly(dir_fd, temp_name)
+
+    def remove_own_temps(self, rel_dirs: Iterable[PurePosixPath]) -> int:
+        """Remove the temporary files named by this writer's owner from ``rel_dirs`` (below
+        the root; each reached without following a link, none created).
+
+        Once every worker of a run is done and its pending files are settled, such files
+        can only be leftovers of a worker killed while it wrote, whose batch ran again
+        (the owner outlives its workers, so no other writer removes them meanwhile).
+
+        Returns
+        -------
+        int
+            How many were removed.
+        """
+        removed = 0
+        prefix = f"{TEMP_PREFIX}{self._pid}-"
+        for rel_dir in sorted(set(rel_dirs)):
+            try:
+                if rel_dir != _HERE:
+                    target_path(self.root, rel_dir)  # plain names only
+                fd = self._dir_existing(rel_dir)
+                with os.scandir(fd) as entries:
+                    names = [
+                        e.name
+                        for e in entries
+                        if e.name.startswith(prefix) and is_temp_name(e.name)
+                    ]
+            except (OSError, ExportError):
+                continue  # gone meanwhile, or never made: nothing of ours is there
+            for name in names:
+                _unlink_at_quietly(fd, name)
+                removed += 1
+        if removed:
+            log.info("removed %d temporary file(s) of a worker that was killed", removed)
+        return removed
+
+    def _dir_existing(self, rel_dir: PurePosixPath) -> int:
+        """The open descriptor of the existing directory ``rel_dir`` below the root."""
+        if rel_dir == _HERE:
+            return self.root_fd()
+        fd = self._dirs.get(rel_dir)
+        if fd is not None:
+            return fd
+        parent = self._dir_existing(rel_dir.parent)
+        fd, _ = open_dir_at(parent, rel_dir.name, create=False, guard=self.guard)
+        self._dirs[rel_dir] = fd
+        while len(self._dirs) > OPEN_DIRS:
+            os.close(self._dirs.popitem(last=False)[1])
+        return fd
 
 
 def _why(exc: BaseException) -> str:
@@ -1820,6 +1879,52 @@ def run_batch(
     return not flag2.is_set()
 
 
+class Runner(Protocol):
+    """Where the chunks of a batch run: this machine's processes (:class:`PoolRunner`), or
+    a Dask cluster's workers (:class:`deidfs.export.cluster.ClusterRunner`)."""
+
+    def run(
+        self,
+        job: Job | ScanJob,
+        items: Sequence[Item],
+        report: Callable[[list[Any]], None],
+        on_lost: Callable[[list[Item], str], list[Any]],
+        stop: StopFlag | None = None,
+        cached: ViewLookup | None = None,
+    ) -> bool:
+        """Run ``job`` over ``items`` as :func:`run_batch` does, with its meaning of the
+        arguments and of the result."""
+        ...
+
+    def finished(self, writer: ExportWriter) -> None:
+        """The batch is over and its pending files are settled (or discarded) by ``writer``,
+        the coordinator's: clean up what only the runner knows about."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PoolRunner:
+    """:func:`run_batch` on this machine, with ``workers`` processes."""
+
+    workers: int
+
+    def run(
+        self,
+        job: Job | ScanJob,
+        items: Sequence[Item],
+        report: Callable[[list[Any]], None],
+        on_lost: Callable[[list[Item], str], list[Any]],
+        stop: StopFlag | None = None,
+        cached: ViewLookup | None = None,
+    ) -> bool:
+        """:func:`run_batch` with this runner's worker count."""
+        return run_batch(job, items, self.workers, report, on_lost, stop, cached)
+
+    def finished(self, writer: ExportWriter) -> None:
+        """Nothing to do: a lost chunk's files are counted failed, its leftovers are
+        removed by the next run."""
+
+
 # -- claims: sources that name one target -------------------------------------------------------
 class Claims:
     """Output names claimed in a batch; settles sources that name the same target.
@@ -2052,7 +2157,9 @@ class _FolderExport:
         clock: Callable[[], dt.datetime],
         cached: ViewLookup | None,
         max_header_bytes: int | None = None,
+        runner: Runner | None = None,
     ) -> None:
+        self.runner: Runner = runner if runner is not None else PoolRunner(workers)
         self.cached = cached
         self.max_header_bytes = max_header_bytes
         self.folder = folder
@@ -2091,7 +2198,7 @@ class _FolderExport:
         def lost(chunk: list[Item], why: str) -> list[ScanResult]:
             return [ScanResult(i, refused="worker_failed") for i, _, _ in chunk]
 
-        if not run_batch(job, items, self.workers, report, lost, self.stop, self.cached):
+        if not self.runner.run(job, items, report, lost, self.stop, self.cached):
             self._raise_stopped()
         matched: set[tuple[str, int]] = set()
         winners: dict[str, int] = {}
@@ -2157,7 +2264,7 @@ class _FolderExport:
             return [FileResult(i, "failed", why, reason="worker_failed") for i, _, _ in chunk]
 
         try:
-            finished = run_batch(job, items, self.workers, report, lost, self.stop, self.cached)
+            finished = self.runner.run(job, items, report, lost, self.stop, self.cached)
         except BaseException:
             claims.discard_pending(writer)
             raise
@@ -2167,9 +2274,11 @@ class _FolderExport:
                 self._count(res)
             claims.discard_pending(writer)
             writer.finish()
+            self.runner.finished(writer)
             self._raise_stopped()
         for res in claims.settle(writer):
             self._count(res)
+        self.runner.finished(writer)
         if self.fatal is not None:
             self._raise_stopped()
 
@@ -2530,6 +2639,7 @@ def export_folder(
     stop: StopFlag | None = None,
     clock: Callable[[], dt.datetime] = _utcnow,
     cached: ViewLookup | None = None,
+    runner: Runner | None = None,
 ) -> ExportSummary:
     """Export a configured folder as the mount serves it: ``deidfs export`` and the control
     socket's ``export`` command both call this.
@@ -2587,6 +2697,10 @@ def export_folder(
         absolute source path and state, built with the folder's own profile, layout and
         key: a hit is not rendered again, so an export of indexed files is mostly copying.
         Ignored when ``profile`` names another profile. Runs the export in this thread.
+    runner
+        Where the scan and the writing run (default: :class:`PoolRunner` of ``workers``);
+        :class:`deidfs.export.cluster.ClusterRunner` runs them on a Dask cluster. Counting,
+        settling and the manifest stay in this process either way.
 
     Returns
     -------
@@ -2649,6 +2763,7 @@ def export_folder(
         clock=clock,
         cached=cached if name == folder.profile else None,
         max_header_bytes=config.daemon.max_header_bytes,
+        runner=runner,
     )
     ok = False
     try:

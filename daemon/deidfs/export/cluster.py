@@ -1,0 +1,797 @@
+"""The one-shot de-identification of ``deidfs anonymize`` and ``deidfs export`` on a Dask
+cluster (dask.distributed): ``--cluster local:N`` or a scheduler's address.
+
+The client (the command) lists the sources as on one machine and cuts them into batches by
+directory (:func:`partition`); each batch is one task, :func:`run_batch_task`, which renders
+and writes its files with :func:`deidfs.export.folder.run_chunk` (or matches a selection with
+:func:`deidfs.export.folder.scan_chunk`): the same pure core and the same atomic, idempotent
+writer as on one machine. Each task returns its files' results; the client counts them,
+settles sources that name one target (:class:`deidfs.export.folder.Claims`) and writes the
+manifest, as it does for its own worker processes. :class:`ClusterRunner` is the
+:class:`deidfs.export.folder.Runner` that does this. Keyed pseudonyms make every worker produce the
+same bytes with no coordination: the output equals that of one process, file for file.
+
+Nothing identifying names a task: keys are ``deidfs-job-<run>`` and
+``deidfs-batch-<run>-<n>`` (``<run>`` a random token), so the scheduler, its dashboard and
+the logs see those names only. A worker logs a failed task with its arguments' ``repr``:
+every argument here shows counts only, never a path or the key.
+
+The pseudonym key:
+
+- :class:`KeyFile`: with a key file named on storage every worker shares, each worker reads
+  the key itself; only the file's path and a fingerprint of the key travel (a worker whose
+  file holds another key refuses the task: :class:`WorkerRefused`).
+- :class:`KeyInTask`: otherwise the key travels inside the run's first task. Allowed to a
+  ``local:N`` cluster (loopback, this machine's processes) and over ``tls://``; a plain
+  ``tcp://`` scheduler would carry it in clear, which :func:`key_source` refuses unless the
+  admin says so.
+
+Failures: a task whose worker dies is run again by Dask on another (the scheduler's own
+rule, up to ``distributed.scheduler.allowed-failures`` deaths), and a task that raises is
+tried :data:`TASK_RETRIES` more times. Writes are atomic (no partial file under a final
+name) and idempotent, so a batch that runs again finds the files its first run put in place
+"unchanged", and the client takes one result per batch: each file counts once. Temporary
+files of a killed run are removed from the directories the run wrote in
+(:meth:`ClusterRunner.finished`). A lost scheduler stops the command (:class:`ClusterLost`,
+exit 75): files in place are complete and the same command run again completes the rest.
+
+dask.distributed is optional (``pip install 'deidfs[cluster]'``) and imported only here,
+only when a run uses a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path, PurePosixPath
+from typing import Any, TextIO
+
+from deidfs import __version__
+from deidfs.deid.pseudonym import Pseudonymizer
+from deidfs.errors import ConfigError, DeidfsError
+from deidfs.export.folder import (
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    ExportError,
+    ExportWriter,
+    FileResult,
+    Item,
+    Job,
+    ScanJob,
+    ScanResult,
+    StopFlag,
+    ViewLookup,
+    open_path_dirs,
+    quiet_third_party,
+    run_chunk,
+    scan_chunk,
+)
+from deidfs.secret import read_key_file
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'deidfs[cluster]'"
+LOCAL_PREFIX = "local:"
+#: Files per task at most. A directory is split only when it holds more; smaller ones are
+#: packed together. Large enough that a task's overhead (about a millisecond of scheduling
+#: and transfer) is noise beside its files, small enough that progress moves and a lost
+#: worker costs little work.
+DEFAULT_BATCH_FILES = 256
+#: Further tries of a task that raised (a worker that died is the scheduler's matter).
+TASK_RETRIES = 2
+#: Tasks in flight per worker thread: enough that no thread waits for the client, few
+#: enough that the client never holds a whole archive's tasks at once.
+IN_FLIGHT_PER_THREAD = 4
+CONNECT_SECONDS = 30.0
+#: How long a scheduler may have no worker before the command gives up.
+WORKERS_SECONDS = 60.0
+POLL_SECONDS = 0.05
+#: How often the client asks how many worker threads there are (workers come and go).
+LOOK_SECONDS = 2.0
+CLOSE_SECONDS = 5.0
+_ADDRESS = re.compile(r"^(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+# -- errors -------------------------------------------------------------------------------------
+class ClusterUnavailable(DeidfsError):
+    """The cluster cannot be used: dask.distributed is missing, the scheduler is
+    unreachable or has no worker (exit 69)."""
+
+    exit_code = os.EX_UNAVAILABLE
+
+
+class ClusterLost(DeidfsError):
+    """The scheduler was lost during the run (exit 75): files in place are complete; the
+    same command run again completes the rest."""
+
+    exit_code = os.EX_TEMPFAIL
+
+
+class WorkerRefused(DeidfsError):
+    """A worker cannot do the run's work as the client would: another deidfs version,
+    another key in the shared key file, or an output directory that is not the client's
+    (exit 78). Raised in the task, so the client sees it as the task's error."""
+
+    exit_code = os.EX_CONFIG
+
+
+# -- address, key and options -------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ClusterAddress:
+    """Where a run goes: ``local:N`` (a LocalCluster of N worker processes started here) or
+    a scheduler's ``tcp://`` or ``tls://`` address."""
+
+    text: str
+    local_workers: int = 0  #: N of ``local:N``; 0 for a scheduler's address
+
+    @property
+    def local(self) -> bool:
+        """Whether the cluster is started here, on loopback."""
+        return self.local_workers > 0
+
+    @property
+    def scheme(self) -> str:
+        """``local``, ``tcp`` or ``tls``."""
+        return "local" if self.local else self.text.split("://", 1)[0]
+
+
+def parse_address(text: str) -> ClusterAddress:
+    """``--cluster``'s value.
+
+    Raises
+    ------
+    ValueError
+        When it is neither ``local:N`` (N at least 1) nor ``tcp://HOST:PORT`` or
+        ``tls://HOST:PORT``.
+    """
+    if text.startswith(LOCAL_PREFIX):
+        count = text[len(LOCAL_PREFIX) :]
+        if count.isdigit() and int(count) >= 1:
+            return ClusterAddress(text, int(count))
+    elif _ADDRESS.match(text) and int(text.rsplit(":", 1)[1]) < 65536:
+        return ClusterAddress(text)
+    raise ValueError(
+        f"{text!r}: give local:N (N worker processes on this machine) or a scheduler "
+        "address tcp://HOST:PORT or tls://HOST:PORT"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterOptions:
+    """The ``--cluster`` options of a command."""
+
+    address: ClusterAddress
+    batch_files: int = DEFAULT_BATCH_FILES
+    allow_plain_key: bool = False
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class KeyFile:
+    """Workers read the key from ``path`` (shared storage); ``fingerprint`` proves it is
+    the client's (:meth:`~deidfs.deid.pseudonym.Pseudonymizer.fingerprint`)."""
+
+    path: str
+    fingerprint: str
+
+    def __repr__(self) -> str:
+        return "KeyFile(read by each worker)"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class KeyInTask:
+    """The key itself, sent with the run's first task."""
+
+    key: bytes
+    fingerprint: str
+
+    def __repr__(self) -> str:
+        return "KeyInTask(withheld)"
+
+
+KeySource = KeyFile | KeyInTask
+
+
+def key_source(options: ClusterOptions, key: bytes, key_file: str | None) -> KeySource:
+    """How the workers get ``key``: from ``key_file`` when there is one (each worker reads
+    it), else inside the task, where the connection allows it.
+
+    Raises
+    ------
+    ConfigError
+        A plain ``tcp://`` scheduler with the key in the task, unless ``allow_plain_key``.
+    """
+    fingerprint = Pseudonymizer(key).fingerprint()
+    if key_file:
+        return KeyFile(os.path.abspath(key_file), fingerprint)
+    if options.address.scheme == "tcp" and not options.allow_plain_key:
+        raise ConfigError(
+            f"--cluster {options.address.text}: a plain tcp:// connection would carry the "
+            "pseudonym key in clear to the scheduler and the workers. Give --key-file FILE "
+            "on storage the workers share (each reads the key itself), use a tls:// "
+            "scheduler, or pass --allow-plain-key on a network you trust"
+        )
+    return KeyInTask(key, fingerprint)
+
+
+def prepare(options: ClusterOptions, key: bytes, key_file: str | None) -> KeySource:
+    """Check ``options`` before anything is written, and how the workers get ``key``
+    (:func:`key_source`).
+
+    Raises
+    ------
+    ClusterUnavailable
+        dask.distributed is not installed.
+    ConfigError
+        The key may not travel so (:func:`key_source`), or TLS files are missing.
+    """
+    _distributed()
+    source = key_source(options, key, key_file)
+    security_of(options)
+    return source
+
+
+def security_of(options: ClusterOptions) -> Any:
+    """The ``distributed.security.Security`` of a ``tls://`` address (None otherwise):
+    from ``--tls-ca-file``, ``--tls-cert`` and ``--tls-key``, else Dask's configuration
+    (``distributed.comm.tls``).
+
+    Raises
+    ------
+    ConfigError
+        A ``tls://`` address without certificates, or only some of the three files.
+    """
+    if options.address.scheme != "tls":
+        if options.tls_ca_file or options.tls_cert or options.tls_key:
+            raise ConfigError("--tls-ca-file, --tls-cert and --tls-key need a tls:// address")
+        return None
+    security_module = _distributed("distributed.security")
+    given = (options.tls_ca_file, options.tls_cert, options.tls_key)
+    if any(given):
+        if not all(given):
+            raise ConfigError(
+                "a tls:// scheduler needs all of --tls-ca-file, --tls-cert, --tls-key"
+            )
+        for path in given:
+            assert path is not None
+            if not os.path.isfile(path):
+                raise ConfigError(f"TLS file {path} does not exist")
+        return security_module.Security(
+            tls_ca_file=options.tls_ca_file,
+            tls_client_cert=options.tls_cert,
+            tls_client_key=options.tls_key,
+            require_encryption=True,
+        )
+    security = security_module.Security(require_encryption=True)
+    if not security.tls_ca_file or not security.tls_client_cert:
+        raise ConfigError(
+            f"--cluster {options.address.text}: give --tls-ca-file, --tls-cert and --tls-key, "
+            "or set distributed.comm.tls.ca-file and .client.cert/.key in Dask's configuration"
+        )
+    return security
+
+
+# -- batches ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, repr=False)
+class Batch:
+    """One task's sources. Its ``repr`` (which a worker logs for a failed task) shows their
+    count only: paths may carry PHI."""
+
+    number: int
+    items: tuple[Item, ...]
+
+    def __repr__(self) -> str:
+        return f"Batch(#{self.number}, {len(self.items)} files)"
+
+
+def partition(items: Sequence[Item], size: int) -> list[Batch]:
+    """``items`` cut into batches of at most ``size``, in their order, by directory: the
+    files of one directory stay in one batch unless there are more than ``size`` of them,
+    and directories with fewer are packed together."""
+    runs: list[list[Item]] = []
+    last = None
+    for item in items:
+        directory = os.path.dirname(item[1])
+        if directory != last or not runs:
+            runs.append([])
+            last = directory
+        runs[-1].append(item)
+    batches: list[tuple[Item, ...]] = []
+    current: list[Item] = []
+    for run in runs:
+        if current and len(current) + len(run) > size:
+            batches.append(tuple(current))
+            current = []
+        at = 0
+        while len(run) - at > size:
+            batches.append(tuple(run[at : at + size]))
+            at += size
+        current.extend(run[at:])
+    if current:
+        batches.append(tuple(current))
+    return [Batch(number, chunk) for number, chunk in enumerate(batches)]
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Work:
+    """What every task of a run shares: a :class:`~deidfs.export.folder.Job` or
+    :class:`~deidfs.export.folder.ScanJob` without its pseudonymizer (each worker makes its own
+    from ``key``), the deidfs version the client runs, and the name of a file the client
+    made in the output directory (to prove a worker writes into the same one)."""
+
+    kind: type[Job] | type[ScanJob]
+    values: tuple[tuple[str, Any], ...]
+    key: KeySource
+    version: str
+    probe: str = ""
+
+    def __repr__(self) -> str:
+        return f"Work({self.kind.__name__}, deidfs {self.version})"
+
+    @classmethod
+    def of(cls, job: Job | ScanJob, key: KeySource, probe: str = "") -> Work:
+        """The work of ``job``, its pseudonymizer left out."""
+        values = tuple((f.name, getattr(job, f.name)) for f in fields(job) if f.name != "pseudo")
+        return cls(type(job), values, key, __version__, probe)
+
+    def bind(self, pseudo: Pseudonymizer) -> Job | ScanJob:
+        """The job again, with ``pseudo``."""
+        return self.kind(pseudo=pseudo, **dict(self.values))
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class BatchResult:
+    """What one task returns: the results of its batch's files."""
+
+    number: int
+    results: list[FileResult] | list[ScanResult]
+
+    def __repr__(self) -> str:
+        return f"BatchResult(#{self.number}, {len(self.results)} files)"
+
+
+# -- in the worker ------------------------------------------------------------------------------
+_worker_lock = threading.Lock()
+_worker_ready: set[int] = set()  #: processes (by pid) set up already
+_pseudonymizers: dict[tuple[str, str], Pseudonymizer] = {}
+
+
+def share_work(work: Work) -> Work:
+    """The run's first task: its result is the work every batch task takes (a task, not
+    scattered data, so that the scheduler can compute it again if its worker dies)."""
+    return work
+
+
+def run_batch_task(work: Work, batch: Batch) -> BatchResult:
+    """De-identify ``batch`` on a worker, as one process would; never raises for a file.
+
+    Raises
+    ------
+    WorkerRefused
+        This worker runs another deidfs version, reads another key, or does not see the
+        client's output directory.
+    SecretError
+        The key file cannot be read here.
+    """
+    _set_up_worker_process()
+    if work.version != __version__:
+        raise WorkerRefused(
+            f"a worker runs deidfs {__version__}, the client {work.version}: install the same "
+            "version on every worker (they would not write the same bytes)"
+        )
+    job = work.bind(_pseudonymizer(work.key))
+    stop = threading.Event()  # set by the chunk itself when the output takes no more files
+    if isinstance(job, Job):
+        _check_probe(job, work.probe)
+        return BatchResult(batch.number, run_chunk(job, batch.items, stop))
+    return BatchResult(batch.number, scan_chunk(job, batch.items, stop))
+
+
+def _set_up_worker_process() -> None:
+    pid = os.getpid()
+    with _worker_lock:
+        if pid not in _worker_ready:
+            quiet_third_party()  # pydicom's warnings quote element values: never logged
+            _worker_ready.add(pid)
+
+
+def _pseudonymizer(key: KeySource) -> Pseudonymizer:
+    where = key.path if isinstance(key, KeyFile) else ""
+    with _worker_lock:
+        pseudo = _pseudonymizers.get((where, key.fingerprint))
+    if pseudo is not None:
+        return pseudo
+    material = read_key_file(Path(key.path)) if isinstance(key, KeyFile) else key.key
+    pseudo = Pseudonymizer(material)
+    if pseudo.fingerprint() != key.fingerprint:
+        raise WorkerRefused(
+            "the key file a worker reads holds another pseudonym key than the client's: "
+            "--key-file must name the same file on storage every worker shares"
+        )
+    with _worker_lock:
+        _pseudonymizers[(where, key.fingerprint)] = pseudo
+    return pseudo
+
+
+def _check_probe(job: Job, probe: str) -> None:
+    """The client's output directory is the one this worker sees under its path."""
+    if not probe:
+        return
+    if _probe_seen(job.out, probe):
+        return
+    raise WorkerRefused(
+        "a worker does not see the client's output directory under its path: --to must be "
+        "on storage every worker shares, mounted at the same path"
+    )
+
+
+def _probe_seen(out: Path, probe: str) -> bool:
+    try:
+        fd = open_path_dirs(out, create=False)
+    except OSError:
+        return False
+    try:
+        os.stat(probe, dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+# -- on the client ------------------------------------------------------------------------------
+def _distributed(name: str = "distributed") -> Any:
+    """Import dask.distributed (or one of its modules), or say what to install."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ClusterUnavailable(f"--cluster needs dask.distributed: {INSTALL_HINT}") from None
+
+
+def _route_library_logs() -> None:
+    """dask.distributed's records go through deidfs's handler (and its redaction), errors
+    only: the command says itself what went wrong, in words without PHI."""
+    lib_log = logging.getLogger("distributed")
+    for handler in list(lib_log.handlers):
+        lib_log.removeHandler(handler)
+    lib_log.propagate = True
+    lib_log.setLevel(logging.ERROR)
+
+
+@dataclass
+class Connection:
+    """A client of a cluster, and what is known of the cluster."""
+
+    client: Any
+    address: ClusterAddress
+    seconds: float  #: to start (``local:N``) or reach the cluster, workers included
+    clock: Callable[[], float] = time.monotonic
+    _seen: tuple[float, int, int] = (-1e9, 0, 1)  #: (when, workers, threads), last asked
+
+    def _look(self) -> tuple[int, int]:
+        when, workers, threads = self._seen
+        now = self.clock()
+        if now - when >= LOOK_SECONDS and self.client.status == "running":
+            with contextlib.suppress(Exception):  # the scheduler went away: the wait says so
+                nthreads = self.client.nthreads()
+                workers, threads = len(nthreads), max(1, sum(nthreads.values()))
+            self._seen = (now, workers, threads)
+        return workers, threads
+
+    def threads(self) -> int:
+        """Worker threads of the cluster (looked up every :data:`LOOK_SECONDS` at most)."""
+        return self._look()[1]
+
+    def workers(self) -> int:
+        """Workers of the cluster (looked up every :data:`LOOK_SECONDS` at most)."""
+        return self._look()[0]
+
+
+@contextlib.contextmanager
+def connect(options: ClusterOptions) -> Iterator[Connection]:
+    """A client of the cluster ``options`` name, closed (and a ``local:N`` cluster
+    stopped) on leaving.
+
+    Raises
+    ------
+    ClusterUnavailable
+        dask.distributed missing, the scheduler unreachable, or no worker within
+        :data:`WORKERS_SECONDS`.
+    ConfigError
+        TLS certificates missing or incomplete for a ``tls://`` address.
+    """
+    distributed = _distributed()
+    security = security_of(options)
+    _route_library_logs()
+    address = options.address
+    start = time.monotonic()
+    cluster: Any = None
+    client: Any = None
+    try:
+        if address.local:
+            # Workers take the preloads of Dask's configuration (distributed.worker.preload).
+            cluster = distributed.LocalCluster(
+                n_workers=address.local_workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                # No dashboard; the scheduler's HTTP routes (health, metrics) on loopback.
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                silence_logs=logging.ERROR,
+            )
+            client = distributed.Client(cluster, set_as_default=False)
+        else:
+            client = distributed.Client(
+                address.text,
+                security=security,
+                timeout=CONNECT_SECONDS,
+                set_as_default=False,
+            )
+            client.wait_for_workers(1, timeout=WORKERS_SECONDS)
+    except (OSError, TimeoutError) as exc:
+        _close(client, cluster)
+        what = "start a local cluster" if address.local else f"use the scheduler {address.text}"
+        raise ClusterUnavailable(f"cannot {what}: {_why(exc)}") from None
+    except BaseException:
+        _close(client, cluster)
+        raise
+    try:
+        yield Connection(client, address, time.monotonic() - start)
+    finally:
+        _close(client, cluster)
+
+
+def _close(client: Any, cluster: Any) -> None:
+    for thing in (client, cluster):
+        if thing is not None:
+            with contextlib.suppress(Exception):
+                thing.close(timeout=CLOSE_SECONDS)
+
+
+def _why(exc: BaseException) -> str:
+    # A connection error names the scheduler's address (no PHI), and nothing else here.
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+class ClusterRunner:
+    """A :class:`deidfs.export.folder.Runner` on a Dask cluster: one task per :class:`Batch`.
+
+    Parameters
+    ----------
+    connection
+        The cluster (:func:`connect`).
+    key
+        How workers get the key (:func:`key_source`).
+    batch_files
+        Files per task at most (:func:`partition`).
+    stream, quiet
+        Where the start line and, without a terminal, the batch count go; ``quiet``
+        prints nothing.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        key: KeySource,
+        *,
+        batch_files: int = DEFAULT_BATCH_FILES,
+        stream: TextIO | None = None,
+        quiet: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.connection = connection
+        self.key = key
+        self.batch_files = batch_files
+        self.stream = stream
+        self.quiet = quiet or stream is None
+        self.clock = clock
+        #: Directories below the output that results named: where a killed task's
+        #: temporary files can be.
+        self._dirs: set[PurePosixPath] = set()
+        self.batches_done = 0
+
+    # -- Runner ---------------------------------------------------------------------------------
+    def run(
+        self,
+        job: Job | ScanJob,
+        items: Sequence[Item],
+        report: Callable[[list[Any]], None],
+        on_lost: Callable[[list[Item], str], list[Any]],
+        stop: StopFlag | None = None,
+        cached: ViewLookup | None = None,
+    ) -> bool:
+        """Run ``job`` over ``items`` on the cluster; see :meth:`deidfs.export.folder.Runner.run`.
+
+        Raises
+        ------
+        ClusterLost
+            The scheduler went away (the tasks in flight are abandoned).
+        WorkerRefused
+            A worker cannot do the work as this process would.
+        """
+        if cached is not None:
+            raise ValueError("a cluster renders every view itself: no cached views")
+        if not items:
+            return True
+        batches = partition(items, self.batch_files)
+        if isinstance(job, Job) and not self.connection.address.local:
+            # Device numbers of shared storage differ between machines: a worker elsewhere
+            # can compare no directory identity (it still follows no link, and the probe
+            # proves it writes into the client's directory).
+            job = replace(job, out_id=None, guard=frozenset())
+        probe = self._make_probe(job) if isinstance(job, Job) else ""
+        try:
+            return self._run(Work.of(job, self.key, probe), batches, report, on_lost, stop)
+        finally:
+            if probe:
+                assert isinstance(job, Job)
+                self._remove_probe(job, probe)
+
+    def finished(self, writer: ExportWriter) -> None:
+        """Remove the temporary files of tasks killed while they wrote (named, like every
+        file of this run, by this process) from the directories the run wrote in."""
+        dirs, self._dirs = self._dirs, set()
+        writer.remove_own_temps(dirs)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _run(
+        self,
+        work: Work,
+        batches: list[Batch],
+        report: Callable[[list[Any]], None],
+        on_lost: Callable[[list[Item], str], list[Any]],
+        stop: StopFlag | None,
+    ) -> bool:
+        client = self.connection.client
+        run = secrets.token_hex(4)
+        self._announce(work, batches)
+        shared = client.submit(share_work, work, key=f"deidfs-job-{run}", pure=False)
+        pending: dict[Any, Batch] = {}
+        todo = list(reversed(batches))
+        taken: set[int] = set()
+        stopped = False
+        try:
+            while todo or pending:
+                if any(f.status == "cancelled" for f in pending):
+                    raise ClusterLost(self._lost_message())  # cancelled by no one but a loss
+                window = self.connection.threads() * IN_FLIGHT_PER_THREAD
+                while todo and not stopped and len(pending) < window:
+                    batch = todo.pop()
+                    future = client.submit(
+                        run_batch_task,
+                        shared,
+                        batch,
+                        key=f"deidfs-batch-{run}-{batch.number}",
+                        pure=False,
+                        retries=TASK_RETRIES,
+                    )
+                    pending[future] = batch
+                done = [f for f in pending if f.status in ("finished", "error", "cancelled")]
+                if not done:
+                    if client.status not in ("running", "connecting"):
+                        raise ClusterLost(self._lost_message())
+                    time.sleep(POLL_SECONDS)
+                    continue
+                for future in done:
+                    batch = pending.pop(future)
+                    results = self._results(future, batch, on_lost)
+                    future.release()
+                    if batch.number in taken:
+                        continue  # one result per batch, whatever ran twice
+                    taken.add(batch.number)
+                    for res in results:
+                        if res.relpath:
+                            self._dirs.add(PurePosixPath(res.relpath).parent)
+                    report(results)
+                    self._advance(len(batches))
+                    if any(isinstance(r, FileResult) and r.fatal for r in results):
+                        stopped = True  # the output takes no more: let the tasks in flight end
+                if stop is not None and stop.is_set():
+                    stopped = True
+                if stopped:
+                    todo.clear()
+        except BaseException:
+            for future in pending:
+                with contextlib.suppress(Exception):
+                    future.cancel()
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                shared.release()
+        return not stopped
+
+    def _results(
+        self, future: Any, batch: Batch, on_lost: Callable[[list[Item], str], list[Any]]
+    ) -> list[Any]:
+        if future.status == "cancelled":
+            raise ClusterLost(self._lost_message())
+        if future.status == "error":
+            try:
+                exc = future.exception(timeout=CONNECT_SECONDS)
+            except Exception:  # the scheduler went away while the error was fetched
+                raise ClusterLost(self._lost_message()) from None
+            if isinstance(exc, DeidfsError):
+                raise exc  # WorkerRefused, SecretError: the same for every batch
+            # KilledWorker: the scheduler saw too many workers die on it.
+            return on_lost(list(batch.items), f"worker failed: {type(exc).__name__}")
+        try:
+            value = future.result(timeout=CONNECT_SECONDS)
+        except Exception:  # the scheduler (or the worker holding it) went away meanwhile
+            raise ClusterLost(self._lost_message()) from None
+        assert isinstance(value, BatchResult)
+        return list(value.results)
+
+    def _lost_message(self) -> str:
+        return (
+            f"lost the connection to the cluster's scheduler ({self.connection.address.text}) "
+            f"after {self.batches_done} batches: the files in place are complete; run the same "
+            "command again to complete the rest"
+        )
+
+    def _announce(self, work: Work, batches: list[Batch]) -> None:
+        self.batches_done = 0
+        if self.quiet:
+            return
+        assert self.stream is not None
+        what = "scanning" if work.kind is ScanJob else "writing"
+        files = sum(len(b.items) for b in batches)
+        key = "read by each worker" if isinstance(work.key, KeyFile) else "sent in the task"
+        print(
+            f"deidfs: cluster {self.connection.address.text} (ready in "
+            f"{self.connection.seconds:.1f} s: {self.connection.workers()} workers, "
+            f"{self.connection.threads()} threads): {what} {files} files in {len(batches)} "
+            f"batches; key {key}",
+            file=self.stream,
+        )
+
+    def _advance(self, total: int) -> None:
+        self.batches_done += 1
+        if self.quiet or self.stream is None or self.stream.isatty():
+            return  # a terminal shows the files' progress bar
+        step = max(1, total // 10)
+        if self.batches_done % step == 0 or self.batches_done == total:
+            print(f"deidfs: {self.batches_done}/{total} batches done", file=self.stream)
+
+    def _make_probe(self, job: Job) -> str:
+        """A temporary file of this run (named as the writer names its own, so that only
+        this process's writers keep it) in the output directory."""
+        name = f"{TEMP_PREFIX}{job.owner_pid}-{secrets.token_hex(6)}{TEMP_SUFFIX}"
+        try:
+            fd = open_path_dirs(job.out, create=False, guard=job.guard)
+        except OSError as exc:
+            raise ExportError(
+                f"cannot open the output directory: {exc.strerror}", exc.errno
+            ) from None
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+            os.close(os.open(name, flags, 0o600, dir_fd=fd))
+        except OSError as exc:
+            raise ExportError(
+                f"cannot write to the output directory: {exc.strerror}", exc.errno
+            ) from None
+        finally:
+            os.close(fd)
+        return name
+
+    def _remove_probe(self, job: Job, name: str) -> None:
+        try:
+            fd = open_path_dirs(job.out, create=False, guard=job.guard)
+        except OSError:
+            return
+        try:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
