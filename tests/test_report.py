@@ -21,17 +21,13 @@ from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BASIC, Profile, Rule
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
+from deidfs.evidence.html_page import class_size_chart, render_html
+from deidfs.evidence.render import render_json, render_markdown, render_report, to_json_object
 from deidfs.evidence.report import (
     DUPLICATE,
     ReportFormat,
     assess_folder,
     build_report,
-    class_size_chart,
-    render_html,
-    render_json,
-    render_markdown,
-    render_report,
-    to_json_object,
 )
 from deidfs.view.render import Layout
 from leak_corpus import KEY, UID_ROOT, file_meta, make_image, write_source

@@ -25,8 +25,9 @@ from deidfs.deid.profiles import BASIC, HIPAA, Profile, Rule
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
 from deidfs.deid.tags import format_tag, parse_tag
+from deidfs.evidence.findings import Verification
 from deidfs.evidence.report import render_folder
-from deidfs.evidence.verify import Verification, verify_tree
+from deidfs.evidence.verify import verify_tree
 from deidfs.secret import load_or_create_key
 from deidfs.view.render import Layout, render_path, write_view
 from leak_corpus import KEY, UID_ROOT, build_leak_dataset, make_image, write_source

@@ -16,8 +16,10 @@ from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES, Profile
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, NotFound
-from deidfs.evidence.report import ReportFormat, build_report, render_report
-from deidfs.evidence.verify import KeptIdentifier, Verification, verify_tree
+from deidfs.evidence.findings import KeptIdentifier, Verification
+from deidfs.evidence.render import render_report
+from deidfs.evidence.report import ReportFormat, build_report
+from deidfs.evidence.verify import verify_tree
 from deidfs.secret import key_path, load_or_create_key
 
 _SUFFIX_FORMATS = {
