@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +205,19 @@ def deidfs(
 def assert_no_needle(text: str, where: str) -> None:
     found = NEEDLES.findall(text)
     assert found == [], f"{where}: {found[:5]}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_dask_thread_outlives_the_module() -> Iterator[None]:
+    """distributed keeps one thread of its own (its offload executor) once a cluster ran in
+    this process. Later tests fork export workers, which deidfs does only while the process
+    has no other thread (else through a fork server): end it with this module."""
+    yield
+    offload = getattr(distributed.utils, "_offload_executor", None)
+    if offload is not None:
+        offload.shutdown(wait=True)
+    left = [t.name for t in threading.enumerate() if t.name.startswith("Dask")]
+    assert left == [], left
 
 
 # -- a LocalCluster of this module, with fault injection ----------------------------------------
