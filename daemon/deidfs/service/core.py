@@ -66,15 +66,13 @@ import stat
 import threading
 import time
 import warnings
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import Any
 
-from deidfs import __version__
 from deidfs.config.model import Config, ConfigInvalid, DaemonConfig, FolderConfig, load_config
 from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
@@ -95,6 +93,8 @@ from deidfs.ops.logs import LibraryWarnings
 from deidfs.ops.metrics import FolderState, Metrics, StateSnapshot
 from deidfs.ops.sdnotify import Notifier
 from deidfs.secret import load_or_create_key
+from deidfs.service.status import FolderStatus, ReloadOutcome, ServiceStatus
+from deidfs.service.work import _CancelFlag, _Key, _Kind, _WorkQueue
 from deidfs.view.handles import ViewFS, unsettled_ns
 from deidfs.view.index import Entry, Index, Status
 from deidfs.view.pool import TIMEOUT_REASON, Rendered, RenderProcess
@@ -123,159 +123,6 @@ STOP_RENDER_GRACE_SECONDS = 1.0
 #: ``[daemon]`` settings a running daemon cannot change: a reload keeps their old value.
 RESTART_SETTINGS = ("mountpoint", "state_dir", "metrics_address", "control_socket", "allow_other")
 _WATCH_SETTINGS = ("settle_seconds", "poll_seconds", "reconcile_seconds")
-_Key = tuple[str, str]
-
-
-class _Kind(Enum):
-    """What a queued source needs."""
-
-    READY = "ready"  #: the watcher says it settled: index it
-    GONE = "gone"  #: the watcher says it went away: forget it
-    HINT = "hint"  #: an open found it changed: index it once it is no longer being written
-
-
-@dataclass(frozen=True, slots=True)
-class FolderStatus:
-    """One folder's numbers, for ``deidfs status``, the control socket and metrics."""
-
-    id: str
-    profile: str
-    layout: str
-    visible: int
-    duplicates: int
-    refused: tuple[tuple[str, int], ...]  #: (reason, count), sorted by reason
-    bytes: int
-    watch: str  #: "inotify" or "poll"
-    watch_healthy: bool
-    settling: int  #: files seen by the watcher, not yet settled
-    watch_degraded: str = ""  #: why the folder is polled although inotify was wanted
-    directories: int = 0
-    missed: int = 0  #: files reconciliation found that no event had reported
-    events: tuple[tuple[str, int], ...] = ()  #: observer events by type
-    overflows: int = 0  #: inotify queue overflows (events lost, folder rescanned)
-    last_overflow_age: float | None = None  #: seconds since the last one
-
-    @property
-    def refused_total(self) -> int:
-        """Withheld sources, all reasons."""
-        return sum(n for _, n in self.refused)
-
-
-@dataclass(frozen=True, slots=True)
-class ReloadOutcome:
-    """How a configuration load or reload ended. Messages carry no PHI."""
-
-    ok: bool
-    trigger: str  #: "start", "signal", "control" or "file"
-    finished_at: float  #: Unix time
-    sha256: str = ""  #: of the file that was read ("" if it could not be read)
-    errors: tuple[str, ...] = ()  #: ``file:line: key: message`` per problem
-    warnings: tuple[str, ...] = ()  #: settings kept at their running value, and why
-    changes: tuple[str, ...] = ()  #: what was applied, one line each
-
-    def to_json(self) -> dict[str, Any]:
-        """The wire form (control socket)."""
-        return {
-            "ok": self.ok,
-            "trigger": self.trigger,
-            "finished_at": self.finished_at,
-            "sha256": self.sha256,
-            "errors": list(self.errors),
-            "warnings": list(self.warnings),
-            "changes": list(self.changes),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceStatus:
-    """A snapshot of the running daemon. Carries no path but the mountpoint and config file."""
-
-    mountpoint: str
-    mounted: bool
-    libfuse: str
-    folders: tuple[FolderStatus, ...]
-    backlog: int  #: sources queued for indexing or being indexed
-    rendered: int  #: sources parsed since start
-    reused: int  #: sources taken from the index without parsing
-    open_files: int
-    cache_bytes: int
-    cache_entries: int
-    stale_opens: int  #: opens or reads refused because the source had changed
-    uptime_seconds: float
-    ready: bool = False
-    config_path: str = ""
-    config_sha256: str = ""
-    last_reload: ReloadOutcome | None = None
-    cache_hits: int = 0
-    cache_misses: int = 0
-    #: pydicom warnings by category (their text is never logged: it may quote values)
-    pydicom_warnings: tuple[tuple[str, int], ...] = ()
-    open_limit: int = 0  #: views that may be open at once (each holds its source open)
-    refused_opens: int = 0  #: opens refused for want of a file descriptor
-    #: renders running for more than a second: (folder id, file token, seconds so far)
-    rendering: tuple[tuple[str, str, float], ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        """The wire form of ``status`` on the control socket (``deidfs status --json``)."""
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_seconds": round(self.uptime_seconds, 3),
-            "ready": self.ready,
-            "mount": {
-                "mountpoint": self.mountpoint,
-                "mounted": self.mounted,
-                "libfuse": self.libfuse,
-            },
-            "config": {"path": self.config_path, "sha256": self.config_sha256},
-            "last_reload": self.last_reload.to_json() if self.last_reload else None,
-            "folders": [
-                {
-                    "id": f.id,
-                    "profile": f.profile,
-                    "layout": f.layout,
-                    "visible": f.visible,
-                    "duplicates": f.duplicates,
-                    "bytes": f.bytes,
-                    "withheld": dict(f.refused),
-                    "withheld_total": f.refused_total,
-                    "watch": {
-                        "kind": f.watch,
-                        "healthy": f.watch_healthy,
-                        "degraded": f.watch_degraded,
-                        "settling": f.settling,
-                        "directories": f.directories,
-                        "overflows": f.overflows,
-                        "last_overflow_seconds_ago": (
-                            None if f.last_overflow_age is None else round(f.last_overflow_age, 1)
-                        ),
-                    },
-                }
-                for f in self.folders
-            ],
-            "index": {
-                "backlog": self.backlog,
-                "rendered": self.rendered,
-                "reused": self.reused,
-                "in_progress": [
-                    {"folder": fid, "file": token, "seconds": round(seconds, 1)}
-                    for fid, token, seconds in self.rendering
-                ],
-            },
-            "fuse": {
-                "open_files": self.open_files,
-                "open_limit": self.open_limit,
-                "refused_opens": self.refused_opens,
-                "stale_opens": self.stale_opens,
-            },
-            "cache": {
-                "bytes": self.cache_bytes,
-                "entries": self.cache_entries,
-                "hits": self.cache_hits,
-                "misses": self.cache_misses,
-            },
-            "warnings": {"pydicom": dict(self.pydicom_warnings)},
-        }
 
 
 @dataclass
@@ -304,61 +151,6 @@ class _ReloadPlan:
     restart_watchers: set[str] = field(default_factory=set)
 
 
-class _WorkQueue:
-    """Pending source events, one per source (the newest wins), never two at once.
-
-    A source being indexed is not handed out again until :meth:`done`, so a GONE cannot
-    overtake the READY being rendered for the same file.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._pending: dict[_Key, _Kind] = {}
-        self._order: deque[_Key] = deque()
-        self._inflight: set[_Key] = set()
-        self._closed = False
-
-    def put(self, key: _Key, kind: _Kind) -> None:
-        """Queue what a source needs; a newer report replaces a pending one."""
-        with self._cond:
-            if self._closed or (kind is _Kind.HINT and key in self._pending):
-                return  # a hint never overrides what the watcher reported
-            fresh = key not in self._pending
-            self._pending[key] = kind
-            if fresh and key not in self._inflight:
-                self._order.append(key)
-                self._cond.notify()
-
-    def get(self, timeout: float) -> tuple[_Key, _Kind] | None:
-        """The next source not being worked on, or None after ``timeout`` or close."""
-        with self._cond:
-            while not self._order:
-                if self._closed or not self._cond.wait(timeout):
-                    return None
-            key = self._order.popleft()
-            kind = self._pending.pop(key)
-            self._inflight.add(key)
-            return key, kind
-
-    def done(self, key: _Key) -> None:
-        """A worker finished a source; a report that came meanwhile becomes available."""
-        with self._cond:
-            self._inflight.discard(key)
-            if key in self._pending and not self._closed:
-                self._order.append(key)
-                self._cond.notify()
-
-    def close(self) -> None:
-        """Wake every waiting worker; nothing is queued any more."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._pending) + len(self._inflight)
-
-
 class _ConfigPoll:
     """Tells when the configuration file has new content that has stopped changing."""
 
@@ -378,20 +170,6 @@ class _ConfigPoll:
             return False
         self._candidate = None
         return True
-
-
-class _CancelFlag:
-    """Set when the daemon stops or the export stops itself; an export never stops the daemon."""
-
-    def __init__(self, daemon_stop: threading.Event) -> None:
-        self._daemon_stop = daemon_stop
-        self._own = threading.Event()
-
-    def is_set(self) -> bool:
-        return self._daemon_stop.is_set() or self._own.is_set()
-
-    def set(self) -> None:
-        self._own.set()
 
 
 class _LogCounter(logging.Handler):
