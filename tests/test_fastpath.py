@@ -721,6 +721,9 @@ _OUTCOMES: Counter[str] = Counter()
     max_examples=300,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    # The same 300 data sets every run: the share the fast path serves (checked below) is
+    # then a figure of the code, not of the draw (one random draw in CI gave 24%).
+    derandomize=True,
 )
 @given(data=source(), plan_name=st.sampled_from(HYPOTHESIS_PLANS))
 def test_random_data_sets_through_both_paths(data: bytes, plan_name: str) -> None:
