@@ -87,11 +87,11 @@ class ViewFile:
     pixel_length: int = 0
     trailer_length: int = 0
     #: :func:`inode_of` its mount path, computed once (``getattr`` answers every open)
-    ino: int = dataclasses.field(default=0, compare=False)
+    ino: int = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.ino:
-            object.__setattr__(self, "ino", inode_of(self.mount_path))
+        # Derived, never given: it cannot disagree with the mount path.
+        object.__setattr__(self, "ino", inode_of(self.mount_path))
 
     @property
     def mount_path(self) -> str:
