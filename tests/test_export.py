@@ -337,6 +337,31 @@ def test_sources_naming_one_view_export_the_first_by_path(src: Path, tmp_path: P
     assert expected(src, "betamann_bert/abdomen_ct/im1.dcm") != (rel, data)
 
 
+def test_a_duplicate_that_lands_first_leaves_the_winner_written(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loser (later by path) is written first when the sources come in reverse order:
+    # the winner then takes the target it created in this run, and the run wrote the file.
+    ds = pydicom.dcmread(src / "betamann_bert/abdomen_ct/im1.dcm")
+    pixels = bytearray(ds.PixelData)
+    pixels[:64] = bytes(64)
+    ds.PixelData = bytes(pixels)
+    ds.save_as(src / "aaa_first.dcm")
+    real_walk = export_module.walk_sources
+
+    def reversed_walk(root: str) -> tuple[list[tuple[str, str]], int]:
+        files, skipped = real_walk(root)
+        return files[::-1], skipped
+
+    monkeypatch.setattr(export_module, "walk_sources", reversed_walk)
+    summary = run_export(make_config(tmp_path, src), workers=1)
+    assert (summary.duplicates, summary.replaced) == (1, 0)
+    rel, data = expected(src, "aaa_first.dcm")
+    assert tree(tmp_path / "export" / "ct")[rel] == data
+    rows = [json.loads(line) for line in Path(summary.manifest).read_text().splitlines()]
+    assert {r.get("status") for r in rows if r.get("path") == str(rel)} == {"written"}
+
+
 # -- selection ----------------------------------------------------------------------------------
 def served(src: Path, rel: str, keyword: str) -> str:
     return header_value(expected(src, rel)[1], keyword)

@@ -1959,8 +1959,14 @@ class Claims:
                     writer.discard(Path(loser.temp))
                 final.append(replace(loser, status="duplicate", temp=""))
             if winner.status == Outcome.PENDING.value:
+                # A loser that finished first created the target in this very run: the
+                # winner then replaces only that, and the run wrote the file (the outcome
+                # must not depend on which of the two finished first).
+                created = any(loser.status == Outcome.WRITTEN.value for loser in losers)
                 try:
                     outcome = writer.settle(Path(winner.temp), PurePosixPath(relpath))
+                    if created and outcome is Outcome.REPLACED:
+                        outcome = Outcome.WRITTEN
                     winner = replace(winner, status=outcome.value, temp="")
                 except ExportError as exc:
                     winner = replace(
