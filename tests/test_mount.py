@@ -25,7 +25,7 @@ from pydicom.sequence import Sequence
 
 from conftest import Daemon, mounted_type, sample_file, sha256, wait_for
 from deidfs.config.model import load_config
-from deidfs.mount import binding
+from deidfs.mount import binding, fastread
 from deidfs.service.core import Service
 from leak_corpus import build_leak_dataset, expectation, find, value_texts, write_source
 
@@ -773,11 +773,14 @@ PLAIN_SOURCES = (
 MASKED_SOURCES = ("CT_small.dcm", "MR_small_RLE.dcm")
 
 
+@pytest.mark.parametrize("read_path", ["C", "Python"])
 def test_reads_at_odd_offsets_match_the_reference_through_read_buf(
-    daemon_factory: Callable[..., Daemon],
+    daemon_factory: Callable[..., Daemon], monkeypatch: pytest.MonkeyPatch, read_path: str
 ) -> None:
     """Every served file, read through the mount at odd offsets and sizes (and whole), is
-    byte for byte what ``deidfs anonymize`` writes; every read went through read_buf."""
+    byte for byte what ``deidfs anonymize`` writes, on the C read path and on the Python
+    one; every read went through read_buf, and on the C path none entered Python."""
+    monkeypatch.setenv(fastread.ENV_SWITCH, "1" if read_path == "C" else "0")
     d = daemon_factory()
     masked_in = d.root / "masked-in"
     masked_in.mkdir()
@@ -809,7 +812,9 @@ def test_reads_at_odd_offsets_match_the_reference_through_read_buf(
             if view is not None:
                 kinds |= {"zeroed"} if view.zeroed else set()
                 kinds |= {"pixels"} if view.pixels else set()
+        assert (service.ops.fast is not None) == (read_path == "C")
         before_buf, before_read = service.ops.read_buf_calls, service.ops.read_calls
+        before_python = service.ops.python_read_buf_calls
         odd_reads = 0
         for rel, want in expected.items():
             path = d.mnt / rel
@@ -830,6 +835,8 @@ def test_reads_at_odd_offsets_match_the_reference_through_read_buf(
             assert path.read_bytes() == want, rel
         assert service.ops.read_calls == before_read  # nothing through the bytes path
         assert service.ops.read_buf_calls >= before_buf + odd_reads
+        if read_path == "C":
+            assert service.ops.python_read_buf_calls == before_python
         assert kinds == {"zeroed", "pixels"}, kinds  # the masked cases were covered
     finally:
         service.stop()

@@ -120,6 +120,8 @@ READDIR_BATCH = 128
 
 
 _worker = threading.local()
+#: The DeidFUSE being constructed on this thread (its loop runs inside the constructor).
+_mounting = threading.local()
 _kept_lock = threading.Lock()
 #: Threads whose Python thread state :func:`keep_thread_state` keeps (in this process).
 kept_thread_states = 0
@@ -170,6 +172,46 @@ def _fill_stat(st: Any, attrs: dict[str, int]) -> None:
         ts.tv_sec, ts.tv_nsec = divmod(get(key, 0), 1_000_000_000)
 
 
+def _with_c_reads(mfusepy: Any) -> None:
+    """Make mfusepy's ``fuse_main_real`` put the C read path into the operations of a
+    DeidFUSE whose operations have one (``operations.fast``), just before the loop starts.
+
+    mfusepy builds libfuse's ``fuse_operations`` inside ``FUSE.__init__`` and starts the
+    loop there, so this is the one moment the table can be changed. The Python callbacks
+    the C path falls back to are made here, as mfusepy makes its own.
+    """
+    real_main = mfusepy.fuse_main_real
+
+    def fuse_main_real(argc: Any, argv: Any, ops_p: Any, size: Any, data: Any) -> Any:
+        inst = getattr(_mounting, "fuse", None)
+        operations = getattr(inst, "operations", None)
+        fast = getattr(operations, "fast", None)
+        if inst is not None and operations is not None and fast is not None:
+            ops = ops_p.contents
+            fields = {f[0]: f[1] for f in type(ops)._fields_}
+            methods = {
+                "read_buf": inst.read_buf,
+                "release": inst.release,
+                "getattr": inst.getattr_fuse_3,
+            }
+            callbacks = {
+                name: fields[name](functools.partial(inst._wrapper, method))
+                for name, method in methods.items()
+            }
+            fast.install(
+                ops,
+                callbacks,
+                _libfuse().fuse_get_context,
+                uid=operations.uid,
+                gid=operations.gid,
+                file_mode=operations.file_mode,
+                blksize=operations.block_size,
+            )
+        return real_main(argc, argv, ops_p, size, data)
+
+    mfusepy.fuse_main_real = fuse_main_real
+
+
 @functools.cache
 def fuse_class(mfusepy: Any) -> Any:
     """mfusepy's ``FUSE`` with the callbacks deidfs answers better than its generic ones.
@@ -180,7 +222,16 @@ def fuse_class(mfusepy: Any) -> Any:
     answers the kernel with the entries and their attributes at once.
     """
 
+    _with_c_reads(mfusepy)
+
     class DeidFUSE(mfusepy.FUSE):  # type: ignore[misc]
+        def __init__(self, operations: Any, mountpoint: str, **kwargs: Any) -> None:
+            _mounting.fuse = self
+            try:
+                super().__init__(operations, mountpoint, **kwargs)
+            finally:
+                _mounting.fuse = None
+
         def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
             if not getattr(_worker, "kept", False):
                 try:
@@ -189,6 +240,13 @@ def fuse_class(mfusepy: Any) -> Any:
                     _worker.kept = True  # turn an exception here into a success)
                     log.warning("thread state not kept: %s", type(exc).__name__)
             return super()._wrapper(func, *args, **kwargs)
+
+        def init_fuse_3(self, conn: Any, config: Any) -> int | None:
+            # What init answers is the context's private_data of every later callback:
+            # the C read path finds its mount by it.
+            super().init_fuse_3(conn, config)
+            fast = getattr(self.operations, "fast", None)
+            return fast.mount_id if fast is not None and fast.mount_id else None
 
         def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
             # mfusepy's generic getattr clears the stat (libfuse has just zeroed it) and

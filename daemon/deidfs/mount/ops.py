@@ -8,6 +8,10 @@ and readdirplus hands the kernel every entry's attributes with the listing. Read
 answered by ``read_buf`` with a buffer libfuse owns, the source's pixel bytes read straight
 into it (no bytes object, the GIL released).
 
+With the C read path built (:mod:`deidfs.mount.fastread`), read_buf and release of the
+handles open registers are answered in C, without entering Python; every request it does
+not answer comes here.
+
 Not done on purpose: handing libfuse the source *descriptor* for the pixel bytes (an fd
 buffer, spliced). libfuse reads it after the callback has returned, so the source's state
 could no longer be checked after the read, and an in-place write racing a read would be
@@ -26,6 +30,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from deidfs.errors import Exhausted, NotFound, Refused
+from deidfs.mount import fastread
 from deidfs.mount.binding import FuseBufvec, _libc, _libfuse, _memory_view
 from deidfs.ops.metrics import Metrics
 from deidfs.view.handles import ViewFS
@@ -35,6 +40,9 @@ log = logging.getLogger(__name__)
 
 #: Hint for readers to use large reads; each FUSE request costs a trip into Python.
 BLOCK_SIZE = 256 * 1024
+#: Seconds between two drains of the handles the C path released (their descriptors are
+#: closed then; every open drains too).
+DRAIN_SECONDS = 0.25
 
 
 _P = ParamSpec("_P")
@@ -66,11 +74,16 @@ def _counted(op: str) -> Callable[[_Op[_P, _R]], _Op[_P, _R]]:
 class DeidOperations:
     """mfusepy operations over a :class:`ViewFS`: translation only.
 
+    ``file_mode`` and ``block_size`` are what getattr answers for every view file (the C
+    read path answers the same).
+
     Not a subclass of ``mfusepy.Operations`` so that this module imports without mfusepy;
     mfusepy registers exactly the methods defined here.
     """
 
     use_ns = True
+    file_mode = FILE_MODE
+    block_size = BLOCK_SIZE
 
     def __init__(
         self,
@@ -78,7 +91,10 @@ class DeidOperations:
         uid: int | None = None,
         gid: int | None = None,
         metrics: Metrics | None = None,
+        c_reads: bool | None = None,
     ) -> None:
+        """``c_reads``: serve reads and releases from the C read path (default: when it is
+        built and not switched off, :func:`deidfs.mount.fastread.available`)."""
         self.fs = fs
         self.metrics = metrics
         self.tree = fs.tree
@@ -89,7 +105,48 @@ class DeidOperations:
         self._invalidate_fn: Any = None
         self._inval_lock = threading.Lock()
         self.read_calls = 0  #: reads answered by :meth:`read` (bytes through Python)
-        self.read_buf_calls = 0  #: reads answered by :meth:`read_buf`
+        self.python_read_buf_calls = 0  #: reads answered by :meth:`read_buf`
+        use_c = fastread.available() if c_reads is None else c_reads
+        self.fast: fastread.FastReads | None = fastread.FastReads() if use_c else None
+        if self.fast is not None:
+            self.tree.on_folders_change = self.fast.folders_changed
+        self._drainer: threading.Thread | None = None
+        self._draining = threading.Event()
+        self._sync_lock = threading.Lock()
+
+    @property
+    def read_buf_calls(self) -> int:
+        """Reads answered through ``read_buf``, in C or in Python."""
+        c = 0 if self.fast is None else self.fast.counters().reads
+        return self.python_read_buf_calls + c
+
+    def sync(self) -> None:
+        """Release the handles the C path released, and count what it did in the metrics
+        (every open, every :data:`DRAIN_SECONDS` and at each scrape)."""
+        fast = self.fast
+        if fast is None:
+            return
+        self._reap(fast)
+        new = fast.new_counts()
+        m = self.metrics
+        if m is not None:
+            m.fuse_op("read", new.reads)
+            m.fuse_op("release", new.releases)
+            m.fuse_op("getattr", new.getattrs)
+            m.fuse_read(new.bytes)
+
+    def _reap(self, fast: fastread.FastReads) -> None:
+        """Release in Python the handles the C path released (their descriptors)."""
+        with self._sync_lock:
+            for fh in fast.drain():
+                self.fs.release(fh)
+
+    def _drain_loop(self) -> None:
+        while not self._draining.wait(DRAIN_SECONDS):
+            try:
+                self.sync()
+            except Exception as exc:  # never end the loop: descriptors would pile up
+                log.error("draining released handles failed: %s", type(exc).__name__)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -108,12 +165,38 @@ class DeidOperations:
                 self._invalidate_fn = fn
         except (AttributeError, OSError) as exc:
             log.warning("kernel cache invalidation unavailable: %s", exc)
+        if self.fast is not None and self._drainer is None:
+            # Under the tree's lock: the C table holds every file served now, then follows
+            # each change in order.
+            self.tree.watch_files(self.fast.file_changed)
+            self._draining.clear()
+            self._drainer = threading.Thread(
+                target=self._drain_loop, name="deidfs-release", daemon=True
+            )
+            self._drainer.start()
+        log.info("reads served by the %s read path", "C" if self.fast is not None else "Python")
         self.initialized.set()
 
     def destroy(self, path: str) -> None:
-        """libfuse is going down: no more invalidations."""
+        """libfuse is going down: no more invalidations, nothing left in the C table."""
         with self._inval_lock:
             self._fuse_ptr = None
+        self.end_c_reads()
+
+    def end_c_reads(self) -> None:
+        """Stop the C path's drains and take every handle of this mount out of its table
+        (the handles stay open in Python, which releases or closes them)."""
+        fast = self.fast
+        if fast is None:
+            return
+        self._draining.set()
+        drainer, self._drainer = self._drainer, None
+        if drainer is not None and drainer is not threading.current_thread():
+            drainer.join(5.0)
+        self.tree.watch_files(None)
+        self.sync()
+        fast.forget_all()
+        fast.end()
 
     def invalidate(self, paths: Iterable[str]) -> bool:
         """Drop the kernel's cached attributes and pages of ``paths``.
@@ -123,6 +206,11 @@ class DeidOperations:
         up, so holds nothing of). Never called from a FUSE callback: the kernel may wait on
         the request being served.
         """
+        paths = list(paths)
+        if self.fast is not None:
+            # First: once the kernel has dropped its pages, none of an older version may
+            # be read into them again by a handle the C path would still serve.
+            self.fast.mark(paths)
         ok = True
         with self._inval_lock:
             ptr, fn = self._fuse_ptr, self._invalidate_fn
@@ -142,7 +230,7 @@ class DeidOperations:
         t = vf.mtime_ns
         return {
             "st_ino": vf.ino,
-            "st_mode": FILE_MODE,
+            "st_mode": self.file_mode,
             "st_nlink": 1,
             "st_size": vf.size,
             "st_uid": self.uid,
@@ -150,7 +238,7 @@ class DeidOperations:
             "st_atime": t,
             "st_mtime": t,
             "st_ctime": t,
-            "st_blksize": BLOCK_SIZE,
+            "st_blksize": self.block_size,
             "st_blocks": (vf.size + 511) // 512,
         }
 
@@ -262,6 +350,11 @@ class DeidOperations:
         flags = int(fi.flags)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise OSError(errno.EROFS, "read-only")
+        fast = self.fast
+        epoch = 0
+        if fast is not None:
+            self._reap(fast)  # descriptors of released handles first
+            epoch = fast.epoch()  # before open's checks: a reload after them is seen
         try:
             opened = self.fs.open(path)
         except NotFound as exc:
@@ -278,7 +371,24 @@ class DeidOperations:
         fi.fh = opened.fh
         if opened.direct_io:
             fi.direct_io = 1
+        if fast is not None:
+            self._register(fast, path, opened.fh, epoch)
         return 0
+
+    def _register(self, fast: fastread.FastReads, path: str, fh: int, epoch: int) -> None:
+        """Let the C path serve the reads of a handle just opened."""
+        held = self.fs.held_source(fh)
+        vf = self.fs.held(fh)
+        if held is None or vf is None:
+            return
+        fd, view, ctime_ns = held
+        if not fast.register(fh, path, fd, view, ctime_ns, epoch):
+            return
+        # After registering: a change of the path published before it is seen here, one
+        # published after it marks the handle (invalidate marks before the kernel's pages
+        # are dropped). Either way Python checks that handle's reads from then on.
+        if self.tree.file(path) is not vf:
+            fast.mark_handle(fh)
 
     @_counted("read")
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
@@ -308,7 +418,7 @@ class DeidOperations:
         ``free(mem)`` of every buffer that is not a descriptor, then ``free(bufvec)``).
         The vector is handed over only once every check of :meth:`ViewFS.read` passed.
         """
-        self.read_buf_calls += 1
+        self.python_read_buf_calls += 1
         libc = _libc()
         n = max(0, min(size, int(self._view_size(fi)) - offset))
         mem: int | None = libc.malloc(n) if n else None
@@ -324,17 +434,17 @@ class DeidOperations:
             vec_addr = libc.malloc(ctypes.sizeof(FuseBufvec))
             if not vec_addr:
                 raise OSError(errno.ENOMEM, "out of memory")
-        except NotFound as exc:
-            libc.free(mem)
-            raise OSError(errno.EBADF, "no such handle") from exc
-        except Refused as exc:
-            libc.free(mem)
-            raise OSError(errno.EIO, exc.reason) from exc
-        except OSError:
-            libc.free(mem)
-            raise
         except Exception as exc:
             libc.free(mem)
+            if self.fast is not None:
+                # Refused here: the C path must not serve this handle any more either.
+                self.fast.mark_handle(int(fi.fh))
+            if isinstance(exc, NotFound):
+                raise OSError(errno.EBADF, "no such handle") from exc
+            if isinstance(exc, Refused):
+                raise OSError(errno.EIO, exc.reason) from exc
+            if isinstance(exc, OSError):
+                raise
             log.error("read failed: %s", type(exc).__name__)
             raise OSError(errno.EIO, "read failed") from exc
         vec = FuseBufvec.from_address(vec_addr)
@@ -353,8 +463,11 @@ class DeidOperations:
 
     @_counted("release")
     def release(self, path: str, fi: Any) -> int:
-        """Close an open view."""
-        self.fs.release(int(fi.fh))
+        """Close an open view (one the C path does not hold, or all without it)."""
+        fh = int(fi.fh)
+        if self.fast is not None:
+            self.fast.forget(fh)
+        self.fs.release(fh)
         return 0
 
     # -- everything that would write: the mount is read-only -----------------------------

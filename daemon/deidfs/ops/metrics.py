@@ -106,6 +106,22 @@ def errno_name(err: int | None) -> str:
     return errno_module.errorcode.get(err or 0, "EUNKNOWN")
 
 
+class _BeforeScrape(Collector):
+    """Yields nothing: runs a hook at each scrape before any metric is read."""
+
+    def __init__(self) -> None:
+        self.hook: Callable[[], None] | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        hook = self.hook
+        if hook is not None:
+            hook()
+        return []
+
+
 class _StateCollector(Collector):
     """Turns a :class:`StateSnapshot` into metric families at scrape time."""
 
@@ -256,6 +272,9 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the library
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # First in the registry, so counters it brings up to date are read after it.
+        self._before = _BeforeScrape()
+        r.register(self._before)
         if process_collectors:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -387,6 +406,11 @@ class Metrics:
         """
         self._state.source = source
 
+    def set_before_scrape(self, hook: Callable[[], None] | None) -> None:
+        """Call ``hook()`` at each scrape before any metric is read (to bring counters kept
+        elsewhere up to date); on the HTTP server's thread, so it must be cheap."""
+        self._before.hook = hook
+
     # -- configuration ---------------------------------------------------------------------
 
     def config_loaded(self, ok: bool, when: float, *, reload: bool = True) -> None:
@@ -440,18 +464,21 @@ class Metrics:
 
     # -- FUSE ------------------------------------------------------------------------------
 
-    def fuse_op(self, op: str) -> None:
-        """One FUSE operation (``op`` from :data:`FUSE_OPS`)."""
+    def fuse_op(self, op: str, n: int = 1) -> None:
+        """``n`` FUSE operations (``op`` from :data:`FUSE_OPS`)."""
+        if n <= 0:
+            return
         child = self._op_children.get(op)
-        (child if child is not None else self.fuse_ops.labels(op)).inc()
+        (child if child is not None else self.fuse_ops.labels(op)).inc(n)
 
     def fuse_error(self, op: str, err: int | None) -> None:
         """A FUSE operation answered with errno ``err``."""
         self.fuse_errors.labels(op, errno_name(err)).inc()
 
     def fuse_read(self, size: int) -> None:
-        """A FUSE read returned ``size`` bytes."""
-        self.fuse_read_bytes.inc(size)
+        """FUSE reads returned ``size`` bytes."""
+        if size > 0:
+            self.fuse_read_bytes.inc(size)
 
     # -- export ----------------------------------------------------------------------------
 

@@ -320,6 +320,7 @@ class Service:
         self.index = Index(self.state_dir)
         self._load_index()
         self.metrics.set_state_source(self.metrics_state)
+        self.metrics.set_before_scrape(self.ops.sync)
         d = self.config.daemon
         if d.metrics_address:
             self.http = MetricsServer(d.metrics_address, self.metrics.registry, self.ready)
@@ -824,6 +825,7 @@ class Service:
 
     def status(self) -> ServiceStatus:
         """A consistent-enough snapshot for reporting (counts may move while it is taken)."""
+        self.ops.sync()  # handles the C read path released are closed, and counted
         folders = []
         for fid, folder in sorted(self._folders.items()):
             counts = self.tree.counts(fid)
@@ -1358,12 +1360,14 @@ class Service:
             self.tree.invalidator = None
             if self.mount is not None:
                 self.mount.unmount(JOIN_SECONDS)
+            self.ops.end_c_reads()  # nothing of this mount stays in the C table
             self.fs.close_all()
             if self.index is not None:
                 self.index.close()
             if self.http is not None:
                 self.http.stop()
             self.metrics.set_state_source(None)
+            self.metrics.set_before_scrape(None)
         finally:
             if locked:
                 self._reload_lock.release()

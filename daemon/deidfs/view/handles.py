@@ -39,6 +39,9 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 FD_RESERVE = 64
 #: Seconds between two log lines about running out of descriptors.
 EXHAUSTED_LOG_SECONDS = 60.0
+#: Handle numbers, unique in the process: a handle table outside Python (the mount's C
+#: read path) is shared by every mount of the process and must never confuse two of them.
+_FH_NUMBERS = itertools.count(1)
 
 
 def default_max_handles() -> int:
@@ -186,7 +189,6 @@ class ViewFS:
         self._lock = threading.Lock()
         #: mount path -> versions open on it, with their handle counts
         self._open_versions: dict[str, Counter[tuple[str, SourceStat, str]]] = {}
-        self._next_fh = itertools.count(1)
         self._stale_logged: set[tuple[str, SourceStat, str]] = set()
         self.opens = 0
         self.direct_opens = 0  #: opens that bypass the kernel's page cache
@@ -232,6 +234,15 @@ class ViewFS:
         """The view file an open handle serves (None for an unknown handle)."""
         h = self._handles.get(fh)
         return None if h is None else h.file
+
+    def held_source(self, fh: int) -> tuple[int, View, int] | None:
+        """The source descriptor, view and checked ctime of an open handle (None for an
+        unknown or broken one): what a read path outside Python needs to serve it."""
+        h = self._handles.get(fh)
+        if h is None or h.broken:
+            return None
+        with self._lock:
+            return h.fd, h.view, h.ctime_ns
 
     def open(self, path: str) -> Opened:
         """Open the view at ``path``.
@@ -282,7 +293,7 @@ class ViewFS:
         # has dropped the previous version's size.
         unsettled = not self.tree.settled(path)
         with self._lock:
-            fh = next(self._next_fh)
+            fh = next(_FH_NUMBERS)
             self._handles[fh] = _Handle(fd, view, st.st_ctime_ns, st.st_nlink, vf)
             versions = self._open_versions.setdefault(path, Counter())
             direct = recheck or unsettled or any(v != version for v in versions)

@@ -139,6 +139,10 @@ class ViewTree:
         #: Drops the kernel's cached attributes and pages of mount paths; returns False when
         #: it could not (None counts as success).
         self.invalidator: Callable[[Iterable[str]], bool | None] | None = None
+        #: Called under the lock before a folder's settings or views change (a reload):
+        #: read paths that bypass the checks on every read drop their open handles.
+        self.on_folders_change: Callable[[], None] | None = None
+        self._file_listener: Callable[[str, ViewFile | None], None] | None = None
 
     # -- reads (hot path: no lock for single dict lookups, atomic under the GIL) -----------
 
@@ -192,9 +196,32 @@ class ViewTree:
 
     # -- folders -------------------------------------------------------------------------
 
+    def watch_files(self, listener: Callable[[str, ViewFile | None], None] | None) -> None:
+        """Call ``listener(path, vf)`` for every file served now, then whenever what a path
+        serves changes (``vf`` None: nothing any more); None stops. Called under the lock,
+        in the order of the changes, so a copy kept by the listener (the mount's C table)
+        never lags behind a lookup here; it must be quick and must not call back."""
+        with self._lock:
+            self._file_listener = listener
+            if listener is not None:
+                for path, vf in self._files.items():
+                    listener(path, vf)
+
+    def _set_file(self, path: str, vf: ViewFile) -> None:
+        self._files[path] = vf
+        listener = self._file_listener
+        if listener is not None:
+            listener(path, vf)
+
+    def _folders_change(self) -> None:
+        hook = self.on_folders_change
+        if hook is not None:
+            hook()
+
     def set_folder(self, fv: FolderView) -> None:
         """Add a folder, or replace its settings (reload) keeping its files."""
         with self._lock:
+            self._folders_change()
             self._folders[fv.id] = fv
             self._dirs.setdefault(f"/{fv.id}", {})
             self._dirs["/"][fv.id] = DIR_MODE
@@ -209,6 +236,7 @@ class ViewTree:
         """
         changed: list[str] = []
         with self._lock:
+            self._folders_change()
             old = [v for (f, _), v in self._by_source.items() if f == fv.id]
             for vf in old:
                 self._unclaim(vf, changed)
@@ -224,6 +252,7 @@ class ViewTree:
         """Remove a folder and everything under it."""
         changed: list[str] = []
         with self._lock:
+            self._folders_change()
             for vf in [v for (f, _), v in self._by_source.items() if f == folder_id]:
                 self._unclaim(vf, changed)
                 del self._by_source[(folder_id, vf.source)]
@@ -277,7 +306,7 @@ class ViewTree:
         elif vf.source < cur.source:
             self._dupes.setdefault(path, {})[cur.source] = cur
             self._bytes[vf.folder] += vf.size - cur.size
-            self._files[path] = vf
+            self._set_file(path, vf)
             self._dup_count[vf.folder] = self._dup_count.get(vf.folder, 0) + 1
             changed.append(path)
         else:
@@ -294,7 +323,7 @@ class ViewTree:
                 nxt = waiting.pop(min(waiting))
                 if not waiting:
                     del self._dupes[path]
-                self._files[path] = nxt
+                self._set_file(path, nxt)
                 self._bytes[vf.folder] += nxt.size - cur.size
                 self._dup_count[vf.folder] -= 1
             else:
@@ -306,7 +335,7 @@ class ViewTree:
 
     def _serve(self, vf: ViewFile) -> None:
         path = vf.mount_path
-        self._files[path] = vf
+        self._set_file(path, vf)
         self._visible[vf.folder] = self._visible.get(vf.folder, 0) + 1
         self._bytes[vf.folder] = self._bytes.get(vf.folder, 0) + vf.size
         parent, _, name = path.rpartition("/")
@@ -324,6 +353,9 @@ class ViewTree:
     def _unserve(self, vf: ViewFile, changed: list[str]) -> None:
         path = vf.mount_path
         del self._files[path]
+        listener = self._file_listener
+        if listener is not None:
+            listener(path, None)
         self._visible[vf.folder] -= 1
         self._bytes[vf.folder] -= vf.size
         folder_root = f"/{vf.folder}"
