@@ -42,6 +42,8 @@ _u64 = ctypes.c_uint64
 _i64 = ctypes.c_int64
 _size = ctypes.c_size_t
 _ptr = ctypes.c_void_p
+#: The zeroed ranges of a view without any.
+_NO_ZEROED = (_u64 * 1)()
 #: Mount ids, unique in the process (0 is none): libfuse hands each callback its mount's.
 _MOUNT_IDS = itertools.count(1)
 
@@ -233,8 +235,11 @@ class FastReads:
         then stay in Python).
         """
         src = view.source
-        pairs = [x for rng in view.zeroed for x in rng]
-        zeroed = (_u64 * max(1, len(pairs)))(*pairs)
+        if view.zeroed:
+            pairs = [x for rng in view.zeroed for x in rng]
+            zeroed = (_u64 * len(pairs))(*pairs)
+        else:
+            zeroed = _NO_ZEROED
         args = (
             fh, fd,
             view.header, len(view.header),

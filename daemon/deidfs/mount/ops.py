@@ -378,10 +378,9 @@ class DeidOperations:
     def _register(self, fast: fastread.FastReads, path: str, fh: int, epoch: int) -> None:
         """Let the C path serve the reads of a handle just opened."""
         held = self.fs.held_source(fh)
-        vf = self.fs.held(fh)
-        if held is None or vf is None:
+        if held is None:
             return
-        fd, view, ctime_ns = held
+        fd, view, ctime_ns, vf = held
         if not fast.register(fh, path, fd, view, ctime_ns, epoch):
             return
         # After registering: a change of the path published before it is seen here, one

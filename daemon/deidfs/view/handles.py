@@ -235,14 +235,14 @@ class ViewFS:
         h = self._handles.get(fh)
         return None if h is None else h.file
 
-    def held_source(self, fh: int) -> tuple[int, View, int] | None:
-        """The source descriptor, view and checked ctime of an open handle (None for an
-        unknown or broken one): what a read path outside Python needs to serve it."""
+    def held_source(self, fh: int) -> tuple[int, View, int, ViewFile] | None:
+        """The source descriptor, view, checked ctime and view file of an open handle (None
+        for an unknown or broken one): what a read path outside Python needs to serve it."""
         h = self._handles.get(fh)
         if h is None or h.broken:
             return None
         with self._lock:
-            return h.fd, h.view, h.ctime_ns
+            return h.fd, h.view, h.ctime_ns, h.file
 
     def open(self, path: str) -> Opened:
         """Open the view at ``path``.
