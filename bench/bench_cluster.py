@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,7 @@ class Timing:
     wall: float  #: the whole command
     startup: float  #: the cluster's start (0 without one)
     processing: float  #: the command's own figure: first task to last result
+    cpu: float  #: user + system CPU seconds of the command and all its processes
     files: int
 
 
@@ -57,9 +59,12 @@ def _tree_digest(root: Path) -> str:
 
 def _run(name: str, argv: list[str], out: Path) -> Timing:
     subprocess.run(["sync"], check=True)  # earlier runs' dirty pages must not slow this one
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     proc = subprocess.run(argv, check=False, capture_output=True, text=True)
     wall = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-2000:])
         raise SystemExit(f"{name} failed with exit code {proc.returncode}")
@@ -72,6 +77,7 @@ def _run(name: str, argv: list[str], out: Path) -> Timing:
         wall,
         float(ready.group(1)) if ready else 0.0,
         float(summary.group(2)),
+        cpu,
         int(summary.group(1)),
     )
 
@@ -86,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256, help="files per task (256)")
     parser.add_argument(
         "--repeat", type=int, default=3, help="rounds of every run, the fastest kept (3)"
+    )
+    parser.add_argument(
+        "--fsync",
+        action="store_true",
+        help="flush files to disk as deidfs does by default (without: every run --no-fsync, "
+        "so that other work on a shared disk does not drown the engine in the figures)",
     )
     parser.add_argument("--workdir", help="where the files go (default: $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -107,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         key.chmod(0o600)
         exe = shutil.which("deidfs", path=str(Path(sys.executable).parent)) or "deidfs"
         base = [exe, "anonymize", str(src), "--profile", "Basic", "--key-file", str(key)]
+        if not args.fsync:
+            base.append("--no-fsync")
         n = args.workers
         batch = ["--batch-size", str(args.batch_size)]
         runs = {
@@ -142,26 +156,31 @@ def _table(timings: list[Timing], files: int, args: argparse.Namespace) -> None:
     local1 = next(t for t in timings if t.name == "--cluster local:1")
     print()
     header = (
-        f"{'run':<24}{'wall s':>8}{'start s':>9}{'work s':>8}{'files/s':>9}{'work f/s':>10}"
-        f"{'x single':>10}{'work x':>8}"
+        f"{'run':<24}{'wall s':>8}{'start s':>9}{'work s':>8}{'cpu s':>7}{'files/s':>9}"
+        f"{'work f/s':>10}{'x single':>10}{'work x':>8}"
     )
     print(header)
     print("-" * len(header))
     for t in timings:
         print(
-            f"{t.name:<24}{t.wall:8.2f}{t.startup:9.2f}{t.processing:8.2f}"
+            f"{t.name:<24}{t.wall:8.2f}{t.startup:9.2f}{t.processing:8.2f}{t.cpu:7.2f}"
             f"{files / t.wall:9.0f}{files / t.processing:10.0f}"
             f"{single.wall / t.wall:10.2f}{single.processing / t.processing:8.2f}"
         )
     overhead = (local1.processing - single.processing) / files * 1000
+    cpu_overhead = (local1.cpu - single.cpu) / files * 1000
     print()
     print(
-        f"engine overhead per file: {overhead:.2f} ms (local:1 against single, the same one "
-        "process rendering and writing,"
+        f"engine overhead per file: {overhead:.2f} ms of work time, {cpu_overhead:.2f} ms of "
+        "CPU (local:1 against single: one"
     )
     print(
-        f"  through {-(-files // args.batch_size)} tasks of up to {args.batch_size} files: "
-        "scheduling, transfer of results, the client's merge)"
+        "  process rendering and writing either way; CPU includes the scheduler and the "
+        "worker process)"
+    )
+    print(
+        f"  {-(-files // args.batch_size)} tasks of up to {args.batch_size} files; "
+        + ("files flushed to disk (--fsync)" if args.fsync else "every run --no-fsync")
     )
     print(
         "wall = the whole command; start = the cluster's start-up (LocalCluster and its "

@@ -9,6 +9,8 @@ each request, once) and carries out:
 - ``kill-worker-after-batch``: once a batch's files are all in place, before its results
   are returned, the worker kills itself with SIGKILL (when the file holds ``pending``: only
   after a batch that left a view pending, in a temporary file, for the client to settle);
+- ``kill-worker-on-fetch``: when a batch's results are asked of the worker that holds them
+  (done, not yet fetched), the worker kills itself with SIGKILL: they are lost with it;
 - ``kill-scheduler``: at the second file of a batch, the worker kills with SIGKILL the
   process whose pid the file holds (the scheduler).
 
@@ -71,5 +73,16 @@ def dask_setup(worker: Any) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return results
 
+    get_data = worker.handlers["get_data"]
+
+    async def get_data_with_faults(comm: Any, **kwargs: Any) -> Any:
+        # The server passes ``comm`` to a handler that names it (as the original does).
+        keys = kwargs.get("keys") or ()
+        asked = any(str(k).startswith("deidfs-batch-") for k in keys)
+        if asked and _claim("kill-worker-on-fetch") is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await get_data(comm, **kwargs)
+
+    worker.handlers["get_data"] = get_data_with_faults
     export.ExportWriter.put_path = put_path_with_faults  # type: ignore[method-assign]
     export.ExportWriter.finish = finish_with_faults  # type: ignore[method-assign]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ OTHER_KEY = bytes(range(1, 33))
 REPO = Path(__file__).resolve().parents[1]
 PRELOAD = Path(__file__).with_name("dask_preload.py")
 UID_ROOT = "1.2.826.0.1.3680043.8.498.4711"
-#: (directory, PatientID, PatientName): values the session's log scan looks for too.
+#: (directory, PatientID, PatientName): values the suite's closing log scan looks for too.
 PATIENTS = (
     ("needle-dir-alpha", "QZXLOG18001", "QZXLOG18011^Alpha"),
     ("needle-dir-beta", "QZXLOG18002", "QZXLOG18012^Beta"),
@@ -182,7 +182,7 @@ def deidfs(
     timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
     """``deidfs ARGV`` in its own process, with no system configuration; its stderr is kept
-    as ``<name>.stderr.log`` (the session scans those for leak markers)."""
+    as ``<name>.stderr.log`` (the suite scans those for leak markers at its end)."""
     code = (
         "import sys; from pathlib import Path; import deidfs.cli.common as c;"
         f"c.DEFAULT_CONFIG_PATH = Path({str(base / 'none.toml')!r});"
@@ -228,54 +228,107 @@ def faults(base: Path) -> Path:
     return path
 
 
+#: A LocalCluster in a process of its own (distributed's threads would outlive it in this
+#: one, and later tests fork worker pools only from a process without other threads). It
+#: prints its scheduler's address and runs until its standard input closes.
+LOCAL_CLUSTER = """
+import json, logging, sys
+import distributed
+cluster = distributed.LocalCluster(
+    n_workers=2,
+    threads_per_worker=1,
+    processes=True,
+    host="127.0.0.1",
+    dashboard_address=None,
+    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+    silence_logs=logging.ERROR,
+    preload=[sys.argv[1]],
+    env=json.loads(sys.argv[2]),  # also that of a worker the nanny starts again after a kill
+)
+print(cluster.scheduler_address, flush=True)
+sys.stdin.read()
+cluster.close()
+"""
+
+#: What a scheduler keeps of its tasks, read by a client in a process of its own: prefixes
+#: (the dashboard's labels), the keys of its transition log (the task stream's names), the
+#: logs it and its workers hold, its events. With "wait": first wait for two workers.
+INSPECT = """
+import json, sys
+import distributed
+
+def records(dask_scheduler):
+    return {
+        "prefixes": sorted(dask_scheduler.task_prefixes),
+        "keys": [str(entry[0]) for entry in list(dask_scheduler.transition_log)],
+    }
+
+with distributed.Client(sys.argv[1], set_as_default=False, timeout=30) as client:
+    if sys.argv[2:] == ["wait"]:
+        client.wait_for_workers(2, timeout=30)
+    found = client.run_on_scheduler(records)
+    logs = [m for _, m in client.get_scheduler_logs(n=10000)]
+    for worker_logs in client.get_worker_logs(n=10000).values():
+        logs.extend(m for _, m in worker_logs)
+    logs.extend(repr(e) for topic in client.get_events().values() for e in topic)
+    found["text"] = "\\n".join(logs)
+print(json.dumps(found))
+"""
+
+
+@dataclass
+class LocalClusterProcess:
+    """The address of the module's LocalCluster, and a look at its scheduler."""
+
+    address: str
+
+    def records(self, *, wait: bool = False) -> dict[str, Any]:
+        argv = [sys.executable, "-c", INSPECT, self.address, *(["wait"] if wait else [])]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=True)
+        found: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+        return found
+
+    def wait_for_workers(self) -> None:
+        self.records(wait=True)
+
+
 @pytest.fixture(scope="module")
-def cluster(faults: Path) -> Iterator[Any]:
+def cluster(faults: Path) -> Iterator[LocalClusterProcess]:
     """Two worker processes (one thread each) with the fault preload; scheduler on loopback."""
-    local = distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-        silence_logs=logging.ERROR,
-        preload=[str(PRELOAD)],
-        # Also the environment of a worker the nanny starts again after a kill.
-        env={
-            "DEIDFS_TEST_FAULTS": str(faults),
-            "PYTHONPATH": os.pathsep.join([str(REPO / "daemon"), str(REPO / "tests")]),
-        },
+    env = {
+        "DEIDFS_TEST_FAULTS": str(faults),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "daemon"), str(REPO / "tests")]),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCAL_CLUSTER, str(PRELOAD), json.dumps(env)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
-        yield local
+        assert proc.stdout is not None
+        address = proc.stdout.readline().strip()
+        assert address.startswith("tcp://127.0.0.1:"), address
+        yield LocalClusterProcess(address)
     finally:
-        local.close()
-
-
-def scheduler_records(local: Any) -> tuple[set[str], list[str], str]:
-    """What the scheduler of ``local`` keeps of its tasks: their prefixes (the dashboard's
-    labels), the keys of its transition log (the task stream's names), and the text of its
-    events and of every log it and its workers hold."""
-    sched = local.scheduler
-    prefixes = set(sched.task_prefixes)
-    keys = [str(entry[0]) for entry in list(sched.transition_log)]
-    client = distributed.Client(local, set_as_default=False)
-    try:
-        logs = [m for _, m in client.get_scheduler_logs(n=10000)]
-        for worker_logs in client.get_worker_logs(n=10000).values():
-            logs.extend(m for _, m in worker_logs)
-        events = [repr(e) for topic in client.get_events().values() for e in topic]
-    finally:
-        client.close()
-    return prefixes, keys, "\n".join([*logs, *events])
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 # -- the tests ----------------------------------------------------------------------------------
 def test_output_is_the_single_process_tree_and_nothing_names_a_source(
-    base: Path, cluster: Any, reference: tuple[dict[str, str], dict[str, int]]
+    base: Path, cluster: LocalClusterProcess, reference: tuple[dict[str, str], dict[str, int]]
 ) -> None:
     out = base / "out-plain"
-    argv = [*anonymize_argv(base, out), "--cluster", cluster.scheduler_address]
+    argv = [*anonymize_argv(base, out), "--cluster", cluster.address]
     done = deidfs(base, "plain", *argv, "--batch-size", "2")
     assert done.returncode == 0, done.stderr
     assert tree(out) == reference[0]
@@ -284,8 +337,9 @@ def test_output_is_the_single_process_tree_and_nothing_names_a_source(
     assert "key read by each worker" in done.stderr
     assert re.search(r"deidfs: (\d+)/\1 batches done", done.stderr)
     assert_no_needle(done.stdout + done.stderr, "the command's output")
-    prefixes, keys, text = scheduler_records(cluster)
-    assert {"deidfs-batch", "deidfs-job"} <= prefixes
+    found = cluster.records()
+    prefixes, keys, text = set(found["prefixes"]), found["keys"], found["text"]
+    assert "deidfs-batch" in prefixes
     assert all(p.startswith("deidfs-") for p in prefixes), prefixes
     assert len([k for k in keys if k.startswith("deidfs-batch-")]) >= 10
     assert_no_needle("\n".join(sorted(prefixes)), "task prefixes")
@@ -306,20 +360,22 @@ def test_output_is_the_single_process_tree_and_nothing_names_a_source(
         # The batch left a view in a temporary file (two sources of one view): the killed
         # run's temporary file is removed, the second run's settled.
         ("kill-worker-after-batch", "pending"),
+        # A batch's results lost with their worker before the command fetched them.
+        ("kill-worker-on-fetch", ""),
     ],
 )
 def test_a_worker_killed_during_the_run_changes_nothing(
     base: Path,
-    cluster: Any,
+    cluster: LocalClusterProcess,
     faults: Path,
     reference: tuple[dict[str, str], dict[str, int]],
     moment: str,
     when: str,
 ) -> None:
-    cluster.wait_for_workers(2, timeout=30)
+    cluster.wait_for_workers()
     out = base / f"out-{moment}-{when}"
     (faults / moment).write_text(f"{when}\n")
-    argv = [*anonymize_argv(base, out), "--cluster", cluster.scheduler_address]
+    argv = [*anonymize_argv(base, out), "--cluster", cluster.address]
     done = deidfs(base, f"{moment}-{when}", *argv, "--batch-size", "4")
     assert (faults / f"{moment}.taken").exists(), "no worker was killed"
     (faults / f"{moment}.taken").unlink()
@@ -331,17 +387,17 @@ def test_a_worker_killed_during_the_run_changes_nothing(
         # The killed batch's files were in place: its second run found them unchanged.
         assert found["unchanged"] > 0
     assert_no_needle(done.stdout + done.stderr, "the command's output")
-    cluster.wait_for_workers(2, timeout=30)  # the nanny started the killed one again
+    cluster.wait_for_workers()  # the nanny started the killed one again
 
 
 def test_plain_tcp_with_the_key_in_the_task_is_refused_unless_allowed(
     base: Path,
-    cluster: Any,
+    cluster: LocalClusterProcess,
     user_state: dict[str, str],
     reference: tuple[dict[str, str], dict[str, int]],
 ) -> None:
     out = base / "out-tcp-key"
-    argv = [*anonymize_argv(base, out, key=False), "--cluster", cluster.scheduler_address]
+    argv = [*anonymize_argv(base, out, key=False), "--cluster", cluster.address]
     refused = deidfs(base, "tcp-key-refused", *argv, env=user_state)
     assert refused.returncode == 78
     assert "plain tcp://" in refused.stderr
@@ -349,7 +405,7 @@ def test_plain_tcp_with_the_key_in_the_task_is_refused_unless_allowed(
     assert not out.exists()  # refused before anything was written
     allowed = deidfs(base, "tcp-key-allowed", *argv, "--allow-plain-key", env=user_state)
     assert allowed.returncode == 0, allowed.stderr
-    assert "key sent in the task" in allowed.stderr
+    assert "key sent in the tasks" in allowed.stderr
     assert tree(out) == reference[0]
     assert_no_needle(allowed.stdout + allowed.stderr, "the command's output")
 
@@ -359,17 +415,17 @@ def test_local_cluster_of_the_command(
 ) -> None:
     """``local:2``: the command starts and stops its own cluster; the key goes in the task."""
     out = base / "out-local"
-    argv = [*anonymize_argv(base, out, key=False), "--cluster", "local:2"]
+    argv = [*anonymize_argv(base, out, key=False), "--cluster", "local:2", "--batch-size", "4"]
     done = deidfs(base, "local", *argv, env=user_state)
     assert done.returncode == 0, done.stderr
-    assert "key sent in the task" in done.stderr
+    assert "key sent in the tasks" in done.stderr
     assert tree(out) == reference[0]
     same_files_counted(counts(done.stdout), reference[1])
     assert_no_needle(done.stdout + done.stderr, "the command's output")
 
 
 def test_export_on_the_cluster_writes_the_export_of_one_process(
-    base: Path, cluster: Any, tmp_path: Path
+    base: Path, cluster: LocalClusterProcess, tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
@@ -394,7 +450,7 @@ profile = "Basic"
         base, "export-single", "export", "ct", "--config", str(config), "--to", str(tmp_path / "a")
     )
     assert single.returncode == 0, single.stderr
-    argv = ["export", "ct", "--config", str(config), "--cluster", cluster.scheduler_address]
+    argv = ["export", "ct", "--config", str(config), "--cluster", cluster.address]
     on_cluster = deidfs(
         base,
         "export-cluster",
@@ -633,7 +689,7 @@ def test_tls_carries_the_key_in_the_task(
     argv = [*anonymize_argv(base, out, key=False), "--cluster", dask_processes.address, *tls]
     done = deidfs(base, "tls", *argv, env=user_state)
     assert done.returncode == 0, done.stderr
-    assert "key sent in the task" in done.stderr
+    assert "key sent in the tasks" in done.stderr
     assert tree(out) == reference[0]
     same_files_counted(counts(done.stdout), reference[1])
     # Without certificates a tls:// scheduler is refused before anything is written.

@@ -118,12 +118,12 @@ here and cut into batches of at most --batch-size files (a directory's files sta
 together), one task each; results are counted here. The output is byte for byte that of a
 run without --cluster. A worker that dies has its batch run again on another, which counts
 its files once (those already in place "unchanged"); a lost scheduler exits 75 and the
-same command run again completes the rest. Tasks are named deidfs-job-<run> and
-deidfs-batch-<run>-<n>, never by a path or a value.
+same command run again completes the rest. Tasks are named deidfs-batch-<run>-<n>, never
+by a path or a value.
 The key on a cluster: with --key-file (or $DEIDFS_KEY_FILE) each worker reads the key from
 that file itself (the same path on shared storage; a worker that reads another key refuses
-the work, exit 78) and the key never travels. Without, the key is sent in the run's first
-task: allowed to local:N (loopback) and over tls:// (--tls-ca-file, --tls-cert and
+the work, exit 78) and the key never travels. Without, the key is sent in the tasks:
+allowed to local:N (loopback) and over tls:// (--tls-ca-file, --tls-cert and
 --tls-key, or Dask's distributed.comm.tls configuration), refused over a plain tcp://
 scheduler (exit 78) unless --allow-plain-key is given.
 
@@ -140,11 +140,13 @@ exit codes:
   0   every file written, unchanged, skipped or refused (refusals are fail-closed, not errors)
   1   some file could not be read or written
   66  a SRC does not exist; 73 DIR cannot be created or written; 78 bad profile, key or config
-  75  DIR ran out of space (run again once there is room: files in place are complete)
+      (--cluster: a key that may not travel so, TLS files missing, a worker that refuses the
+      work: another deidfs version, another key, not the same DIR)
+  75  DIR ran out of space (run again once there is room: files in place are complete), or
+      --cluster lost the scheduler during the run (run again to complete it)
   69  --to-destination: the node refused the association or stayed unreachable (the files
       stored are recorded: run again to send the others); --cluster: dask.distributed is
       not installed, or the scheduler is unreachable or has no worker
-  75  --cluster: the scheduler was lost during the run (run again to complete it)
   77  DIR (its symbolic links resolved) is inside a watched folder, the state directory or
       the mount of the configuration; or a symbolic link was put in DIR while writing
 """

@@ -191,7 +191,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--key-file",
         metavar="FILE",
         help="--cluster: workers read the key from FILE (shared storage), which must hold "
-        "the configuration's key; without, the key is sent in the task",
+        "the configuration's key; without, the key is sent in the tasks",
     )
     p.set_defaults(func=run)
 

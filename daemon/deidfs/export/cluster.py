@@ -11,26 +11,30 @@ manifest, as it does for its own worker processes. :class:`ClusterRunner` is the
 :class:`deidfs.export.folder.Runner` that does this. Keyed pseudonyms make every worker produce the
 same bytes with no coordination: the output equals that of one process, file for file.
 
-Nothing identifying names a task: keys are ``deidfs-job-<run>`` and
-``deidfs-batch-<run>-<n>`` (``<run>`` a random token), so the scheduler, its dashboard and
-the logs see those names only. A worker logs a failed task with its arguments' ``repr``:
-every argument here shows counts only, never a path or the key.
+Nothing identifying names a task: keys are ``deidfs-batch-<run>-<n>`` (``<run>`` a random
+token), so the scheduler, its dashboard and the logs see those names only. A worker logs a
+failed task with its arguments' ``repr``: every argument here shows counts only, never a
+path or the key. Each task carries the run's :class:`Work` (some 35 kB, mostly the plan):
+a worker holding it as data would draw every task to itself.
 
 The pseudonym key:
 
 - :class:`KeyFile`: with a key file named on storage every worker shares, each worker reads
   the key itself; only the file's path and a fingerprint of the key travel (a worker whose
   file holds another key refuses the task: :class:`WorkerRefused`).
-- :class:`KeyInTask`: otherwise the key travels inside the run's first task. Allowed to a
+- :class:`KeyInTask`: otherwise the key travels inside the tasks. Allowed to a
   ``local:N`` cluster (loopback, this machine's processes) and over ``tls://``; a plain
   ``tcp://`` scheduler would carry it in clear, which :func:`key_source` refuses unless the
   admin says so.
 
 Failures: a task whose worker dies is run again by Dask on another (the scheduler's own
 rule, up to ``distributed.scheduler.allowed-failures`` deaths), and a task that raises is
-tried :data:`TASK_RETRIES` more times. Writes are atomic (no partial file under a final
-name) and idempotent, so a batch that runs again finds the files its first run put in place
-"unchanged", and the client takes one result per batch: each file counts once. Temporary
+tried :data:`TASK_RETRIES` more times. A batch whose results cannot be had while the
+scheduler is there (their worker died before the client fetched them, the task was
+dropped) is submitted again by the client, :data:`RESUBMITS` times at most. Writes are
+atomic (no partial file under a final name) and idempotent, so a batch that runs again
+finds the files its first run put in place "unchanged", and the client takes one result
+per batch: each file counts once. Temporary
 files of a killed run are removed from the directories the run wrote in
 (:meth:`ClusterRunner.finished`). A lost scheduler stops the command (:class:`ClusterLost`,
 exit 75): files in place are complete and the same command run again completes the rest.
@@ -94,6 +98,12 @@ CONNECT_SECONDS = 30.0
 #: How long a scheduler may have no worker before the command gives up.
 WORKERS_SECONDS = 60.0
 POLL_SECONDS = 0.05
+#: Tasks submitted again for a batch whose results could not be had while the scheduler
+#: was there (a worker died holding them, the task was dropped); then its files fail.
+RESUBMITS = 3
+#: How long fetching a done batch's results may take (some 300 bytes a file): longer, its
+#: worker is gone with them, and the batch is submitted again.
+FETCH_SECONDS = 5.0
 #: How often the client asks how many worker threads there are (workers come and go).
 LOOK_SECONDS = 2.0
 CLOSE_SECONDS = 5.0
@@ -190,7 +200,7 @@ class KeyFile:
 
 @dataclass(frozen=True, slots=True, repr=False)
 class KeyInTask:
-    """The key itself, sent with the run's first task."""
+    """The key itself, sent in the tasks."""
 
     key: bytes
     fingerprint: str
@@ -366,12 +376,6 @@ _worker_ready: set[int] = set()  #: processes (by pid) set up already
 _pseudonymizers: dict[tuple[str, str], Pseudonymizer] = {}
 
 
-def share_work(work: Work) -> Work:
-    """The run's first task: its result is the work every batch task takes (a task, not
-    scattered data, so that the scheduler can compute it again if its worker dies)."""
-    return work
-
-
 def run_batch_task(work: Work, batch: Batch) -> BatchResult:
     """De-identify ``batch`` on a worker, as one process would; never raises for a file.
 
@@ -459,13 +463,23 @@ def _distributed(name: str = "distributed") -> Any:
 
 
 def _route_library_logs() -> None:
-    """dask.distributed's records go through deidfs's handler (and its redaction), errors
-    only: the command says itself what went wrong, in words without PHI."""
+    """dask.distributed's records go through deidfs's handler, which withholds their text
+    (:class:`deidfs.logs.ThirdPartyRedactor`), and only at ``--log-level debug``: the
+    command says itself what went wrong (a lost scheduler, say, which the client would
+    also report with tracebacks of its attempts to reconnect)."""
     lib_log = logging.getLogger("distributed")
+    # Dask's configuration gives some of its loggers levels (and handlers) of their own.
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]
+    for child in (logging.getLogger(n) for n in names):
+        child.setLevel(logging.NOTSET)
+        for handler in list(child.handlers):
+            child.removeHandler(handler)
+        child.propagate = True
     for handler in list(lib_log.handlers):
         lib_log.removeHandler(handler)
     lib_log.propagate = True
-    lib_log.setLevel(logging.ERROR)
+    debug = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    lib_log.setLevel(logging.WARNING if debug else logging.CRITICAL + 1)
 
 
 @dataclass
@@ -519,7 +533,10 @@ def connect(options: ClusterOptions) -> Iterator[Connection]:
     client: Any = None
     try:
         if address.local:
-            # Workers take the preloads of Dask's configuration (distributed.worker.preload).
+            # Workers import deidfs as they start (their first task would, otherwise), after
+            # the preloads of Dask's configuration.
+            dask_config = _distributed("dask.config")
+            preload = list(dask_config.get("distributed.worker.preload", default=None) or [])
             cluster = distributed.LocalCluster(
                 n_workers=address.local_workers,
                 threads_per_worker=1,
@@ -529,6 +546,7 @@ def connect(options: ClusterOptions) -> Iterator[Connection]:
                 # No dashboard; the scheduler's HTTP routes (health, metrics) on loopback.
                 scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 silence_logs=logging.ERROR,
+                preload=[*preload, __name__],
             )
             client = distributed.Client(cluster, set_as_default=False)
         else:
@@ -589,14 +607,12 @@ class ClusterRunner:
         batch_files: int = DEFAULT_BATCH_FILES,
         stream: TextIO | None = None,
         quiet: bool = True,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.connection = connection
         self.key = key
         self.batch_files = batch_files
         self.stream = stream
         self.quiet = quiet or stream is None
-        self.clock = clock
         #: Directories below the output that results named: where a killed task's
         #: temporary files can be.
         self._dirs: set[PurePosixPath] = set()
@@ -657,27 +673,27 @@ class ClusterRunner:
         client = self.connection.client
         run = secrets.token_hex(4)
         self._announce(work, batches)
-        shared = client.submit(share_work, work, key=f"deidfs-job-{run}", pure=False)
         pending: dict[Any, Batch] = {}
         todo = list(reversed(batches))
         taken: set[int] = set()
+        tries: dict[int, int] = {}  #: batch -> tasks submitted for it
         stopped = False
+
+        def submit(batch: Batch) -> None:
+            n = tries.get(batch.number, 0)
+            tries[batch.number] = n + 1
+            key = f"deidfs-batch-{run}-{batch.number}" + (f"-{n}" if n else "")
+            # The work in each task: a worker holding it as data would draw every task.
+            future = client.submit(
+                run_batch_task, work, batch, key=key, pure=False, retries=TASK_RETRIES
+            )
+            pending[future] = batch
+
         try:
             while todo or pending:
-                if any(f.status == "cancelled" for f in pending):
-                    raise ClusterLost(self._lost_message())  # cancelled by no one but a loss
                 window = self.connection.threads() * IN_FLIGHT_PER_THREAD
                 while todo and not stopped and len(pending) < window:
-                    batch = todo.pop()
-                    future = client.submit(
-                        run_batch_task,
-                        shared,
-                        batch,
-                        key=f"deidfs-batch-{run}-{batch.number}",
-                        pure=False,
-                        retries=TASK_RETRIES,
-                    )
-                    pending[future] = batch
+                    submit(todo.pop())
                 done = [f for f in pending if f.status in ("finished", "error", "cancelled")]
                 if not done:
                     if client.status not in ("running", "connecting"):
@@ -687,12 +703,21 @@ class ClusterRunner:
                 for future in done:
                     batch = pending.pop(future)
                     results = self._results(future, batch, on_lost)
-                    future.release()
+                    with contextlib.suppress(Exception):
+                        future.release()
+                    if results is None:
+                        # Its results went with a worker, or the scheduler dropped the task:
+                        # the batch runs again (its files in place are found unchanged).
+                        if tries[batch.number] > RESUBMITS:
+                            results = on_lost(list(batch.items), "worker failed: results lost")
+                        else:
+                            submit(batch)
+                            continue
                     if batch.number in taken:
                         continue  # one result per batch, whatever ran twice
                     taken.add(batch.number)
                     for res in results:
-                        if res.relpath:
+                        if isinstance(res, FileResult) and res.relpath:
                             self._dirs.add(PurePosixPath(res.relpath).parent)
                     report(results)
                     self._advance(len(batches))
@@ -707,31 +732,45 @@ class ClusterRunner:
                 with contextlib.suppress(Exception):
                     future.cancel()
             raise
-        finally:
-            with contextlib.suppress(Exception):
-                shared.release()
         return not stopped
 
     def _results(
         self, future: Any, batch: Batch, on_lost: Callable[[list[Item], str], list[Any]]
-    ) -> list[Any]:
-        if future.status == "cancelled":
-            raise ClusterLost(self._lost_message())
-        if future.status == "error":
+    ) -> list[Any] | None:
+        """The results of the done ``future``; None when they cannot be had but the
+        scheduler is there (a worker died holding them, or the task was dropped).
+
+        Raises
+        ------
+        ClusterLost
+            The connection to the scheduler is gone.
+        """
+        status = future.status
+        if status == "error":
             try:
-                exc = future.exception(timeout=CONNECT_SECONDS)
-            except Exception:  # the scheduler went away while the error was fetched
-                raise ClusterLost(self._lost_message()) from None
+                exc = future.exception(timeout=FETCH_SECONDS)
+            except Exception:  # the error could not be fetched
+                self._unless_lost()
+                return None
             if isinstance(exc, DeidfsError):
                 raise exc  # WorkerRefused, SecretError: the same for every batch
             # KilledWorker: the scheduler saw too many workers die on it.
             return on_lost(list(batch.items), f"worker failed: {type(exc).__name__}")
+        if status != "finished":  # cancelled
+            self._unless_lost()
+            return None
         try:
-            value = future.result(timeout=CONNECT_SECONDS)
-        except Exception:  # the scheduler (or the worker holding it) went away meanwhile
-            raise ClusterLost(self._lost_message()) from None
+            value = future.result(timeout=FETCH_SECONDS)
+        except Exception:
+            self._unless_lost()
+            return None
         assert isinstance(value, BatchResult)
         return list(value.results)
+
+    def _unless_lost(self) -> None:
+        """Raise :class:`ClusterLost` unless the scheduler is there."""
+        if self.connection.client.status != "running":
+            raise ClusterLost(self._lost_message())
 
     def _lost_message(self) -> str:
         return (
@@ -747,12 +786,12 @@ class ClusterRunner:
         assert self.stream is not None
         what = "scanning" if work.kind is ScanJob else "writing"
         files = sum(len(b.items) for b in batches)
-        key = "read by each worker" if isinstance(work.key, KeyFile) else "sent in the task"
+        key = "read by each worker" if isinstance(work.key, KeyFile) else "sent in the tasks"
         print(
             f"deidfs: cluster {self.connection.address.text} (ready in "
             f"{self.connection.seconds:.1f} s: {self.connection.workers()} workers, "
             f"{self.connection.threads()} threads): {what} {files} files in {len(batches)} "
-            f"batches; key {key}",
+            f"batch{'' if len(batches) == 1 else 'es'}; key {key}",
             file=self.stream,
         )
 

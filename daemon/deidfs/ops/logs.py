@@ -229,11 +229,11 @@ class ThirdPartyRedactor(logging.Filter):
     """Replace the text of third-party records, which may carry raw paths.
 
     watchdog logs the watched root and snapshot errors with their paths; pydicom's
-    warnings quote element values. Their level and origin are kept; the message is replaced
-    by its logger name and level.
+    warnings quote element values; dask.distributed's errors may quote a task's data.
+    Their level and origin are kept; the message is replaced by its logger name and level.
     """
 
-    PREFIXES = ("watchdog", "mfusepy", "fuse", "pydicom", "py.warnings")
+    PREFIXES = ("watchdog", "mfusepy", "fuse", "pydicom", "py.warnings", "distributed")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "py.warnings":
