@@ -25,7 +25,7 @@ from tomlkit.toml_document import TOMLDocument
 from deidfs.cli.main import main
 from deidfs.config import edit as config_edit
 from deidfs.config.edit import ConfigBusy, EditContext
-from deidfs.config.model import load_config, parse_config
+from deidfs.config.load import load_config, parse_config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES, rules_from_json, rules_to_json
 from deidfs.errors import ConfigError

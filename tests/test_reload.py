@@ -21,7 +21,7 @@ from conftest import Daemon, mounted_type, sample_file, wait_for
 from deidfs.cli.ops_cmd import format_status
 from deidfs.config import edit as config_edit
 from deidfs.config.edit import Edit, ProfileChanges
-from deidfs.config.model import parse_config
+from deidfs.config.load import parse_config
 from deidfs.deid.standard import Option
 from deidfs.ops.control import call
 

@@ -20,14 +20,8 @@ from typing import Any
 from deidfs.cli.common import config_path, described_json, mask_json
 from deidfs.config import edit as config_edit
 from deidfs.config.edit import Edit, ProfileChanges
-from deidfs.config.model import (
-    DEFAULT_CONFIG_PATH,
-    Config,
-    DestinationKind,
-    WatchMode,
-    load_config,
-    parse_config,
-)
+from deidfs.config.load import load_config, parse_config
+from deidfs.config.model import DEFAULT_CONFIG_PATH, Config, DestinationKind, WatchMode
 from deidfs.deid.layout import Layout
 from deidfs.deid.plan import compile_plan, describe
 from deidfs.deid.profiles import Mask, Profile, Rule, rules_from_json
