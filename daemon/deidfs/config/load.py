@@ -14,7 +14,8 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deidfs.config.model import Config, ConfigInvalid, ConfigUnreadable, _Checker
+from deidfs.config.check import Checker
+from deidfs.config.model import Config, ConfigInvalid, ConfigUnreadable
 from deidfs.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ def _parse(text: str, path: Path | None, digest: str, *, allow_blank: bool = Tru
         )
         raise ConfigInvalid([error])
     base_dir = path.absolute().parent if path is not None else Path.cwd()
-    checker = _Checker(text, where, base_dir)
+    checker = Checker(text, where, base_dir)
     config = checker.config(doc)
     if checker.problems:
         raise checker.invalid()
