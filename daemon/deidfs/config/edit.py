@@ -5,16 +5,8 @@ The configuration is a hand-edited TOML file, so ``deidfs profile ...`` and ``de
 edit is about. Every comment, blank line and odd-but-valid spelling elsewhere survives byte
 for byte.
 
-tomlkit attaches the comment lines that stand above a table header to the *previous* table
-(python-poetry/tomlkit#295). Left alone, a new ``[profiles.x]`` would land between the
-comment that introduces ``[folders.a]`` and that header, and deleting a table would take the
-next table's comment with it. So this module moves those comment blocks explicitly:
-
-- a blank line ends a table's own trailing comments; what follows it belongs to the next
-  header and stays right above that header when a table is added or deleted;
-- comment lines directly above a deleted table's header (no blank line between) are its own
-  and go with it;
-- a new table is appended after the last table of its section, with a blank line before it.
+Where new tables and keys go so that comments stay with the header they describe is
+:mod:`deidfs.config.edit_tree`.
 
 :func:`edit_config` is the transaction: lock ``<config>.lock``, read, edit, check that the
 rendered text re-reads as exactly the edited document and that nothing outside the edited
@@ -22,7 +14,7 @@ tables changed, validate the whole result, write it atomically, return the diff.
 
 This module does no validation of its own beyond that: the caller passes the configuration
 loader as ``validate``, so a refused edit gives the same messages as ``check-config`` (and
-this layer, a sibling of :mod:`deidfs.config.model`, does not import it).
+the edit modules, siblings of :mod:`deidfs.config.model` and its checks, do not import them).
 """
 
 from __future__ import annotations
@@ -40,23 +32,27 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import tomlkit
-from tomlkit.container import Container
 from tomlkit.exceptions import ParseError, TOMLKitError
 from tomlkit.items import (
     AoT,
     Array,
-    Comment,
     InlineTable,
     Item,
     Null,
-    SingleKey,
-    String,
-    StringType,
     Table,
-    Whitespace,
 )
 from tomlkit.toml_document import TOMLDocument
 
+from deidfs.config.edit_tree import (
+    append_table,
+    find_table,
+    has_table,
+    inline,
+    new_table,
+    remove_table,
+    set_key,
+    string_array,
+)
 from deidfs.deid.profiles import (
     ACT_WORDS,
     BUILTIN_PROFILES,
@@ -466,340 +462,6 @@ def _drop(data: dict[str, Any], path: TablePath) -> None:
         del data[path[0]]
 
 
-# --------------------------------------------------------------------------------------------
-# Placement of tables and keys in the tomlkit tree
-
-
-def _is_trivia(item: Item) -> bool:
-    return isinstance(item, Comment | Whitespace | Null)
-
-
-def _is_header_table(item: Item) -> bool:
-    return isinstance(item, Table) and not item.is_super_table()
-
-
-_Pos = tuple[Container, int]
-
-
-def _walk(container: Container, tail: _Pos, before: dict[int, _Pos]) -> _Pos:
-    """Walk ``container`` in render order; record, for every table header, what precedes it.
-
-    ``before[id(table)]`` is the position (container, index) right after the last item
-    rendered before that table's header: where the comment lines above the header live.
-    Returns that position for whatever would be rendered after ``container``.
-    """
-    for i, (_, item) in enumerate(container.body):
-        if isinstance(item, Null):
-            continue
-        if isinstance(item, Table):
-            if item.is_super_table():
-                tail = _walk(item.value, tail, before)
-            else:
-                before[id(item)] = tail
-                tail = _walk(item.value, (item.value, 0), before)
-        elif isinstance(item, AoT):
-            for table in item.body:
-                before[id(table)] = tail
-                tail = _walk(table.value, (table.value, 0), before)
-        else:
-            tail = (container, i + 1)
-    return tail
-
-
-def _trivia_run(pos: _Pos) -> int:
-    """Index where the run of comment and blank lines ending at ``pos`` starts."""
-    container, end = pos
-    start = end
-    while start > 0 and _is_trivia(container.body[start - 1][1]):
-        start -= 1
-    return start
-
-
-def _first_blank(container: Container, start: int, end: int) -> int:
-    """Index of the first blank line in ``body[start:end]``, or ``end``."""
-    for i in range(start, end):
-        if isinstance(container.body[i][1], Whitespace):
-            return i
-    return end
-
-
-def _take(container: Container, start: int, end: int) -> list[Item]:
-    """Remove the trivia items ``body[start:end]`` and return them (``Null`` dropped)."""
-    items = [item for _, item in container.body[start:end] if not isinstance(item, Null)]
-    _splice(container, start, end, [])
-    return items
-
-
-def _splice(container: Container, start: int, end: int, items: Sequence[Item]) -> None:
-    """Replace the key-less items ``body[start:end]`` by ``items``, keeping the key index.
-
-    tomlkit offers no public way to insert comments at a position; its key map holds body
-    indexes, so they are shifted here as ``Container._insert_at`` shifts them.
-    """
-    assert all(k is None for k, _ in container.body[start:end])
-    shift = len(items) - (end - start)
-    body = container.body
-    body[start:end] = [(None, item) for item in items]
-    if shift:
-        index_map = container._map  # tomlkit has no public insert
-        for key, idx in list(index_map.items()):
-            if isinstance(idx, tuple):
-                index_map[key] = tuple(i + shift if i >= end else i for i in idx)
-            elif idx >= end:
-                index_map[key] = idx + shift
-
-
-def _blank() -> Whitespace:
-    return tomlkit.ws("\n")
-
-
-def _new_table(pairs: Sequence[tuple[str, Any]], masks: Sequence[Table] = ()) -> Table:
-    """A ``[header]`` table with ``pairs`` and optionally ``[[...masks]]`` tables."""
-    table = tomlkit.table()
-    for key, value in pairs:
-        table.append(key, value)
-    if masks:
-        aot = tomlkit.aot()
-        for mask in masks:
-            mask.trivia.indent = "\n"
-            aot.append(mask)
-        table.append("masks", aot)
-    table.trivia.indent = "\n"
-    return table
-
-
-def _section(doc: TOMLDocument, name: str) -> Item | None:
-    """The last item the document holds for the top-level key ``name``."""
-    found = None
-    for key, item in doc.body:
-        if key is not None and key.key == name and not isinstance(item, Null):
-            found = item
-    return found
-
-
-def _find_table(doc: TOMLDocument, section: str, name: str) -> tuple[Container, Item]:
-    """The container holding ``[section.name]`` and that item (table or inline table)."""
-    for key, item in doc.body:
-        if key is None or key.key != section or isinstance(item, Null):
-            continue
-        if isinstance(item, Table | InlineTable):
-            inner = item.value
-            for k, v in inner.body:
-                if k is not None and k.key == name and not isinstance(v, Null):
-                    return inner, v
-    raise KeyError(name)
-
-
-def _has_table(doc: TOMLDocument, section: str, name: str) -> bool:
-    try:
-        _find_table(doc, section, name)
-    except KeyError:
-        return False
-    return True
-
-
-def _append_table(doc: TOMLDocument, section: str, name: str, table: Table) -> None:
-    """Append ``[section.name]`` after the section's last table, comments kept in place."""
-    sec = _section(doc, section)
-    if isinstance(sec, InlineTable):
-        inline = tomlkit.inline_table()
-        inline.update(table.unwrap())
-        sec[name] = inline
-        return
-    if sec is not None and not isinstance(sec, Table):
-        raise ConfigError(f"{section} is not a table", key=section)
-    tail = _section_end(doc, section) if sec is not None else _walk(doc, (doc, 0), {})
-    container, end = tail
-    split = _first_blank(container, _trivia_run(tail), end)
-    # What follows a blank line there introduces the next header: it moves after the new
-    # table, so it stays right above that header.
-    moved = _take(container, split, end)
-    follows = _renders_after(doc, (container, split))
-    last = _walk(table.value, (table.value, 0), {})
-    if moved:
-        _splice(last[0], last[1], last[1], moved)
-    elif follows:
-        _splice(last[0], last[1], last[1], [_blank()])
-    text = doc.as_string()
-    if not text.strip():
-        table.trivia.indent = ""
-    elif not follows and not moved and not text.endswith("\n"):
-        table.trivia.indent = "\n\n"  # the file ended without a newline
-    if sec is None:
-        sup = tomlkit.table(is_super_table=True)
-        sup.append(name, table)
-        doc.append(section, sup)
-        sup.trivia.indent = ""  # a super table renders no header, so no blank line either
-    else:
-        sec.value.append(name, table)
-
-
-def _section_end(doc: TOMLDocument, section: str) -> _Pos:
-    """The position right after the last item rendered for the top-level table ``section``."""
-    tail: _Pos = (doc, 0)
-    result: _Pos | None = None
-    for i, (key, item) in enumerate(doc.body):
-        if isinstance(item, Null):
-            continue
-        if isinstance(item, Table):
-            if item.is_super_table():
-                tail = _walk(item.value, tail, {})
-            else:
-                tail = _walk(item.value, (item.value, 0), {})
-        elif isinstance(item, AoT):
-            for table in item.body:
-                tail = _walk(table.value, (table.value, 0), {})
-        else:
-            tail = (doc, i + 1)
-        if key is not None and key.key == section:
-            result = tail
-    assert result is not None
-    return result
-
-
-def _renders_after(doc: TOMLDocument, pos: _Pos) -> bool:
-    """Whether anything but comments and blank lines is rendered after ``pos``."""
-    seen = False
-    found = False
-
-    def visit(container: Container) -> None:
-        nonlocal seen, found
-        for i, (_, item) in enumerate(container.body):
-            if found:
-                return
-            if container is pos[0] and i == pos[1]:
-                seen = True
-            if isinstance(item, Null):
-                continue
-            if isinstance(item, Table):
-                if seen and _is_header_table(item):
-                    found = True
-                    return
-                visit(item.value)
-            elif isinstance(item, AoT):
-                if seen and item.body:
-                    found = True
-                    return
-                for table in item.body:
-                    visit(table.value)
-            elif seen and not _is_trivia(item):
-                found = True
-        if container is pos[0] and pos[1] == len(container.body):
-            seen = True
-
-    visit(doc)
-    return found
-
-
-def _remove_table(doc: TOMLDocument, section: str, name: str) -> None:
-    """Delete ``[section.name]`` with its own comments; the next header keeps its own."""
-    container, item = _find_table(doc, section, name)
-    if not isinstance(item, Table) or item.is_super_table():
-        container.remove(name)
-        return
-    before: dict[int, _Pos] = {}
-    _walk(doc, (doc, 0), before)
-    prev = before[id(item)]
-    own_end = _walk(item.value, (item.value, 0), {})
-    # The table's trailing run: its own comments up to the first blank line, then what
-    # introduces the next header, which must survive the deletion.
-    run = _trivia_run(own_end)
-    keep = _take(own_end[0], _first_blank(own_end[0], run, own_end[1]), own_end[1])
-    container.remove(name)
-    pcont, pend = prev
-    pstart = _trivia_run(prev)
-    last_blank = max(
-        (i for i in range(pstart, pend) if isinstance(pcont.body[i][1], Whitespace)),
-        default=None,
-    )
-    if last_blank is not None:
-        # Comment lines right above the header (no blank line between) describe it.
-        _take(pcont, last_blank + 1, pend)
-        pend = last_blank + 1
-    ends_blank = pend > pstart and isinstance(pcont.body[pend - 1][1], Whitespace)
-    if keep and ends_blank and isinstance(keep[0], Whitespace):
-        keep = keep[1:]
-    if not keep and not _renders_after(doc, (pcont, pend)):
-        # The file ended with the deleted table: do not leave blank lines at its end.
-        while pend > pstart and isinstance(pcont.body[pend - 1][1], Whitespace):
-            _take(pcont, pend - 1, pend)
-            pend -= 1
-    _splice(pcont, pend, pend, keep)
-
-
-def _same_quotes(old: Any, value: Any) -> Any:
-    """``value``, a new string, in the quotes of the ``old`` one where it can be.
-
-    An admin who wrote ``'x'`` gets ``'y'``; a literal string cannot hold ``'`` or control
-    characters, so such a value is written as a basic string ``"..."`` with escapes. Decided
-    here, not left to tomlkit, whose choice changed between releases.
-    """
-    if not isinstance(value, str) or isinstance(value, Item):
-        return value
-    literal = (
-        isinstance(old, String)
-        and old.type is StringType.SLL
-        and "'" not in value
-        and all(c == "\t" or (c >= " " and c != "\x7f") for c in value)
-    )
-    return tomlkit.string(value, literal=literal)
-
-
-def _set_key(table: Table | InlineTable, key: str, value: Any) -> None:
-    """Set ``key`` in ``table``: in place if present, else after the table's last key."""
-    if key in table:
-        old = table[key]
-        old_plain = old.unwrap() if isinstance(old, Item) else old
-        new_plain = value.unwrap() if isinstance(value, Item) else value
-        if type(old_plain) is type(new_plain) and old_plain == new_plain:
-            return  # same value: leave its spelling ('x' vs "x") alone
-        table[key] = _same_quotes(old, value)
-        return
-    if isinstance(table, InlineTable):
-        table[key] = value
-        return
-    body = table.value.body
-    last_key = None
-    first_sub = len(body)
-    for i, (k, v) in enumerate(body):
-        if isinstance(v, Table | AoT):
-            first_sub = min(first_sub, i)
-            continue
-        if k is not None and not isinstance(v, Null) and i < first_sub:
-            last_key = i
-    if last_key is not None:
-        idx = last_key + 1
-        indent = body[last_key][1].trivia.indent
-    else:
-        # No key yet: after the comment lines right below the header, before a blank line.
-        idx = _first_blank(table.value, 0, first_sub)
-        indent = ""
-    item = tomlkit.item(value)
-    if not isinstance(item, Whitespace | Comment):
-        item.trivia.indent = indent
-    if idx >= len(body):
-        table.value.append(SingleKey(key), item)
-    else:
-        # tomlkit's public setitem appends after trailing comments and blank lines, i.e.
-        # after what introduces the next header; inserting at an index is private API.
-        table.value._insert_at(idx, SingleKey(key), item)
-
-
-def _string_array(values: Sequence[str]) -> Array:
-    arr = tomlkit.array()
-    for v in values:
-        arr.append(v)
-    return arr
-
-
-def _inline(pairs: Sequence[tuple[str, str]]) -> InlineTable:
-    """An inline table written ``{ id = "...", act = "..." }``, the usual TOML spacing."""
-    inner = ", ".join(f"{k} = {tomlkit.string(v).as_string()}" for k, v in pairs)
-    value = tomlkit.value("{ " + inner + " }")
-    assert isinstance(value, InlineTable)
-    return value
-
-
 def _rule_pairs(rule: Rule) -> list[tuple[str, str]]:
     return list(rule.to_json().items())
 
@@ -807,7 +469,7 @@ def _rule_pairs(rule: Rule) -> list[tuple[str, str]]:
 def _rules_array(rules: Sequence[Rule]) -> Array:
     arr = tomlkit.array()
     for rule in rules:
-        arr.append(_inline(_rule_pairs(rule)))
+        arr.append(inline(_rule_pairs(rule)))
     arr.multiline(True)
     return arr
 
@@ -823,21 +485,11 @@ def _profile_table(doc: TOMLDocument, name: str) -> Table | InlineTable:
             f"(deidfs profile copy {name} NEW)"
         )
     try:
-        _, item = _find_table(doc, "profiles", name)
+        _, item = find_table(doc, "profiles", name)
     except KeyError:
         raise NotFound(f"no profile named {name!r} in the configuration") from None
     if not isinstance(item, Table | InlineTable):
         raise ConfigError(f"profiles.{name} is not a table", key=f"profiles.{name}")
-    return item
-
-
-def _folder_table(doc: TOMLDocument, fid: str) -> Table | InlineTable:
-    try:
-        _, item = _find_table(doc, "folders", fid)
-    except KeyError:
-        raise NotFound(f"no folder with id {fid!r} in the configuration") from None
-    if not isinstance(item, Table | InlineTable):
-        raise ConfigError(f"folders.{fid} is not a table", key=f"folders.{fid}")
     return item
 
 
@@ -880,7 +532,7 @@ def own_rules(doc: TOMLDocument, name: str, config_dir: Path) -> tuple[Rule, ...
 def _check_new_name(doc: TOMLDocument, name: str) -> None:
     if any(b.casefold() == name.casefold() for b in BUILTIN_PROFILES):
         raise ConfigError(f"{name!r} is the name of a built-in profile; choose another name")
-    if _has_table(doc, "profiles", name):
+    if has_table(doc, "profiles", name):
         raise ConfigError(f"a profile named {name!r} already exists")
     try:
         Profile(name=name)
@@ -893,12 +545,12 @@ def add_profile(name: str, base: str = "Basic", comment: str = "") -> Edit:
 
     def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
         _check_new_name(doc, name)
-        if not _has_table(doc, "profiles", base) and base not in BUILTIN_PROFILES:
+        if not has_table(doc, "profiles", base) and base not in BUILTIN_PROFILES:
             raise NotFound(f"no profile named {base!r} to use as base")
         pairs: list[tuple[str, Any]] = [("base", base)]
         if comment:
             pairs.append(("comment", comment))
-        _append_table(doc, "profiles", name, _new_table(pairs))
+        append_table(doc, "profiles", name, new_table(pairs))
         return [("profiles", name)]
 
     return edit
@@ -911,17 +563,17 @@ def _explicit_pairs(profile: Profile, comment: str | None) -> list[tuple[str, An
         ("comment", profile.comment if comment is None else comment),
         ("enabled", profile.enabled),
         ("apply_masks", profile.apply_masks),
-        ("options", _string_array(sorted(o.value for o in profile.options))),
+        ("options", string_array(sorted(o.value for o in profile.options))),
         ("date_modification", profile.date_modification.value),
     ]
     if profile.max_age is not None:
         pairs.append(("max_age", profile.max_age))
     if profile.disabled:
-        pairs.append(("disabled", _string_array([format_tag(t) for t in sorted(profile.disabled)])))
+        pairs.append(("disabled", string_array([format_tag(t) for t in sorted(profile.disabled)])))
     if profile.rules:
         pairs.append(("rules", _rules_array(profile.rules)))
     if profile.accepted:
-        pairs.append(("accepted", _string_array([format_tag(t) for t in sorted(profile.accepted)])))
+        pairs.append(("accepted", string_array([format_tag(t) for t in sorted(profile.accepted)])))
     return pairs
 
 
@@ -954,7 +606,7 @@ def copy_profile(source: str, name: str, comment: str | None = None) -> Edit:
         _check_new_name(doc, name)
         builtin = BUILTIN_PROFILES.get(source)
         if builtin is not None:
-            table = _new_table(_explicit_pairs(builtin, comment), _mask_tables(builtin))
+            table = new_table(_explicit_pairs(builtin, comment), _mask_tables(builtin))
         else:
             src = _profile_table(doc, source)
             pairs: list[tuple[str, Any]] = []
@@ -969,8 +621,8 @@ def copy_profile(source: str, name: str, comment: str | None = None) -> Edit:
             if comment is not None:
                 pairs = [(k, v) for k, v in pairs if k != "comment"]
                 pairs.insert(1 if pairs and pairs[0][0] == "base" else 0, ("comment", comment))
-            table = _new_table(pairs, masks)
-        _append_table(doc, "profiles", name, table)
+            table = new_table(pairs, masks)
+        append_table(doc, "profiles", name, table)
         return [("profiles", name)]
 
     return edit
@@ -1010,7 +662,7 @@ def delete_profile(name: str) -> Edit:
             raise ConfigError(
                 f"profile {name!r} is the base of {', '.join(derived)}; change their base first"
             )
-        _remove_table(doc, "profiles", name)
+        remove_table(doc, "profiles", name)
         return [("profiles", name)]
 
     return edit
@@ -1066,7 +718,7 @@ def _update_list(table: Table | InlineTable, key: str, wanted: list[str]) -> Non
     current = table.get(key)
     if not isinstance(current, Array):
         if wanted:
-            _set_key(table, key, _string_array(wanted))
+            set_key(table, key, string_array(wanted))
         return
     old = [str(v) for v in current]
     if old == wanted:
@@ -1103,15 +755,15 @@ def edit_profile(name: str, changes: ProfileChanges) -> Edit:
     def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
         table = _profile_table(doc, name)
         if changes.comment is not None:
-            _set_key(table, "comment", changes.comment)
+            set_key(table, "comment", changes.comment)
         # Written only where they change something: enabled defaults to true, apply_masks
         # is inherited from the base.
         if changes.enabled is not None and ("enabled" in table or not changes.enabled):
-            _set_key(table, "enabled", changes.enabled)
+            set_key(table, "enabled", changes.enabled)
         if changes.apply_masks is not None and (
             "apply_masks" in table or _base_of(table, context).apply_masks != changes.apply_masks
         ):
-            _set_key(table, "apply_masks", changes.apply_masks)
+            set_key(table, "apply_masks", changes.apply_masks)
         if changes.options:
             _edit_options(table, name, changes.options, context)
         if changes.disable or changes.enable:
@@ -1199,7 +851,7 @@ def _edit_rules(table: Table | InlineTable, name: str, changes: ProfileChanges) 
     if "rules" not in table:
         assert isinstance(current, Array)
         current.multiline(True)
-        _set_key(table, "rules", current)
+        set_key(table, "rules", current)
         current = table["rules"]
     # Add and replace first, remove last: tomlkit keeps an array's layout (one rule per
     # line, trailing comma) when it still has an item to copy it from.
@@ -1218,16 +870,16 @@ def _edit_rules(table: Table | InlineTable, name: str, changes: ProfileChanges) 
                     if k in old and k not in dict(pairs):
                         del old[k]
                 for k, v in pairs:
-                    _set_key(old, k, v)
+                    set_key(old, k, v)
             else:
                 t = tomlkit.table()
                 for k, v in pairs:
                     t.append(k, v)
                 current.append(t)
         elif found:
-            current[found[0]] = _inline(pairs)
+            current[found[0]] = inline(pairs)
         else:
-            current.append(_inline(pairs))
+            current.append(inline(pairs))
     gone = set(changes.remove_rules)
     for i in reversed(range(len(current))):
         if _rule_tag(current[i]) in gone:
@@ -1252,7 +904,7 @@ def set_rules(name: str, rules: Sequence[Rule]) -> Edit:
             # Append the new rules, then drop the old: the array keeps its layout.
             old = len(current)
             for rule in rules:
-                current.append(_inline(_rule_pairs(rule)))
+                current.append(inline(_rule_pairs(rule)))
             for i in reversed(range(old)):
                 del current[i]
             _drop_if_empty(table, "rules")
@@ -1260,10 +912,20 @@ def set_rules(name: str, rules: Sequence[Rule]) -> Edit:
             if current is not None:
                 del table["rules"]
             if rules:
-                _set_key(table, "rules", _rules_array(rules))
+                set_key(table, "rules", _rules_array(rules))
         return [("profiles", name)]
 
     return edit
+
+
+def _folder_table(doc: TOMLDocument, fid: str) -> Table | InlineTable:
+    try:
+        _, item = find_table(doc, "folders", fid)
+    except KeyError:
+        raise NotFound(f"no folder with id {fid!r} in the configuration") from None
+    if not isinstance(item, Table | InlineTable):
+        raise ConfigError(f"folders.{fid} is not a table", key=f"folders.{fid}")
+    return item
 
 
 # --------------------------------------------------------------------------------------------
@@ -1277,14 +939,14 @@ def add_folder(
 
     def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
         del context
-        if _has_table(doc, "folders", fid):
+        if has_table(doc, "folders", fid):
             raise ConfigError(f"a folder with id {fid!r} already exists")
         pairs: list[tuple[str, Any]] = [("path", path), ("profile", profile)]
         if layout is not None:
             pairs.append(("layout", layout))
         if watch is not None:
             pairs.append(("watch", watch))
-        _append_table(doc, "folders", fid, _new_table(pairs))
+        append_table(doc, "folders", fid, new_table(pairs))
         return [("folders", fid)]
 
     return edit
@@ -1296,7 +958,7 @@ def set_folder_profile(fid: str, profile: str) -> Edit:
     def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
         del context
         table = _folder_table(doc, fid)
-        _set_key(table, "profile", profile)
+        set_key(table, "profile", profile)
         return [("folders", fid)]
 
     return edit
@@ -1308,7 +970,7 @@ def remove_folder(fid: str) -> Edit:
     def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
         del context
         _folder_table(doc, fid)
-        _remove_table(doc, "folders", fid)
+        remove_table(doc, "folders", fid)
         return [("folders", fid)]
 
     return edit
@@ -1320,9 +982,9 @@ def add_destination(name: str, pairs: Sequence[tuple[str, Any]]) -> Edit:
 
     def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
         del context
-        if _has_table(doc, "destinations", name):
+        if has_table(doc, "destinations", name):
             raise ConfigError(f"a destination named {name!r} already exists")
-        _append_table(doc, "destinations", name, _new_table(pairs))
+        append_table(doc, "destinations", name, new_table(pairs))
         return [("destinations", name)]
 
     return edit
@@ -1334,10 +996,10 @@ def remove_destination(name: str) -> Edit:
     def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
         del context
         try:
-            _find_table(doc, "destinations", name)
+            find_table(doc, "destinations", name)
         except KeyError:
             raise NotFound(f"no destination named {name!r} in the configuration") from None
-        _remove_table(doc, "destinations", name)
+        remove_table(doc, "destinations", name)
         return [("destinations", name)]
 
     return edit
