@@ -19,6 +19,7 @@ from typing import Any
 
 from deidfs.cli.common import config_path, described_json, mask_json
 from deidfs.config import edit as config_edit
+from deidfs.config import edit_destinations
 from deidfs.config.edit import Edit, ProfileChanges
 from deidfs.config.load import load_config, parse_config
 from deidfs.config.model import DEFAULT_CONFIG_PATH, Config, DestinationKind, WatchMode
@@ -748,11 +749,13 @@ def destination_add(args: argparse.Namespace) -> int:
         at = max(i for i, (n, _) in enumerate(pairs) if not n.endswith("_file")) + 1
         pairs.insert(at, ("tls", True))
     return _run_edit(
-        args, config_edit.add_destination(args.name, pairs), f"destination {args.name!r} added"
+        args,
+        edit_destinations.add_destination(args.name, pairs),
+        f"destination {args.name!r} added",
     )
 
 
 def destination_remove(args: argparse.Namespace) -> int:
     """``deidfs destination remove NAME``."""
-    edit = config_edit.remove_destination(args.name)
+    edit = edit_destinations.remove_destination(args.name)
     return _run_edit(args, edit, f"destination {args.name!r} removed")

@@ -6,7 +6,8 @@ edit is about. Every comment, blank line and odd-but-valid spelling elsewhere su
 for byte.
 
 Where new tables and keys go so that comments stay with the header they describe is
-:mod:`deidfs.config.edit_tree`.
+:mod:`deidfs.config.edit_tree`; the edits of destinations are in
+:mod:`deidfs.config.edit_destinations`.
 
 :func:`edit_config` is the transaction: lock ``<config>.lock``, read, edit, check that the
 rendered text re-reads as exactly the edited document and that nothing outside the edited
@@ -972,34 +973,5 @@ def remove_folder(fid: str) -> Edit:
         _folder_table(doc, fid)
         remove_table(doc, "folders", fid)
         return [("folders", fid)]
-
-    return edit
-
-
-def add_destination(name: str, pairs: Sequence[tuple[str, Any]]) -> Edit:
-    """Edit: add ``[destinations.<name>]`` with ``pairs`` (``kind`` first), validated by
-    the loader like any other table."""
-
-    def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
-        del context
-        if has_table(doc, "destinations", name):
-            raise ConfigError(f"a destination named {name!r} already exists")
-        append_table(doc, "destinations", name, new_table(pairs))
-        return [("destinations", name)]
-
-    return edit
-
-
-def remove_destination(name: str) -> Edit:
-    """Edit: delete ``[destinations.<name>]`` (what was sent there stays there)."""
-
-    def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
-        del context
-        try:
-            find_table(doc, "destinations", name)
-        except KeyError:
-            raise NotFound(f"no destination named {name!r} in the configuration") from None
-        remove_table(doc, "destinations", name)
-        return [("destinations", name)]
 
     return edit
