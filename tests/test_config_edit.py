@@ -24,6 +24,7 @@ from tomlkit.toml_document import TOMLDocument
 
 from deidfs.cli.main import main
 from deidfs.config import edit as config_edit
+from deidfs.config import edit_folders
 from deidfs.config.edit import ConfigBusy, EditContext
 from deidfs.config.load import load_config, parse_config
 from deidfs.deid.plan import compile_plan
@@ -675,13 +676,13 @@ def edited(text: str, edit: config_edit.Edit, tmp_path: Path) -> str:
 
 
 def test_first_table_into_an_empty_file(tmp_path: Path) -> None:
-    out = edited("", config_edit.add_folder("a", "/d/a", "HIPAA"), tmp_path)
+    out = edited("", edit_folders.add_folder("a", "/d/a", "HIPAA"), tmp_path)
     assert out == '[folders.a]\npath = "/d/a"\nprofile = "HIPAA"\n'
 
 
 def test_file_without_final_newline(tmp_path: Path) -> None:
     text = '[folders.a]\npath = "/d/a"\nprofile = "HIPAA"'
-    out = edited(text, config_edit.add_folder("b", "/d/b", "HIPAA"), tmp_path)
+    out = edited(text, edit_folders.add_folder("b", "/d/b", "HIPAA"), tmp_path)
     assert out == text + '\n\n[folders.b]\npath = "/d/b"\nprofile = "HIPAA"\n'
 
 
@@ -717,7 +718,7 @@ def test_crlf_line_ends_are_kept(tmp_path: Path) -> None:
     out = edited(text, config_edit.add_profile("qa"), tmp_path)
     assert out.count("\n") == out.count("\r\n")
     assert '\r\n\r\n[profiles.qa]\r\nbase = "Basic"\r\n\r\n[folders.a]' in out
-    out = edited(text, config_edit.remove_folder("a"), tmp_path)
+    out = edited(text, edit_folders.remove_folder("a"), tmp_path)
     assert out == '[profiles.Nominal]\r\nbase = "Basic"\r\n'
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from deidfs.cli.common import config_path, described_json, mask_json
 from deidfs.config import edit as config_edit
-from deidfs.config import edit_destinations
+from deidfs.config import edit_destinations, edit_folders
 from deidfs.config.edit import Edit, ProfileChanges
 from deidfs.config.load import load_config, parse_config
 from deidfs.config.model import DEFAULT_CONFIG_PATH, Config, DestinationKind, WatchMode
@@ -669,7 +669,7 @@ def folder_add(args: argparse.Namespace) -> int:
     """``deidfs folder add ID PATH --profile P [--layout L] [--watch W]``."""
     # A relative PATH means relative to where the admin stands, not to the config file.
     path = os.path.normpath(os.path.abspath(args.path))
-    edit = config_edit.add_folder(args.id, path, args.profile, args.layout, args.watch)
+    edit = edit_folders.add_folder(args.id, path, args.profile, args.layout, args.watch)
     code = _run_edit(args, edit, f"folder {args.id!r} added")
     if not os.path.isdir(path):
         print(f"note: {path} is not a directory (yet)", file=sys.stderr)
@@ -678,13 +678,13 @@ def folder_add(args: argparse.Namespace) -> int:
 
 def folder_set_profile(args: argparse.Namespace) -> int:
     """``deidfs folder set-profile ID PROFILE``."""
-    edit = config_edit.set_folder_profile(args.id, args.profile)
+    edit = edit_folders.set_folder_profile(args.id, args.profile)
     return _run_edit(args, edit, f"folder {args.id!r} now uses profile {args.profile!r}")
 
 
 def folder_remove(args: argparse.Namespace) -> int:
     """``deidfs folder remove ID``."""
-    return _run_edit(args, config_edit.remove_folder(args.id), f"folder {args.id!r} removed")
+    return _run_edit(args, edit_folders.remove_folder(args.id), f"folder {args.id!r} removed")
 
 
 # --------------------------------------------------------------------------------------------

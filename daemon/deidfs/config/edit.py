@@ -6,8 +6,8 @@ edit is about. Every comment, blank line and odd-but-valid spelling elsewhere su
 for byte.
 
 Where new tables and keys go so that comments stay with the header they describe is
-:mod:`deidfs.config.edit_tree`; the edits of destinations are in
-:mod:`deidfs.config.edit_destinations`.
+:mod:`deidfs.config.edit_tree`; the edits of folders and destinations are in
+:mod:`deidfs.config.edit_folders` and :mod:`deidfs.config.edit_destinations`.
 
 :func:`edit_config` is the transaction: lock ``<config>.lock``, read, edit, check that the
 rendered text re-reads as exactly the edited document and that nothing outside the edited
@@ -915,63 +915,5 @@ def set_rules(name: str, rules: Sequence[Rule]) -> Edit:
             if rules:
                 set_key(table, "rules", _rules_array(rules))
         return [("profiles", name)]
-
-    return edit
-
-
-def _folder_table(doc: TOMLDocument, fid: str) -> Table | InlineTable:
-    try:
-        _, item = find_table(doc, "folders", fid)
-    except KeyError:
-        raise NotFound(f"no folder with id {fid!r} in the configuration") from None
-    if not isinstance(item, Table | InlineTable):
-        raise ConfigError(f"folders.{fid} is not a table", key=f"folders.{fid}")
-    return item
-
-
-# --------------------------------------------------------------------------------------------
-# Folder edits
-
-
-def add_folder(
-    fid: str, path: str, profile: str, layout: str | None = None, watch: str | None = None
-) -> Edit:
-    """Edit: add ``[folders.<fid>]``."""
-
-    def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
-        del context
-        if has_table(doc, "folders", fid):
-            raise ConfigError(f"a folder with id {fid!r} already exists")
-        pairs: list[tuple[str, Any]] = [("path", path), ("profile", profile)]
-        if layout is not None:
-            pairs.append(("layout", layout))
-        if watch is not None:
-            pairs.append(("watch", watch))
-        append_table(doc, "folders", fid, new_table(pairs))
-        return [("folders", fid)]
-
-    return edit
-
-
-def set_folder_profile(fid: str, profile: str) -> Edit:
-    """Edit: bind folder ``fid`` to ``profile``."""
-
-    def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
-        del context
-        table = _folder_table(doc, fid)
-        set_key(table, "profile", profile)
-        return [("folders", fid)]
-
-    return edit
-
-
-def remove_folder(fid: str) -> Edit:
-    """Edit: delete ``[folders.<fid>]`` (its originals are untouched, its views go)."""
-
-    def edit(doc: TOMLDocument, context: EditContext) -> Sequence[TablePath]:
-        del context
-        _folder_table(doc, fid)
-        remove_table(doc, "folders", fid)
-        return [("folders", fid)]
 
     return edit
