@@ -20,8 +20,9 @@ from pydicom import dcmread
 from conftest import Daemon, mounted_type, sample_file, wait_for
 from deidfs.cli.ops_cmd import format_status
 from deidfs.config import edit as config_edit
-from deidfs.config import edit_folders
-from deidfs.config.edit import Edit, ProfileChanges
+from deidfs.config import edit_folders, edit_profiles
+from deidfs.config.edit import Edit
+from deidfs.config.edit_profiles import ProfileChanges
 from deidfs.config.load import parse_config
 from deidfs.deid.standard import Option
 from deidfs.ops.control import call
@@ -64,10 +65,12 @@ def _uids(view: Path) -> tuple[str, str]:
 
 def _research_profile(d: Daemon) -> None:
     """Add profile Research = Basic + Retain UIDs, not yet used by any folder."""
-    _edit(d, config_edit.add_profile("Research", base="Basic"))
+    _edit(d, edit_profiles.add_profile("Research", base="Basic"))
     _edit(
         d,
-        config_edit.edit_profile("Research", ProfileChanges(options=((True, Option.RETAIN_UIDS),))),
+        edit_profiles.edit_profile(
+            "Research", ProfileChanges(options=((True, Option.RETAIN_UIDS),))
+        ),
     )
 
 
