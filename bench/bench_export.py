@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_anonymize import Timing, _count_files, _warm
-from deidfs.config.model import load_config
+from deidfs.config.load import load_config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.export.folder import export_folder, walk_sources

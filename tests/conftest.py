@@ -20,7 +20,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 from pydicom.data import get_testdata_file
 
-from deidfs.config.model import Config, load_config
+from deidfs.config.load import load_config
+from deidfs.config.model import Config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.secret import load_or_create_key

@@ -17,6 +17,7 @@ import pytest
 from conftest import sample_file
 from deidfs.cli.common import load_profiles
 from deidfs.cli.main import main
+from deidfs.config.load import load_config, parse_config
 from deidfs.config.model import (
     CONFIG_ENV,
     Config,
@@ -25,8 +26,6 @@ from deidfs.config.model import (
     DaemonConfig,
     FolderConfig,
     WatchMode,
-    load_config,
-    parse_config,
 )
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES, DateModification, Rect

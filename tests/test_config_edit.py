@@ -24,8 +24,9 @@ from tomlkit.toml_document import TOMLDocument
 
 from deidfs.cli.main import main
 from deidfs.config import edit as config_edit
+from deidfs.config import edit_folders, edit_profiles
 from deidfs.config.edit import ConfigBusy, EditContext
-from deidfs.config.model import load_config, parse_config
+from deidfs.config.load import load_config, parse_config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES, rules_from_json, rules_to_json
 from deidfs.errors import ConfigError
@@ -622,7 +623,7 @@ def test_file_changed_during_the_edit_is_not_overwritten(cfg: Path) -> None:
 
     def edit(doc: TOMLDocument, context: EditContext) -> Sequence[tuple[str, ...]]:
         cfg.write_text(hand_edit)  # an admin's editor saving without the lock
-        return config_edit.add_profile("qa")(doc, context)
+        return edit_profiles.add_profile("qa")(doc, context)
 
     with pytest.raises(ConfigBusy):
         config_edit.edit_config(cfg, edit, validator(cfg))
@@ -675,13 +676,13 @@ def edited(text: str, edit: config_edit.Edit, tmp_path: Path) -> str:
 
 
 def test_first_table_into_an_empty_file(tmp_path: Path) -> None:
-    out = edited("", config_edit.add_folder("a", "/d/a", "HIPAA"), tmp_path)
+    out = edited("", edit_folders.add_folder("a", "/d/a", "HIPAA"), tmp_path)
     assert out == '[folders.a]\npath = "/d/a"\nprofile = "HIPAA"\n'
 
 
 def test_file_without_final_newline(tmp_path: Path) -> None:
     text = '[folders.a]\npath = "/d/a"\nprofile = "HIPAA"'
-    out = edited(text, config_edit.add_folder("b", "/d/b", "HIPAA"), tmp_path)
+    out = edited(text, edit_folders.add_folder("b", "/d/b", "HIPAA"), tmp_path)
     assert out == text + '\n\n[folders.b]\npath = "/d/b"\nprofile = "HIPAA"\n'
 
 
@@ -690,7 +691,7 @@ def test_section_split_by_another_goes_on_after_its_last_part(tmp_path: Path) ->
         '[profiles.A]\nbase = "Basic"\n\n[folders.a]\npath = "/d/a"\nprofile = "A"\n\n'
         '[profiles.B]\nbase = "A"\n\n# folder b\n[folders.b]\npath = "/d/b"\nprofile = "B"\n'
     )
-    out = edited(text, config_edit.add_profile("C"), tmp_path)
+    out = edited(text, edit_profiles.add_profile("C"), tmp_path)
     assert out == text.replace(
         '[profiles.B]\nbase = "A"\n\n',
         '[profiles.B]\nbase = "A"\n\n[profiles.C]\nbase = "Basic"\n\n',
@@ -704,9 +705,9 @@ def test_delete_takes_the_comment_right_above_and_keeps_the_section_comment(
         '# head\n\n# ---- profiles ----\n\n# about A\n[profiles.A]\nbase = "Basic"\n'
         '# end of A\n\n# about B\n[profiles.B]\nbase = "Basic"\n'
     )
-    out = edited(text, config_edit.delete_profile("A"), tmp_path)
+    out = edited(text, edit_profiles.delete_profile("A"), tmp_path)
     assert out == '# head\n\n# ---- profiles ----\n\n# about B\n[profiles.B]\nbase = "Basic"\n'
-    out = edited(text, config_edit.delete_profile("B"), tmp_path)
+    out = edited(text, edit_profiles.delete_profile("B"), tmp_path)
     assert out == (
         '# head\n\n# ---- profiles ----\n\n# about A\n[profiles.A]\nbase = "Basic"\n# end of A\n'
     )
@@ -714,17 +715,17 @@ def test_delete_takes_the_comment_right_above_and_keeps_the_section_comment(
 
 def test_crlf_line_ends_are_kept(tmp_path: Path) -> None:
     text = '[profiles.Nominal]\r\nbase = "Basic"\r\n\r\n[folders.a]\r\npath = "/d/a"\r\n'
-    out = edited(text, config_edit.add_profile("qa"), tmp_path)
+    out = edited(text, edit_profiles.add_profile("qa"), tmp_path)
     assert out.count("\n") == out.count("\r\n")
     assert '\r\n\r\n[profiles.qa]\r\nbase = "Basic"\r\n\r\n[folders.a]' in out
-    out = edited(text, config_edit.remove_folder("a"), tmp_path)
+    out = edited(text, edit_folders.remove_folder("a"), tmp_path)
     assert out == '[profiles.Nominal]\r\nbase = "Basic"\r\n'
 
 
 def test_inline_tables_are_edited_in_place(tmp_path: Path) -> None:
     text = '[profiles]\nNominal = { base = "Basic" }  # default\nA = { base = "HIPAA" }\n'
     out = edited(
-        text, config_edit.edit_profile("A", config_edit.ProfileChanges(comment="x")), tmp_path
+        text, edit_profiles.edit_profile("A", edit_profiles.ProfileChanges(comment="x")), tmp_path
     )
     assert out.startswith('[profiles]\nNominal = { base = "Basic" }  # default\nA = {')
     assert parse_config(out).profiles["A"].comment == "x"

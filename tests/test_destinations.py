@@ -21,7 +21,8 @@ import pydicom
 import pytest
 
 from conftest import run_cli, sample_file
-from deidfs.config.model import ConfigInvalid, DestinationKind, load_config
+from deidfs.config.load import load_config
+from deidfs.config.model import ConfigInvalid, DestinationKind
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.export.destinations import STATE_NAME, state_dir_of
 from deidfs.export.send import send_folder

@@ -24,7 +24,7 @@ import deidfs.export.folder as export_module
 from conftest import Daemon, run_cli, sample_file
 from deidfs.cli import common
 from deidfs.cli.main import main
-from deidfs.config.model import load_config
+from deidfs.config.load import load_config
 from deidfs.export.folder import (
     ExportError,
     ExportRefused,

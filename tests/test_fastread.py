@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import Daemon, sample_file, wait_for
-from deidfs.config.model import load_config
+from deidfs.config.load import load_config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from conftest import Daemon, mounted_type, sample_file, sha256, wait_for
-from deidfs.config.model import load_config
+from deidfs.config.load import load_config
 from deidfs.mount import binding, fastread
 from deidfs.service.core import Service
 from leak_corpus import build_leak_dataset, expectation, find, value_texts, write_source

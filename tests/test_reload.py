@@ -20,8 +20,10 @@ from pydicom import dcmread
 from conftest import Daemon, mounted_type, sample_file, wait_for
 from deidfs.cli.ops_cmd import format_status
 from deidfs.config import edit as config_edit
-from deidfs.config.edit import Edit, ProfileChanges
-from deidfs.config.model import parse_config
+from deidfs.config import edit_folders, edit_profiles
+from deidfs.config.edit import Edit
+from deidfs.config.edit_profiles import ProfileChanges
+from deidfs.config.load import parse_config
 from deidfs.deid.standard import Option
 from deidfs.ops.control import call
 
@@ -63,10 +65,12 @@ def _uids(view: Path) -> tuple[str, str]:
 
 def _research_profile(d: Daemon) -> None:
     """Add profile Research = Basic + Retain UIDs, not yet used by any folder."""
-    _edit(d, config_edit.add_profile("Research", base="Basic"))
+    _edit(d, edit_profiles.add_profile("Research", base="Basic"))
     _edit(
         d,
-        config_edit.edit_profile("Research", ProfileChanges(options=((True, Option.RETAIN_UIDS),))),
+        edit_profiles.edit_profile(
+            "Research", ProfileChanges(options=((True, Option.RETAIN_UIDS),))
+        ),
     )
 
 
@@ -84,7 +88,7 @@ def test_profile_change_applies_to_views_of_a_mount_in_use(
     held = os.open(views[0], os.O_RDONLY)
     try:
         _research_profile(d)
-        _edit(d, config_edit.set_folder_profile("samples", "Research"))
+        _edit(d, edit_folders.set_folder_profile("samples", "Research"))
         done = _cli(d, "reload", "--wait")
         assert done.returncode == 0, done.stderr
         # Fail closed: once the reload is done, no view of the old profile is served.

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deidfs.config.model import load_config
+from deidfs.config.load import load_config
 from deidfs.demo import SAMPLES, write_demo
 
 

@@ -19,7 +19,8 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from conftest import SAMPLE_NAMES, Daemon, run_cli, sample_file
 from deidfs.cli.main import main
-from deidfs.config.model import FolderConfig, load_config
+from deidfs.config.load import load_config
+from deidfs.config.model import FolderConfig
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BASIC, HIPAA, Profile, Rule
 from deidfs.deid.pseudonym import Pseudonymizer

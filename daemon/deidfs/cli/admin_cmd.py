@@ -19,15 +19,11 @@ from typing import Any
 
 from deidfs.cli.common import config_path, described_json, mask_json
 from deidfs.config import edit as config_edit
-from deidfs.config.edit import Edit, ProfileChanges
-from deidfs.config.model import (
-    DEFAULT_CONFIG_PATH,
-    Config,
-    DestinationKind,
-    WatchMode,
-    load_config,
-    parse_config,
-)
+from deidfs.config import edit_destinations, edit_folders, edit_profiles
+from deidfs.config.edit import Edit
+from deidfs.config.edit_profiles import ProfileChanges
+from deidfs.config.load import load_config, parse_config
+from deidfs.config.model import DEFAULT_CONFIG_PATH, Config, DestinationKind, WatchMode
 from deidfs.deid.layout import Layout
 from deidfs.deid.plan import compile_plan, describe
 from deidfs.deid.profiles import Mask, Profile, Rule, rules_from_json
@@ -329,7 +325,7 @@ def _register_destination(
 def _option_arg(text: str) -> tuple[bool, Option]:
     on = not text.startswith("-")
     try:
-        return on, config_edit.normalize_option(text.lstrip("+-"))
+        return on, edit_profiles.normalize_option(text.lstrip("+-"))
     except ProfileError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -347,7 +343,7 @@ def _rule_arg(text: str) -> Rule:
         raise argparse.ArgumentTypeError(f"expected TAG=ACT, got {text!r}")
     try:
         tag = parse_tag(tag_text)
-        act = config_edit.normalize_act(act_text)
+        act = edit_profiles.normalize_act(act_text)
         return Rule.parse(format_tag(tag), act)
     except ProfileError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
@@ -539,13 +535,13 @@ def _profile_doc(
 
 def profile_add(args: argparse.Namespace) -> int:
     """``deidfs profile add NAME [--base B] [--comment C]``."""
-    edit = config_edit.add_profile(args.name, args.base, args.comment)
+    edit = edit_profiles.add_profile(args.name, args.base, args.comment)
     return _run_edit(args, edit, f"profile {args.name!r} added")
 
 
 def profile_copy(args: argparse.Namespace) -> int:
     """``deidfs profile copy SRC DST``."""
-    edit = config_edit.copy_profile(args.source, args.name, args.comment)
+    edit = edit_profiles.copy_profile(args.source, args.name, args.comment)
     return _run_edit(args, edit, f"profile {args.source!r} copied to {args.name!r}")
 
 
@@ -588,13 +584,15 @@ def profile_edit(args: argparse.Namespace) -> int:
     if changes == ProfileChanges():
         raise UsageError("nothing to change: give at least one option (see --help)")
     return _run_edit(
-        args, config_edit.edit_profile(args.name, changes), f"profile {args.name!r} changed"
+        args, edit_profiles.edit_profile(args.name, changes), f"profile {args.name!r} changed"
     )
 
 
 def profile_delete(args: argparse.Namespace) -> int:
     """``deidfs profile delete NAME``."""
-    return _run_edit(args, config_edit.delete_profile(args.name), f"profile {args.name!r} deleted")
+    return _run_edit(
+        args, edit_profiles.delete_profile(args.name), f"profile {args.name!r} deleted"
+    )
 
 
 def profile_rules_export(args: argparse.Namespace) -> int:
@@ -603,7 +601,7 @@ def profile_rules_export(args: argparse.Namespace) -> int:
     config = load_config(path)
     _profile(config, args.name)
     doc = config_edit.read_document(path)
-    rules = config_edit.own_rules(doc, args.name, path.absolute().parent)
+    rules = edit_profiles.own_rules(doc, args.name, path.absolute().parent)
     text = rules_json(rules)
     if args.file is None or args.file == "-":
         sys.stdout.write(text)
@@ -629,7 +627,7 @@ def profile_rules_import(args: argparse.Namespace) -> int:
         rules = rules_from_json(text)
     except ProfileError as exc:
         raise ProfileError(f"{args.file}: {exc}") from None
-    edit = config_edit.set_rules(args.name, rules)
+    edit = edit_profiles.set_rules(args.name, rules)
     n = len(rules)
     return _run_edit(
         args, edit, f"profile {args.name!r} now has {n} custom rule{'' if n == 1 else 's'}"
@@ -674,7 +672,7 @@ def folder_add(args: argparse.Namespace) -> int:
     """``deidfs folder add ID PATH --profile P [--layout L] [--watch W]``."""
     # A relative PATH means relative to where the admin stands, not to the config file.
     path = os.path.normpath(os.path.abspath(args.path))
-    edit = config_edit.add_folder(args.id, path, args.profile, args.layout, args.watch)
+    edit = edit_folders.add_folder(args.id, path, args.profile, args.layout, args.watch)
     code = _run_edit(args, edit, f"folder {args.id!r} added")
     if not os.path.isdir(path):
         print(f"note: {path} is not a directory (yet)", file=sys.stderr)
@@ -683,13 +681,13 @@ def folder_add(args: argparse.Namespace) -> int:
 
 def folder_set_profile(args: argparse.Namespace) -> int:
     """``deidfs folder set-profile ID PROFILE``."""
-    edit = config_edit.set_folder_profile(args.id, args.profile)
+    edit = edit_folders.set_folder_profile(args.id, args.profile)
     return _run_edit(args, edit, f"folder {args.id!r} now uses profile {args.profile!r}")
 
 
 def folder_remove(args: argparse.Namespace) -> int:
     """``deidfs folder remove ID``."""
-    return _run_edit(args, config_edit.remove_folder(args.id), f"folder {args.id!r} removed")
+    return _run_edit(args, edit_folders.remove_folder(args.id), f"folder {args.id!r} removed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -754,11 +752,13 @@ def destination_add(args: argparse.Namespace) -> int:
         at = max(i for i, (n, _) in enumerate(pairs) if not n.endswith("_file")) + 1
         pairs.insert(at, ("tls", True))
     return _run_edit(
-        args, config_edit.add_destination(args.name, pairs), f"destination {args.name!r} added"
+        args,
+        edit_destinations.add_destination(args.name, pairs),
+        f"destination {args.name!r} added",
     )
 
 
 def destination_remove(args: argparse.Namespace) -> int:
     """``deidfs destination remove NAME``."""
-    edit = config_edit.remove_destination(args.name)
+    edit = edit_destinations.remove_destination(args.name)
     return _run_edit(args, edit, f"destination {args.name!r} removed")

@@ -34,7 +34,8 @@ from deidfs.cli.common import (
     load_profiles,
 )
 from deidfs.cli.terminal import Progress, Terminal, sent_exit_code
-from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, FolderConfig, load_config
+from deidfs.config.load import load_config
+from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, FolderConfig
 from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer

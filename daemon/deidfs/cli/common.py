@@ -7,7 +7,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_config
+from deidfs.config.load import load_config
+from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH
 from deidfs.deid.plan import DescribedRow
 from deidfs.deid.profiles import BUILTIN_PROFILES, Mask, Profile
 

@@ -9,7 +9,8 @@ import sys
 from typing import Any
 
 from deidfs.cli.common import config_path
-from deidfs.config.model import DEFAULT_CONFIG_PATH, ConfigInvalid, load_config
+from deidfs.config.load import load_config
+from deidfs.config.model import DEFAULT_CONFIG_PATH, ConfigInvalid
 from deidfs.errors import ConfigError
 
 EPILOG = """exit codes:

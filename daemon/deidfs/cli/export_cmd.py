@@ -24,7 +24,8 @@ from deidfs.cli.common import (
     config_path,
 )
 from deidfs.cli.terminal import Terminal, sent_exit_code
-from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, load_config
+from deidfs.config.load import load_config
+from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, SecretError
 from deidfs.export.cluster import KeySource, prepare

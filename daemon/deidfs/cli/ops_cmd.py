@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from deidfs.cli.common import config_path
-from deidfs.config.model import ConfigUnreadable, DaemonConfig, load_config
+from deidfs.config.load import load_config
+from deidfs.config.model import ConfigUnreadable, DaemonConfig
 from deidfs.errors import ConfigError
 from deidfs.ops.control import ErrorCode, Reply, call
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from deidfs.cli.common import config_path
-from deidfs.config.model import Config, FolderConfig, load_config
+from deidfs.config.load import load_config
+from deidfs.config.model import Config, FolderConfig
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES, Profile
 from deidfs.deid.pseudonym import Pseudonymizer

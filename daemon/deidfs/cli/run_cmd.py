@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from deidfs.cli.common import config_path
-from deidfs.config.model import load_config
+from deidfs.config.load import load_config
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:

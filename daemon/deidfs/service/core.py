@@ -73,7 +73,8 @@ from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import Any
 
-from deidfs.config.model import Config, ConfigInvalid, DaemonConfig, FolderConfig, load_config
+from deidfs.config.load import load_config
+from deidfs.config.model import Config, ConfigInvalid, DaemonConfig, FolderConfig
 from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, DeidfsError, NotFound
