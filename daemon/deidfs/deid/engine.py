@@ -310,6 +310,20 @@ _MAX_CACHED_PLANS = 8
 _MAX_CACHED_TAGS = 1 << 16
 
 
+#: Operations under which a sequence's items are served: VERBATIM as they are, the others
+#: de-identified item by item with the same plan (:func:`item_scrub` says how hard).
+ITEMS_SERVED = frozenset({Op.KEEP, Op.VERBATIM, Op.DUMMY, Op.CLEAN, Op.UID, Op.PSEUDONYM})
+
+
+def item_scrub(scrub: Op | None, op: Op) -> Op | None:
+    """The scrub of the items of a sequence that ``op`` serves, inside a level scrubbed by
+    ``scrub`` (None: none): a D or C sequence dummies or cleans the text of its items that
+    the table does not list; D inside C scrubs harder, never softer."""
+    if op in (Op.DUMMY, Op.CLEAN) and scrub is not Op.DUMMY:
+        return op
+    return scrub
+
+
 def _decide(plan: Plan, tag: int) -> Decision:
     """``plan.decide(tag)``, remembered."""
     entry = _DECISIONS.get(id(plan))
@@ -512,7 +526,7 @@ class _Walker:
                 if tag == PATIENT_AGE and ctx.plan.profile.max_age is not None:
                     return self._capped_age(src, tag, raw)
                 return raw
-            return self._sequence(src, tag, raw)
+            return self._sequence(src, tag, raw, op)
         table_sourced = decision.source in (Source.BASIC, Source.OPTION)
         if table_sourced and tag in (PATIENT_ID, PATIENT_NAME) and op in (Op.EMPTY, Op.DUMMY):
             # Z and Z/D allow a dummy: the keyed patient token keeps patients grouped.
@@ -520,14 +534,13 @@ class _Walker:
         if op is Op.EMPTY:
             return _empty(tag, vr)
         if vr == "SQ":
-            if op in (Op.DUMMY, Op.CLEAN, Op.UID, Op.PSEUDONYM):
+            if op in ITEMS_SERVED:
                 # D and C on a sequence: keep its structure (a Type 1 sequence keeps its
                 # items), de-identify every item with the same plan (each nested attribute
                 # has its own row), and dummy (D) or clean (C) the text the table does not
                 # list, which a recursion alone would keep (e.g. Text Value in Content
                 # Sequence, Code Meaning in Person Identification Code Sequence).
-                scrub = op if op in (Op.DUMMY, Op.CLEAN) else None
-                return self._sequence(src, tag, raw, scrub)
+                return self._sequence(src, tag, raw, op)
             return _empty(tag, vr)
         if op is Op.UID or (vr == "UI" and op in (Op.DUMMY, Op.PSEUDONYM, Op.CLEAN)):
             return self._uids(src, tag, raw, vr, decision)
@@ -548,16 +561,13 @@ class _Walker:
 
     # -- operations needing the value -----------------------------------------------------------
     def _sequence(
-        self, src: Dataset, tag: int, raw: RawDataElement | DataElement, scrub: Op | None = None
+        self, src: Dataset, tag: int, raw: RawDataElement | DataElement, op: Op
     ) -> DataElement:
         elem = _convert(raw, self.ctx, src)
         items = elem.value if elem.VR == "SQ" else None
         if items is None:
             raise Refused("bad_sequence", f"element {tag:08X} is not a readable sequence")
-        inner = self.scrub
-        if scrub is not None and self.scrub is not Op.DUMMY and scrub is not self.scrub:
-            inner = scrub  # D inside C scrubs harder; never softer
-        walker = _Walker(self.ctx, inner, tag)
+        walker = _Walker(self.ctx, item_scrub(self.scrub, op), tag)
         return DataElement(tag, "SQ", Sequence([walker.dataset(item) for item in items]))
 
     def _uids(

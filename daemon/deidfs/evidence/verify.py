@@ -70,7 +70,13 @@ from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-
 
 from deidfs.config.model import FolderConfig
 from deidfs.deid.attribute_types import TOP_LEVEL, placements
-from deidfs.deid.engine import MISPLACED_GROUP, distrust, element_decision
+from deidfs.deid.engine import (
+    ITEMS_SERVED,
+    MISPLACED_GROUP,
+    distrust,
+    element_decision,
+    item_scrub,
+)
 from deidfs.deid.identifiers import DirectKind, direct_kind
 from deidfs.deid.plan import Decision, Op, Plan, Source, compile_plan
 from deidfs.deid.profiles import BASIC, Profile
@@ -114,8 +120,6 @@ MIN_PIXEL_BYTES = 8  #: shortest value searched inside pixel data
 _DEFINING_TAGS = frozenset({0x00080018, 0x0020000E, 0x0020000D, 0x00200052})
 #: Operations that serve an element's original value.
 _KEPT_OPS = frozenset({Op.KEEP, Op.VERBATIM})
-#: Operations under which a sequence's items are served (de-identified item by item).
-_ITEMS_SERVED = frozenset({Op.KEEP, Op.VERBATIM, Op.DUMMY, Op.CLEAN, Op.UID, Op.PSEUDONYM})
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,13 +144,13 @@ class _Level:
         verbatim_source = self.verbatim_source
         if verbatim is None and decision.op is Op.VERBATIM:
             verbatim, verbatim_source = decision, on
-        drops = self.basic_drops or basic.op not in _ITEMS_SERVED
+        drops = self.basic_drops or basic.op not in ITEMS_SERVED
         cause = self.cause
         if cause is None and drops and not self.basic_drops:
             cause = verbatim_source if verbatim is not None else on
         return _Level(
-            scrub=_inner_scrub(self.scrub, decision.op),
-            basic_scrub=_inner_scrub(self.basic_scrub, basic.op),
+            scrub=item_scrub(self.scrub, decision.op),
+            basic_scrub=item_scrub(self.basic_scrub, basic.op),
             basic_drops=drops,
             verbatim=verbatim,
             verbatim_source=verbatim_source,
@@ -154,14 +158,6 @@ class _Level:
             places=self.places,
             parent=tag,
         )
-
-
-def _inner_scrub(scrub: Op | None, op: Op) -> Op | None:
-    """The engine's scrub inside a sequence served by ``op``: D inside C scrubs harder,
-    never softer."""
-    if op in (Op.DUMMY, Op.CLEAN) and scrub is not Op.DUMMY:
-        return op
-    return scrub
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,7 +378,7 @@ class _Verifier:
             if elem is None:
                 continue
             if elem.VR == "SQ":
-                if decision.op not in _ITEMS_SERVED:
+                if decision.op not in ITEMS_SERVED:
                     continue  # items served against the profile: the search covers them
                 inner = level.inside(tag, decision, basic, self._source(tag, decision))
                 for item in elem.value:
@@ -409,7 +405,7 @@ class _Verifier:
         tag = int(key)
         creator = creators.get((tag >> 16) << 8 | (tag & 0xFFFF) >> 8)
         decision = level.verbatim or self.plan.decide_private(tag, creator)
-        if decision.op not in _ITEMS_SERVED:
+        if decision.op not in ITEMS_SERVED:
             return  # served against the profile: the search covers it
         elem = _element(ds, key)
         if elem is None:
