@@ -22,14 +22,9 @@ from watchdog.observers.inotify import InotifyObserver
 
 from deidfs.config.model import WatchMode
 from deidfs.watch import watcher as watcher_mod
-from deidfs.watch.watcher import (
-    Change,
-    FileEvent,
-    FolderWatcher,
-    filesystem_type,
-    inotify_watch_limit,
-    is_network_filesystem,
-)
+from deidfs.watch.events import Change, FileEvent
+from deidfs.watch.limits import filesystem_type, inotify_watch_limit, is_network_filesystem
+from deidfs.watch.watcher import FolderWatcher
 
 SETTLE = 0.2
 POLL = 0.1
@@ -552,7 +547,9 @@ _USERNS_SCRIPT = textwrap.dedent(
     import json, queue, sys, time
     from pathlib import Path
     from deidfs.config.model import WatchMode
-    from deidfs.watch.watcher import FileEvent, FolderWatcher, inotify_watch_limit
+    from deidfs.watch.events import FileEvent
+    from deidfs.watch.limits import inotify_watch_limit
+    from deidfs.watch.watcher import FolderWatcher
 
     root = Path(sys.argv[1])
     q = queue.Queue()
@@ -673,7 +670,8 @@ _OVERFLOW_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from deidfs.config.model import WatchMode
     from deidfs.ops.logs import setup_logging
-    from deidfs.watch.watcher import FileEvent, FolderWatcher
+    from deidfs.watch.events import FileEvent
+    from deidfs.watch.watcher import FolderWatcher
 
     setup_logging()  # as the daemon: watchdog's lines (with paths) redacted
     root, count = Path(sys.argv[1]), int(sys.argv[2])

@@ -101,7 +101,8 @@ from deidfs.view.index import Entry, Index, Status
 from deidfs.view.pool import TIMEOUT_REASON, Rendered, RenderProcess
 from deidfs.view.render import SourceStat, View
 from deidfs.view.tree import FolderView, ViewFile, ViewTree, pseudo_mtime_ns
-from deidfs.watch.watcher import Change, FileEvent, FolderWatcher
+from deidfs.watch.events import Change, FileEvent
+from deidfs.watch.watcher import FolderWatcher
 
 log = logging.getLogger(__name__)
 

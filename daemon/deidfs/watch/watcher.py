@@ -35,15 +35,11 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import NamedTuple
 
 from watchdog.events import (
     DirDeletedEvent,
     DirMovedEvent,
-    EventsLostEvent,
     FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -51,67 +47,43 @@ from watchdog.events import (
     FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
-    FileSystemEventHandler,
 )
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserverVFS
 
 from deidfs.config.model import WatchMode
+from deidfs.watch.events import (
+    _EVENT_FILTER,
+    _STOP,
+    IGNORED_SUFFIXES,
+    Change,
+    FileEvent,
+    _Cmd,
+    _Enqueuer,
+    _Pending,
+    _RootLost,
+    _ScanBatch,
+    _ScanEnd,
+    _ScanStats,
+    _Sig,
+    _Stop,
+    _WorkItem,
+)
+from deidfs.watch.limits import (
+    _INSTANCE_LIMIT_FILE,
+    _QUEUE_LIMIT_FILE,
+    _errname,
+    _inotify_fd_of,
+    _observer_alive,
+    _read_int,
+    _watched_inodes,
+    filesystem_type,
+    inotify_watch_limit,
+    is_network_filesystem,
+)
 
 logger = logging.getLogger(__name__)
-
-#: File names (lower-cased) ending like this are transfers in progress (dcm4che ``.part``,
-#: RSNA CTP ``.partial``): never reported; their rename into place is.
-IGNORED_SUFFIXES = (".part", ".partial")
-
-#: File systems where inotify misses changes made by other hosts (inotify(7): "remote network
-#: file systems"); ``auto`` polls on these and on every ``fuse.*`` type.
-NETWORK_FS_TYPES = frozenset(
-    {
-        "nfs",
-        "nfs4",
-        "cifs",
-        "smb3",
-        "smbfs",
-        "ncpfs",
-        "afs",
-        "ceph",
-        "glusterfs",
-        "9p",
-        "lustre",
-        "gpfs",
-        "beegfs",
-        "virtiofs",
-        "fuse",
-        "fuseblk",
-    }
-)
-
-_WATCH_LIMIT_FILES = (
-    Path("/proc/sys/fs/inotify/max_user_watches"),
-    # The limit of the current user namespace; inside a container it may be lower.
-    Path("/proc/sys/user/max_inotify_watches"),
-)
-_INSTANCE_LIMIT_FILE = Path("/proc/sys/fs/inotify/max_user_instances")
-_QUEUE_LIMIT_FILE = Path("/proc/sys/fs/inotify/max_queued_events")
-
-# Event types the observer passes on. Opened/closed-without-write events are left out so that
-# reads of the sources (by deidfs itself) do not wake the watcher; for inotify this also
-# narrows the kernel mask.
-_EVENT_FILTER: list[type[FileSystemEvent]] = [
-    FileCreatedEvent,
-    FileModifiedEvent,
-    FileAttribEvent,
-    FileClosedEvent,
-    FileMovedEvent,
-    FileDeletedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    # The inotify queue overflowed (IN_Q_OVERFLOW): watchdog delivers this only to watches
-    # whose filter lists it.
-    EventsLostEvent,
-]
 
 #: After close-write or a rename into place the file only has to keep its signature this long.
 _QUICK_SETTLE_SECONDS = 0.1
@@ -126,253 +98,6 @@ _OVERFLOW_LOG_SECONDS = 60.0
 
 # Test seam: the directory lister of the scans.
 _scandir = os.scandir
-
-
-class FileEvent(Enum):
-    """What happened to a file."""
-
-    READY = "ready"  #: settled: complete and stable, ready to be indexed (again)
-    GONE = "gone"  #: a file reported ready was deleted, moved away or is no longer regular
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One report of the watcher to its sink."""
-
-    folder_id: str
-    path: Path  #: absolute source path
-    kind: FileEvent
-
-
-class _Sig(NamedTuple):
-    """What identifies one version of a file's content without reading it."""
-
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int  #: moves with every change, even one whose mtime was set back
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> _Sig:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-@dataclass(slots=True)
-class _Pending:
-    """A file seen but not yet settled (owned by the worker thread)."""
-
-    sig: _Sig | None  #: last signature seen; None until the first sweep
-    since: float  #: clock() of the last event or signature change
-    quick: bool  #: closed after writing or renamed into place: a short check suffices
-
-
-@dataclass(frozen=True, slots=True)
-class _ScanBatch:
-    scan_id: int
-    files: list[tuple[str, _Sig]]
-    reconcile: bool  #: a periodic scan: count what the observer missed
-
-
-@dataclass(frozen=True, slots=True)
-class _ScanEnd:
-    scan_id: int
-    complete: bool  #: the whole tree was read, so absent files may be declared gone
-    initial: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _RootLost:
-    pass
-
-
-class _Stop:
-    pass
-
-
-_STOP = _Stop()
-
-_WorkItem = FileSystemEvent | _ScanBatch | _ScanEnd | _RootLost | _Stop
-
-
-class _Cmd(Enum):
-    RESCAN = "rescan"
-    OVERFLOW = "overflow"  #: events were lost: rescan at once
-    CHECK = "check"
-    STOP = "stop"
-
-
-@dataclass(slots=True)
-class _ScanStats:
-    files: int = 0
-    dirs: dict[int, str] = field(default_factory=dict)  #: inode -> path of every directory
-
-
-class _Enqueuer(FileSystemEventHandler):
-    """Observer callback: runs on watchdog's dispatch thread, so it only enqueues.
-
-    A loss of events goes straight to the supervisor, not behind the events queued for the
-    worker: the rescan it calls for should not wait for a backlog to be settled first.
-    """
-
-    def __init__(self, put: Callable[[_WorkItem], None], lost: Callable[[], None]) -> None:
-        super().__init__()
-        self._put = put
-        self._lost = lost
-
-    def dispatch(self, event: FileSystemEvent) -> None:
-        if isinstance(event, EventsLostEvent):
-            self._lost()
-        else:
-            self._put(event)
-
-
-def inotify_watch_limit() -> int | None:
-    """Return the inotify watch limit that applies to this process.
-
-    Reads ``/proc/sys/fs/inotify/max_user_watches`` and, inside a user namespace, the lower
-    ``/proc/sys/user/max_inotify_watches`` of that namespace. The limit is per real uid and
-    shared by every process of that user.
-
-    Returns
-    -------
-    int or None
-        The smallest limit found, or None when neither file is readable.
-    """
-    values: list[int] = []
-    for limit_file in _WATCH_LIMIT_FILES:
-        try:
-            values.append(int(limit_file.read_text(encoding="ascii").strip()))
-        except (OSError, ValueError):
-            continue
-    return min(values) if values else None
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text(encoding="ascii").strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _unescape_mountinfo(field_text: str) -> str:
-    r"""Undo the octal escapes (``\040`` etc.) of /proc/self/mountinfo path fields."""
-    if "\\" not in field_text:
-        return field_text
-    out: list[str] = []
-    i = 0
-    while i < len(field_text):
-        chunk = field_text[i : i + 4]
-        if len(chunk) == 4 and chunk[0] == "\\" and chunk[1:].isdigit():
-            out.append(chr(int(chunk[1:], 8)))
-            i += 4
-        else:
-            out.append(field_text[i])
-            i += 1
-    return "".join(out)
-
-
-def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
-    """Return the file system type of the mount that holds ``path``.
-
-    Parameters
-    ----------
-    path : Path
-        An absolute, symlink-free path (pass ``os.path.realpath``'s result).
-    mountinfo : str, optional
-        The text of ``/proc/self/mountinfo``; read when not given.
-
-    Returns
-    -------
-    str or None
-        The type (``ext4``, ``nfs4``, ``fuse.sshfs``, ...) of the longest mount point that
-        contains ``path`` (the last one mounted, when several share it), or None if unknown.
-    """
-    if mountinfo is None:
-        try:
-            mountinfo = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return None
-    target = str(path)
-    best_len = -1
-    best_type: str | None = None
-    for line in mountinfo.splitlines():
-        # "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 5 or not right:
-            continue
-        mount_point = _unescape_mountinfo(fields[4])
-        inside = mount_point in ("/", target) or target.startswith(mount_point + "/")
-        if inside and len(mount_point) >= best_len:
-            best_len = len(mount_point)
-            best_type = right.split()[0]
-    return best_type
-
-
-def is_network_filesystem(fstype: str) -> bool:
-    """Tell whether inotify misses remote changes on this file system type.
-
-    Parameters
-    ----------
-    fstype : str
-        A type as in /proc/self/mountinfo.
-
-    Returns
-    -------
-    bool
-        True for NFS, SMB/CIFS, cluster file systems, 9p, virtiofs and every FUSE file system.
-    """
-    return fstype in NETWORK_FS_TYPES or fstype.startswith("fuse.")
-
-
-def _watched_inodes(fd: int) -> set[int] | None:
-    """Inode numbers of the directories an inotify file descriptor of ours watches.
-
-    /proc/self/fdinfo/<fd> lists one ``inotify wd:.. ino:<hex> sdev:<hex> ...`` line per
-    watch that the kernel really holds. Device numbers are left out: on btrfs the
-    superblock's device differs from what stat reports for a subvolume.
-    """
-    try:
-        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
-            return None
-        text = Path(f"/proc/self/fdinfo/{fd}").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return None
-    inodes: set[int] = set()
-    for line in text.splitlines():
-        if not line.startswith("inotify "):
-            continue
-        for item in line.split():
-            if item.startswith("ino:"):
-                with contextlib.suppress(ValueError):
-                    inodes.add(int(item[4:], 16))
-                break
-    return inodes
-
-
-def _inotify_fd_of(observer: BaseObserver) -> int | None:
-    # watchdog keeps the inotify instance of an InotifyObserver in a private attribute; if a
-    # later version moves it, the watch check falls back to comparing with the limit.
-    holder = getattr(observer, "_inotify_fd", None)
-    fd = getattr(holder, "_inotify_fd", None)
-    return fd if isinstance(fd, int) else None
-
-
-def _errname(exc: OSError) -> str:
-    # Never str(exc): an OSError's text carries the file name.
-    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-
-
-def _observer_alive(observer: BaseObserver | None) -> bool:
-    if observer is None or not observer.is_alive():
-        return False
-    try:
-        emitters = list(observer.emitters)
-    except RuntimeError:  # the set changed while copied; ask again at the next check
-        return True
-    # An emitter stops by itself when its root is deleted.
-    return bool(emitters) and all(emitter.is_alive() for emitter in emitters)
 
 
 class FolderWatcher:
