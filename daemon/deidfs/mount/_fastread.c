@@ -32,7 +32,10 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fuse.h>
+#include <fuse_log.h>
 #include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -318,6 +321,24 @@ int dfs_stat(uint64_t id, const char *path, struct stat *st)
 {
     struct mount *m = mount_of(id);
     return m && stat_of(m, path, st) ? 0 : -ENOENT;
+}
+
+/* libfuse's log lines, written to standard error with one write(2) each. libfuse's own
+ * logger writes through stdio, whose lock a libfuse worker can die holding (workers are
+ * cancelled while they read the device, which may print an error): every later line, and
+ * the interpreter's flush of standard error at exit, would then wait for it forever. */
+void dfs_fuse_log(enum fuse_log_level level, const char *fmt, va_list ap)
+{
+    (void)level;
+    char line[1024];
+    int n = vsnprintf(line, sizeof line, fmt, ap);
+    if (n <= 0)
+        return;
+    size_t len = (size_t)n < sizeof line ? (size_t)n : sizeof line - 1;
+    int saved = errno;
+    ssize_t w = write(2, line, len);
+    (void)w;
+    errno = saved;
 }
 
 /* Register an open handle; 0 on success, -1 if its slot is taken (it stays in Python). */

@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from deidfs.errors import DeidfsError
+from deidfs.mount.fastread import route_libfuse_log
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ def _with_c_reads(mfusepy: Any) -> None:
         inst = getattr(_mounting, "fuse", None)
         operations = getattr(inst, "operations", None)
         fast = getattr(operations, "fast", None)
+        route_libfuse_log(_libfuse())
         if inst is not None and operations is not None and fast is not None:
             ops = ops_p.contents
             fields = {f[0]: f[1] for f in type(ops)._fields_}

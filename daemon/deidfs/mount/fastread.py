@@ -99,6 +99,20 @@ def _library() -> ctypes.PyDLL | None:
     return lib
 
 
+@functools.cache
+def route_libfuse_log(libfuse: Any) -> bool:
+    """Have libfuse write its log lines with write(2), not stdio (see ``dfs_fuse_log``);
+    once per process. False when the C library is not built."""
+    lib = _library()
+    if lib is None:
+        return False
+    set_log = libfuse.fuse_set_log_func
+    set_log.argtypes = [_ptr]
+    set_log.restype = None
+    set_log(ctypes.cast(lib.dfs_fuse_log, _ptr).value)
+    return True
+
+
 def available() -> bool:
     """Whether the C read path is built and not switched off (``DEIDFS_C_READS=0``)."""
     if os.environ.get(ENV_SWITCH, "1").strip() in ("0", "false", "no", "off"):
