@@ -33,8 +33,8 @@ from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, NotFound, ProfileError, Refused
 from deidfs.evidence.verify import verify_tree
+from deidfs.export.errors import ExportRefused
 from deidfs.export.folder import (
-    ExportRefused,
     ExportStopped,
     ExportSummary,
     Selection,

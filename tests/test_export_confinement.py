@@ -25,13 +25,8 @@ from conftest import Daemon, run_cli, sample_file
 from deidfs.cli import common
 from deidfs.cli.main import main
 from deidfs.config.model import load_config
-from deidfs.export.folder import (
-    ExportError,
-    ExportRefused,
-    ExportStopped,
-    export_folder,
-    is_temp_name,
-)
+from deidfs.export.errors import ExportError, ExportRefused
+from deidfs.export.folder import ExportStopped, export_folder, is_temp_name
 from deidfs.view.render import View
 from test_export import PSEUDO, many_sources, tree, write_config_file
 

@@ -47,9 +47,9 @@ from deidfs.export.cluster import (
     connect,
     prepare,
 )
+from deidfs.export.errors import ExportError, stopped_exit_code
 from deidfs.export.folder import (
     Claims,
-    ExportError,
     ExportStopped,
     ExportWriter,
     FileResult,
@@ -64,7 +64,6 @@ from deidfs.export.folder import (
     guard_of,
     quiet_pydicom,
     resolve_destination,
-    stopped_exit_code,
     walk_sources,
 )
 from deidfs.export.send import destination_of, send_sources

@@ -57,10 +57,10 @@ from typing import Any, TextIO
 from deidfs import __version__
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, DeidfsError
+from deidfs.export.errors import ExportError
 from deidfs.export.folder import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
-    ExportError,
     ExportWriter,
     FileResult,
     Item,

@@ -100,6 +100,7 @@ from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, NotFound, ProfileError, Refused
+from deidfs.export.errors import ExportError, ExportRefused, _oserror, stopped_exit_code
 from deidfs.ops.lifeline import die_with_parent
 from deidfs.view.render import (
     DEFLATED,
@@ -133,9 +134,6 @@ HASH_CHUNK = 1 << 20
 #: Threads that hash, flush and rename written files while the caller writes the next ones:
 #: hashing (without the GIL) takes longer than copying a file's pixels in the kernel.
 COMMIT_THREADS = 2
-#: Errors of the output that no further file can escape: the export stops.
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_FATAL_ERRNOS = _FULL_ERRNOS | {errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 class Outcome(Enum):
@@ -145,59 +143,6 @@ class Outcome(Enum):
     REPLACED = "replaced"  #: an existing file with other bytes was replaced
     UNCHANGED = "unchanged"  #: an identical file was already there
     PENDING = "pending"  #: written to ``Result.temp``; the target exists (``replace=False``)
-
-
-class ExportError(DeidfsError):
-    """A view could not be written. The message names no source path and no value.
-
-    ``source`` is true when the source could not be read (the output is not at fault).
-    A full disk exits 75 (EX_TEMPFAIL: free space and run again, the export resumes), any
-    other failure to write 73 (EX_CANTCREAT).
-    """
-
-    exit_code = os.EX_CANTCREAT
-
-    def __init__(self, message: str, errno_: int | None = None, *, source: bool = False) -> None:
-        super().__init__(message)
-        self.errno = errno_
-        self.source = source
-        if errno_ in _FULL_ERRNOS and not source:
-            self.exit_code = os.EX_TEMPFAIL
-
-    @property
-    def fatal(self) -> bool:
-        """The output cannot take more files (full, read-only, not permitted): stop."""
-        return not self.source and self.errno in _FATAL_ERRNOS
-
-    @property
-    def reason(self) -> str:
-        """A short bounded identifier of the failure, fit for a metric label."""
-        if self.source:
-            return "source_unreadable"
-        if self.errno in _FULL_ERRNOS:
-            return "disk_full"
-        if self.errno in _FATAL_ERRNOS:
-            return "unwritable"
-        return "io_error"
-
-
-class ExportRefused(ExportError):
-    """The destination is not allowed (exit 77, EX_NOPERM): inside a watched folder, the
-    state directory or the mount; reached through a symbolic link while writing; or, for an
-    export through the daemon, outside its export directory. Nothing more is written there.
-    """
-
-    exit_code = os.EX_NOPERM
-
-    @property
-    def fatal(self) -> bool:
-        """No file can go there: the export stops."""
-        return True
-
-    @property
-    def reason(self) -> str:
-        """A short bounded identifier of the failure, fit for a metric label."""
-        return "destination_refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,11 +172,6 @@ def target_path(root: Path, relpath: PurePosixPath) -> Path:
         if part in (".", "..") or part.startswith(".") or "\x00" in part:
             raise ExportError("view path has a component that is not a plain name")
     return root.joinpath(*parts)
-
-
-def _oserror(what: str, exc: OSError, *, source: bool = False) -> ExportError:
-    # str(OSError) carries the file name, which may carry PHI; strerror does not.
-    return ExportError(f"{what}: {exc.strerror or type(exc).__name__}", exc.errno, source=source)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -2495,16 +2435,6 @@ def _write_manifest_at(
     if durable:
         _fsync_dir_fd(dir_fd)
     return directory / name
-
-
-def stopped_exit_code(reason: str) -> int:
-    """The exit code of an export stopped by an output failure of ``reason``: 75 full (run
-    again once there is room), 77 a refused destination, 73 any other."""
-    if reason == "disk_full":
-        return os.EX_TEMPFAIL
-    if reason == "destination_refused":
-        return os.EX_NOPERM
-    return os.EX_CANTCREAT
 
 
 def _hash_and_write_manifest(run: _FolderExport, writer: ExportWriter) -> Path:
