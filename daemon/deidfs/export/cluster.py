@@ -57,6 +57,7 @@ from typing import Any, TextIO
 from deidfs import __version__
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, DeidfsError
+from deidfs.export.dirs import open_path_dirs
 from deidfs.export.errors import ExportError
 from deidfs.export.folder import (
     TEMP_PREFIX,
@@ -69,7 +70,6 @@ from deidfs.export.folder import (
     ScanResult,
     StopFlag,
     ViewLookup,
-    open_path_dirs,
     quiet_third_party,
     run_chunk,
     scan_chunk,
