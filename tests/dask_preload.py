@@ -22,7 +22,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from deidfs.export import folder as export
+from deidfs.export import writer as export
 
 FAULTS_ENV = "DEIDFS_TEST_FAULTS"
 

@@ -21,12 +21,14 @@ from typing import Any
 import pytest
 
 import deidfs.export.folder as export_module
+import deidfs.export.writer as export_writer
 from conftest import Daemon, run_cli, sample_file
 from deidfs.cli import common
 from deidfs.cli.main import main
 from deidfs.config.model import load_config
 from deidfs.export.errors import ExportError, ExportRefused
-from deidfs.export.folder import ExportStopped, export_folder, is_temp_name
+from deidfs.export.folder import ExportStopped, export_folder
+from deidfs.export.writer import is_temp_name
 from deidfs.view.render import View
 from test_export import PSEUDO, many_sources, tree, write_config_file
 
@@ -280,7 +282,7 @@ def test_a_link_swapped_in_below_the_destination_is_not_written_through(
     config = load_config(cfg)
     export = tmp_path / "export"
     dest = export / "ct"
-    real_write = export_module.write_view_fd
+    real_write = export_writer.write_view_fd
     moved = export / "moved"
 
     def write_then_swap(view: View, src_fd: int, fd: int) -> None:
@@ -291,7 +293,7 @@ def test_a_link_swapped_in_below_the_destination_is_not_written_through(
             os.rename(top, moved)
             top.symlink_to(other)
 
-    monkeypatch.setattr(export_module, "write_view_fd", write_then_swap)
+    monkeypatch.setattr(export_writer, "write_view_fd", write_then_swap)
     before = watched(tmp_path)
     written, code = -1, 0
     try:

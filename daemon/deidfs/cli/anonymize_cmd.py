@@ -51,11 +51,9 @@ from deidfs.export.errors import ExportError, stopped_exit_code
 from deidfs.export.folder import (
     Claims,
     ExportStopped,
-    ExportWriter,
     FileResult,
     Item,
     Job,
-    Outcome,
     Place,
     PoolRunner,
     Runner,
@@ -67,6 +65,7 @@ from deidfs.export.folder import (
     walk_sources,
 )
 from deidfs.export.send import destination_of, send_sources
+from deidfs.export.writer import ExportWriter, Outcome
 from deidfs.secret import load_or_create_key, read_key_file
 from deidfs.view.render import Layout
 

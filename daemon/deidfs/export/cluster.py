@@ -60,20 +60,17 @@ from deidfs.errors import ConfigError, DeidfsError
 from deidfs.export.dirs import open_path_dirs
 from deidfs.export.errors import ExportError
 from deidfs.export.folder import (
-    TEMP_PREFIX,
-    TEMP_SUFFIX,
-    ExportWriter,
     FileResult,
     Item,
     Job,
     ScanJob,
     ScanResult,
     StopFlag,
-    ViewLookup,
     quiet_third_party,
     run_chunk,
     scan_chunk,
 )
+from deidfs.export.writer import TEMP_PREFIX, TEMP_SUFFIX, ExportWriter, ViewLookup
 from deidfs.secret import read_key_file
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,948 @@
+"""Write views as files: atomically, durably and idempotently.
+
+A view is written to a file without a name (``O_TMPFILE``) in its target directory, flushed to
+disk, and only then linked under its final name, so a reader (or a crash, or ``kill -9``)
+never sees a partial file under a final name, and an interrupted writer leaves nothing behind.
+Where the file system has no ``O_TMPFILE``, the file is a temporary dotfile
+(``.deidfs-<pid>-<rand>.tmp``) renamed into place; temporary files left by a killed writer are
+removed the next time a writer works in that directory, and until then they are dotfiles,
+which deidfs never takes as sources. Directories that gain entries are fsynced too.
+
+Flushing waits for the disk, so it is done for groups of files (one ``syncfs``), and hashing
+for the manifest runs on commit threads while the caller renders and writes the next view:
+:meth:`ExportWriter.put` returns once the bytes are in the file, and
+:meth:`ExportWriter.finish` reports how each one ended.
+
+A target that exists with the same size, the same header and trailer bytes, and was written
+after the source last changed, is left alone ("unchanged"): the pixel bytes between come
+unchanged from that same source.
+
+Several sources may name one target (the same SOP Instance UID in two files). With
+``replace=False`` a writer never replaces an existing file: a new target is created with
+``link()``, which fails if another source created it meanwhile, and a view whose target already
+exists with other bytes is left ``PENDING`` in its (durable) temporary file for the caller to
+:meth:`~ExportWriter.settle` or :meth:`~ExportWriter.discard` once it knows which source wins.
+
+A writer follows no symbolic link: it opens every directory from ``/`` down, one component
+at a time with ``O_NOFOLLOW`` (:mod:`deidfs.export.dirs`), and creates, links and renames
+files relative to the descriptor of their directory. A link in the way, there before or
+swapped in meanwhile, is refused (:class:`~deidfs.export.errors.ExportRefused`, exit 77) and
+never written through.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import logging
+import os
+import queue
+import re
+import secrets
+import stat
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path, PurePosixPath
+from typing import cast
+
+from deidfs.deid.plan import Plan
+from deidfs.deid.pseudonym import Pseudonymizer
+from deidfs.errors import DeidfsError, Refused
+from deidfs.export.dirs import (
+    _HERE,
+    OPEN_DIRS,
+    DirId,
+    _dir_id,
+    _lexists_at,
+    open_dir_at,
+    open_path_dirs,
+)
+from deidfs.export.errors import ExportError, ExportRefused, _oserror
+from deidfs.view.render import (
+    Layout,
+    SourceStat,
+    View,
+    read_view,
+    render,
+    source_unchanged,
+    write_view_fd,
+)
+
+log = logging.getLogger(__name__)
+
+
+#: Each process's open descriptor of its /proc/self/fd (to link unnamed files), by pid.
+_PROC_FD_DIRS: dict[int, int | None] = {}
+TEMP_PREFIX = ".deidfs-"
+TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"^\.deidfs-(\d+)-[0-9a-f]+\.tmp$")
+#: Views waiting for their hash or their flush to disk at most; bounds open file descriptors
+#: and memory. A durable writer flushes this many at once (see :class:`ExportWriter`).
+MAX_PENDING = 64
+#: Mode of written files (before the umask), like any file a user creates.
+FILE_MODE = 0o644
+#: Bytes read at a time to hash a written file.
+HASH_CHUNK = 1 << 20
+#: Threads that hash, flush and rename written files while the caller writes the next ones:
+#: hashing (without the GIL) takes longer than copying a file's pixels in the kernel.
+COMMIT_THREADS = 2
+
+
+class Outcome(Enum):
+    """How one view ended on disk."""
+
+    WRITTEN = "written"  #: a new file
+    REPLACED = "replaced"  #: an existing file with other bytes was replaced
+    UNCHANGED = "unchanged"  #: an identical file was already there
+    PENDING = "pending"  #: written to ``Result.temp``; the target exists (``replace=False``)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What became of the view submitted under ``key``; ``error`` set when it failed."""
+
+    key: Hashable
+    outcome: Outcome | None
+    size: int
+    relpath: PurePosixPath
+    temp: Path | None = None  #: the temporary file of a ``PENDING`` view
+    error: ExportError | None = None
+    sha256: str = ""  #: of the bytes written (``digest=True``; not for ``UNCHANGED``)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary file of a writer (a dotfile, never a source)."""
+    return _TEMP_NAME.match(name) is not None
+
+
+def target_path(root: Path, relpath: PurePosixPath) -> Path:
+    """``root / relpath``, refusing any path that could leave ``root`` or hide as a dotfile."""
+    parts = relpath.parts
+    if not parts or relpath.is_absolute():
+        raise ExportError("view path is empty or absolute")
+    for part in parts:
+        if part in (".", "..") or part.startswith(".") or "\x00" in part:
+            raise ExportError("view path has a component that is not a plain name")
+    return root.joinpath(*parts)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_temps(directory: Path | int, keep: int | None = None) -> int:
+    """Remove temporary files of writers that no longer run from ``directory`` (a path, or
+    an open descriptor of it).
+
+    Parameters
+    ----------
+    directory
+        The directory, or an open descriptor of it.
+    keep
+        A process whose temporary files are never taken for leftovers: the writer's own
+        owner. On another machine than the owner's (a cluster's worker), whether that
+        process runs cannot be seen, and its files wait there to be settled.
+
+    Returns
+    -------
+    int
+        How many were removed.
+    """
+    removed = 0
+    dir_fd = directory if isinstance(directory, int) else None
+    try:
+        entries = os.scandir(directory)
+    except OSError:
+        return 0
+    with entries:
+        for entry in entries:
+            m = _TEMP_NAME.match(entry.name)
+            if m is None or int(m.group(1)) == keep or _pid_alive(int(m.group(1))):
+                continue
+            try:
+                if dir_fd is None:
+                    os.unlink(entry.path)
+                else:
+                    os.unlink(entry.name, dir_fd=dir_fd)
+                removed += 1
+            except OSError:
+                continue  # removed meanwhile by another writer
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted writer", removed)
+    return removed
+
+
+def _same_file(dir_fd: int, name: str, view: View, src_fd: int) -> bool:
+    """The file ``name`` in ``dir_fd`` holds this view already: same size, header and
+    trailer, newer than the source.
+
+    A view with redacted pixels (in memory or zeroed ranges) is compared in its pixel bytes
+    too: another mask leaves header and trailer as they were.
+    """
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_size != view.size
+            or st.st_mtime_ns < view.source.mtime_ns
+        ):
+            return False
+        header = view.header
+        if os.pread(fd, len(header), 0) != header:
+            return False
+        trailer = view.trailer
+        if trailer and os.pread(fd, len(trailer), view.size - len(trailer)) != trailer:
+            return False
+        if view.pixels or view.zeroed:
+            at = len(header)
+            end = view.size - len(trailer)
+            while at < end:
+                n = min(end - at, 1 << 20)
+                if os.pread(fd, n, at) != read_view(view, src_fd, at, n):
+                    return False
+                at += n
+        return True
+    except (OSError, Refused):
+        return False
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class _Pending:
+    key: Hashable
+    fd: int
+    temp: str | None  #: None: an unnamed file (``O_TMPFILE``), linked into place by ``fd``
+    dir_fd: int  #: its directory (a descriptor of its own, closed with it)
+    rel_dir: PurePosixPath
+    relpath: PurePosixPath
+    size: int
+    dev: int  #: the file system the temporary file is on
+    sha256: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.relpath.name
+
+
+class ExportWriter:
+    """Writes views under ``root``; use as a context manager, or call :meth:`finish`.
+
+    Every file is created, linked and renamed relative to descriptors of its directories,
+    each opened from the one above without following a symbolic link, starting from ``/``:
+    a link anywhere on the way (the root's path included), present or swapped in while the
+    writer works, is refused (:class:`ExportRefused`) and never written through. Callers
+    resolve the links of an admin's destination first (:func:`resolve_destination`).
+
+    Parameters
+    ----------
+    root
+        The output directory, an absolute path without symbolic links; created if missing.
+    durable
+        Flush each file (and its directory) to disk before it appears under its name. Off,
+        a crash of the machine (not of the process) may leave empty files under final names.
+        Files are flushed in groups: the temporary files of up to :data:`MAX_PENDING` views
+        (or all those written before :meth:`finish`) are flushed with one ``syncfs(2)`` of
+        the output's file system, then renamed; one journal commit for the group instead of
+        one per file. Where ``syncfs`` is missing or fails, or a file lies on another file
+        system, each file gets its own ``fsync``. Each file's writeback is started as soon
+        as it is written, so the disk writes while the next views are rendered.
+    replace
+        Replace an existing target with other bytes. When false, such a view ends
+        ``PENDING`` (see the module's notes).
+    owner_pid
+        The process whose id names the temporary files (default: this one). Writers in
+        worker processes name the coordinating process, which outlives them and settles
+        their ``PENDING`` files, so no other writer takes those for leftovers.
+    digest
+        Compute the SHA-256 of every file written (``Result.sha256``), from the temporary
+        file on the commit thread, before it is flushed and renamed.
+    expect
+        The identity (:attr:`root_id`) the root must have: a writer in a worker process
+        writes only into the directory its coordinator checked, not one put in its place.
+    guard
+        Identities of directories never to write in, nor below: each directory opened on the
+        way to a file is compared with them.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        durable: bool = True,
+        replace: bool = True,
+        owner_pid: int | None = None,
+        digest: bool = False,
+        expect: DirId | None = None,
+        guard: frozenset[DirId] = frozenset(),
+    ) -> None:
+        self.root = Path(os.path.abspath(root))
+        self.durable = durable
+        self.replace = replace
+        self.digest = digest
+        self.guard = guard
+        self._pid = os.getpid() if owner_pid is None else owner_pid
+        self._root_id = expect
+        self._root_fd: int | None = None
+        #: Open descriptors of directories below the root, least recently used first.
+        self._dirs: OrderedDict[PurePosixPath, int] = OrderedDict()
+        self._dirs_ready: set[PurePosixPath] = set()
+        #: Directories this writer found missing and created: they hold no earlier file.
+        self._dirs_new: set[PurePosixPath] = set()
+        #: Unnamed files work here (O_TMPFILE, and /proc to link them by descriptor).
+        self._unnamed = _proc_fd_dir() is not None
+        self._dirs_touched: set[PurePosixPath] = set()
+        self._queue: queue.Queue[_Pending | None] = queue.Queue(MAX_PENDING)
+        #: Durable views written (and hashed) that wait for the group flush.
+        self._unsynced: list[_Pending] = []
+        self._results: list[Result] = []
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    # -- public ---------------------------------------------------------------------------------
+    @property
+    def root_id(self) -> DirId | None:
+        """The root's identity, once it was opened (:meth:`check_root`)."""
+        return self._root_id
+
+    def root_fd(self) -> int:
+        """An open descriptor of the root (the writer's own: do not close it).
+
+        Raises
+        ------
+        ExportRefused
+            A symbolic link on the way, or the root is not the directory it was.
+        OSError
+            When it cannot be opened or created.
+        """
+        if self._root_fd is None:
+            fd = open_path_dirs(self.root, create=True, guard=self.guard)
+            ident = _dir_id(fd)
+            if self._root_id is None:
+                self._root_id = ident
+            elif ident != self._root_id:
+                os.close(fd)
+                raise ExportRefused("the output directory was replaced during the export")
+            self._root_fd = fd
+        return self._root_fd
+
+    def check_root(self) -> None:
+        """Create the output directory and prove a file can be created in it.
+
+        Raises
+        ------
+        ExportRefused
+            When a symbolic link stands on its path (see the class's notes).
+        ExportError
+            When it cannot (read-only file system, permissions, not a directory).
+        """
+        try:
+            root = self.root_fd()
+        except OSError as exc:
+            raise _oserror("cannot create the output directory", exc) from None
+        temp = self._temp_name()
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd = os.open(temp, flags, FILE_MODE, dir_fd=root)
+        except OSError as exc:
+            self.close()  # nothing to hold the directory open for (it may be unmounted)
+            raise _oserror("cannot write to the output directory", exc) from None
+        os.close(fd)
+        os.unlink(temp, dir_fd=root)
+        remove_stale_temps(root, self._pid)
+        self._dirs_ready.add(_HERE)
+
+    def put(self, key: Hashable, view: View, src_fd: int) -> None:
+        """Write ``view`` (pixel bytes from ``src_fd``) to its temporary file and queue its
+        commit. The result, reported by :meth:`finish`, carries ``key``.
+
+        Raises
+        ------
+        Refused
+            When the source changed while its view was being written (nothing is left).
+        ExportError
+            When the file cannot be written (nothing is left); :class:`ExportRefused` when
+            its directory cannot be reached without a symbolic link.
+        """
+        target_path(self.root, view.relpath)  # a plain relative path, or refused
+        rel_dir = view.relpath.parent
+        dir_fd = self._prepare_dir(rel_dir)
+        name = view.relpath.name
+        if rel_dir not in self._dirs_new and _same_file(dir_fd, name, view, src_fd):
+            self._add(Result(key, Outcome.UNCHANGED, view.size, view.relpath))
+            return
+        fd, temp = self._create(dir_fd)
+        try:
+            write_view_fd(view, src_fd, fd)
+            written = os.fstat(fd)
+            if written.st_size != view.size:
+                raise ExportError("cannot write the file: it came out short", errno.EIO)
+            if not source_unchanged(view, src_fd):
+                raise Refused("source_changed", "source changed while it was written")
+        except BaseException as exc:
+            os.close(fd)
+            if temp is not None:
+                _unlink_at_quietly(dir_fd, temp)
+            if isinstance(exc, OSError):
+                raise _oserror("cannot write the file", exc) from None
+            raise
+        if self.durable:
+            _start_writeback(fd)
+        own_dir = os.dup(dir_fd)  # the cached one may be closed before this file is committed
+        pending = _Pending(key, fd, temp, own_dir, rel_dir, view.relpath, view.size, written.st_dev)
+        if not self.digest:
+            # Nothing to hash: a commit thread would only cost hand-offs of the GIL.
+            if self.durable:
+                self._hold(pending)
+            else:
+                self._add(self._commit(pending))
+            return
+        self._ensure_thread()
+        self._queue.put(pending)
+
+    def put_path(
+        self,
+        key: Hashable,
+        path: str | os.PathLike[str],
+        plan: Plan,
+        pseudonymizer: Pseudonymizer,
+        layout: Layout = Layout.DICOM,
+        source_rel: PurePosixPath | None = None,
+        cached: ViewLookup | None = None,
+        max_header_bytes: int | None = None,
+    ) -> View:
+        """Render the source at ``path``, :meth:`put` its view and return the view.
+
+        The source is opened once, read-only and without following a final symbolic link
+        (as :func:`~deidfs.view.render.render_path` does); its pixel bytes are copied from that
+        same open file, so a file replaced meanwhile can never mix into the output.
+        ``cached`` may hold the view already, for this path and the state the open file has
+        (built with the same plan, layout and key): then it is not rendered again.
+
+        Raises
+        ------
+        Refused
+            As :func:`~deidfs.view.render.render` does, and when the source changes meanwhile.
+        ExportError
+            When the source cannot be opened or the file cannot be written.
+        """
+        try:
+            # O_NONBLOCK: opening a FIFO swapped in for the file must not wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise _oserror("cannot open the source", exc, source=True) from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise Refused("not_regular", "not a regular file")
+            state = SourceStat.of(st)
+            view = cached(os.fspath(path), state) if cached is not None else None
+            if view is None or view.source != state:
+                view = render(
+                    f,
+                    state,
+                    plan,
+                    pseudonymizer,
+                    layout,
+                    source_rel,
+                    max_header_bytes=max_header_bytes,
+                )
+            self.put(key, view, fd)
+        return view
+
+    def finish(self) -> list[Result]:
+        """Wait for every queued view to be on disk under its name; return all results.
+
+        The writer can be used again afterwards.
+        """
+        self._stop_threads()
+        self._flush_group()
+        with self._lock:
+            results, self._results = self._results, []
+            touched, self._dirs_touched = self._dirs_touched, set()
+        if self.durable:
+            # Deepest first: a new directory's own entries, then its entry in its parent.
+            for rel_dir in sorted(touched, key=lambda p: len(p.parts), reverse=True):
+                try:
+                    _fsync_dir_fd(self._dir(rel_dir))
+                except (OSError, ExportError) as exc:
+                    log.warning("could not flush a directory to disk: %s", _why(exc))
+        self.close()
+        return results
+
+    def abort(self) -> None:
+        """Stop: views not yet renamed are dropped and their temporary files removed."""
+        self._drop_unsynced()
+        if self._threads:
+            while True:  # drain what the threads have not taken yet
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    self._discard_pending(item)
+            self._stop_threads()
+            self._drop_unsynced()
+        self.close()
+
+    def close(self) -> None:
+        """Close the directory descriptors (opened again, checked, when the writer is used
+        again)."""
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
+
+    def __enter__(self) -> ExportWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+        self.close()
+
+    # -- internals ------------------------------------------------------------------------------
+    def _temp_name(self) -> str:
+        return f"{TEMP_PREFIX}{self._pid}-{secrets.token_hex(6)}{TEMP_SUFFIX}"
+
+    def _dir(self, rel_dir: PurePosixPath, created: list[PurePosixPath] | None = None) -> int:
+        """The open descriptor of ``rel_dir`` below the root, created when missing (each
+        one created is appended to ``created``), reached without following a link."""
+        if rel_dir == _HERE:
+            return self.root_fd()
+        fd = self._dirs.get(rel_dir)
+        if fd is not None:
+            self._dirs.move_to_end(rel_dir)
+            return fd
+        parent = self._dir(rel_dir.parent, created)
+        fd, made = open_dir_at(parent, rel_dir.name, create=True, guard=self.guard)
+        if made and created is not None:
+            created.append(rel_dir)
+        self._dirs[rel_dir] = fd
+        while len(self._dirs) > OPEN_DIRS:
+            os.close(self._dirs.popitem(last=False)[1])
+        return fd
+
+    def _prepare_dir(self, rel_dir: PurePosixPath) -> int:
+        created: list[PurePosixPath] = []
+        try:
+            fd = self._dir(rel_dir, created)
+        except OSError as exc:
+            raise _oserror("cannot create a directory", exc) from None
+        if rel_dir in self._dirs_ready:
+            return fd
+        if created:
+            # A new directory is durable only once the directory holding it is synced.
+            with self._lock:
+                self._dirs_touched.update(p.parent for p in created)
+            self._dirs_new.add(rel_dir)
+        else:
+            remove_stale_temps(fd, self._pid)
+        self._dirs_ready.add(rel_dir)
+        return fd
+
+    def _create(self, dir_fd: int) -> tuple[int, str | None]:
+        """A new empty file in ``dir_fd``, open read-write (a digest reads it back):
+        unnamed where the file system can, else a temporary dotfile (its name returned)."""
+        if self._unnamed:
+            try:
+                flags = os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC
+                return os.open(".", flags, FILE_MODE, dir_fd=dir_fd), None
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise _oserror("cannot create a file", exc) from None
+                self._unnamed = False  # not on this file system: named temporary files
+        temp = self._temp_name()
+        try:
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd = os.open(temp, flags, FILE_MODE, dir_fd=dir_fd)
+        except OSError as exc:
+            raise _oserror("cannot create a temporary file", exc) from None
+        return fd, temp
+
+    def _name(self, item: _Pending) -> str:
+        """Give the unnamed file of ``item`` a temporary name in its directory."""
+        temp = self._temp_name()
+        _link_unnamed(item.fd, item.dir_fd, temp)
+        return temp
+
+    def _publish(self, item: _Pending) -> tuple[Outcome, str | None]:
+        """Put ``item``'s file under its target name (its fd still open); returns the outcome
+        and, for ``PENDING``, the name of the temporary file that holds the view."""
+        d = item.dir_fd
+        if item.temp is None:
+            try:
+                _link_unnamed(item.fd, d, item.name)
+                return Outcome.WRITTEN, None
+            except FileExistsError:
+                item.temp = self._name(item)  # replaced below, or left pending
+            if not self.replace:
+                return Outcome.PENDING, item.temp
+            os.rename(item.temp, item.name, src_dir_fd=d, dst_dir_fd=d)
+            return Outcome.REPLACED, None
+        if self.replace:
+            outcome = Outcome.REPLACED if _lexists_at(d, item.name) else Outcome.WRITTEN
+            os.rename(item.temp, item.name, src_dir_fd=d, dst_dir_fd=d)
+            return outcome, None
+        if not _link_new(d, item.temp, item.name):
+            return Outcome.PENDING, item.temp
+        return Outcome.WRITTEN, None
+
+    def _discard_pending(self, item: _Pending) -> None:
+        os.close(item.fd)
+        if item.temp is not None:
+            _unlink_at_quietly(item.dir_fd, item.temp)
+        os.close(item.dir_fd)
+
+    def _add(self, result: Result) -> None:
+        with self._lock:
+            self._results.append(result)
+
+    def _ensure_thread(self) -> None:
+        while len(self._threads) < COMMIT_THREADS:
+            thread = threading.Thread(
+                target=self._commit_loop, name="deidfs-export-commit", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _stop_threads(self) -> None:
+        threads, self._threads = self._threads, []
+        for _ in threads:
+            self._queue.put(None)
+        for thread in threads:
+            thread.join()
+
+    def _commit_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if not self.durable:
+                self._add(self._commit(item))
+                continue
+            try:
+                item.sha256 = sha256_fd(item.fd, item.size)
+            except OSError as exc:
+                self._add(self._fail(item, exc))
+                continue
+            self._hold(item)
+
+    def _hold(self, item: _Pending) -> None:
+        """Keep a durable view for the group flush; flush the group once it is full."""
+        with self._lock:
+            self._unsynced.append(item)
+            full = len(self._unsynced) >= MAX_PENDING
+        if full:
+            self._flush_group()
+
+    def _flush_group(self) -> None:
+        """Flush the held views' files to disk and rename them into place."""
+        with self._lock:
+            group, self._unsynced = self._unsynced, []
+        if not group:
+            return
+        # One syncfs for the files on the output's file system; fsync for the rest, and for
+        # all when syncfs fails (then each file's own error is known).
+        root_dev = self._root_id[0] if self._root_id is not None else None
+        shared = [item for item in group if item.dev == root_dev]
+        if not shared or not _syncfs(shared[0].dir_fd):
+            shared = []
+        synced = {id(item) for item in shared}
+        for item in group:
+            if id(item) not in synced:
+                try:
+                    os.fsync(item.fd)
+                except OSError as exc:
+                    self._add(self._fail(item, exc))
+                    continue
+            self._add(self._commit(item))
+
+    def _drop_unsynced(self) -> None:
+        with self._lock:
+            group, self._unsynced = self._unsynced, []
+        for item in group:
+            self._discard_pending(item)
+
+    def _fail(self, item: _Pending, exc: OSError) -> Result:
+        self._discard_pending(item)
+        error = _oserror("cannot commit the file", exc)
+        return Result(item.key, None, item.size, item.relpath, error=error)
+
+    def _commit(self, item: _Pending) -> Result:
+        """Close ``item``'s file and rename it into place (its data is flushed already, or
+        need not be); non-durable views with a digest are hashed here."""
+        digest = item.sha256
+        try:
+            if self.digest and not digest:
+                digest = sha256_fd(item.fd, item.size)
+            outcome, temp = self._publish(item)
+        except OSError as exc:
+            return self._fail(item, exc)
+        os.close(item.fd)
+        os.close(item.dir_fd)
+        if temp is None:
+            with self._lock:
+                self._dirs_touched.add(item.rel_dir)
+        temp_path = self.root.joinpath(*item.rel_dir.parts, temp) if temp is not None else None
+        return Result(item.key, outcome, item.size, item.relpath, temp_path, sha256=digest)
+
+    def _pending_dir(self, temp: Path) -> tuple[PurePosixPath, str]:
+        """(directory below the root, name) of a ``PENDING`` view's temporary file."""
+        rel = PurePosixPath(Path(temp).relative_to(self.root).as_posix())
+        if not is_temp_name(rel.name):
+            raise ValueError("not a temporary file")
+        if rel.parent != _HERE:
+            target_path(self.root, rel.parent)  # plain names only
+        return rel.parent, rel.name
+
+    def settle(self, temp: Path, relpath: PurePosixPath) -> Outcome:
+        """Put a ``PENDING`` view's temporary file in place, replacing its target.
+
+        Raises
+        ------
+        ExportError
+            When it cannot be renamed (the temporary file is removed).
+        """
+        target_path(self.root, relpath)
+        try:
+            rel_dir, temp_name = self._pending_dir(temp)
+        except ValueError:
+            raise ExportError(
+                "cannot commit the file: not a temporary file of this writer"
+            ) from None
+        if rel_dir != relpath.parent:
+            raise ExportError("cannot commit the file: not in its target's directory")
+        try:
+            dir_fd = self._dir(rel_dir)
+        except OSError as exc:
+            raise _oserror("cannot commit the file", exc) from None
+        try:
+            outcome = Outcome.REPLACED if _lexists_at(dir_fd, relpath.name) else Outcome.WRITTEN
+            os.rename(temp_name, relpath.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except OSError as exc:
+            _unlink_at_quietly(dir_fd, temp_name)
+            raise _oserror("cannot commit the file", exc) from None
+        with self._lock:
+            self._dirs_touched.add(rel_dir)
+        return outcome
+
+    def discard(self, temp: Path) -> None:
+        """Remove a ``PENDING`` view's temporary file."""
+        try:
+            rel_dir, temp_name = self._pending_dir(temp)
+            dir_fd = self._dir(rel_dir)
+        except (OSError, ValueError, ExportError) as exc:
+            log.warning("could not remove a temporary file: %s", _why(exc))
+            return
+        _unlink_at_quietly(dir_fd, temp_name)
+
+    def remove_own_temps(self, rel_dirs: Iterable[PurePosixPath]) -> int:
+        """Remove the temporary files named by this writer's owner from ``rel_dirs`` (below
+        the root; each reached without following a link, none created).
+
+        Once every worker of a run is done and its pending files are settled, such files
+        can only be leftovers of a worker killed while it wrote, whose batch ran again
+        (the owner outlives its workers, so no other writer removes them meanwhile).
+
+        Returns
+        -------
+        int
+            How many were removed.
+        """
+        removed = 0
+        prefix = f"{TEMP_PREFIX}{self._pid}-"
+        for rel_dir in sorted(set(rel_dirs)):
+            try:
+                if rel_dir != _HERE:
+                    target_path(self.root, rel_dir)  # plain names only
+                fd = self._dir_existing(rel_dir)
+                with os.scandir(fd) as entries:
+                    names = [
+                        e.name
+                        for e in entries
+                        if e.name.startswith(prefix) and is_temp_name(e.name)
+                    ]
+            except (OSError, ExportError):
+                continue  # gone meanwhile, or never made: nothing of ours is there
+            for name in names:
+                _unlink_at_quietly(fd, name)
+                removed += 1
+        if removed:
+            log.info("removed %d temporary file(s) of a worker that was killed", removed)
+        return removed
+
+    def _dir_existing(self, rel_dir: PurePosixPath) -> int:
+        """The open descriptor of the existing directory ``rel_dir`` below the root."""
+        if rel_dir == _HERE:
+            return self.root_fd()
+        fd = self._dirs.get(rel_dir)
+        if fd is not None:
+            return fd
+        parent = self._dir_existing(rel_dir.parent)
+        fd, _ = open_dir_at(parent, rel_dir.name, create=False, guard=self.guard)
+        self._dirs[rel_dir] = fd
+        while len(self._dirs) > OPEN_DIRS:
+            os.close(self._dirs.popitem(last=False)[1])
+        return fd
+
+
+def _why(exc: BaseException) -> str:
+    """A PHI-free reason: never ``str`` of an OSError (it carries the file name)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    if isinstance(exc, DeidfsError):
+        return str(exc)
+    return type(exc).__name__
+
+
+def sha256_fd(fd: int, size: int) -> str:
+    """SHA-256 of the first ``size`` bytes of the open file ``fd`` (read with ``pread``).
+
+    Raises
+    ------
+    OSError
+        When it cannot be read, or is shorter than ``size``.
+    """
+    h = hashlib.sha256()
+    at = 0
+    while at < size:
+        # pread and a large update both release the GIL: hashing overlaps other work.
+        chunk = os.pread(fd, min(size - at, HASH_CHUNK), at)
+        if not chunk:
+            raise OSError(errno.EIO, "file is shorter than written")
+        h.update(chunk)
+        at += len(chunk)
+    return h.hexdigest()
+
+
+def _proc_fd_dir() -> int | None:
+    """This process's /proc/self/fd, open (a forked worker opens its own); None without
+    /proc."""
+    pid = os.getpid()
+    if pid not in _PROC_FD_DIRS:
+        try:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            _PROC_FD_DIRS[pid] = os.open("/proc/self/fd", flags)
+        except OSError:
+            _PROC_FD_DIRS[pid] = None
+    return _PROC_FD_DIRS[pid]
+
+
+def _link_unnamed(fd: int, dir_fd: int, name: str) -> None:
+    """Give the unnamed (``O_TMPFILE``) file open as ``fd`` the name ``name`` in ``dir_fd``.
+
+    Raises
+    ------
+    FileExistsError
+        When ``name`` exists.
+    """
+    proc = _proc_fd_dir()
+    if proc is None:  # pragma: no cover - checked before any unnamed file is made
+        raise OSError(errno.ENOENT, "no /proc/self/fd")
+    # linkat(AT_SYMLINK_FOLLOW) through /proc (open(2), O_TMPFILE): os.link takes that path
+    # only with a directory descriptor; plain link(2) would not follow the magic link.
+    os.link(str(fd), name, src_dir_fd=proc, dst_dir_fd=dir_fd, follow_symlinks=True)
+
+
+def _link_new(dir_fd: int, temp: str, name: str) -> bool:
+    """Publish ``temp`` as ``name`` (both in ``dir_fd``) unless ``name`` exists; True when
+    published (then ``temp`` is gone)."""
+    try:
+        os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
+            raise
+        # No hard links here (some network and FUSE file systems): a plain rename, which
+        # can race with another writer of the same target; the later one then wins.
+        if _lexists_at(dir_fd, name):
+            return False
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return True
+    _unlink_at_quietly(dir_fd, temp)
+    return True
+
+
+def _syncfs(fd: int) -> bool:
+    """``syncfs(2)`` of the file system holding the open file ``fd``: its dirty data and
+    metadata are on disk when this returns True. False when it is not available or fails."""
+    fn = _syncfs_function()
+    if fn is None:
+        return False
+    return bool(fn(fd) == 0)
+
+
+def _syncfs_function() -> Callable[[int], int] | None:
+    # The os module has no syncfs; glibc has had it since 2.14 (Linux 2.6.39), and reports
+    # writeback errors through it since Linux 5.8.
+    return _libc_function("syncfs", "c_int")
+
+
+@functools.cache
+def _libc_function(name: str, *argtypes: str) -> Callable[..., int] | None:
+    """The C library's function ``name`` returning an int, its arguments' types named as in
+    :mod:`ctypes` (``"c_int"``); None where the library lacks it."""
+    import ctypes  # noqa: PLC0415  (only durable writers need it)
+
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [getattr(ctypes, t) for t in argtypes]
+    fn.restype = ctypes.c_int
+    return cast("Callable[..., int]", fn)
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing ``fd``'s dirty pages to disk now, without waiting for it
+    (``sync_file_range(2)`` with ``SYNC_FILE_RANGE_WRITE``): the disk works while the next
+    files are rendered, and the group's ``syncfs`` or ``fsync`` later finds little left to
+    do. Only a hint: it makes nothing durable, and its errors are those the flush reports."""
+    fn = _sync_file_range_function()
+    if fn is not None:
+        fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>
+
+
+def _sync_file_range_function() -> Callable[[int, int, int, int], int] | None:
+    return _libc_function("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
+
+
+def _unlink_at_quietly(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("could not remove a temporary file: %s", exc.strerror)
+
+
+def _fsync_dir_fd(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        log.warning("could not flush a directory to disk: %s", exc.strerror)
+
+
+#: A view the caller holds already for (absolute source path, its state), or None.
+ViewLookup = Callable[[str, SourceStat], View | None]
