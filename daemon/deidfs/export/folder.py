@@ -45,8 +45,6 @@ import logging
 import math
 import multiprocessing
 import os
-import re
-import secrets
 import stat
 import struct
 import threading
@@ -74,18 +72,13 @@ from deidfs.errors import NotFound, ProfileError, Refused
 from deidfs.export.dirs import (
     DirId,
     open_beneath,
-    open_path_dirs,
 )
 from deidfs.export.errors import ExportError, ExportRefused, _oserror, stopped_exit_code
+from deidfs.export.manifest import write_manifest_file
 from deidfs.export.writer import (
-    FILE_MODE,
-    TEMP_PREFIX,
-    TEMP_SUFFIX,
     ExportWriter,
     Outcome,
     ViewLookup,
-    _fsync_dir_fd,
-    _unlink_at_quietly,
     sha256_fd,
 )
 from deidfs.ops.lifeline import die_with_parent
@@ -116,9 +109,6 @@ MAX_CHUNK = 32
 #: Refusal reasons that are not the fail-closed verdict on a file's content but a failure to
 #: read it consistently: counted as failures, since a second run may succeed.
 FAILURE_REASONS = frozenset({"source_changed"})
-MANIFEST_PREFIX = ".deidfs-manifest-"
-MANIFEST_SUFFIX = ".jsonl"
-_MANIFEST_NAME = re.compile(r"^\.deidfs-manifest-\d{8}T\d{6}Z(-\d+)?\.jsonl$")
 #: Bound of one selector value; a longer one cannot be an identifier or a path we serve.
 MAX_SELECTOR_CHARS = 4096
 
@@ -137,11 +127,6 @@ Item = tuple[int, str, str]
 def is_ignored_name(name: str) -> bool:
     """Names the watcher never takes: dotfiles and partial transfers."""
     return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
-
-
-def is_manifest_name(name: str) -> bool:
-    """Whether ``name`` is an export manifest (a dotfile, never a source or a view)."""
-    return _MANIFEST_NAME.match(name) is not None
 
 
 def walk_sources(root: str) -> tuple[list[tuple[str, str]], int]:
@@ -1373,73 +1358,6 @@ class _FolderExport:
             manifest=manifest,
             complete=complete,
         )
-
-
-def write_manifest_file(
-    directory: Path,
-    when: dt.datetime,
-    data: bytes,
-    *,
-    durable: bool = True,
-    dir_fd: int | None = None,
-) -> Path:
-    """Publish ``data`` as ``directory/.deidfs-manifest-<UTC time>[-n].jsonl``, atomically:
-    a temporary file (removed on failure), flushed, then linked under a name no other
-    manifest has. ``dir_fd``, when given, is ``directory`` open already (by a writer);
-    else ``directory`` is opened without following a symbolic link.
-
-    Raises
-    ------
-    ExportError
-        When it cannot be written (full, read-only): no file is left.
-    """
-    if dir_fd is not None:
-        return _write_manifest_at(directory, dir_fd, when, data, durable)
-    try:
-        fd = open_path_dirs(directory, create=False)
-    except OSError as exc:
-        raise _oserror("cannot write the manifest", exc) from None
-    try:
-        return _write_manifest_at(directory, fd, when, data, durable)
-    finally:
-        os.close(fd)
-
-
-def _write_manifest_at(
-    directory: Path, dir_fd: int, when: dt.datetime, data: bytes, durable: bool
-) -> Path:
-    stamp = when.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    temp = f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{TEMP_SUFFIX}"
-    try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        fd = os.open(temp, flags, FILE_MODE, dir_fd=dir_fd)
-    except OSError as exc:
-        raise _oserror("cannot write the manifest", exc) from None
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        for n in range(1, 1000):
-            name = f"{MANIFEST_PREFIX}{stamp}{'' if n == 1 else f'-{n}'}{MANIFEST_SUFFIX}"
-            try:
-                os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-            except FileExistsError:
-                continue
-            break
-        else:
-            raise OSError(errno.EEXIST, "too many manifests with this time")
-    except OSError as exc:
-        raise _oserror("cannot write the manifest", exc) from None
-    finally:
-        _unlink_at_quietly(dir_fd, temp)
-    if durable:
-        _fsync_dir_fd(dir_fd)
-    return directory / name
 
 
 def _hash_and_write_manifest(run: _FolderExport, writer: ExportWriter) -> Path:

@@ -58,8 +58,8 @@ from deidfs.export.folder import (
     quiet_pydicom,
     select_sources,
     served_ids,
-    write_manifest_file,
 )
+from deidfs.export.manifest import write_manifest_file
 from deidfs.export.stow import StowSender
 from deidfs.view.model import EXPLICIT_LE
 from deidfs.view.render import (
