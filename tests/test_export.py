@@ -24,6 +24,7 @@ import pydicom
 import pytest
 
 import deidfs.export.folder as export_module
+import deidfs.export.selection as export_selection
 import deidfs.export.writer as export_writer
 from conftest import Daemon, sample_file
 from deidfs.cli import common
@@ -35,8 +36,9 @@ from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, NotFound, ProfileError, Refused
 from deidfs.evidence.verify import verify_tree
 from deidfs.export.errors import ExportRefused
-from deidfs.export.folder import ExportStopped, ExportSummary, Selection, export_folder
+from deidfs.export.folder import ExportStopped, ExportSummary, export_folder
 from deidfs.export.manifest import is_manifest_name
+from deidfs.export.selection import Selection
 from deidfs.export.writer import is_temp_name
 from deidfs.ops.control import ControlServer, ErrorCode, ExportRequest, Reply, Request
 from deidfs.view.render import Layout, render_path, write_view
@@ -759,14 +761,14 @@ def test_header_walk_reads_what_pydicom_reads() -> None:
                     view = render_path(path, plan, PSEUDO, Layout.FLAT)
             except Refused:  # withheld, or not DICOM at all
                 continue
-            ids = export_module.served_ids(view)
+            ids = export_selection.served_ids(view)
             ds = pydicom.dcmread(io.BytesIO(view.header), stop_before_pixels=True, force=True)
             for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"):
                 assert getattr(ids, keyword) == str(ds.get(keyword, "")).strip(" \x00"), path
             try:
-                export_module._walk_values(view.header, export_module._ID_TAGS)
+                export_selection._walk_values(view.header, export_selection._ID_TAGS)
                 walked += 1
-            except export_module._Malformed:
+            except export_selection._Malformed:
                 pass  # deflated: read by pydicom above
     assert walked > 100
 

@@ -62,8 +62,8 @@ from deidfs.export.folder import (
     guard_of,
     quiet_pydicom,
     resolve_destination,
-    walk_sources,
 )
+from deidfs.export.selection import walk_sources
 from deidfs.export.send import destination_of, send_sources
 from deidfs.export.writer import ExportWriter, Outcome
 from deidfs.secret import load_or_create_key, read_key_file
