@@ -46,7 +46,7 @@ from deidfs.export.cluster import (
     partition,
     run_batch_task,
 )
-from deidfs.export.folder import Job
+from deidfs.export.workers import Job
 from deidfs.export.writer import is_temp_name
 from deidfs.view.render import Layout
 

@@ -25,6 +25,7 @@ import pytest
 
 import deidfs.export.folder as export_module
 import deidfs.export.selection as export_selection
+import deidfs.export.workers as export_workers
 import deidfs.export.writer as export_writer
 from conftest import Daemon, sample_file
 from deidfs.cli import common
@@ -660,14 +661,14 @@ def test_workers_start_through_a_fork_server_when_threads_run(src: Path, tmp_pat
     other = threading.Thread(target=release.wait, name="a daemon's thread")
     other.start()
     try:
-        assert export_module.pool_context().get_start_method() == "forkserver"
+        assert export_workers.pool_context().get_start_method() == "forkserver"
         summary = run_export(make_config(tmp_path, src), workers=2)
     finally:
         release.set()
         other.join()
     assert summary.written == 6
     assert tree(tmp_path / "export" / "ct") == expected_tree(src)
-    assert export_module.pool_context().get_start_method() == "fork"
+    assert export_workers.pool_context().get_start_method() == "fork"
 
 
 def test_a_stop_request_cancels_and_leaves_no_temporary_file(src: Path, tmp_path: Path) -> None:
@@ -730,7 +731,7 @@ def test_views_the_caller_holds_are_not_rendered_again(
     def no_render(*args: object, **kwargs: object) -> None:
         raise AssertionError("rendered although the view was held")
 
-    monkeypatch.setattr(export_module, "render", no_render)
+    monkeypatch.setattr(export_workers, "render", no_render)
     monkeypatch.setattr(export_writer, "render", no_render)
     config = make_config(tmp_path, src)
     summary = run_export(

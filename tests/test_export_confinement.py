@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-import deidfs.export.folder as export_module
+import deidfs.export.workers as export_workers
 import deidfs.export.writer as export_writer
 from conftest import Daemon, run_cli, sample_file
 from deidfs.cli import common
@@ -252,14 +252,14 @@ def test_a_link_swapped_in_for_the_destination_is_not_written_through(
     cfg, _src, other = setup
     config = load_config(cfg)
     dest = tmp_path / "export" / "ct"
-    real_run_batch = export_module.run_batch
+    real_run_batch = export_workers.run_batch
 
     def swap_then_run(*args: Any, **kwargs: Any) -> bool:
         os.rename(dest, tmp_path / "export" / "moved")
         dest.symlink_to(other)
         return real_run_batch(*args, **kwargs)
 
-    monkeypatch.setattr(export_module, "run_batch", swap_then_run)
+    monkeypatch.setattr(export_workers, "run_batch", swap_then_run)
     before = watched(tmp_path)
     with pytest.raises(ExportStopped) as stopped:
         export_folder(config, "ct", PSEUDO, workers=1)

@@ -51,20 +51,15 @@ from deidfs.export.errors import ExportError, stopped_exit_code
 from deidfs.export.folder import (
     Claims,
     ExportStopped,
-    FileResult,
-    Item,
-    Job,
     Place,
-    PoolRunner,
-    Runner,
     SourceSet,
     forbidden_places,
     guard_of,
-    quiet_pydicom,
     resolve_destination,
 )
 from deidfs.export.selection import walk_sources
 from deidfs.export.send import destination_of, send_sources
+from deidfs.export.workers import FileResult, Item, Job, PoolRunner, Runner, quiet_pydicom
 from deidfs.export.writer import ExportWriter, Outcome
 from deidfs.secret import load_or_create_key, read_key_file
 from deidfs.view.render import Layout

@@ -59,7 +59,7 @@ from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, DeidfsError
 from deidfs.export.dirs import open_path_dirs
 from deidfs.export.errors import ExportError
-from deidfs.export.folder import (
+from deidfs.export.workers import (
     FileResult,
     Item,
     Job,
