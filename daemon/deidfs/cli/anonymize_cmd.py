@@ -39,6 +39,7 @@ from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, NotFound, ProfileError
+from deidfs.export.claims import Claims
 from deidfs.export.cluster import (
     DEFAULT_BATCH_FILES,
     ClusterOptions,
@@ -49,7 +50,6 @@ from deidfs.export.cluster import (
 )
 from deidfs.export.errors import ExportError, stopped_exit_code
 from deidfs.export.folder import (
-    Claims,
     ExportStopped,
     Place,
     SourceSet,
