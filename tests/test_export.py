@@ -37,9 +37,10 @@ from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, NotFound, ProfileError, Refused
 from deidfs.evidence.verify import verify_tree
 from deidfs.export.errors import ExportRefused
-from deidfs.export.folder import ExportStopped, ExportSummary, export_folder
+from deidfs.export.folder import export_folder
 from deidfs.export.manifest import is_manifest_name
 from deidfs.export.selection import Selection
+from deidfs.export.summary import ExportStopped, ExportSummary
 from deidfs.export.writer import is_temp_name
 from deidfs.ops.control import ControlServer, ErrorCode, ExportRequest, Reply, Request
 from deidfs.view.render import Layout, render_path, write_view

@@ -49,16 +49,10 @@ from deidfs.export.cluster import (
     prepare,
 )
 from deidfs.export.errors import ExportError, stopped_exit_code
-from deidfs.export.folder import (
-    ExportStopped,
-    Place,
-    SourceSet,
-    forbidden_places,
-    guard_of,
-    resolve_destination,
-)
+from deidfs.export.folder import Place, SourceSet, forbidden_places, guard_of, resolve_destination
 from deidfs.export.selection import walk_sources
 from deidfs.export.send import destination_of, send_sources
+from deidfs.export.summary import ExportStopped
 from deidfs.export.workers import FileResult, Item, Job, PoolRunner, Runner, quiet_pydicom
 from deidfs.export.writer import ExportWriter, Outcome
 from deidfs.secret import load_or_create_key, read_key_file
