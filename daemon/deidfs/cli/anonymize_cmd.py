@@ -48,8 +48,9 @@ from deidfs.export.cluster import (
     connect,
     prepare,
 )
+from deidfs.export.confinement import Place, forbidden_places, guard_of, resolve_destination
 from deidfs.export.errors import ExportError, stopped_exit_code
-from deidfs.export.folder import Place, SourceSet, forbidden_places, guard_of, resolve_destination
+from deidfs.export.folder import SourceSet
 from deidfs.export.selection import walk_sources
 from deidfs.export.send import destination_of, send_sources
 from deidfs.export.summary import ExportStopped
