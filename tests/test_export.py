@@ -23,6 +23,7 @@ from typing import Any
 import pydicom
 import pytest
 
+import deidfs.export.files as export_files
 import deidfs.export.folder as export_module
 import deidfs.export.selection as export_selection
 import deidfs.export.workers as export_workers
@@ -37,11 +38,11 @@ from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, NotFound, ProfileError, Refused
 from deidfs.evidence.verify import verify_tree
 from deidfs.export.errors import ExportRefused
+from deidfs.export.files import is_temp_name
 from deidfs.export.folder import export_folder
 from deidfs.export.manifest import is_manifest_name
 from deidfs.export.selection import Selection
 from deidfs.export.summary import ExportStopped, ExportSummary
-from deidfs.export.writer import is_temp_name
 from deidfs.ops.control import ControlServer, ErrorCode, ExportRequest, Reply, Request
 from deidfs.view.render import Layout, render_path, write_view
 
@@ -887,7 +888,7 @@ def test_durable_files_are_flushed_in_groups_of_syncfs(
 ) -> None:
     """Six views, groups of two: three syncfs calls and no fsync of a file, every file whole
     under its name, no temporary file left."""
-    real = export_writer._syncfs_function()
+    real = export_files._syncfs_function()
     assert real is not None  # glibc on Linux has syncfs
     calls: list[int] = []
 
@@ -896,7 +897,7 @@ def test_durable_files_are_flushed_in_groups_of_syncfs(
         return real(fd)
 
     monkeypatch.setattr(export_writer, "MAX_PENDING", 2)
-    monkeypatch.setattr(export_writer, "_syncfs_function", lambda: counting)
+    monkeypatch.setattr(export_files, "_syncfs_function", lambda: counting)
     fsynced = _view_fsyncs(monkeypatch, tmp_path / "export" / "ct")
     summary = run_export(make_config(tmp_path, src), durable=True)
     assert (summary.written, summary.failed) == (6, 0)
@@ -909,7 +910,7 @@ def test_durable_files_are_flushed_in_groups_of_syncfs(
 def test_a_failing_syncfs_falls_back_to_fsync_per_file(
     src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(export_writer, "_syncfs_function", lambda: lambda fd: -1)
+    monkeypatch.setattr(export_files, "_syncfs_function", lambda: lambda fd: -1)
     fsynced = _view_fsyncs(monkeypatch, tmp_path / "export" / "ct")
     summary = run_export(make_config(tmp_path, src), durable=True)
     assert (summary.written, summary.failed) == (6, 0)
@@ -924,7 +925,7 @@ def test_durable_views_start_their_writeback_as_they_are_written(
 ) -> None:
     """Each durable view's pages are handed to the disk right after it is written (the real
     sync_file_range call succeeds on each file); a writer that does not flush asks for none."""
-    real = export_writer._sync_file_range_function()
+    real = export_files._sync_file_range_function()
     assert real is not None  # glibc on Linux has sync_file_range
     returned: list[int] = []
 
@@ -933,7 +934,7 @@ def test_durable_views_start_their_writeback_as_they_are_written(
         returned.append(real(fd, offset, nbytes, flags))
         return returned[-1]
 
-    monkeypatch.setattr(export_writer, "_sync_file_range_function", lambda: counting)
+    monkeypatch.setattr(export_files, "_sync_file_range_function", lambda: counting)
     summary = run_export(make_config(tmp_path, src), durable=durable)
     assert (summary.written, summary.failed) == (6, 0)
     assert returned == ([0] * 6 if durable else [])

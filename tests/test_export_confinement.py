@@ -27,9 +27,9 @@ from deidfs.cli import common
 from deidfs.cli.main import main
 from deidfs.config.model import load_config
 from deidfs.export.errors import ExportError, ExportRefused
+from deidfs.export.files import is_temp_name
 from deidfs.export.folder import export_folder
 from deidfs.export.summary import ExportStopped
-from deidfs.export.writer import is_temp_name
 from deidfs.view.render import View
 from test_export import PSEUDO, many_sources, tree, write_config_file
 

@@ -59,6 +59,7 @@ from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, DeidfsError
 from deidfs.export.dirs import open_path_dirs
 from deidfs.export.errors import ExportError
+from deidfs.export.files import TEMP_PREFIX, TEMP_SUFFIX
 from deidfs.export.workers import (
     FileResult,
     Item,
@@ -70,7 +71,7 @@ from deidfs.export.workers import (
     run_chunk,
     scan_chunk,
 )
-from deidfs.export.writer import TEMP_PREFIX, TEMP_SUFFIX, ExportWriter, ViewLookup
+from deidfs.export.writer import ExportWriter, ViewLookup
 from deidfs.secret import read_key_file
 
 log = logging.getLogger(__name__)

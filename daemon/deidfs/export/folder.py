@@ -67,6 +67,7 @@ from deidfs.export.dirs import (
     open_beneath,
 )
 from deidfs.export.errors import ExportError, _oserror, stopped_exit_code
+from deidfs.export.files import sha256_fd
 from deidfs.export.manifest import write_manifest_file
 from deidfs.export.selection import (
     Matcher,
@@ -87,12 +88,7 @@ from deidfs.export.workers import (
     StopFlag,
     quiet_pydicom,
 )
-from deidfs.export.writer import (
-    ExportWriter,
-    Outcome,
-    ViewLookup,
-    sha256_fd,
-)
+from deidfs.export.writer import ExportWriter, Outcome, ViewLookup
 
 if TYPE_CHECKING:
     from deidfs.config.model import Config, FolderConfig

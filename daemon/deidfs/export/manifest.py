@@ -19,13 +19,8 @@ from deidfs.export.dirs import (
     open_path_dirs,
 )
 from deidfs.export.errors import _oserror
-from deidfs.export.writer import (
-    FILE_MODE,
-    TEMP_PREFIX,
-    TEMP_SUFFIX,
-    _fsync_dir_fd,
-    _unlink_at_quietly,
-)
+from deidfs.export.files import TEMP_PREFIX, TEMP_SUFFIX, _fsync_dir_fd, _unlink_at_quietly
+from deidfs.export.writer import FILE_MODE
 
 MANIFEST_PREFIX = ".deidfs-manifest-"
 MANIFEST_SUFFIX = ".jsonl"
