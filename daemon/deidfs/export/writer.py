@@ -39,7 +39,6 @@ import queue
 import secrets
 import stat
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from enum import Enum
@@ -50,14 +49,10 @@ from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, Refused
 from deidfs.export.dirs import (
     _HERE,
-    OPEN_DIRS,
     DirId,
-    _dir_id,
     _lexists_at,
-    open_dir_at,
-    open_path_dirs,
 )
-from deidfs.export.errors import ExportError, ExportRefused, _oserror
+from deidfs.export.errors import ExportError, _oserror
 from deidfs.export.files import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
@@ -72,6 +67,7 @@ from deidfs.export.files import (
     remove_stale_temps,
     sha256_fd,
 )
+from deidfs.export.outputdirs import OutputDirs
 from deidfs.view.render import (
     Layout,
     SourceStat,
@@ -243,16 +239,9 @@ class ExportWriter:
         self.digest = digest
         self.guard = guard
         self._pid = os.getpid() if owner_pid is None else owner_pid
-        self._root_id = expect
-        self._root_fd: int | None = None
-        #: Open descriptors of directories below the root, least recently used first.
-        self._dirs: OrderedDict[PurePosixPath, int] = OrderedDict()
-        self._dirs_ready: set[PurePosixPath] = set()
-        #: Directories this writer found missing and created: they hold no earlier file.
-        self._dirs_new: set[PurePosixPath] = set()
+        self._out = OutputDirs(self.root, self._pid, expect, guard)
         #: Unnamed files work here (O_TMPFILE, and /proc to link them by descriptor).
         self._unnamed = _proc_fd_dir() is not None
-        self._dirs_touched: set[PurePosixPath] = set()
         self._queue: queue.Queue[_Pending | None] = queue.Queue(MAX_PENDING)
         #: Durable views written (and hashed) that wait for the group flush.
         self._unsynced: list[_Pending] = []
@@ -264,7 +253,7 @@ class ExportWriter:
     @property
     def root_id(self) -> DirId | None:
         """The root's identity, once it was opened (:meth:`check_root`)."""
-        return self._root_id
+        return self._out.root_id
 
     def root_fd(self) -> int:
         """An open descriptor of the root (the writer's own: do not close it).
@@ -276,16 +265,7 @@ class ExportWriter:
         OSError
             When it cannot be opened or created.
         """
-        if self._root_fd is None:
-            fd = open_path_dirs(self.root, create=True, guard=self.guard)
-            ident = _dir_id(fd)
-            if self._root_id is None:
-                self._root_id = ident
-            elif ident != self._root_id:
-                os.close(fd)
-                raise ExportRefused("the output directory was replaced during the export")
-            self._root_fd = fd
-        return self._root_fd
+        return self._out.root_fd()
 
     def check_root(self) -> None:
         """Create the output directory and prove a file can be created in it.
@@ -311,7 +291,7 @@ class ExportWriter:
         os.close(fd)
         os.unlink(temp, dir_fd=root)
         remove_stale_temps(root, self._pid)
-        self._dirs_ready.add(_HERE)
+        self._out.ready.add(_HERE)
 
     def put(self, key: Hashable, view: View, src_fd: int) -> None:
         """Write ``view`` (pixel bytes from ``src_fd``) to its temporary file and queue its
@@ -327,9 +307,9 @@ class ExportWriter:
         """
         target_path(self.root, view.relpath)  # a plain relative path, or refused
         rel_dir = view.relpath.parent
-        dir_fd = self._prepare_dir(rel_dir)
+        dir_fd = self._out.prepare(rel_dir)
         name = view.relpath.name
-        if rel_dir not in self._dirs_new and _same_file(dir_fd, name, view, src_fd):
+        if rel_dir not in self._out.new and _same_file(dir_fd, name, view, src_fd):
             self._add(Result(key, Outcome.UNCHANGED, view.size, view.relpath))
             return
         fd, temp = self._create(dir_fd)
@@ -420,12 +400,12 @@ class ExportWriter:
         self._flush_group()
         with self._lock:
             results, self._results = self._results, []
-            touched, self._dirs_touched = self._dirs_touched, set()
+        touched = self._out.take_touched()
         if self.durable:
             # Deepest first: a new directory's own entries, then its entry in its parent.
             for rel_dir in sorted(touched, key=lambda p: len(p.parts), reverse=True):
                 try:
-                    _fsync_dir_fd(self._dir(rel_dir))
+                    _fsync_dir_fd(self._out.dir(rel_dir))
                 except (OSError, ExportError) as exc:
                     log.warning("could not flush a directory to disk: %s", _why(exc))
         self.close()
@@ -449,12 +429,7 @@ class ExportWriter:
     def close(self) -> None:
         """Close the directory descriptors (opened again, checked, when the writer is used
         again)."""
-        for fd in self._dirs.values():
-            os.close(fd)
-        self._dirs.clear()
-        if self._root_fd is not None:
-            os.close(self._root_fd)
-            self._root_fd = None
+        self._out.close()
 
     def __enter__(self) -> ExportWriter:
         return self
@@ -467,42 +442,6 @@ class ExportWriter:
     # -- internals ------------------------------------------------------------------------------
     def _temp_name(self) -> str:
         return f"{TEMP_PREFIX}{self._pid}-{secrets.token_hex(6)}{TEMP_SUFFIX}"
-
-    def _dir(self, rel_dir: PurePosixPath, created: list[PurePosixPath] | None = None) -> int:
-        """The open descriptor of ``rel_dir`` below the root, created when missing (each
-        one created is appended to ``created``), reached without following a link."""
-        if rel_dir == _HERE:
-            return self.root_fd()
-        fd = self._dirs.get(rel_dir)
-        if fd is not None:
-            self._dirs.move_to_end(rel_dir)
-            return fd
-        parent = self._dir(rel_dir.parent, created)
-        fd, made = open_dir_at(parent, rel_dir.name, create=True, guard=self.guard)
-        if made and created is not None:
-            created.append(rel_dir)
-        self._dirs[rel_dir] = fd
-        while len(self._dirs) > OPEN_DIRS:
-            os.close(self._dirs.popitem(last=False)[1])
-        return fd
-
-    def _prepare_dir(self, rel_dir: PurePosixPath) -> int:
-        created: list[PurePosixPath] = []
-        try:
-            fd = self._dir(rel_dir, created)
-        except OSError as exc:
-            raise _oserror("cannot create a directory", exc) from None
-        if rel_dir in self._dirs_ready:
-            return fd
-        if created:
-            # A new directory is durable only once the directory holding it is synced.
-            with self._lock:
-                self._dirs_touched.update(p.parent for p in created)
-            self._dirs_new.add(rel_dir)
-        else:
-            remove_stale_temps(fd, self._pid)
-        self._dirs_ready.add(rel_dir)
-        return fd
 
     def _create(self, dir_fd: int) -> tuple[int, str | None]:
         """A new empty file in ``dir_fd``, open read-write (a digest reads it back):
@@ -607,7 +546,8 @@ class ExportWriter:
             return
         # One syncfs for the files on the output's file system; fsync for the rest, and for
         # all when syncfs fails (then each file's own error is known).
-        root_dev = self._root_id[0] if self._root_id is not None else None
+        root_id = self._out.root_id
+        root_dev = root_id[0] if root_id is not None else None
         shared = [item for item in group if item.dev == root_dev]
         if not shared or not _syncfs(shared[0].dir_fd):
             shared = []
@@ -645,8 +585,7 @@ class ExportWriter:
         os.close(item.fd)
         os.close(item.dir_fd)
         if temp is None:
-            with self._lock:
-                self._dirs_touched.add(item.rel_dir)
+            self._out.touch(item.rel_dir)
         temp_path = self.root.joinpath(*item.rel_dir.parts, temp) if temp is not None else None
         return Result(item.key, outcome, item.size, item.relpath, temp_path, sha256=digest)
 
@@ -677,7 +616,7 @@ class ExportWriter:
         if rel_dir != relpath.parent:
             raise ExportError("cannot commit the file: not in its target's directory")
         try:
-            dir_fd = self._dir(rel_dir)
+            dir_fd = self._out.dir(rel_dir)
         except OSError as exc:
             raise _oserror("cannot commit the file", exc) from None
         try:
@@ -686,15 +625,14 @@ class ExportWriter:
         except OSError as exc:
             _unlink_at_quietly(dir_fd, temp_name)
             raise _oserror("cannot commit the file", exc) from None
-        with self._lock:
-            self._dirs_touched.add(rel_dir)
+        self._out.touch(rel_dir)
         return outcome
 
     def discard(self, temp: Path) -> None:
         """Remove a ``PENDING`` view's temporary file."""
         try:
             rel_dir, temp_name = self._pending_dir(temp)
-            dir_fd = self._dir(rel_dir)
+            dir_fd = self._out.dir(rel_dir)
         except (OSError, ValueError, ExportError) as exc:
             log.warning("could not remove a temporary file: %s", _why(exc))
             return
@@ -719,7 +657,7 @@ class ExportWriter:
             try:
                 if rel_dir != _HERE:
                     target_path(self.root, rel_dir)  # plain names only
-                fd = self._dir_existing(rel_dir)
+                fd = self._out.existing(rel_dir)
                 with os.scandir(fd) as entries:
                     names = [
                         e.name
@@ -734,20 +672,6 @@ class ExportWriter:
         if removed:
             log.info("removed %d temporary file(s) of a worker that was killed", removed)
         return removed
-
-    def _dir_existing(self, rel_dir: PurePosixPath) -> int:
-        """The open descriptor of the existing directory ``rel_dir`` below the root."""
-        if rel_dir == _HERE:
-            return self.root_fd()
-        fd = self._dirs.get(rel_dir)
-        if fd is not None:
-            return fd
-        parent = self._dir_existing(rel_dir.parent)
-        fd, _ = open_dir_at(parent, rel_dir.name, create=False, guard=self.guard)
-        self._dirs[rel_dir] = fd
-        while len(self._dirs) > OPEN_DIRS:
-            os.close(self._dirs.popitem(last=False)[1])
-        return fd
 
 
 def _why(exc: BaseException) -> str:
