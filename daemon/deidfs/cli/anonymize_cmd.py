@@ -51,11 +51,12 @@ from deidfs.export.cluster import (
 from deidfs.export.confinement import Place, forbidden_places, guard_of, resolve_destination
 from deidfs.export.errors import ExportError, stopped_exit_code
 from deidfs.export.folder import SourceSet
+from deidfs.export.outcomes import Outcome
 from deidfs.export.selection import walk_sources
 from deidfs.export.send import destination_of, send_sources
 from deidfs.export.summary import ExportStopped
 from deidfs.export.workers import FileResult, Item, Job, PoolRunner, Runner, quiet_pydicom
-from deidfs.export.writer import ExportWriter, Outcome
+from deidfs.export.writer import ExportWriter
 from deidfs.secret import load_or_create_key, read_key_file
 from deidfs.view.render import Layout
 

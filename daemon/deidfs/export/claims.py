@@ -13,13 +13,11 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 from deidfs.export.errors import ExportError
+from deidfs.export.outcomes import Outcome
 from deidfs.export.workers import (
     FileResult,
 )
-from deidfs.export.writer import (
-    ExportWriter,
-    Outcome,
-)
+from deidfs.export.writer import ExportWriter
 
 
 # -- claims: sources that name one target -------------------------------------------------------

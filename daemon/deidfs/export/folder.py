@@ -69,6 +69,7 @@ from deidfs.export.dirs import (
 from deidfs.export.errors import ExportError, _oserror, stopped_exit_code
 from deidfs.export.files import sha256_fd
 from deidfs.export.manifest import write_manifest_file
+from deidfs.export.outcomes import Outcome
 from deidfs.export.selection import (
     Matcher,
     Selection,
@@ -88,7 +89,7 @@ from deidfs.export.workers import (
     StopFlag,
     quiet_pydicom,
 )
-from deidfs.export.writer import ExportWriter, Outcome, ViewLookup
+from deidfs.export.writer import ExportWriter, ViewLookup
 
 if TYPE_CHECKING:
     from deidfs.config.model import Config, FolderConfig

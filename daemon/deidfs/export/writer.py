@@ -41,7 +41,6 @@ import stat
 import threading
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path, PurePosixPath
 
 from deidfs.deid.plan import Plan
@@ -67,6 +66,7 @@ from deidfs.export.files import (
     remove_stale_temps,
     sha256_fd,
 )
+from deidfs.export.outcomes import Outcome, Result
 from deidfs.export.outputdirs import OutputDirs
 from deidfs.view.render import (
     Layout,
@@ -89,28 +89,6 @@ FILE_MODE = 0o644
 #: Threads that hash, flush and rename written files while the caller writes the next ones:
 #: hashing (without the GIL) takes longer than copying a file's pixels in the kernel.
 COMMIT_THREADS = 2
-
-
-class Outcome(Enum):
-    """How one view ended on disk."""
-
-    WRITTEN = "written"  #: a new file
-    REPLACED = "replaced"  #: an existing file with other bytes was replaced
-    UNCHANGED = "unchanged"  #: an identical file was already there
-    PENDING = "pending"  #: written to ``Result.temp``; the target exists (``replace=False``)
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    """What became of the view submitted under ``key``; ``error`` set when it failed."""
-
-    key: Hashable
-    outcome: Outcome | None
-    size: int
-    relpath: PurePosixPath
-    temp: Path | None = None  #: the temporary file of a ``PENDING`` view
-    error: ExportError | None = None
-    sha256: str = ""  #: of the bytes written (``digest=True``; not for ``UNCHANGED``)
 
 
 def target_path(root: Path, relpath: PurePosixPath) -> Path:
