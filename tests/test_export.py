@@ -23,6 +23,7 @@ from typing import Any
 import pydicom
 import pytest
 
+import deidfs.export.commits as export_commits
 import deidfs.export.files as export_files
 import deidfs.export.folder as export_module
 import deidfs.export.selection as export_selection
@@ -896,7 +897,7 @@ def test_durable_files_are_flushed_in_groups_of_syncfs(
         calls.append(fd)
         return real(fd)
 
-    monkeypatch.setattr(export_writer, "MAX_PENDING", 2)
+    monkeypatch.setattr(export_commits, "MAX_PENDING", 2)
     monkeypatch.setattr(export_files, "_syncfs_function", lambda: counting)
     fsynced = _view_fsyncs(monkeypatch, tmp_path / "export" / "ct")
     summary = run_export(make_config(tmp_path, src), durable=True)

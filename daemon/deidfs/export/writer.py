@@ -35,17 +35,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import secrets
 import stat
-import threading
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from deidfs.deid.plan import Plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, Refused
+from deidfs.export.commits import CommitPipeline, _Pending
 from deidfs.export.dirs import (
     _HERE,
     DirId,
@@ -56,15 +54,11 @@ from deidfs.export.files import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
     _fsync_dir_fd,
-    _link_new,
-    _link_unnamed,
     _proc_fd_dir,
     _start_writeback,
-    _syncfs,
     _unlink_at_quietly,
     is_temp_name,
     remove_stale_temps,
-    sha256_fd,
 )
 from deidfs.export.outcomes import Outcome, Result
 from deidfs.export.outputdirs import OutputDirs
@@ -81,14 +75,8 @@ from deidfs.view.render import (
 log = logging.getLogger(__name__)
 
 
-#: Views waiting for their hash or their flush to disk at most; bounds open file descriptors
-#: and memory. A durable writer flushes this many at once (see :class:`ExportWriter`).
-MAX_PENDING = 64
 #: Mode of written files (before the umask), like any file a user creates.
 FILE_MODE = 0o644
-#: Threads that hash, flush and rename written files while the caller writes the next ones:
-#: hashing (without the GIL) takes longer than copying a file's pixels in the kernel.
-COMMIT_THREADS = 2
 
 
 def target_path(root: Path, relpath: PurePosixPath) -> Path:
@@ -143,23 +131,6 @@ def _same_file(dir_fd: int, name: str, view: View, src_fd: int) -> bool:
         os.close(fd)
 
 
-@dataclass(slots=True)
-class _Pending:
-    key: Hashable
-    fd: int
-    temp: str | None  #: None: an unnamed file (``O_TMPFILE``), linked into place by ``fd``
-    dir_fd: int  #: its directory (a descriptor of its own, closed with it)
-    rel_dir: PurePosixPath
-    relpath: PurePosixPath
-    size: int
-    dev: int  #: the file system the temporary file is on
-    sha256: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.relpath.name
-
-
 class ExportWriter:
     """Writes views under ``root``; use as a context manager, or call :meth:`finish`.
 
@@ -176,8 +147,9 @@ class ExportWriter:
     durable
         Flush each file (and its directory) to disk before it appears under its name. Off,
         a crash of the machine (not of the process) may leave empty files under final names.
-        Files are flushed in groups: the temporary files of up to :data:`MAX_PENDING` views
-        (or all those written before :meth:`finish`) are flushed with one ``syncfs(2)`` of
+        Files are flushed in groups: the temporary files of up to
+        :data:`~deidfs.export.commits.MAX_PENDING` views (or all those written before
+        :meth:`finish`) are flushed with one ``syncfs(2)`` of
         the output's file system, then renamed; one journal commit for the group instead of
         one per file. Where ``syncfs`` is missing or fails, or a file lies on another file
         system, each file gets its own ``fsync``. Each file's writeback is started as soon
@@ -220,12 +192,9 @@ class ExportWriter:
         self._out = OutputDirs(self.root, self._pid, expect, guard)
         #: Unnamed files work here (O_TMPFILE, and /proc to link them by descriptor).
         self._unnamed = _proc_fd_dir() is not None
-        self._queue: queue.Queue[_Pending | None] = queue.Queue(MAX_PENDING)
-        #: Durable views written (and hashed) that wait for the group flush.
-        self._unsynced: list[_Pending] = []
-        self._results: list[Result] = []
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
+        self._commits = CommitPipeline(
+            self._out, self.root, durable, replace, digest, self._temp_name
+        )
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -288,7 +257,7 @@ class ExportWriter:
         dir_fd = self._out.prepare(rel_dir)
         name = view.relpath.name
         if rel_dir not in self._out.new and _same_file(dir_fd, name, view, src_fd):
-            self._add(Result(key, Outcome.UNCHANGED, view.size, view.relpath))
+            self._commits.add(Result(key, Outcome.UNCHANGED, view.size, view.relpath))
             return
         fd, temp = self._create(dir_fd)
         try:
@@ -309,15 +278,7 @@ class ExportWriter:
             _start_writeback(fd)
         own_dir = os.dup(dir_fd)  # the cached one may be closed before this file is committed
         pending = _Pending(key, fd, temp, own_dir, rel_dir, view.relpath, view.size, written.st_dev)
-        if not self.digest:
-            # Nothing to hash: a commit thread would only cost hand-offs of the GIL.
-            if self.durable:
-                self._hold(pending)
-            else:
-                self._add(self._commit(pending))
-            return
-        self._ensure_thread()
-        self._queue.put(pending)
+        self._commits.submit(pending)
 
     def put_path(
         self,
@@ -374,10 +335,7 @@ class ExportWriter:
 
         The writer can be used again afterwards.
         """
-        self._stop_threads()
-        self._flush_group()
-        with self._lock:
-            results, self._results = self._results, []
+        results = self._commits.finish()
         touched = self._out.take_touched()
         if self.durable:
             # Deepest first: a new directory's own entries, then its entry in its parent.
@@ -391,17 +349,7 @@ class ExportWriter:
 
     def abort(self) -> None:
         """Stop: views not yet renamed are dropped and their temporary files removed."""
-        self._drop_unsynced()
-        if self._threads:
-            while True:  # drain what the threads have not taken yet
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    self._discard_pending(item)
-            self._stop_threads()
-            self._drop_unsynced()
+        self._commits.abort()
         self.close()
 
     def close(self) -> None:
@@ -439,133 +387,6 @@ class ExportWriter:
         except OSError as exc:
             raise _oserror("cannot create a temporary file", exc) from None
         return fd, temp
-
-    def _name(self, item: _Pending) -> str:
-        """Give the unnamed file of ``item`` a temporary name in its directory."""
-        temp = self._temp_name()
-        _link_unnamed(item.fd, item.dir_fd, temp)
-        return temp
-
-    def _publish(self, item: _Pending) -> tuple[Outcome, str | None]:
-        """Put ``item``'s file under its target name (its fd still open); returns the outcome
-        and, for ``PENDING``, the name of the temporary file that holds the view."""
-        d = item.dir_fd
-        if item.temp is None:
-            try:
-                _link_unnamed(item.fd, d, item.name)
-                return Outcome.WRITTEN, None
-            except FileExistsError:
-                item.temp = self._name(item)  # replaced below, or left pending
-            if not self.replace:
-                return Outcome.PENDING, item.temp
-            os.rename(item.temp, item.name, src_dir_fd=d, dst_dir_fd=d)
-            return Outcome.REPLACED, None
-        if self.replace:
-            outcome = Outcome.REPLACED if _lexists_at(d, item.name) else Outcome.WRITTEN
-            os.rename(item.temp, item.name, src_dir_fd=d, dst_dir_fd=d)
-            return outcome, None
-        if not _link_new(d, item.temp, item.name):
-            return Outcome.PENDING, item.temp
-        return Outcome.WRITTEN, None
-
-    def _discard_pending(self, item: _Pending) -> None:
-        os.close(item.fd)
-        if item.temp is not None:
-            _unlink_at_quietly(item.dir_fd, item.temp)
-        os.close(item.dir_fd)
-
-    def _add(self, result: Result) -> None:
-        with self._lock:
-            self._results.append(result)
-
-    def _ensure_thread(self) -> None:
-        while len(self._threads) < COMMIT_THREADS:
-            thread = threading.Thread(
-                target=self._commit_loop, name="deidfs-export-commit", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
-
-    def _stop_threads(self) -> None:
-        threads, self._threads = self._threads, []
-        for _ in threads:
-            self._queue.put(None)
-        for thread in threads:
-            thread.join()
-
-    def _commit_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if not self.durable:
-                self._add(self._commit(item))
-                continue
-            try:
-                item.sha256 = sha256_fd(item.fd, item.size)
-            except OSError as exc:
-                self._add(self._fail(item, exc))
-                continue
-            self._hold(item)
-
-    def _hold(self, item: _Pending) -> None:
-        """Keep a durable view for the group flush; flush the group once it is full."""
-        with self._lock:
-            self._unsynced.append(item)
-            full = len(self._unsynced) >= MAX_PENDING
-        if full:
-            self._flush_group()
-
-    def _flush_group(self) -> None:
-        """Flush the held views' files to disk and rename them into place."""
-        with self._lock:
-            group, self._unsynced = self._unsynced, []
-        if not group:
-            return
-        # One syncfs for the files on the output's file system; fsync for the rest, and for
-        # all when syncfs fails (then each file's own error is known).
-        root_id = self._out.root_id
-        root_dev = root_id[0] if root_id is not None else None
-        shared = [item for item in group if item.dev == root_dev]
-        if not shared or not _syncfs(shared[0].dir_fd):
-            shared = []
-        synced = {id(item) for item in shared}
-        for item in group:
-            if id(item) not in synced:
-                try:
-                    os.fsync(item.fd)
-                except OSError as exc:
-                    self._add(self._fail(item, exc))
-                    continue
-            self._add(self._commit(item))
-
-    def _drop_unsynced(self) -> None:
-        with self._lock:
-            group, self._unsynced = self._unsynced, []
-        for item in group:
-            self._discard_pending(item)
-
-    def _fail(self, item: _Pending, exc: OSError) -> Result:
-        self._discard_pending(item)
-        error = _oserror("cannot commit the file", exc)
-        return Result(item.key, None, item.size, item.relpath, error=error)
-
-    def _commit(self, item: _Pending) -> Result:
-        """Close ``item``'s file and rename it into place (its data is flushed already, or
-        need not be); non-durable views with a digest are hashed here."""
-        digest = item.sha256
-        try:
-            if self.digest and not digest:
-                digest = sha256_fd(item.fd, item.size)
-            outcome, temp = self._publish(item)
-        except OSError as exc:
-            return self._fail(item, exc)
-        os.close(item.fd)
-        os.close(item.dir_fd)
-        if temp is None:
-            self._out.touch(item.rel_dir)
-        temp_path = self.root.joinpath(*item.rel_dir.parts, temp) if temp is not None else None
-        return Result(item.key, outcome, item.size, item.relpath, temp_path, sha256=digest)
 
     def _pending_dir(self, temp: Path) -> tuple[PurePosixPath, str]:
         """(directory below the root, name) of a ``PENDING`` view's temporary file."""
