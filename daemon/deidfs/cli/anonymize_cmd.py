@@ -1,7 +1,7 @@
 """``deidfs anonymize SRC... --profile NAME --to DIR``: de-identify files once, into DIR.
 
 Every file is rendered exactly as the mount renders it (:func:`deidfs.view.render.render`)
-and written with :class:`deidfs.export.folder.ExportWriter`, so the bytes equal what the mount
+and written with :class:`deidfs.export.writer.ExportWriter`, so the bytes equal what the mount
 serves for the same file, profile and key. Files are spread over a pool of worker processes, each
 rendering and writing a chunk of files at a time.
 

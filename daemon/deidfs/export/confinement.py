@@ -66,9 +66,10 @@ def forbidden_places(config: Config | None, state_dir: Path | None = None) -> li
 
 
 def guard_of(places: Iterable[Place]) -> frozenset[DirId]:
-    """The identities of the ``places`` that exist, for :class:`ExportWriter`'s ``guard``:
-    but the mount's (see :func:`forbidden_places`) and a place holding an allowed directory
-    (the writer passes through it on its way from ``/``)."""
+    """The identities of the ``places`` that exist, for
+    :class:`~deidfs.export.writer.ExportWriter`'s ``guard``: but the mount's (see
+    :func:`forbidden_places`) and a place holding an allowed directory (the writer passes
+    through it on its way from ``/``)."""
     ids = set()
     for place in places:
         if place.what == "the mount" or place.allowed is not None:

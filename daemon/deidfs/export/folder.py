@@ -2,8 +2,8 @@
 
 Views are written by :class:`~deidfs.export.writer.ExportWriter` (atomically, durably,
 idempotently, following no symbolic link). Destinations are resolved and checked before that
-(:func:`resolve_destination`): never in a watched folder, the state directory or the mount,
-and through the daemon only inside ``export_dir``.
+(:func:`~deidfs.export.confinement.resolve_destination`): never in a watched folder, the state
+directory or the mount, and through the daemon only inside ``export_dir``.
 
 Exports of a configured folder (``deidfs export`` and the control socket's ``export``)
 are :func:`export_folder`; the daemon calls it as::
@@ -25,13 +25,15 @@ nothing written) to ``not_found``; any other :class:`~deidfs.errors.DeidfsError`
 command: 73 unwritable, 75 full or cancelled, 77 ``to`` refused, 78 disabled profile).
 :func:`export_folder` counts its own metrics (per file and ``export_finished``).
 
-Its sources are the files the watcher takes (:func:`walk_sources`), read with the folder's
-profile (or another) and the key, in worker processes (:func:`run_batch`, the
-:class:`PoolRunner`; or a Dask cluster's workers, :mod:`deidfs.export.cluster`) that render and
-write a chunk of files each; the coordinating process settles sources naming one target
-(:class:`Claims`, the first by path wins, as in the mount) and writes a manifest. A full or
-read-only output stops the batch at once (:class:`ExportStopped`): files in place are
-complete, temporary files are removed, and the next run resumes.
+Its sources are the files the watcher takes (:func:`~deidfs.export.selection.walk_sources`),
+read with the folder's profile (or another) and the key, in worker processes
+(:func:`~deidfs.export.workers.run_batch`, the :class:`~deidfs.export.workers.PoolRunner`; or a
+Dask cluster's workers, :mod:`deidfs.export.cluster`) that render and write a chunk of files
+each; the coordinating process settles sources naming one target
+(:class:`~deidfs.export.claims.Claims`, the first by path wins, as in the mount) and writes a
+manifest. A full or read-only output stops the batch at once
+(:class:`~deidfs.export.summary.ExportStopped`): files in place are complete, temporary files
+are removed, and the next run resumes.
 """
 
 from __future__ import annotations
@@ -427,10 +429,11 @@ def export_folder(
     socket's ``export`` command both call this.
 
     Every file is rendered with the folder's profile (or ``profile``) and ``pseudonymizer``
-    (the installation's key) and written with :class:`ExportWriter` to
+    (the installation's key) and written with :class:`~deidfs.export.writer.ExportWriter` to
     ``<to or [daemon] export_dir>/<folder>/<view path>``: the bytes the mount serves, under
     the path it serves them, written atomically; files already in place are left alone.
-    Sources are the files the watcher takes (:func:`walk_sources`); no index is needed.
+    Sources are the files the watcher takes (:func:`~deidfs.export.selection.walk_sources`); no
+    index is needed.
 
     With a non-empty ``selection``, every source's header is rendered first (a scan) and
     matched; nothing is written unless each selector matches a file. Several sources with
@@ -451,7 +454,7 @@ def export_folder(
     pseudonymizer
         The installation's key (the daemon's).
     selection
-        Which files (:class:`Selection`); None or empty: all.
+        Which files (:class:`~deidfs.export.selection.Selection`); None or empty: all.
     to
         Export directory instead of ``[daemon] export_dir``; files go to ``to/<folder>``.
     profile
@@ -459,7 +462,7 @@ def export_folder(
     workers
         Worker processes (1 or None: all in this thread). From a process with other
         threads (the daemon), workers start through a fork server (see
-        :func:`pool_context`).
+        :func:`~deidfs.export.workers.pool_context`).
     durable
         fsync each file and directory before it appears.
     confine
@@ -471,7 +474,7 @@ def export_folder(
         Counted per file (``export_file``, ``export_failure``) and per export.
     stop
         Set from another thread to cancel: the export stops after the files in progress
-        and raises :class:`ExportStopped` (exit 75).
+        and raises :class:`~deidfs.export.summary.ExportStopped` (exit 75).
     clock
         Wall clock (UTC) for the manifest; injectable for tests.
     cached
@@ -480,7 +483,8 @@ def export_folder(
         key: a hit is not rendered again, so an export of indexed files is mostly copying.
         Ignored when ``profile`` names another profile. Runs the export in this thread.
     runner
-        Where the scan and the writing run (default: :class:`PoolRunner` of ``workers``);
+        Where the scan and the writing run (default: :class:`~deidfs.export.workers.PoolRunner` of
+        ``workers``);
         :class:`deidfs.export.cluster.ClusterRunner` runs them on a Dask cluster. Counting,
         settling and the manifest stay in this process either way.
 

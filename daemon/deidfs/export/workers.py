@@ -97,8 +97,8 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class FileResult:
-    """How one file ended: ``status`` is an :class:`Outcome` value, "refused", "failed" or
-    (after :meth:`Claims.settle`) "duplicate"."""
+    """How one file ended: ``status`` is an :class:`~deidfs.export.outcomes.Outcome` value,
+    "refused", "failed" or (after :meth:`~deidfs.export.claims.Claims.settle`) "duplicate"."""
 
     index: int
     status: str

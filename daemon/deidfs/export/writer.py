@@ -137,8 +137,9 @@ class ExportWriter:
     Every file is created, linked and renamed relative to descriptors of its directories,
     each opened from the one above without following a symbolic link, starting from ``/``:
     a link anywhere on the way (the root's path included), present or swapped in while the
-    writer works, is refused (:class:`ExportRefused`) and never written through. Callers
-    resolve the links of an admin's destination first (:func:`resolve_destination`).
+    writer works, is refused (:class:`~deidfs.export.errors.ExportRefused`) and never written
+    through. Callers resolve the links of an admin's destination first
+    (:func:`~deidfs.export.confinement.resolve_destination`).
 
     Parameters
     ----------
@@ -249,8 +250,9 @@ class ExportWriter:
         Refused
             When the source changed while its view was being written (nothing is left).
         ExportError
-            When the file cannot be written (nothing is left); :class:`ExportRefused` when
-            its directory cannot be reached without a symbolic link.
+            When the file cannot be written (nothing is left);
+            :class:`~deidfs.export.errors.ExportRefused` when its directory cannot be reached
+            without a symbolic link.
         """
         target_path(self.root, view.relpath)  # a plain relative path, or refused
         rel_dir = view.relpath.parent
