@@ -27,7 +27,8 @@ from bench_anonymize import Timing, _count_files, _warm
 from deidfs.config.load import load_config
 from deidfs.deid.plan import compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.export.folder import export_folder, walk_sources
+from deidfs.export.folder import export_folder
+from deidfs.export.selection import walk_sources
 from deidfs.secret import read_key_file
 from deidfs.view.render import SourceStat, View, render_path
 from synth import Tree, build_tree

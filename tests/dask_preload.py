@@ -24,7 +24,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from deidfs.export import folder as export
+from deidfs.export import outcomes
+from deidfs.export import writer as export
 
 FAULTS_ENV = "DEIDFS_TEST_FAULTS"
 
@@ -59,7 +60,7 @@ def dask_setup(worker: Any) -> None:
                     os.kill(int(pid), signal.SIGKILL)
         return put_path(self, *args, **kwargs)
 
-    def finish_with_faults(self: export.ExportWriter) -> list[export.Result]:
+    def finish_with_faults(self: export.ExportWriter) -> list[outcomes.Result]:
         results = finish(self)
         if self.replace or not results:
             return results
@@ -68,7 +69,7 @@ def dask_setup(worker: Any) -> None:
             wanted = (faults / "kill-worker-after-batch").read_text().strip()
         except OSError:
             return results
-        pending = any(r.outcome is export.Outcome.PENDING for r in results)
+        pending = any(r.outcome is outcomes.Outcome.PENDING for r in results)
         if (wanted != "pending" or pending) and _claim("kill-worker-after-batch") is not None:
             os.kill(os.getpid(), signal.SIGKILL)
         return results

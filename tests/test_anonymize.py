@@ -26,7 +26,7 @@ from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import Refused
-from deidfs.export.folder import is_temp_name
+from deidfs.export.files import is_temp_name
 from deidfs.view import model, reference
 from deidfs.view.render import Layout, render_path, write_view
 

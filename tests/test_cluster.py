@@ -46,7 +46,8 @@ from deidfs.export.cluster import (
     partition,
     run_batch_task,
 )
-from deidfs.export.folder import Job, is_temp_name
+from deidfs.export.files import is_temp_name
+from deidfs.export.workers import Job
 from deidfs.view.render import Layout
 
 distributed = pytest.importorskip("distributed")

@@ -23,7 +23,12 @@ from typing import Any
 import pydicom
 import pytest
 
+import deidfs.export.commits as export_commits
+import deidfs.export.files as export_files
 import deidfs.export.folder as export_module
+import deidfs.export.selection as export_selection
+import deidfs.export.workers as export_workers
+import deidfs.export.writer as export_writer
 from conftest import Daemon, sample_file
 from deidfs.cli import common
 from deidfs.cli.main import main
@@ -33,15 +38,12 @@ from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError, NotFound, ProfileError, Refused
 from deidfs.evidence.verify import verify_tree
-from deidfs.export.folder import (
-    ExportRefused,
-    ExportStopped,
-    ExportSummary,
-    Selection,
-    export_folder,
-    is_manifest_name,
-    is_temp_name,
-)
+from deidfs.export.errors import ExportRefused
+from deidfs.export.files import is_temp_name
+from deidfs.export.folder import export_folder
+from deidfs.export.manifest import is_manifest_name
+from deidfs.export.selection import Selection
+from deidfs.export.summary import ExportStopped, ExportSummary
 from deidfs.ops.control import ControlServer, ErrorCode, ExportRequest, Reply, Request
 from deidfs.view.render import Layout, render_path, write_view
 
@@ -579,7 +581,7 @@ def test_disk_full_stops_with_complete_files_and_no_temporary_file(
 def test_a_source_changing_during_export_is_tried_again(
     src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = export_module.write_view_fd
+    real = export_writer.write_view_fd
     changes = {"left": 1}
 
     def touching(view: Any, src_fd: int, out: int) -> None:
@@ -589,7 +591,7 @@ def test_a_source_changing_during_export_is_tried_again(
             st = os.fstat(src_fd)
             os.utime(src_fd, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a writer came by
 
-    monkeypatch.setattr(export_module, "write_view_fd", touching)
+    monkeypatch.setattr(export_writer, "write_view_fd", touching)
     summary = run_export(make_config(tmp_path, src))
     assert (summary.written, summary.failed) == (6, 0)
     assert tree(tmp_path / "export" / "ct") == expected_tree(src)
@@ -598,7 +600,7 @@ def test_a_source_changing_during_export_is_tried_again(
 def test_a_source_that_keeps_changing_is_reported_failed(
     src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = export_module.write_view_fd
+    real = export_writer.write_view_fd
     victim = os.stat(src / SOURCES[0]).st_ino
 
     def touching(view: Any, src_fd: int, out: int) -> None:
@@ -607,7 +609,7 @@ def test_a_source_that_keeps_changing_is_reported_failed(
         if st.st_ino == victim:
             os.utime(src_fd, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
 
-    monkeypatch.setattr(export_module, "write_view_fd", touching)
+    monkeypatch.setattr(export_writer, "write_view_fd", touching)
     summary = run_export(make_config(tmp_path, src))
     assert (summary.written, summary.failed) == (5, 1)
     dest = tmp_path / "export" / "ct"
@@ -662,14 +664,14 @@ def test_workers_start_through_a_fork_server_when_threads_run(src: Path, tmp_pat
     other = threading.Thread(target=release.wait, name="a daemon's thread")
     other.start()
     try:
-        assert export_module.pool_context().get_start_method() == "forkserver"
+        assert export_workers.pool_context().get_start_method() == "forkserver"
         summary = run_export(make_config(tmp_path, src), workers=2)
     finally:
         release.set()
         other.join()
     assert summary.written == 6
     assert tree(tmp_path / "export" / "ct") == expected_tree(src)
-    assert export_module.pool_context().get_start_method() == "fork"
+    assert export_workers.pool_context().get_start_method() == "fork"
 
 
 def test_a_stop_request_cancels_and_leaves_no_temporary_file(src: Path, tmp_path: Path) -> None:
@@ -732,7 +734,8 @@ def test_views_the_caller_holds_are_not_rendered_again(
     def no_render(*args: object, **kwargs: object) -> None:
         raise AssertionError("rendered although the view was held")
 
-    monkeypatch.setattr(export_module, "render", no_render)
+    monkeypatch.setattr(export_workers, "render", no_render)
+    monkeypatch.setattr(export_writer, "render", no_render)
     config = make_config(tmp_path, src)
     summary = run_export(
         config,
@@ -762,14 +765,14 @@ def test_header_walk_reads_what_pydicom_reads() -> None:
                     view = render_path(path, plan, PSEUDO, Layout.FLAT)
             except Refused:  # withheld, or not DICOM at all
                 continue
-            ids = export_module.served_ids(view)
+            ids = export_selection.served_ids(view)
             ds = pydicom.dcmread(io.BytesIO(view.header), stop_before_pixels=True, force=True)
             for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"):
                 assert getattr(ids, keyword) == str(ds.get(keyword, "")).strip(" \x00"), path
             try:
-                export_module._walk_values(view.header, export_module._ID_TAGS)
+                export_selection._walk_values(view.header, export_selection._ID_TAGS)
                 walked += 1
-            except export_module._Malformed:
+            except export_selection._Malformed:
                 pass  # deflated: read by pydicom above
     assert walked > 100
 
@@ -877,7 +880,7 @@ def _view_fsyncs(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[int]:
             fsynced.append(fd)
         real_fsync(fd)
 
-    monkeypatch.setattr(export_module.os, "fsync", fsync)
+    monkeypatch.setattr(export_writer.os, "fsync", fsync)
     return fsynced
 
 
@@ -886,7 +889,7 @@ def test_durable_files_are_flushed_in_groups_of_syncfs(
 ) -> None:
     """Six views, groups of two: three syncfs calls and no fsync of a file, every file whole
     under its name, no temporary file left."""
-    real = export_module._syncfs_function()
+    real = export_files._syncfs_function()
     assert real is not None  # glibc on Linux has syncfs
     calls: list[int] = []
 
@@ -894,8 +897,8 @@ def test_durable_files_are_flushed_in_groups_of_syncfs(
         calls.append(fd)
         return real(fd)
 
-    monkeypatch.setattr(export_module, "MAX_PENDING", 2)
-    monkeypatch.setattr(export_module, "_syncfs_function", lambda: counting)
+    monkeypatch.setattr(export_commits, "MAX_PENDING", 2)
+    monkeypatch.setattr(export_files, "_syncfs_function", lambda: counting)
     fsynced = _view_fsyncs(monkeypatch, tmp_path / "export" / "ct")
     summary = run_export(make_config(tmp_path, src), durable=True)
     assert (summary.written, summary.failed) == (6, 0)
@@ -908,7 +911,7 @@ def test_durable_files_are_flushed_in_groups_of_syncfs(
 def test_a_failing_syncfs_falls_back_to_fsync_per_file(
     src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(export_module, "_syncfs_function", lambda: lambda fd: -1)
+    monkeypatch.setattr(export_files, "_syncfs_function", lambda: lambda fd: -1)
     fsynced = _view_fsyncs(monkeypatch, tmp_path / "export" / "ct")
     summary = run_export(make_config(tmp_path, src), durable=True)
     assert (summary.written, summary.failed) == (6, 0)
@@ -923,7 +926,7 @@ def test_durable_views_start_their_writeback_as_they_are_written(
 ) -> None:
     """Each durable view's pages are handed to the disk right after it is written (the real
     sync_file_range call succeeds on each file); a writer that does not flush asks for none."""
-    real = export_module._sync_file_range_function()
+    real = export_files._sync_file_range_function()
     assert real is not None  # glibc on Linux has sync_file_range
     returned: list[int] = []
 
@@ -932,7 +935,7 @@ def test_durable_views_start_their_writeback_as_they_are_written(
         returned.append(real(fd, offset, nbytes, flags))
         return returned[-1]
 
-    monkeypatch.setattr(export_module, "_sync_file_range_function", lambda: counting)
+    monkeypatch.setattr(export_files, "_sync_file_range_function", lambda: counting)
     summary = run_export(make_config(tmp_path, src), durable=durable)
     assert (summary.written, summary.failed) == (6, 0)
     assert returned == ([0] * 6 if durable else [])
@@ -944,7 +947,7 @@ def test_views_have_no_name_until_they_are_flushed(src: Path, tmp_path: Path) ->
     """A durable view is written to an unnamed file (O_TMPFILE): until the group flush the
     directory holds no entry for it at all, so a killed writer leaves nothing behind."""
     out = tmp_path / "out"
-    writer = export_module.ExportWriter(out, durable=True)
+    writer = export_writer.ExportWriter(out, durable=True)
     writer.check_root()
     plan = compile_plan(BUILTIN_PROFILES["Basic"])
     views = [writer.put_path(i, src / rel, plan, PSEUDO) for i, rel in enumerate(SOURCES)]
@@ -961,9 +964,9 @@ def test_without_unnamed_files_named_temporaries_are_used(
     src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No /proc (or no O_TMPFILE): dotfile temporaries renamed into place, the same result."""
-    monkeypatch.setattr(export_module, "_proc_fd_dir", lambda: None)
+    monkeypatch.setattr(export_writer, "_proc_fd_dir", lambda: None)
     out = tmp_path / "out"
-    writer = export_module.ExportWriter(out, durable=True)
+    writer = export_writer.ExportWriter(out, durable=True)
     writer.check_root()
     plan = compile_plan(BUILTIN_PROFILES["Basic"])
     for i, rel in enumerate(SOURCES):

@@ -20,18 +20,16 @@ from typing import Any
 
 import pytest
 
-import deidfs.export.folder as export_module
+import deidfs.export.workers as export_workers
+import deidfs.export.writer as export_writer
 from conftest import Daemon, run_cli, sample_file
 from deidfs.cli import common
 from deidfs.cli.main import main
 from deidfs.config.load import load_config
-from deidfs.export.folder import (
-    ExportError,
-    ExportRefused,
-    ExportStopped,
-    export_folder,
-    is_temp_name,
-)
+from deidfs.export.errors import ExportError, ExportRefused
+from deidfs.export.files import is_temp_name
+from deidfs.export.folder import export_folder
+from deidfs.export.summary import ExportStopped
 from deidfs.view.render import View
 from test_export import PSEUDO, many_sources, tree, write_config_file
 
@@ -255,14 +253,14 @@ def test_a_link_swapped_in_for_the_destination_is_not_written_through(
     cfg, _src, other = setup
     config = load_config(cfg)
     dest = tmp_path / "export" / "ct"
-    real_run_batch = export_module.run_batch
+    real_run_batch = export_workers.run_batch
 
     def swap_then_run(*args: Any, **kwargs: Any) -> bool:
         os.rename(dest, tmp_path / "export" / "moved")
         dest.symlink_to(other)
         return real_run_batch(*args, **kwargs)
 
-    monkeypatch.setattr(export_module, "run_batch", swap_then_run)
+    monkeypatch.setattr(export_workers, "run_batch", swap_then_run)
     before = watched(tmp_path)
     with pytest.raises(ExportStopped) as stopped:
         export_folder(config, "ct", PSEUDO, workers=1)
@@ -285,7 +283,7 @@ def test_a_link_swapped_in_below_the_destination_is_not_written_through(
     config = load_config(cfg)
     export = tmp_path / "export"
     dest = export / "ct"
-    real_write = export_module.write_view_fd
+    real_write = export_writer.write_view_fd
     moved = export / "moved"
 
     def write_then_swap(view: View, src_fd: int, fd: int) -> None:
@@ -296,7 +294,7 @@ def test_a_link_swapped_in_below_the_destination_is_not_written_through(
             os.rename(top, moved)
             top.symlink_to(other)
 
-    monkeypatch.setattr(export_module, "write_view_fd", write_then_swap)
+    monkeypatch.setattr(export_writer, "write_view_fd", write_then_swap)
     before = watched(tmp_path)
     written, code = -1, 0
     try:

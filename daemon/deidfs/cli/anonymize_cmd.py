@@ -1,7 +1,7 @@
 """``deidfs anonymize SRC... --profile NAME --to DIR``: de-identify files once, into DIR.
 
 Every file is rendered exactly as the mount renders it (:func:`deidfs.view.render.render`)
-and written with :class:`deidfs.export.folder.ExportWriter`, so the bytes equal what the mount
+and written with :class:`deidfs.export.writer.ExportWriter`, so the bytes equal what the mount
 serves for the same file, profile and key. Files are spread over a pool of worker processes, each
 rendering and writing a chunk of files at a time.
 
@@ -40,6 +40,7 @@ from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, NotFound, ProfileError
+from deidfs.export.claims import Claims
 from deidfs.export.cluster import (
     DEFAULT_BATCH_FILES,
     ClusterOptions,
@@ -48,27 +49,15 @@ from deidfs.export.cluster import (
     connect,
     prepare,
 )
-from deidfs.export.folder import (
-    Claims,
-    ExportError,
-    ExportStopped,
-    ExportWriter,
-    FileResult,
-    Item,
-    Job,
-    Outcome,
-    Place,
-    PoolRunner,
-    Runner,
-    SourceSet,
-    forbidden_places,
-    guard_of,
-    quiet_pydicom,
-    resolve_destination,
-    stopped_exit_code,
-    walk_sources,
-)
+from deidfs.export.confinement import Place, forbidden_places, guard_of, resolve_destination
+from deidfs.export.errors import ExportError, stopped_exit_code
+from deidfs.export.folder import SourceSet
+from deidfs.export.outcomes import Outcome
+from deidfs.export.selection import walk_sources
 from deidfs.export.send import destination_of, send_sources
+from deidfs.export.summary import ExportStopped
+from deidfs.export.workers import FileResult, Item, Job, PoolRunner, Runner, quiet_pydicom
+from deidfs.export.writer import ExportWriter
 from deidfs.secret import load_or_create_key, read_key_file
 from deidfs.view.render import Layout
 

@@ -29,14 +29,11 @@ from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, SecretError
 from deidfs.export.cluster import KeySource, prepare
-from deidfs.export.folder import (
-    ExportStopped,
-    ExportSummary,
-    Runner,
-    Selection,
-    export_folder,
-)
+from deidfs.export.folder import export_folder
+from deidfs.export.selection import Selection
 from deidfs.export.send import SendSummary, send_folder
+from deidfs.export.summary import ExportStopped, ExportSummary
+from deidfs.export.workers import Runner
 from deidfs.ops.control import ErrorCode, Reply, call
 from deidfs.secret import load_or_create_key, read_key_file
 

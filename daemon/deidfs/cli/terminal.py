@@ -10,10 +10,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from deidfs.export.folder import (
-    ExportListener,
-)
 from deidfs.export.send import SendSummary
+from deidfs.export.summary import ExportListener
 
 
 class Progress:

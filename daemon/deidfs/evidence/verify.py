@@ -108,7 +108,7 @@ from deidfs.evidence.scan import (
     _uid_texts,
     _Values,
 )
-from deidfs.export.folder import is_manifest_name
+from deidfs.export.manifest import is_manifest_name
 from deidfs.ops.logs import source_token
 from deidfs.view.reference import MAX_INFLATED
 from deidfs.view.render import DEFLATED, PIXEL_TAGS

@@ -3,12 +3,12 @@ cluster (dask.distributed): ``--cluster local:N`` or a scheduler's address.
 
 The client (the command) lists the sources as on one machine and cuts them into batches by
 directory (:func:`partition`); each batch is one task, :func:`run_batch_task`, which renders
-and writes its files with :func:`deidfs.export.folder.run_chunk` (or matches a selection with
-:func:`deidfs.export.folder.scan_chunk`): the same pure core and the same atomic, idempotent
+and writes its files with :func:`deidfs.export.workers.run_chunk` (or matches a selection with
+:func:`deidfs.export.workers.scan_chunk`): the same pure core and the same atomic, idempotent
 writer as on one machine. Each task returns its files' results; the client counts them,
-settles sources that name one target (:class:`deidfs.export.folder.Claims`) and writes the
+settles sources that name one target (:class:`deidfs.export.claims.Claims`) and writes the
 manifest, as it does for its own worker processes. :class:`ClusterRunner` is the
-:class:`deidfs.export.folder.Runner` that does this. Keyed pseudonyms make every worker produce the
+:class:`deidfs.export.workers.Runner` that does this. Keyed pseudonyms make every worker produce the
 same bytes with no coordination: the output equals that of one process, file for file.
 
 Nothing identifying names a task: keys are ``deidfs-batch-<run>-<n>`` (``<run>`` a random
@@ -61,23 +61,21 @@ from typing import Any, TextIO
 from deidfs import __version__
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, DeidfsError
-from deidfs.export.folder import (
-    TEMP_PREFIX,
-    TEMP_SUFFIX,
-    ExportError,
-    ExportWriter,
+from deidfs.export.dirs import open_path_dirs
+from deidfs.export.errors import ExportError
+from deidfs.export.files import TEMP_PREFIX, TEMP_SUFFIX
+from deidfs.export.workers import (
     FileResult,
     Item,
     Job,
     ScanJob,
     ScanResult,
     StopFlag,
-    ViewLookup,
-    open_path_dirs,
     quiet_third_party,
     run_chunk,
     scan_chunk,
 )
+from deidfs.export.writer import ExportWriter, ViewLookup
 from deidfs.secret import read_key_file
 
 log = logging.getLogger(__name__)
@@ -334,8 +332,8 @@ def partition(items: Sequence[Item], size: int) -> list[Batch]:
 
 @dataclass(frozen=True, slots=True, repr=False)
 class Work:
-    """What every task of a run shares: a :class:`~deidfs.export.folder.Job` or
-    :class:`~deidfs.export.folder.ScanJob` without its pseudonymizer (each worker makes its own
+    """What every task of a run shares: a :class:`~deidfs.export.workers.Job` or
+    :class:`~deidfs.export.workers.ScanJob` without its pseudonymizer (each worker makes its own
     from ``key``), the deidfs version the client runs, and the name of a file the client
     made in the output directory (to prove a worker writes into the same one)."""
 
@@ -584,7 +582,7 @@ def _why(exc: BaseException) -> str:
 
 
 class ClusterRunner:
-    """A :class:`deidfs.export.folder.Runner` on a Dask cluster: one task per :class:`Batch`.
+    """A :class:`deidfs.export.workers.Runner` on a Dask cluster: one task per :class:`Batch`.
 
     Parameters
     ----------
@@ -628,7 +626,7 @@ class ClusterRunner:
         stop: StopFlag | None = None,
         cached: ViewLookup | None = None,
     ) -> bool:
-        """Run ``job`` over ``items`` on the cluster; see :meth:`deidfs.export.folder.Runner.run`.
+        """Run ``job`` over ``items`` on the cluster; see :meth:`deidfs.export.workers.Runner.run`.
 
         Raises
         ------

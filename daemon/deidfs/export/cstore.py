@@ -35,7 +35,7 @@ from deidfs.export.destinations import (
     _Permanent,
     _Temporary,
 )
-from deidfs.export.folder import StopFlag
+from deidfs.export.workers import StopFlag
 from deidfs.view.model import DEFLATED, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from deidfs.config.model import Destination
 from deidfs.errors import DeidfsError
-from deidfs.export.folder import ServedIds
+from deidfs.export.selection import ServedIds
 from deidfs.view.model import EXPLICIT_LE
 from deidfs.view.render import View
 

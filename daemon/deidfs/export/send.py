@@ -50,17 +50,12 @@ from deidfs.export.destinations import (
     node_key,
     state_dir_of,
 )
-from deidfs.export.folder import (
-    ExportListener,
-    Selection,
-    SourceSet,
-    StopFlag,
-    quiet_pydicom,
-    select_sources,
-    served_ids,
-    write_manifest_file,
-)
+from deidfs.export.folder import SourceSet, select_sources
+from deidfs.export.manifest import write_manifest_file
+from deidfs.export.selection import Selection, served_ids
 from deidfs.export.stow import StowSender
+from deidfs.export.summary import ExportListener
+from deidfs.export.workers import StopFlag, quiet_pydicom
 from deidfs.view.model import EXPLICIT_LE
 from deidfs.view.render import (
     SourceStat,

@@ -25,7 +25,7 @@ from deidfs.export.destinations import (
     _Permanent,
     _Temporary,
 )
-from deidfs.export.folder import StopFlag
+from deidfs.export.workers import StopFlag
 
 log = logging.getLogger(__name__)
 

@@ -79,6 +79,7 @@ from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, DeidfsError, NotFound
 from deidfs.export import folder as export_module
+from deidfs.export.selection import Selection
 from deidfs.mount.lifecycle import FuseMount, clear_stale_mount
 from deidfs.mount.ops import DeidOperations
 from deidfs.ops.control import (
@@ -1261,14 +1262,14 @@ class Service:
         if not self._export_lock.acquire(blocking=False):
             return Reply.failure(ErrorCode.BUSY, "another export is running; try again later")
         try:
-            selection = export_module.Selection(
+            selection = Selection(
                 study=req.study, patient=req.patient, accession=req.accession, path=req.path
             )
             return self._forward_export(selection, req)
         finally:
             self._export_lock.release()
 
-    def _forward_export(self, selection: export_module.Selection, req: ExportRequest) -> Reply:
+    def _forward_export(self, selection: Selection, req: ExportRequest) -> Reply:
         assert self._pseudo is not None
         if req.destination is not None:
             return self._forward_send(selection, req)
@@ -1304,7 +1305,7 @@ class Service:
             return Reply.failure(ErrorCode.FAILED, str(exc), (f"exit_code={exc.exit_code}",))
         return Reply.success(summary.to_json())
 
-    def _forward_send(self, selection: export_module.Selection, req: ExportRequest) -> Reply:
+    def _forward_send(self, selection: Selection, req: ExportRequest) -> Reply:
         """``export`` with a ``destination``: :func:`deidfs.export.send.send_folder`, counted in
         ``deidfs_export_sent_total``."""
         assert self._pseudo is not None
