@@ -33,7 +33,9 @@ MODULES = (
     "run_cmd",
     "ops_cmd",
     "report_cmd",
-    "admin_cmd",
+    "profile_cmd",
+    "folder_cmd",
+    "destination_cmd",
 )
 #: The module registering each subcommand (a name missing here only costs time: all load).
 COMMANDS = {
@@ -50,9 +52,9 @@ COMMANDS = {
     "withheld": "ops_cmd",
     "report": "report_cmd",
     "verify": "report_cmd",
-    "profile": "admin_cmd",
-    "folder": "admin_cmd",
-    "destination": "admin_cmd",
+    "profile": "profile_cmd",
+    "folder": "folder_cmd",
+    "destination": "destination_cmd",
 }
 _GLOBAL_OPTIONS_WITH_VALUE = ("--config", "--log-level")
 
