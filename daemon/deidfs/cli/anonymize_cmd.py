@@ -41,14 +41,8 @@ from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, NotFound, ProfileError
 from deidfs.export.claims import Claims
-from deidfs.export.cluster import (
-    DEFAULT_BATCH_FILES,
-    ClusterOptions,
-    ClusterRunner,
-    KeySource,
-    connect,
-    prepare,
-)
+from deidfs.export.cluster import ClusterRunner, connect
+from deidfs.export.cluster_config import DEFAULT_BATCH_FILES, ClusterOptions, KeySource, prepare
 from deidfs.export.confinement import Place, forbidden_places, guard_of, resolve_destination
 from deidfs.export.errors import ExportError, stopped_exit_code
 from deidfs.export.folder import SourceSet

@@ -95,8 +95,11 @@ def add_writer_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cluster_address(text: str) -> object:
-    """An argparse type: ``--cluster``'s value (:func:`deidfs.export.cluster.parse_address`)."""
-    from deidfs.export.cluster import parse_address  # noqa: PLC0415  (only when the option is given)
+    """An argparse type: ``--cluster``'s value
+    (:func:`deidfs.export.cluster_config.parse_address`)."""
+    from deidfs.export.cluster_config import (  # noqa: PLC0415  (only when the option is given)
+        parse_address,
+    )
 
     try:
         return parse_address(text)

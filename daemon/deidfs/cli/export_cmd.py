@@ -28,7 +28,7 @@ from deidfs.config.load import load_config
 from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError, SecretError
-from deidfs.export.cluster import KeySource, prepare
+from deidfs.export.cluster_config import KeySource, prepare
 from deidfs.export.folder import export_folder
 from deidfs.export.selection import Selection
 from deidfs.export.send import SendSummary, send_folder

@@ -17,15 +17,16 @@ failed task with its arguments' ``repr``: every argument here shows counts only,
 path or the key. Each task carries the run's :class:`Work` (some 35 kB, mostly the plan):
 a worker holding it as data would draw every task to itself.
 
-The pseudonym key:
+The pseudonym key (:mod:`deidfs.export.cluster_config`):
 
-- :class:`KeyFile`: with a key file named on storage every worker shares, each worker reads
-  the key itself; only the file's path and a fingerprint of the key travel (a worker whose
-  file holds another key refuses the task: :class:`WorkerRefused`).
-- :class:`KeyInTask`: otherwise the key travels inside the tasks. Allowed to a
-  ``local:N`` cluster (loopback, this machine's processes) and over ``tls://``; a plain
-  ``tcp://`` scheduler would carry it in clear, which :func:`key_source` refuses unless the
-  admin says so.
+- :class:`~deidfs.export.cluster_config.KeyFile`: with a key file named on storage every
+  worker shares, each worker reads the key itself; only the file's path and a fingerprint
+  of the key travel (a worker whose file holds another key refuses the task:
+  :class:`WorkerRefused`).
+- :class:`~deidfs.export.cluster_config.KeyInTask`: otherwise the key travels inside the
+  tasks. Allowed to a ``local:N`` cluster (loopback, this machine's processes) and over
+  ``tls://``; a plain ``tcp://`` scheduler would carry it in clear, which
+  :func:`~deidfs.export.cluster_config.key_source` refuses unless the admin says so.
 
 Failures: a task whose worker dies is run again by Dask on another (the scheduler's own
 rule, up to ``distributed.scheduler.allowed-failures`` deaths), and a task that raises is
@@ -39,17 +40,17 @@ files of a killed run are removed from the directories the run wrote in
 (:meth:`ClusterRunner.finished`). A lost scheduler stops the command (:class:`ClusterLost`,
 exit 75): files in place are complete and the same command run again completes the rest.
 
-dask.distributed is optional (``pip install 'deidfs[cluster]'``) and imported only here,
-only when a run uses a cluster.
+The address, the options, the key's way to the workers and TLS are in
+:mod:`deidfs.export.cluster_config`. dask.distributed is optional (``pip install
+'deidfs[cluster]'``) and imported only through
+:func:`deidfs.export.cluster_config.import_distributed`, only when a run uses a cluster.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
-import re
 import secrets
 import threading
 import time
@@ -60,7 +61,17 @@ from typing import Any, TextIO
 
 from deidfs import __version__
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.errors import ConfigError, DeidfsError
+from deidfs.errors import DeidfsError
+from deidfs.export.cluster_config import (
+    DEFAULT_BATCH_FILES,
+    ClusterAddress,
+    ClusterOptions,
+    ClusterUnavailable,
+    KeyFile,
+    KeySource,
+    import_distributed,
+    security_of,
+)
 from deidfs.export.dirs import open_path_dirs
 from deidfs.export.errors import ExportError
 from deidfs.export.files import TEMP_PREFIX, TEMP_SUFFIX
@@ -80,13 +91,6 @@ from deidfs.secret import read_key_file
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'deidfs[cluster]'"
-LOCAL_PREFIX = "local:"
-#: Files per task at most. A directory is split only when it holds more; smaller ones are
-#: packed together. Large enough that a task's overhead (about a millisecond of scheduling
-#: and transfer) is noise beside its files, small enough that progress moves and a lost
-#: worker costs little work.
-DEFAULT_BATCH_FILES = 256
 #: Further tries of a task that raised (a worker that died is the scheduler's matter).
 TASK_RETRIES = 2
 #: Tasks in flight per worker thread: enough that no thread waits for the client, few
@@ -105,17 +109,9 @@ FETCH_SECONDS = 5.0
 #: How often the client asks how many worker threads there are (workers come and go).
 LOOK_SECONDS = 2.0
 CLOSE_SECONDS = 5.0
-_ADDRESS = re.compile(r"^(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
 # -- errors -------------------------------------------------------------------------------------
-class ClusterUnavailable(DeidfsError):
-    """The cluster cannot be used: dask.distributed is missing, the scheduler is
-    unreachable or has no worker (exit 69)."""
-
-    exit_code = os.EX_UNAVAILABLE
-
-
 class ClusterLost(DeidfsError):
     """The scheduler was lost during the run (exit 75): files in place are complete; the
     same command run again completes the rest."""
@@ -129,164 +125,6 @@ class WorkerRefused(DeidfsError):
     (exit 78). Raised in the task, so the client sees it as the task's error."""
 
     exit_code = os.EX_CONFIG
-
-
-# -- address, key and options -------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ClusterAddress:
-    """Where a run goes: ``local:N`` (a LocalCluster of N worker processes started here) or
-    a scheduler's ``tcp://`` or ``tls://`` address."""
-
-    text: str
-    local_workers: int = 0  #: N of ``local:N``; 0 for a scheduler's address
-
-    @property
-    def local(self) -> bool:
-        """Whether the cluster is started here, on loopback."""
-        return self.local_workers > 0
-
-    @property
-    def scheme(self) -> str:
-        """``local``, ``tcp`` or ``tls``."""
-        return "local" if self.local else self.text.split("://", 1)[0]
-
-
-def parse_address(text: str) -> ClusterAddress:
-    """``--cluster``'s value.
-
-    Raises
-    ------
-    ValueError
-        When it is neither ``local:N`` (N at least 1) nor ``tcp://HOST:PORT`` or
-        ``tls://HOST:PORT``.
-    """
-    if text.startswith(LOCAL_PREFIX):
-        count = text[len(LOCAL_PREFIX) :]
-        if count.isdigit() and int(count) >= 1:
-            return ClusterAddress(text, int(count))
-    elif _ADDRESS.match(text) and int(text.rsplit(":", 1)[1]) < 65536:
-        return ClusterAddress(text)
-    raise ValueError(
-        f"{text!r}: give local:N (N worker processes on this machine) or a scheduler "
-        "address tcp://HOST:PORT or tls://HOST:PORT"
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterOptions:
-    """The ``--cluster`` options of a command."""
-
-    address: ClusterAddress
-    batch_files: int = DEFAULT_BATCH_FILES
-    allow_plain_key: bool = False
-    tls_ca_file: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class KeyFile:
-    """Workers read the key from ``path`` (shared storage); ``fingerprint`` proves it is
-    the client's (:meth:`~deidfs.deid.pseudonym.Pseudonymizer.fingerprint`)."""
-
-    path: str
-    fingerprint: str
-
-    def __repr__(self) -> str:
-        return "KeyFile(read by each worker)"
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class KeyInTask:
-    """The key itself, sent in the tasks."""
-
-    key: bytes
-    fingerprint: str
-
-    def __repr__(self) -> str:
-        return "KeyInTask(withheld)"
-
-
-KeySource = KeyFile | KeyInTask
-
-
-def key_source(options: ClusterOptions, key: bytes, key_file: str | None) -> KeySource:
-    """How the workers get ``key``: from ``key_file`` when there is one (each worker reads
-    it), else inside the task, where the connection allows it.
-
-    Raises
-    ------
-    ConfigError
-        A plain ``tcp://`` scheduler with the key in the task, unless ``allow_plain_key``.
-    """
-    fingerprint = Pseudonymizer(key).fingerprint()
-    if key_file:
-        return KeyFile(os.path.abspath(key_file), fingerprint)
-    if options.address.scheme == "tcp" and not options.allow_plain_key:
-        raise ConfigError(
-            f"--cluster {options.address.text}: a plain tcp:// connection would carry the "
-            "pseudonym key in clear to the scheduler and the workers. Give --key-file FILE "
-            "on storage the workers share (each reads the key itself), use a tls:// "
-            "scheduler, or pass --allow-plain-key on a network you trust"
-        )
-    return KeyInTask(key, fingerprint)
-
-
-def prepare(options: ClusterOptions, key: bytes, key_file: str | None) -> KeySource:
-    """Check ``options`` before anything is written, and how the workers get ``key``
-    (:func:`key_source`).
-
-    Raises
-    ------
-    ClusterUnavailable
-        dask.distributed is not installed.
-    ConfigError
-        The key may not travel so (:func:`key_source`), or TLS files are missing.
-    """
-    _distributed()
-    source = key_source(options, key, key_file)
-    security_of(options)
-    return source
-
-
-def security_of(options: ClusterOptions) -> Any:
-    """The ``distributed.security.Security`` of a ``tls://`` address (None otherwise):
-    from ``--tls-ca-file``, ``--tls-cert`` and ``--tls-key``, else Dask's configuration
-    (``distributed.comm.tls``).
-
-    Raises
-    ------
-    ConfigError
-        A ``tls://`` address without certificates, or only some of the three files.
-    """
-    if options.address.scheme != "tls":
-        if options.tls_ca_file or options.tls_cert or options.tls_key:
-            raise ConfigError("--tls-ca-file, --tls-cert and --tls-key need a tls:// address")
-        return None
-    security_module = _distributed("distributed.security")
-    given = (options.tls_ca_file, options.tls_cert, options.tls_key)
-    if any(given):
-        if not all(given):
-            raise ConfigError(
-                "a tls:// scheduler needs all of --tls-ca-file, --tls-cert, --tls-key"
-            )
-        for path in given:
-            assert path is not None
-            if not os.path.isfile(path):
-                raise ConfigError(f"TLS file {path} does not exist")
-        return security_module.Security(
-            tls_ca_file=options.tls_ca_file,
-            tls_client_cert=options.tls_cert,
-            tls_client_key=options.tls_key,
-            require_encryption=True,
-        )
-    security = security_module.Security(require_encryption=True)
-    if not security.tls_ca_file or not security.tls_client_cert:
-        raise ConfigError(
-            f"--cluster {options.address.text}: give --tls-ca-file, --tls-cert and --tls-key, "
-            "or set distributed.comm.tls.ca-file and .client.cert/.key in Dask's configuration"
-        )
-    return security
 
 
 # -- batches ------------------------------------------------------------------------------------
@@ -452,12 +290,6 @@ def _probe_seen(out: Path, probe: str) -> bool:
 
 
 # -- on the client ------------------------------------------------------------------------------
-def _distributed(name: str = "distributed") -> Any:
-    """Import dask.distributed (or one of its modules), or say what to install."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise ClusterUnavailable(f"--cluster needs dask.distributed: {INSTALL_HINT}") from None
 
 
 def _route_library_logs() -> None:
@@ -522,7 +354,7 @@ def connect(options: ClusterOptions) -> Iterator[Connection]:
     ConfigError
         TLS certificates missing or incomplete for a ``tls://`` address.
     """
-    distributed = _distributed()
+    distributed = import_distributed()
     security = security_of(options)
     _route_library_logs()
     address = options.address
@@ -533,7 +365,7 @@ def connect(options: ClusterOptions) -> Iterator[Connection]:
         if address.local:
             # Workers import deidfs as they start (their first task would, otherwise), after
             # the preloads of Dask's configuration.
-            dask_config = _distributed("dask.config")
+            dask_config = import_distributed("dask.config")
             preload = list(dask_config.get("distributed.worker.preload", default=None) or [])
             cluster = distributed.LocalCluster(
                 n_workers=address.local_workers,
