@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from deidfs.ops.metrics import Metrics
+from deidfs.view.handles import ViewFS
 from deidfs.view.model import View
 from deidfs.view.tree import ViewFile
 
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 ENV_SWITCH = "DEIDFS_C_READS"
 #: Released handles taken from the C queue at a time.
 DRAIN_BATCH = 4096
+#: Seconds between two drains of the handles the C path released (their descriptors are
+#: closed then; every open drains too).
+DRAIN_SECONDS = 0.25
 
 _u64 = ctypes.c_uint64
 _i64 = ctypes.c_int64
@@ -348,3 +353,90 @@ class FastReads:
             now.fallbacks - last.fallbacks,
             now.getattrs - last.getattrs,
         )
+
+
+class CReadPath:
+    """The C read path of one mount, as its operations use it: the C tables
+    (:class:`FastReads`), the tree's listener that keeps the file table in step, the drains
+    that release in Python what libfuse released in C, and the counts in the metrics."""
+
+    def __init__(self, fs: ViewFS, metrics: Metrics | None) -> None:
+        self.fs = fs
+        self.tree = fs.tree
+        self.metrics = metrics
+        self.fast = FastReads()
+        self.tree.on_folders_change = self.fast.folders_changed
+        self._drainer: threading.Thread | None = None
+        self._draining = threading.Event()
+        self._sync_lock = threading.Lock()
+
+    def start(self) -> None:
+        """libfuse is up (its init): the file table and the drains start."""
+        if self._drainer is not None:
+            return
+        # Under the tree's lock: the C table holds every file served now, then follows
+        # each change in order.
+        self.tree.watch_files(self.fast.file_changed)
+        self._draining.clear()
+        self._drainer = threading.Thread(
+            target=self._drain_loop, name="deidfs-release", daemon=True
+        )
+        self._drainer.start()
+
+    def end(self) -> None:
+        """Stop the drains and take every handle of this mount out of the C table (the
+        handles stay open in Python, which releases or closes them)."""
+        self._draining.set()
+        drainer, self._drainer = self._drainer, None
+        if drainer is not None and drainer is not threading.current_thread():
+            drainer.join(5.0)
+        self.tree.watch_files(None)
+        self.sync()
+        self.fast.forget_all()
+        self.fast.end()
+
+    def before_open(self) -> int:
+        """Release what libfuse released (descriptors first); the epoch to register the
+        handle about to be opened with (read before open's checks: a reload after them
+        is seen)."""
+        self._reap()
+        return self.fast.epoch()
+
+    def register(self, path: str, fh: int, epoch: int) -> None:
+        """Let the C path serve the reads of a handle just opened at ``path``."""
+        held = self.fs.held_source(fh)
+        if held is None:
+            return
+        fd, view, ctime_ns, vf = held
+        if not self.fast.register(fh, path, fd, view, ctime_ns, epoch):
+            return
+        # After registering: a change of the path published before it is seen here, one
+        # published after it marks the handle (invalidate marks before the kernel's pages
+        # are dropped). Either way Python checks that handle's reads from then on.
+        if self.tree.file(path) is not vf:
+            self.fast.mark_handle(fh)
+
+    def sync(self) -> None:
+        """Release the handles the C path released, and count what it did in the metrics
+        (every :data:`DRAIN_SECONDS` and at each scrape)."""
+        self._reap()
+        new = self.fast.new_counts()
+        m = self.metrics
+        if m is not None:
+            m.fuse_op("read", new.reads)
+            m.fuse_op("release", new.releases)
+            m.fuse_op("getattr", new.getattrs)
+            m.fuse_read(new.bytes)
+
+    def _reap(self) -> None:
+        """Release in Python the handles the C path released (their descriptors)."""
+        with self._sync_lock:
+            for fh in self.fast.drain():
+                self.fs.release(fh)
+
+    def _drain_loop(self) -> None:
+        while not self._draining.wait(DRAIN_SECONDS):
+            try:
+                self.sync()
+            except Exception as exc:  # never end the loop: descriptors would pile up
+                log.error("draining released handles failed: %s", type(exc).__name__)

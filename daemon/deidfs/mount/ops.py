@@ -40,9 +40,6 @@ log = logging.getLogger(__name__)
 
 #: Hint for readers to use large reads; each FUSE request costs a trip into Python.
 BLOCK_SIZE = 256 * 1024
-#: Seconds between two drains of the handles the C path released (their descriptors are
-#: closed then; every open drains too).
-DRAIN_SECONDS = 0.25
 
 
 _P = ParamSpec("_P")
@@ -107,12 +104,9 @@ class DeidOperations:
         self.read_calls = 0  #: reads answered by :meth:`read` (bytes through Python)
         self.python_read_buf_calls = 0  #: reads answered by :meth:`read_buf`
         use_c = fastread.available() if c_reads is None else c_reads
-        self.fast: fastread.FastReads | None = fastread.FastReads() if use_c else None
-        if self.fast is not None:
-            self.tree.on_folders_change = self.fast.folders_changed
-        self._drainer: threading.Thread | None = None
-        self._draining = threading.Event()
-        self._sync_lock = threading.Lock()
+        #: The C read path of this mount, when it serves (its table, drains and counts).
+        self.c_path = fastread.CReadPath(fs, metrics) if use_c else None
+        self.fast = None if self.c_path is None else self.c_path.fast
 
     @property
     def read_buf_calls(self) -> int:
@@ -121,32 +115,15 @@ class DeidOperations:
         return self.python_read_buf_calls + c
 
     def sync(self) -> None:
-        """Release the handles the C path released, and count what it did in the metrics
-        (every open, every :data:`DRAIN_SECONDS` and at each scrape)."""
-        fast = self.fast
-        if fast is None:
-            return
-        self._reap(fast)
-        new = fast.new_counts()
-        m = self.metrics
-        if m is not None:
-            m.fuse_op("read", new.reads)
-            m.fuse_op("release", new.releases)
-            m.fuse_op("getattr", new.getattrs)
-            m.fuse_read(new.bytes)
+        """Release the handles the C path released and count what it did (every open,
+        periodically and at each scrape)."""
+        if self.c_path is not None:
+            self.c_path.sync()
 
-    def _reap(self, fast: fastread.FastReads) -> None:
-        """Release in Python the handles the C path released (their descriptors)."""
-        with self._sync_lock:
-            for fh in fast.drain():
-                self.fs.release(fh)
-
-    def _drain_loop(self) -> None:
-        while not self._draining.wait(DRAIN_SECONDS):
-            try:
-                self.sync()
-            except Exception as exc:  # never end the loop: descriptors would pile up
-                log.error("draining released handles failed: %s", type(exc).__name__)
+    def end_c_reads(self) -> None:
+        """Take this mount out of the C path (at libfuse's destroy, and at stop)."""
+        if self.c_path is not None:
+            self.c_path.end()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -165,15 +142,8 @@ class DeidOperations:
                 self._invalidate_fn = fn
         except (AttributeError, OSError) as exc:
             log.warning("kernel cache invalidation unavailable: %s", exc)
-        if self.fast is not None and self._drainer is None:
-            # Under the tree's lock: the C table holds every file served now, then follows
-            # each change in order.
-            self.tree.watch_files(self.fast.file_changed)
-            self._draining.clear()
-            self._drainer = threading.Thread(
-                target=self._drain_loop, name="deidfs-release", daemon=True
-            )
-            self._drainer.start()
+        if self.c_path is not None:
+            self.c_path.start()
         log.info("reads served by the %s read path", "C" if self.fast is not None else "Python")
         self.initialized.set()
 
@@ -182,21 +152,6 @@ class DeidOperations:
         with self._inval_lock:
             self._fuse_ptr = None
         self.end_c_reads()
-
-    def end_c_reads(self) -> None:
-        """Stop the C path's drains and take every handle of this mount out of its table
-        (the handles stay open in Python, which releases or closes them)."""
-        fast = self.fast
-        if fast is None:
-            return
-        self._draining.set()
-        drainer, self._drainer = self._drainer, None
-        if drainer is not None and drainer is not threading.current_thread():
-            drainer.join(5.0)
-        self.tree.watch_files(None)
-        self.sync()
-        fast.forget_all()
-        fast.end()
 
     def invalidate(self, paths: Iterable[str]) -> bool:
         """Drop the kernel's cached attributes and pages of ``paths``.
@@ -350,11 +305,10 @@ class DeidOperations:
         flags = int(fi.flags)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise OSError(errno.EROFS, "read-only")
-        fast = self.fast
+        c_path = self.c_path
         epoch = 0
-        if fast is not None:
-            self._reap(fast)  # descriptors of released handles first
-            epoch = fast.epoch()  # before open's checks: a reload after them is seen
+        if c_path is not None:
+            epoch = c_path.before_open()
         try:
             opened = self.fs.open(path)
         except NotFound as exc:
@@ -371,23 +325,9 @@ class DeidOperations:
         fi.fh = opened.fh
         if opened.direct_io:
             fi.direct_io = 1
-        if fast is not None:
-            self._register(fast, path, opened.fh, epoch)
+        if c_path is not None:
+            c_path.register(path, opened.fh, epoch)
         return 0
-
-    def _register(self, fast: fastread.FastReads, path: str, fh: int, epoch: int) -> None:
-        """Let the C path serve the reads of a handle just opened."""
-        held = self.fs.held_source(fh)
-        if held is None:
-            return
-        fd, view, ctime_ns, vf = held
-        if not fast.register(fh, path, fd, view, ctime_ns, epoch):
-            return
-        # After registering: a change of the path published before it is seen here, one
-        # published after it marks the handle (invalidate marks before the kernel's pages
-        # are dropped). Either way Python checks that handle's reads from then on.
-        if self.tree.file(path) is not vf:
-            fast.mark_handle(fh)
 
     @_counted("read")
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
