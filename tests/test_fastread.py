@@ -246,21 +246,25 @@ def test_every_range_is_the_python_paths_bytes(
     assert table.fallbacks == []
 
 
+def _own_copy(ct_view: tuple[Path, View], tmp_path: Path) -> tuple[Path, View, os.stat_result]:
+    """A copy of the module's source that a test may change, its view (the state it was
+    built from is the copy's) and the copy's stat."""
+    src0, view = ct_view
+    src = tmp_path / "ct.dcm"
+    shutil.copyfile(src0, src)
+    st0 = os.stat(src)
+    state = dataclasses.replace(
+        view.source, dev=st0.st_dev, ino=st0.st_ino, mtime_ns=st0.st_mtime_ns
+    )
+    return src, dataclasses.replace(view, source=state), st0
+
+
 def test_a_changed_source_goes_to_python_and_its_bytes_never_out(
     table: _Table, ct_view: tuple[Path, View], tmp_path: Path
 ) -> None:
     """A write in place (even one that keeps size and mtime) makes C hand the read to
     Python, which refuses it: no byte of the changed source is answered by C."""
-    src0, view = ct_view
-    src = tmp_path / "ct.dcm"
-    shutil.copyfile(src0, src)
-    st0 = os.stat(src)
-    v = dataclasses.replace(
-        view,
-        source=dataclasses.replace(
-            view.source, dev=st0.st_dev, ino=st0.st_ino, mtime_ns=st0.st_mtime_ns
-        ),
-    )
+    src, v, st0 = _own_copy(ct_view, tmp_path)
     fh, fd = _register(table, src, v)
     try:
         pix = len(v.header)
@@ -282,16 +286,7 @@ def test_a_changed_source_goes_to_python_and_its_bytes_never_out(
 def test_a_truncated_source_goes_to_python(
     table: _Table, ct_view: tuple[Path, View], tmp_path: Path
 ) -> None:
-    src0, view = ct_view
-    src = tmp_path / "ct.dcm"
-    shutil.copyfile(src0, src)
-    st0 = os.stat(src)
-    v = dataclasses.replace(
-        view,
-        source=dataclasses.replace(
-            view.source, dev=st0.st_dev, ino=st0.st_ino, mtime_ns=st0.st_mtime_ns
-        ),
-    )
+    src, v, _ = _own_copy(ct_view, tmp_path)
     fh, fd = _register(table, src, v)
     try:
         os.truncate(src, v.pixel_offset + 100)

@@ -78,6 +78,25 @@ def group(
     return actions
 
 
+def action(
+    actions: argparse._SubParsersAction[Any],
+    name: str,
+    help_text: str,
+    *parents: argparse.ArgumentParser,
+) -> argparse.ArgumentParser:
+    """Add the action ``name`` to a group's ``actions``; its description is ``help_text``
+    as a sentence."""
+    p: argparse.ArgumentParser = actions.add_parser(
+        name,
+        help=help_text,
+        description=help_text[0].upper() + help_text[1:] + ".",
+        parents=list(parents),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return p
+
+
 # --------------------------------------------------------------------------------------------
 # Shared plumbing
 

@@ -44,6 +44,27 @@ def mask_json(mask: Mask) -> dict[str, object]:
     }
 
 
+def mask_text(mask: Mask) -> str:
+    """One line for a mask: its criteria, its rectangles and whether it is disabled."""
+    crit = ", ".join(
+        f"{k}={v}"
+        for k, v in (
+            ("modality", mask.modality),
+            ("manufacturer", mask.manufacturer),
+            ("model", mask.model),
+            ("rows", mask.rows),
+            ("columns", mask.columns),
+        )
+        if v is not None
+    )
+    rects = " ".join(f"[{r.left},{r.top} {r.width}x{r.height}]" for r in mask.rects)
+    return f"{crit or 'any image'}: {rects}{'' if mask.enabled else ' (disabled)'}"
+
+
+# --------------------------------------------------------------------------------------------
+# profile ...
+
+
 def described_json(row: DescribedRow) -> dict[str, object]:
     """One attribute's decision, as the ``--json`` outputs print it."""
     d = row.decision

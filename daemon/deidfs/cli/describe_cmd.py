@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from deidfs.cli.common import described_json, load_profiles, mask_json
+from deidfs.cli.common import described_json, load_profiles, mask_json, mask_text
 from deidfs.deid.plan import compile_plan, describe
 from deidfs.deid.standard import Option
 from deidfs.errors import NotFound
@@ -59,19 +59,7 @@ def run(args: argparse.Namespace) -> int:
         + ("applied" if applied else "not applied (apply_masks off, no clean_pixel_data)")
     )
     for mask in profile.masks:
-        crit = ", ".join(
-            f"{k}={v}"
-            for k, v in (
-                ("modality", mask.modality),
-                ("manufacturer", mask.manufacturer),
-                ("model", mask.model),
-                ("rows", mask.rows),
-                ("columns", mask.columns),
-            )
-            if v is not None
-        )
-        rects = " ".join(f"[{r.left},{r.top} {r.width}x{r.height}]" for r in mask.rects)
-        print(f"mask: {crit or 'any image'}: {rects}{'' if mask.enabled else ' (disabled)'}")
+        print(f"mask: {mask_text(mask)}")
     print()
     print(f"{'tag':<14}{'action':<8}{'does':<13}{'source':<46}name")
     for r in rows:

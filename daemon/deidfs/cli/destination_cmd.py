@@ -8,12 +8,13 @@ Credentials stay in their own files: a destination names them. Edits go through
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from typing import Any
 
 from deidfs.cli.admin_common import (
-    EPILOG,
     UsageError,
+    action,
     group,
     load_config_file,
     option_parents,
@@ -35,16 +36,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "and DICOMweb servers (STOW-RS). Credentials stay in their own files; retries,\n"
         "backoff_seconds, timeout_seconds and batch_size are edited in the TOML file.",
     )
-
-    def add(name: str, help_text: str, *parents: argparse.ArgumentParser) -> Any:
-        return actions.add_parser(
-            name,
-            help=help_text,
-            description=help_text[0].upper() + help_text[1:] + ".",
-            parents=list(parents),
-            epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+    add = functools.partial(action, actions)
 
     p = add("list", "list the destinations", json_opt)
     p.set_defaults(func=destination_list)

@@ -8,12 +8,13 @@ Originals are never changed: removing a folder only stops serving it. Edits go t
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Any
 
 from deidfs.cli.admin_common import (
-    EPILOG,
+    action,
     group,
     load_config_file,
     option_parents,
@@ -35,16 +36,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "Watched folders of the configuration, each served under <mountpoint>/<ID>.\n"
         "Originals are never changed: removing a folder only stops serving it.",
     )
-
-    def add(name: str, help_text: str, *parents: argparse.ArgumentParser) -> Any:
-        return actions.add_parser(
-            name,
-            help=help_text,
-            description=help_text[0].upper() + help_text[1:] + ".",
-            parents=list(parents),
-            epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+    add = functools.partial(action, actions)
 
     p = add("list", "list the folders with their profiles", json_opt)
     p.set_defaults(func=folder_list)

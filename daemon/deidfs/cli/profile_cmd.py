@@ -9,6 +9,7 @@ go through :func:`deidfs.cli.admin_common.run_edit`. The argument types of ``pro
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -17,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from deidfs.cli.admin_common import (
-    EPILOG,
     UsageError,
+    action,
     config_file,
     group,
     load_config_file,
@@ -26,14 +27,14 @@ from deidfs.cli.admin_common import (
     print_json,
     run_edit,
 )
-from deidfs.cli.common import described_json, mask_json
+from deidfs.cli.common import described_json, mask_json, mask_text
 from deidfs.config import edit as config_edit
 from deidfs.config import edit_profiles
 from deidfs.config.edit_profiles import ProfileChanges
 from deidfs.config.load import load_config
 from deidfs.config.model import Config
 from deidfs.deid.plan import compile_plan, describe
-from deidfs.deid.profiles import Mask, Profile, Rule, rules_from_json
+from deidfs.deid.profiles import Profile, Rule, rules_from_json
 from deidfs.deid.profiles import rules_to_json as rules_json
 from deidfs.deid.standard import Option
 from deidfs.deid.tags import format_tag, keyword_of, parse_tag
@@ -50,16 +51,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "Confidentiality profiles of the configuration. Built-in profiles (Basic, HIPAA,\n"
         "+Pixel) are read-only: copy one to change it.",
     )
-
-    def add(name: str, help_text: str, *parents: argparse.ArgumentParser) -> Any:
-        return actions.add_parser(
-            name,
-            help=help_text,
-            description=help_text[0].upper() + help_text[1:] + ".",
-            parents=list(parents),
-            epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+    add = functools.partial(action, actions)
 
     p = add("list", "list the profiles, built-ins included, and the folders using each", json_opt)
     p.set_defaults(func=profile_list)
@@ -229,26 +221,6 @@ def _tag_name(tag: int) -> str:
     return f"{format_tag(tag)} {keyword_of(tag) or '(private or unknown)'}"
 
 
-def _mask_text(mask: Mask) -> str:
-    crit = ", ".join(
-        f"{k}={v}"
-        for k, v in (
-            ("modality", mask.modality),
-            ("manufacturer", mask.manufacturer),
-            ("model", mask.model),
-            ("rows", mask.rows),
-            ("columns", mask.columns),
-        )
-        if v is not None
-    )
-    rects = " ".join(f"[{r.left},{r.top} {r.width}x{r.height}]" for r in mask.rects)
-    return f"{crit or 'any image'}: {rects}{'' if mask.enabled else ' (disabled)'}"
-
-
-# --------------------------------------------------------------------------------------------
-# profile ...
-
-
 def profile_list(args: argparse.Namespace) -> int:
     """``deidfs profile list``."""
     config = load_config_file(args)
@@ -317,7 +289,7 @@ def profile_show(args: argparse.Namespace) -> int:
         print(f"    {_tag_name(rule.tag)}: {rule.act_text or rule.act.value}{note}")
     print(f"  masks ({len(profile.masks)}):")
     for mask in profile.masks:
-        print(f"    {_mask_text(mask)}")
+        print(f"    {mask_text(mask)}")
     print()
     print(f"{'tag':<14}{'action':<8}{'does':<13}{'source':<46}name")
     for r in rows:
