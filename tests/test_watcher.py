@@ -21,7 +21,8 @@ import pytest
 from watchdog.observers.inotify import InotifyObserver
 
 from deidfs.config.model import WatchMode
-from deidfs.watch import watcher as watcher_mod
+from deidfs.watch import observer as observer_mod
+from deidfs.watch import scan as scan_mod
 from deidfs.watch.events import Change, FileEvent
 from deidfs.watch.limits import filesystem_type, inotify_watch_limit, is_network_filesystem
 from deidfs.watch.watcher import FolderWatcher
@@ -338,7 +339,7 @@ def test_initial_scan_runs_in_the_background(
         gate.wait(WAIT)
         return os.scandir(path)
 
-    monkeypatch.setattr(watcher_mod, "_scandir", gated_scandir)
+    monkeypatch.setattr(scan_mod, "_scandir", gated_scandir)
     w, sink = make_watcher(root, WatchMode.INOTIFY, start=False)
     began = time.monotonic()
     w.start()
@@ -358,7 +359,7 @@ def test_initial_scan_runs_in_the_background(
 def test_root_removed_and_recreated_comes_back(
     make_watcher: Factory, root: Path, mode: WatchMode, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="deidfs.watch.watcher")
+    caplog.set_level(logging.DEBUG, logger="deidfs.watch")
     w, sink = make_watcher(root, mode)
     started(w)
     first = write(root / "s" / "a.dcm")
@@ -374,7 +375,7 @@ def test_root_removed_and_recreated_comes_back(
     # Watching really resumed, not only the scan.
     third = write(root / "t" / "c.dcm")
     assert sink.wait_for(FileEvent.READY, third) == [Change(FOLDER, third, FileEvent.READY)]
-    messages = [r.getMessage() for r in caplog.records if r.name == "deidfs.watch.watcher"]
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("deidfs.watch.")]
     # Which of the two the watcher notices first depends on timing: the root check finding
     # it gone, or inotify's observer stopping with its root (then restarted on the new one).
     assert any(
@@ -458,7 +459,7 @@ def test_sink_errors_are_contained_and_retried_by_the_next_scan(
             raise RuntimeError("index busy")
         real_sink(change)
 
-    w._sink = flaky
+    w._worker._sink = flaky
     path = write(root / "img.dcm")
     assert sink.wait_for(FileEvent.READY, path) == [Change(FOLDER, path, FileEvent.READY)]
     assert len(calls) == 2
@@ -515,7 +516,7 @@ def test_watch_limit_hit_on_start_falls_back_to_polling(
         def start(self) -> None:
             raise OSError(errno.ENOSPC, "inotify watch limit reached")
 
-    monkeypatch.setattr(watcher_mod, "InotifyObserver", FullInotify)
+    monkeypatch.setattr(observer_mod, "InotifyObserver", FullInotify)
     w, sink = make_watcher(root)
     started(w)
     assert w.kind == "poll"
@@ -533,7 +534,7 @@ def test_unwatched_subdirectories_fall_back_to_polling(
     for i in range(3):
         (root / f"s{i}").mkdir()
     root_ino = root.stat().st_ino
-    monkeypatch.setattr(watcher_mod, "_watched_inodes", lambda fd: {root_ino})
+    monkeypatch.setattr(observer_mod, "_watched_inodes", lambda fd: {root_ino})
     w, sink = make_watcher(root)
     wait_until(lambda: w.degraded_reason is not None)
     assert "1 of 4 directories watched" in str(w.degraded_reason)
