@@ -45,7 +45,8 @@ from deidfs.export.folder import export_folder
 from deidfs.export.manifest import is_manifest_name
 from deidfs.export.selection import Selection
 from deidfs.export.summary import ExportStopped, ExportSummary
-from deidfs.ops.control import ControlServer, ErrorCode, ExportRequest, Reply, Request
+from deidfs.ops.control import ControlServer
+from deidfs.ops.control_protocol import ErrorCode, ExportRequest, Reply, Request
 from deidfs.view.render import Layout, render_path, write_view
 
 KEY = bytes(range(32))

@@ -34,7 +34,8 @@ from deidfs.export.selection import Selection
 from deidfs.export.send import SendSummary, send_folder
 from deidfs.export.summary import ExportStopped, ExportSummary
 from deidfs.export.workers import Runner
-from deidfs.ops.control import ErrorCode, Reply, call
+from deidfs.ops.control_client import call
+from deidfs.ops.control_protocol import ErrorCode, Reply
 from deidfs.secret import load_or_create_key, read_key_file
 
 #: How long ``--via-daemon`` waits for the daemon's answer (an export can be long).
