@@ -42,7 +42,7 @@ from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import DeidfsError
-from deidfs.ops.control import call
+from deidfs.ops.control_client import call
 from deidfs.view.render import Layout, render_path
 from synth import Tree, write_instances
 

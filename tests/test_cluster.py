@@ -34,7 +34,6 @@ from deidfs.deid.plan import compile_plan
 from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import ConfigError
-from deidfs.export.cluster import Batch, Work, WorkerRefused, partition, run_batch_task
 from deidfs.export.cluster_config import (
     ClusterOptions,
     KeyFile,
@@ -42,6 +41,7 @@ from deidfs.export.cluster_config import (
     key_source,
     parse_address,
 )
+from deidfs.export.cluster_tasks import Batch, Work, WorkerRefused, partition, run_batch_task
 from deidfs.export.files import is_temp_name
 from deidfs.export.workers import Job
 from deidfs.view.render import Layout

@@ -19,17 +19,9 @@ import pytest
 
 from conftest import Daemon, sample_file, wait_for
 from deidfs.errors import DeidfsError
-from deidfs.ops.control import (
-    MAX_LINE_BYTES,
-    ControlDenied,
-    ControlServer,
-    ControlUnavailable,
-    ErrorCode,
-    ExportRequest,
-    Reply,
-    Request,
-    call,
-)
+from deidfs.ops.control import ControlServer
+from deidfs.ops.control_client import ControlDenied, ControlUnavailable, call
+from deidfs.ops.control_protocol import MAX_LINE_BYTES, ErrorCode, ExportRequest, Reply, Request
 
 
 def _deidfs(*argv: str, as_nobody: bool = False) -> subprocess.CompletedProcess[str]:

@@ -26,6 +26,7 @@ import pytest
 import deidfs.export.commits as export_commits
 import deidfs.export.files as export_files
 import deidfs.export.folder as export_module
+import deidfs.export.folder_run as export_run
 import deidfs.export.selection as export_selection
 import deidfs.export.workers as export_workers
 import deidfs.export.writer as export_writer
@@ -44,7 +45,8 @@ from deidfs.export.folder import export_folder
 from deidfs.export.manifest import is_manifest_name
 from deidfs.export.selection import Selection
 from deidfs.export.summary import ExportStopped, ExportSummary
-from deidfs.ops.control import ControlServer, ErrorCode, ExportRequest, Reply, Request
+from deidfs.ops.control import ControlServer
+from deidfs.ops.control_protocol import ErrorCode, ExportRequest, Reply, Request
 from deidfs.view.render import Layout, render_path, write_view
 
 KEY = bytes(range(32))
@@ -231,7 +233,7 @@ def test_export_writes_the_mount_bytes_and_a_manifest(
             assert entry[keyword] == header_value(data, keyword) != ""
         assert entry["profile"] == "Basic"
         assert entry["plan_digest"] == compile_plan(BUILTIN_PROFILES["Basic"]).digest
-        assert entry["deidfs_version"] == export_module.__version__
+        assert entry["deidfs_version"] == export_run.__version__
         assert entry["time"].endswith("Z")
     assert tail["type"] == "summary"
     assert (tail["files"], tail["written"], tail["unchanged"], tail["failed"]) == (6, 6, 0, 0)

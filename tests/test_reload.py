@@ -25,7 +25,7 @@ from deidfs.config.edit import Edit
 from deidfs.config.edit_profiles import ProfileChanges
 from deidfs.config.load import parse_config
 from deidfs.deid.standard import Option
-from deidfs.ops.control import call
+from deidfs.ops.control_client import call
 
 pytestmark = pytest.mark.fuse
 

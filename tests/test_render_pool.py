@@ -72,7 +72,7 @@ def write_slow_source(path: Path, elements: int = SLOW_ELEMENTS, n: int = 1) -> 
 
 
 def _status(d: Daemon) -> dict[str, object]:
-    from deidfs.ops.control import call
+    from deidfs.ops.control_client import call
 
     reply = call(d.state / "control.sock", "status")
     assert reply.ok, reply.error

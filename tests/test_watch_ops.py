@@ -25,7 +25,7 @@ QUEUE_LIMIT = Path("/proc/sys/fs/inotify/max_queued_events")
 
 
 def _status(d: Daemon) -> dict[str, object]:
-    from deidfs.ops.control import call
+    from deidfs.ops.control_client import call
 
     reply = call(d.state / "control.sock", "status")
     assert reply.ok, reply.error

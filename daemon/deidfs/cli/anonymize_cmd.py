@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import stat
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,17 +30,17 @@ from deidfs.cli.common import (
     cluster_usage_error,
     config_path,
     load_profiles,
+    required_config,
 )
-from deidfs.cli.terminal import Progress, Terminal, sent_exit_code
+from deidfs.cli.oneshot import cluster_key, cluster_options, run_with_runner, sigterm_interrupts
+from deidfs.cli.terminal import Progress, Terminal, print_rows, refused_note, sent_exit_code
 from deidfs.config.load import load_config
-from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, FolderConfig
+from deidfs.config.model import FolderConfig
 from deidfs.deid.plan import Plan, compile_plan
 from deidfs.deid.profiles import Profile
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.errors import ConfigError, NotFound, ProfileError
+from deidfs.errors import NotFound, ProfileError
 from deidfs.export.claims import Claims
-from deidfs.export.cluster import ClusterRunner, connect
-from deidfs.export.cluster_config import DEFAULT_BATCH_FILES, ClusterOptions, KeySource, prepare
 from deidfs.export.confinement import Place, forbidden_places, guard_of, resolve_destination
 from deidfs.export.errors import ExportError, stopped_exit_code
 from deidfs.export.folder import SourceSet
@@ -50,7 +48,7 @@ from deidfs.export.outcomes import Outcome
 from deidfs.export.selection import walk_sources
 from deidfs.export.send import destination_of, send_sources
 from deidfs.export.summary import ExportStopped
-from deidfs.export.workers import FileResult, Item, Job, PoolRunner, Runner, quiet_pydicom
+from deidfs.export.workers import FileResult, Item, Job, Runner, quiet_pydicom
 from deidfs.export.writer import ExportWriter
 from deidfs.secret import load_or_create_key, read_key_file
 from deidfs.view.render import Layout
@@ -289,7 +287,7 @@ def _summary(tally: Tally, seconds: float, out: TextIO) -> None:
         (
             "refused",
             sum(tally.refused.values()),
-            ", ".join(f"{reason} {n}" for reason, n in sorted(tally.refused.items())),
+            refused_note(sorted(tally.refused.items())),
         ),
         ("failed", tally.failed, ""),
         (
@@ -299,8 +297,7 @@ def _summary(tally: Tally, seconds: float, out: TextIO) -> None:
         ),
         ("skipped", tally.skipped, "dotfiles, partial transfers, links"),
     ]
-    for name, n, note in rows:
-        print(f"  {name:<10}{n:>8}" + (f"   {note}" if note and n else ""), file=out)
+    print_rows(rows, out)
 
 
 def _max_header_bytes(config: str | None) -> int | None:
@@ -310,43 +307,6 @@ def _max_header_bytes(config: str | None) -> int | None:
 
 
 # -- the command --------------------------------------------------------------------------------
-def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
-    """The ``--cluster`` options of ``args`` (``anonymize`` and ``export``), None without."""
-    if args.cluster is None:
-        return None
-    return ClusterOptions(
-        args.cluster,
-        batch_files=args.batch_size or DEFAULT_BATCH_FILES,
-        allow_plain_key=args.allow_plain_key,
-        tls_ca_file=args.tls_ca_file,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-    )
-
-
-def run_with_runner(
-    options: ClusterOptions | None,
-    key: KeySource | None,
-    workers: int,
-    quiet: bool,
-    body: Callable[[Runner], int],
-) -> int:
-    """``body`` with a runner: this machine's ``workers`` processes, or (``options``) the
-    cluster, connected for the time of ``body``."""
-    if options is None:
-        return body(PoolRunner(workers))
-    assert key is not None
-    with connect(options) as connection:
-        runner = ClusterRunner(
-            connection,
-            key,
-            batch_files=options.batch_files,
-            stream=sys.stderr,
-            quiet=quiet,
-        )
-        return body(runner)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``deidfs anonymize``; returns the exit code."""
     problem = cluster_usage_error(args, "anonymize")
@@ -365,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     pseudo = Pseudonymizer(key)
     options = cluster_options(args)
     # Before anything is written: a key that may not travel so stops the command here.
-    keys = prepare(options, key, chosen_key_file(args.key_file)) if options else None
+    keys = cluster_key(options, key, chosen_key_file(args.key_file))
     layout = Layout(args.layout)
     sources = collect_sources(args.src)
     if args.to_destination is not None:
@@ -383,17 +343,10 @@ def run(args: argparse.Namespace) -> int:
     def write(runner: Runner) -> int:
         return _write(args, runner, writer, plan, pseudo, layout, sources, config)
 
-    previous = signal.getsignal(signal.SIGTERM)
-    own_handler = (
-        previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
-    )
-    if own_handler:
-        signal.signal(signal.SIGTERM, _terminate)
     try:
-        return run_with_runner(options, keys, workers, args.quiet, write)
+        with sigterm_interrupts():
+            return run_with_runner(options, keys, workers, args.quiet, write)
     finally:
-        if own_handler:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         writer.close()  # its directory descriptors
 
 
@@ -492,13 +445,9 @@ def _send(
 ) -> int:
     """``--to-destination``: send the files ``--to`` would write, with deidfs export's sender."""
 
-    path = config_path(config_arg)
-    if path is None:
-        raise ConfigError(
-            "--to-destination needs a configuration with [destinations]: give --config, set "
-            f"${CONFIG_ENV} or create {DEFAULT_CONFIG_PATH}"
-        )
-    config = load_config(path)
+    config = required_config(
+        config_arg, "--to-destination needs a configuration with [destinations]"
+    )
     dest = destination_of(config, args.to_destination)
     # The first source by path takes a view path two sources share, as with --to.
     files = sorted(sources.files)
@@ -506,22 +455,10 @@ def _send(
     folder = FolderConfig(SEND_STATE_NAME, Path("/"), profile.name, layout)
     source_set = SourceSet(folder, profile, compile_plan(profile), files, sources.skipped, items)
     terminal = Terminal(args.quiet, sys.stderr)
-    previous = signal.getsignal(signal.SIGTERM)
-    own_handler = (
-        previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
-    )
-    if own_handler:
-        signal.signal(signal.SIGTERM, _terminate)
-    try:
-        summary = send_sources(config, source_set, dest, pseudo, listener=terminal)
-    finally:
-        terminal.clear()
-        if own_handler:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with sigterm_interrupts():
+        try:
+            summary = send_sources(config, source_set, dest, pseudo, listener=terminal)
+        finally:
+            terminal.clear()
     title = f"deidfs anonymize: {len(files)} files"
     return sent_exit_code(summary, args.quiet, "anonymize", title)
-
-
-def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM: stop like Ctrl-C, so workers are shut down and temporary files removed.
-    raise KeyboardInterrupt

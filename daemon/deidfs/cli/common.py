@@ -8,9 +8,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from deidfs.config.load import load_config
-from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH
+from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config
 from deidfs.deid.plan import DescribedRow
 from deidfs.deid.profiles import BUILTIN_PROFILES, Mask, Profile
+from deidfs.errors import ConfigError
 
 
 def config_path(arg: str | None) -> Path | None:
@@ -21,6 +22,22 @@ def config_path(arg: str | None) -> Path | None:
     if env:
         return Path(env)
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def required_config(arg: str | None, missing: str) -> Config:
+    """The configuration ``--config``, ``$DEIDFS_CONFIG`` or the default names.
+
+    Raises
+    ------
+    ConfigError
+        There is none: ``missing`` says what needs it, then where it can come from.
+    """
+    path = config_path(arg)
+    if path is None:
+        raise ConfigError(
+            f"{missing}: give --config, set ${CONFIG_ENV} or create {DEFAULT_CONFIG_PATH}"
+        )
+    return load_config(path)
 
 
 def load_profiles(arg: str | None) -> Mapping[str, Profile]:

@@ -10,31 +10,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any, TextIO
 
-from deidfs.cli.anonymize_cmd import cluster_options, run_with_runner
 from deidfs.cli.common import (
     add_cluster_options,
     add_writer_options,
     cluster_usage_error,
-    config_path,
+    required_config,
 )
-from deidfs.cli.terminal import Terminal, sent_exit_code
-from deidfs.config.load import load_config
-from deidfs.config.model import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config
+from deidfs.cli.oneshot import cluster_key, cluster_options, run_with_runner, sigterm_interrupts
+from deidfs.cli.terminal import Terminal, print_rows, refused_note, sent_exit_code
+from deidfs.config.model import Config
 from deidfs.deid.pseudonym import Pseudonymizer
-from deidfs.errors import ConfigError, SecretError
-from deidfs.export.cluster_config import KeySource, prepare
+from deidfs.errors import SecretError
+from deidfs.export.cluster_config import ClusterOptions, KeySource
 from deidfs.export.folder import export_folder
 from deidfs.export.selection import Selection
 from deidfs.export.send import SendSummary, send_folder
 from deidfs.export.summary import ExportStopped, ExportSummary
 from deidfs.export.workers import Runner
-from deidfs.ops.control import ErrorCode, Reply, call
+from deidfs.ops.control_client import call
+from deidfs.ops.control_protocol import ErrorCode, Reply
 from deidfs.secret import load_or_create_key, read_key_file
 
 #: How long ``--via-daemon`` waits for the daemon's answer (an export can be long).
@@ -194,15 +192,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=run)
 
 
-def _load_config(arg: str | None) -> Config:
-    path = config_path(arg)
-    if path is None:
-        raise ConfigError(
-            f"no configuration: give --config, set ${CONFIG_ENV} or create {DEFAULT_CONFIG_PATH}"
-        )
-    return load_config(path)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``deidfs export``; returns the exit code."""
     problem = cluster_usage_error(args, "export")
@@ -211,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"deidfs export: {problem}", file=sys.stderr)
         return 2
-    config = _load_config(getattr(args, "config", None))
+    config = required_config(getattr(args, "config", None), "no configuration")
     selection = Selection(
         study=tuple(args.study),
         patient=tuple(args.patient),
@@ -228,28 +217,32 @@ def run(args: argparse.Namespace) -> int:
     except SecretError as exc:
         raise SecretError(f"{exc} (to export without reading the key, use --via-daemon)") from None
     options = cluster_options(args)
-    keys: KeySource | None = None
-    if options is not None:
-        if args.key_file and read_key_file(Path(args.key_file)) != key:
-            raise SecretError(
-                "--key-file holds another key than the configuration's state directory: the "
-                "export would not be what the mount serves"
-            )
-        keys = prepare(options, key, args.key_file)  # before anything is written
+    if options is not None and args.key_file and read_key_file(Path(args.key_file)) != key:
+        raise SecretError(
+            "--key-file holds another key than the configuration's state directory: the "
+            "export would not be what the mount serves"
+        )
+    keys = cluster_key(options, key, args.key_file)  # before anything is written
     terminal = Terminal(args.quiet, sys.stderr)
-    previous = signal.getsignal(signal.SIGTERM)
-    own_handler = (
-        previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread()
-    )
-    if own_handler:
-        signal.signal(signal.SIGTERM, _terminate)
-    if args.to_destination is not None:
-        try:
-            return _send(args, config, Pseudonymizer(key), selection, terminal)
-        finally:
-            terminal.clear()
-            if own_handler:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with sigterm_interrupts():
+        if args.to_destination is not None:
+            try:
+                return _send(args, config, Pseudonymizer(key), selection, terminal)
+            finally:
+                terminal.clear()
+        return _export(args, config, key, selection, terminal, options, keys)
+
+
+def _export(
+    args: argparse.Namespace,
+    config: Config,
+    key: bytes,
+    selection: Selection,
+    terminal: Terminal,
+    options: ClusterOptions | None,
+    keys: KeySource | None,
+) -> int:
+    """Export the folder with this process's workers or the cluster; the exit code."""
     workers = args.workers or os.cpu_count() or 1
 
     def export(runner: Runner) -> int:
@@ -284,8 +277,6 @@ def run(args: argparse.Namespace) -> int:
         return exc.exit_code
     finally:
         terminal.clear()
-        if own_handler:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _send(
@@ -306,11 +297,6 @@ def _send(
     )
     terminal.clear()
     return sent_exit_code(summary, args.quiet)
-
-
-def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM: stop like Ctrl-C, so workers are shut down and temporary files removed.
-    raise KeyboardInterrupt
 
 
 def _via_daemon(args: argparse.Namespace, config: Config, selection: Selection) -> int:
@@ -371,7 +357,7 @@ def print_summary(summary: ExportSummary, out: TextIO) -> None:
         (
             "refused",
             summary.refused_total,
-            ", ".join(f"{reason} {n}" for reason, n in summary.refused),
+            refused_note(summary.refused),
         ),
         ("failed", summary.failed, ""),
         (
@@ -381,8 +367,7 @@ def print_summary(summary: ExportSummary, out: TextIO) -> None:
         ),
         ("skipped", summary.skipped, "dotfiles, partial transfers, links"),
     ]
-    for name, n, note in rows:
-        print(f"  {name:<10}{n:>8}" + (f"   {note}" if note and n else ""), file=out)
+    print_rows(rows, out)
     if summary.manifest:
         print(f"manifest: {summary.manifest}", file=out)
     elif not summary.files:

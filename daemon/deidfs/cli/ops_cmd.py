@@ -24,7 +24,8 @@ from deidfs.cli.common import config_path
 from deidfs.config.load import load_config
 from deidfs.config.model import ConfigUnreadable, DaemonConfig
 from deidfs.errors import ConfigError
-from deidfs.ops.control import ErrorCode, Reply, call
+from deidfs.ops.control_client import call
+from deidfs.ops.control_protocol import ErrorCode, Reply
 
 STATUS_EPILOG = """exit codes:
   0 the daemon answered, 69 the daemon is not running, 77 permission denied on the socket,

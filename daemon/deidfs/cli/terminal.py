@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TextIO
 
 from deidfs.export.send import SendSummary
@@ -130,17 +130,28 @@ def print_send_summary(summary: SendSummary, out: TextIO, title: str | None = No
         (
             "refused",
             summary.refused_total,
-            ", ".join(f"{reason} {n}" for reason, n in summary.refused),
+            refused_note(summary.refused),
         ),
         ("failed", summary.failed, "see the manifest; run again to retry them"),
         ("duplicate", summary.duplicates, "same view path as another file; the first is sent"),
         ("skipped", summary.skipped, "dotfiles, partial transfers, links"),
     ]
-    for name, n, note in rows:
-        print(f"  {name:<10}{n:>8}" + (f"   {note}" if note and n else ""), file=out)
+    print_rows(rows, out)
     if summary.manifest:
         print(f"manifest: {summary.manifest}", file=out)
     elif summary.files and not summary.failed:
         print(f"nothing new: all {summary.files} files were stored already", file=out)
     else:
         print("nothing to send: no file of the selection is served", file=out)
+
+
+def print_rows(rows: Sequence[tuple[str, int, str]], out: TextIO) -> None:
+    """The count rows of a summary, for people: name, count and, for a count above zero,
+    its note (the table every one-shot command ends with)."""
+    for name, n, note in rows:
+        print(f"  {name:<10}{n:>8}" + (f"   {note}" if note and n else ""), file=out)
+
+
+def refused_note(refused: Iterable[tuple[str, int]]) -> str:
+    """``reason n, reason n`` of refused files, for a summary row."""
+    return ", ".join(f"{reason} {n}" for reason, n in refused)

@@ -54,7 +54,14 @@ from deidfs.export.folder import SourceSet, select_sources
 from deidfs.export.manifest import write_manifest_file
 from deidfs.export.selection import Selection, served_ids
 from deidfs.export.stow import StowSender
-from deidfs.export.summary import ExportListener
+from deidfs.export.summary import (
+    ExportListener,
+    _iso,
+    _utcnow,
+    json_count,
+    json_refused,
+    json_seconds,
+)
 from deidfs.export.workers import StopFlag, quiet_pydicom
 from deidfs.view.model import EXPLICIT_LE
 from deidfs.view.render import (
@@ -212,14 +219,8 @@ class SendSummary:
         """Read :meth:`to_json`'s form back; missing or odd fields count as zero."""
 
         def num(key: str) -> int:
-            value = data.get(key, 0)
-            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+            return json_count(data, key)
 
-        refused = data.get("refused", {})
-        pairs: tuple[tuple[str, int], ...] = ()
-        if isinstance(refused, Mapping):
-            pairs = tuple(sorted((str(k), v) for k, v in refused.items() if isinstance(v, int)))
-        seconds = data.get("seconds", 0.0)
         return cls(
             folder=str(data.get("folder", "")),
             destination=str(data.get("destination", "")),
@@ -230,20 +231,12 @@ class SendSummary:
             already=num("already"),
             failed=num("failed"),
             duplicates=num("duplicates"),
-            refused=pairs,
+            refused=json_refused(data),
             skipped=num("skipped"),
-            seconds=float(seconds) if isinstance(seconds, int | float) else 0.0,
+            seconds=json_seconds(data),
             manifest=str(data.get("manifest", "")),
             error=str(data.get("error", "")),
         )
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _iso(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def make_sender(

@@ -4,7 +4,9 @@ An :class:`ExportSummary` counts the files of one export (written, replaced, unc
 refused, failed), its bytes and seconds, and names its manifest; it carries no original
 identifier and no source path, and travels as JSON over the control socket. An
 :class:`ExportListener` hears each file as it settles; :class:`ExportStopped` is an export
-that stopped before its end, with the summary of what was done.
+that stopped before its end, with the summary of what was done. The JSON fields of a
+summary are read back by :func:`json_count`, :func:`json_refused` and :func:`json_seconds`,
+here and for :class:`deidfs.export.send.SendSummary`.
 """
 
 from __future__ import annotations
@@ -98,14 +100,8 @@ class ExportSummary:
         """Read :meth:`to_json`'s form back; missing or odd fields count as zero."""
 
         def num(key: str) -> int:
-            value = data.get(key, 0)
-            return value if isinstance(value, int) and not isinstance(value, bool) else 0
+            return json_count(data, key)
 
-        refused = data.get("refused", {})
-        if not isinstance(refused, Mapping):  # (reason, count) pairs, as dataclasses.asdict
-            refused = {r[0]: r[1] for r in refused if isinstance(r, list | tuple) and len(r) == 2}
-        pairs = tuple(sorted((str(k), v) for k, v in refused.items() if isinstance(v, int)))
-        seconds = data.get("seconds", 0.0)
         return cls(
             folder=str(data.get("folder", "")),
             profile=str(data.get("profile", "")),
@@ -120,12 +116,32 @@ class ExportSummary:
             failed=num("failed"),
             duplicates=num("duplicates"),
             skipped=num("skipped"),
-            refused=pairs,
+            refused=json_refused(data),
             bytes=num("bytes"),
-            seconds=float(seconds) if isinstance(seconds, int | float) else 0.0,
+            seconds=json_seconds(data),
             manifest=str(data.get("manifest", "")),
             complete=data.get("complete", True) is not False,
         )
+
+
+def json_count(data: Mapping[str, Any], key: str) -> int:
+    """The count ``key`` of a summary's JSON form; missing or odd: zero."""
+    value = data.get(key, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def json_refused(data: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    """The ``refused`` counts of a summary's JSON form, (reason, count) sorted by reason."""
+    refused = data.get("refused", {})
+    if not isinstance(refused, Mapping):  # (reason, count) pairs, as dataclasses.asdict
+        refused = {r[0]: r[1] for r in refused if isinstance(r, list | tuple) and len(r) == 2}
+    return tuple(sorted((str(k), v) for k, v in refused.items() if isinstance(v, int)))
+
+
+def json_seconds(data: Mapping[str, Any]) -> float:
+    """The ``seconds`` of a summary's JSON form; missing or odd: zero."""
+    seconds = data.get("seconds", 0.0)
+    return float(seconds) if isinstance(seconds, int | float) else 0.0
 
 
 class ExportListener:

@@ -82,14 +82,8 @@ from deidfs.export import folder as export_module
 from deidfs.export.selection import Selection
 from deidfs.mount.lifecycle import FuseMount, clear_stale_mount
 from deidfs.mount.ops import DeidOperations
-from deidfs.ops.control import (
-    ControlServer,
-    ErrorCode,
-    ExportRequest,
-    Reply,
-    Request,
-    may_read_sources,
-)
+from deidfs.ops.control import ControlServer, may_read_sources
+from deidfs.ops.control_protocol import ErrorCode, ExportRequest, Reply, Request
 from deidfs.ops.http import MetricsServer
 from deidfs.ops.logs import LibraryWarnings
 from deidfs.ops.metrics import FolderState, Metrics, StateSnapshot
