@@ -110,7 +110,7 @@ from deidfs.evidence.scan import (
 )
 from deidfs.export.manifest import is_manifest_name
 from deidfs.ops.logs import source_token
-from deidfs.view.reference import MAX_INFLATED
+from deidfs.view.deflated import MAX_INFLATED
 from deidfs.view.render import DEFLATED, PIXEL_TAGS
 
 log = logging.getLogger(__name__)
