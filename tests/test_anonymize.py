@@ -27,7 +27,7 @@ from deidfs.deid.profiles import BUILTIN_PROFILES
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.errors import Refused
 from deidfs.export.files import is_temp_name
-from deidfs.view import model, reference
+from deidfs.view import deflated, model, reference
 from deidfs.view.render import Layout, render_path, write_view
 
 KEY = bytes(range(32))
@@ -408,6 +408,7 @@ def test_fast_encoding_equals_pydicom_writer(monkeypatch: pytest.MonkeyPatch) ->
 
     fast = views()
     monkeypatch.setattr(reference, "_encode", pydicom_encode)
+    monkeypatch.setattr(deflated, "_encode", pydicom_encode)
     monkeypatch.setattr(reference, "_encode_header", pydicom_header)
     reference_views = views()
     rendered = [k for k, v in reference_views.items() if not isinstance(v, str)]

@@ -35,7 +35,7 @@ from deidfs.deid.dictionary import text_is_clean
 from deidfs.deid.profiles import BASIC, HIPAA
 from deidfs.deid.standard import Option, safe_private_rows
 from deidfs.errors import Refused
-from deidfs.view import reference
+from deidfs.view import deflated
 from deidfs.view import render as render_module
 from deidfs.view.render import read_view, render, render_path, write_view
 from leak_corpus import (
@@ -313,7 +313,7 @@ def test_deflate_bomb_corrupt_and_cut(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(data) < 64 << 10
     path = tmp_path / "bomb.dcm"
     path.write_bytes(data)
-    monkeypatch.setattr(reference, "MAX_INFLATED", 1 << 20)
+    monkeypatch.setattr(deflated, "MAX_INFLATED", 1 << 20)
     _refused(_render_both_ways(path), "too_large")
     monkeypatch.undo()
     s = _served(_render_both_ways(path))  # within the real limit: served, private removed

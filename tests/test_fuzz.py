@@ -57,7 +57,7 @@ from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Option
 from deidfs.errors import Refused
 from deidfs.secret import load_or_create_key
-from deidfs.view.reference import MAX_INFLATED
+from deidfs.view.deflated import MAX_INFLATED
 from deidfs.view.render import SourceStat, render
 from leak_corpus import (
     build_leak_dataset,

@@ -1,6 +1,6 @@
 """The report as one self-contained HTML page: inline CSS, an inline SVG chart, no script.
 
-:func:`render_html` writes an :class:`~deidfs.evidence.report.ExpertReport` with the rows of
+:func:`render_html` writes an :class:`~deidfs.evidence.report.ExpertReport` with the tables of
 :mod:`deidfs.evidence.tables`; :func:`class_size_chart` draws the equivalence class sizes.
 No external asset is referenced, so the page can be archived and opened anywhere.
 """
@@ -14,18 +14,22 @@ from deidfs.deid.risk import (
     ClassSize,
 )
 from deidfs.evidence.report import (
-    MAX_LISTED_UNIQUE,
     METHOD,
-    REASON_MEANINGS,
     ExpertReport,
     FolderAssessment,
 )
 from deidfs.evidence.tables import (
+    Table,
     _pct,
-    _profile_facts,
-    _quasi_identifier_table,
-    _risk_facts,
-    _sets_text,
+    attributes_table,
+    class_size_table,
+    profile_table,
+    quasi_identifier_table,
+    responsibility_table,
+    risk_table,
+    rules_table,
+    unique_patients_table,
+    withheld_table,
 )
 
 # -- HTML -------------------------------------------------------------------------------------
@@ -54,15 +58,11 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _html_table(
-    header: Sequence[str],
-    rows: Sequence[Sequence[object]],
-    numeric: Sequence[int] = (),
-    cls: str = "",
-) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+def _html_table(table: Table, cls: str = "") -> str:
+    numeric = table.numeric
+    head = "".join(f"<th>{_e(h)}</th>" for h in table.headers)
     body = []
-    for row in rows:
+    for row in table.rows:
         cells = "".join(
             f'<td class="num">{_e(c)}</td>' if i in numeric else f"<td>{_e(c)}</td>"
             for i, c in enumerate(row)
@@ -72,8 +72,9 @@ def _html_table(
     return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _facts(rows: Sequence[tuple[str, str]]) -> str:
-    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
+def _facts(table: Table) -> str:
+    """A table of (what, value) rows, without its header."""
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in table.rows)
     return f'<table class="facts"><tbody>{body}</tbody></table>'
 
 
@@ -185,12 +186,12 @@ def render_html(report: ExpertReport) -> str:
         '<li><a href="#withheld">Files withheld</a></li>'
         "</ol></nav>",
         '<h2 id="profile">1. Profile</h2>',
-        _facts(_profile_facts(p)),
+        _facts(profile_table(p)),
     ]
     if p.rules:
         out += [
             "<h3>Custom rules</h3>",
-            _html_table(["Tag", "Act", "Note"], [(r.id, r.act, r.note) for r in p.rules]),
+            _html_table(rules_table(p)),
         ]
     out += [
         '<h2 id="decisions">2. Attribute decisions</h2>',
@@ -199,14 +200,7 @@ def render_html(report: ExpertReport) -> str:
         "are kept, except person names (emptied), instance UIDs (replaced), private "
         "attributes (removed) and group lengths (removed).</p>",
         f"<details open><summary>{len(report.attributes)} decisions</summary>",
-        _html_table(
-            ["Tag", "Keyword", "Name", "Action", "Operation", "Source", "Rationale"],
-            [
-                (a.tag, a.keyword, a.name, a.action, a.op, a.source, a.rationale)
-                for a in report.attributes
-            ],
-            cls="attrs",
-        ),
+        _html_table(attributes_table(report.attributes), cls="attrs"),
         "</details>",
     ]
     if f is None:
@@ -241,56 +235,23 @@ def _html_risk(f: FolderAssessment) -> list[str]:
             f"{_e(f.configured_profile)}; this section measures what it would serve under "
             f"{_e(f.evaluated_profile)}.</p>"
         )
-    out.append(_facts(_risk_facts(f)))
+    out.append(_facts(risk_table(f)))
     out += ["<h3>Equivalence class sizes</h3>", class_size_chart(r.class_sizes)]
-    out.append(
-        _html_table(
-            ["Class size", "Classes", "Patients"],
-            [(c.size, c.classes, c.patients) for c in r.class_sizes],
-            numeric=(0, 1, 2),
-            cls="narrow",
-        )
-    )
+    out.append(_html_table(class_size_table(r), cls="narrow"))
     out += [
         "<h3>Quasi-identifiers</h3>",
-        _html_table(*_quasi_identifier_table(r), numeric=(3, 4)),
+        _html_table(quasi_identifier_table(r)),
         "<h3>What makes unique patients unique</h3>",
     ]
     if not r.unique:
         out.append("<p>No patient is unique.</p>")
     else:
-        out.append(
-            _html_table(
-                [
-                    "Quasi-identifier",
-                    "Singles out",
-                    "In a smallest removal set",
-                    "In every removal set",
-                ],
-                [
-                    (x.qi, x.singles_out, x.in_smallest_set, x.in_every_set)
-                    for x in r.responsibility
-                ],
-                numeric=(1, 2, 3),
-            )
-        )
-        shown = r.unique_patients[:MAX_LISTED_UNIQUE]
-        out.append(
-            _html_table(
-                ["Patient (served ID)", "Singled out by", "Minimal removal sets"],
-                [
-                    (
-                        u.patient,
-                        ", ".join(u.singled_out_by) or "-",
-                        _sets_text(u.removal_sets, u.removal_set_count, u.analyzed),
-                    )
-                    for u in shown
-                ],
-            )
-        )
-        if len(r.unique_patients) > len(shown):
+        out.append(_html_table(responsibility_table(r)))
+        shown = unique_patients_table(r)
+        out.append(_html_table(shown))
+        if len(r.unique_patients) > len(shown.rows):
             out.append(
-                f"<p>{len(r.unique_patients) - len(shown)} more unique patients: see the "
+                f"<p>{len(r.unique_patients) - len(shown.rows)} more unique patients: see the "
                 "JSON report.</p>"
             )
     out.append('<h3>Method</h3><dl class="method">')
@@ -299,12 +260,6 @@ def _html_risk(f: FolderAssessment) -> list[str]:
     if not f.withheld:
         out.append("<p>None: every file found would be served.</p>")
     else:
-        out.append(
-            _html_table(
-                ["Reason", "Files", "Meaning"],
-                [(reason, n, REASON_MEANINGS.get(reason, "")) for reason, n in f.withheld],
-                numeric=(1,),
-            )
-        )
+        out.append(_html_table(withheld_table(f)))
         out.append("<p>Files are counted, never named.</p>")
     return out

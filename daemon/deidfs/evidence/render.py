@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 from deidfs.deid.tags import format_tag
@@ -17,17 +16,22 @@ from deidfs.evidence.html_page import (
     render_html,
 )
 from deidfs.evidence.report import (
-    MAX_LISTED_UNIQUE,
     METHOD,
     REASON_MEANINGS,
     ExpertReport,
     ReportFormat,
 )
 from deidfs.evidence.tables import (
-    _profile_facts,
-    _quasi_identifier_table,
-    _risk_facts,
-    _sets_text,
+    Table,
+    attributes_table,
+    class_size_table,
+    profile_table,
+    quasi_identifier_table,
+    responsibility_table,
+    risk_table,
+    rules_table,
+    unique_patients_table,
+    withheld_table,
 )
 
 
@@ -148,9 +152,10 @@ def _md(text: object) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+def _md_table(table: Table) -> list[str]:
+    header = table.headers
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+    out += ["| " + " | ".join(_md(c) for c in row) + " |" for row in table.rows]
     return out
 
 
@@ -164,14 +169,14 @@ def render_markdown(report: ExpertReport) -> str:
         "",
         "## 1. Profile",
         "",
-        *_md_table(["Setting", "Value"], _profile_facts(p)),
+        *_md_table(profile_table(p)),
         "",
     ]
     if p.rules:
         lines += [
             "Custom rules:",
             "",
-            *_md_table(["Tag", "Act", "Note"], [(r.id, r.act, r.note) for r in p.rules]),
+            *_md_table(rules_table(p)),
             "",
         ]
     lines += [
@@ -182,13 +187,7 @@ def render_markdown(report: ExpertReport) -> str:
         "kept, except person names (emptied), instance UIDs (replaced), private attributes "
         "(removed) and group lengths (removed).",
         "",
-        *_md_table(
-            ["Tag", "Keyword", "Name", "Action", "Operation", "Source", "Rationale"],
-            [
-                (a.tag, a.keyword, a.name, a.action, a.op, a.source, a.rationale)
-                for a in report.attributes
-            ],
-        ),
+        *_md_table(attributes_table(report.attributes)),
         "",
     ]
     f = report.folder
@@ -212,43 +211,23 @@ def render_markdown(report: ExpertReport) -> str:
             f"section measures what it would serve under {_md(f.evaluated_profile)}.",
             "",
         ]
-    lines += [*_md_table(["Measure", "Value"], _risk_facts(f)), "", "### Quasi-identifiers", ""]
-    lines += _md_table(*_quasi_identifier_table(r))
+    lines += [*_md_table(risk_table(f)), "", "### Quasi-identifiers", ""]
+    lines += _md_table(quasi_identifier_table(r))
     lines += ["", "### Equivalence class sizes", ""]
-    lines += _md_table(
-        ["Class size", "Classes", "Patients"],
-        [(c.size, c.classes, c.patients) for c in r.class_sizes],
-    )
+    lines += _md_table(class_size_table(r))
     lines += ["", "### What makes unique patients unique", ""]
     if not r.unique:
         lines += ["No patient is unique.", ""]
     else:
-        lines += _md_table(
-            [
-                "Quasi-identifier",
-                "Singles out",
-                "In a smallest removal set",
-                "In every removal set",
-            ],
-            [(x.qi, x.singles_out, x.in_smallest_set, x.in_every_set) for x in r.responsibility],
-        )
+        lines += _md_table(responsibility_table(r))
         lines += [""]
-        shown = r.unique_patients[:MAX_LISTED_UNIQUE]
-        lines += _md_table(
-            ["Patient (served ID)", "Singled out by", "Minimal removal sets"],
-            [
-                (
-                    u.patient,
-                    ", ".join(u.singled_out_by) or "-",
-                    _sets_text(u.removal_sets, u.removal_set_count, u.analyzed),
-                )
-                for u in shown
-            ],
-        )
-        if len(r.unique_patients) > len(shown):
+        shown = unique_patients_table(r)
+        lines += _md_table(shown)
+        if len(r.unique_patients) > len(shown.rows):
             lines += [
                 "",
-                f"{len(r.unique_patients) - len(shown)} more unique patients: see the JSON report.",
+                f"{len(r.unique_patients) - len(shown.rows)} more unique patients: see the JSON "
+                "report.",
             ]
         lines += [""]
     lines += ["### Method", ""]
@@ -257,10 +236,7 @@ def render_markdown(report: ExpertReport) -> str:
     if not f.withheld:
         lines += ["None: every file found would be served.", ""]
     else:
-        lines += _md_table(
-            ["Reason", "Files", "Meaning"],
-            [(reason, n, REASON_MEANINGS.get(reason, "")) for reason, n in f.withheld],
-        )
+        lines += _md_table(withheld_table(f))
         lines += ["", "Files are counted, never named.", ""]
     return "\n".join(lines)
 

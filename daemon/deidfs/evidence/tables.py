@@ -1,22 +1,36 @@
-"""The rows the report's formats share: settings, risk measures, quasi-identifiers.
+"""The report's tables, built once for every format: settings, decisions, risk measures.
 
-Markdown and HTML show the same facts in the same tables; the rows are made here once, from
-an :class:`~deidfs.evidence.report.ExpertReport`'s parts, and each format only writes them
-out (:mod:`deidfs.evidence.render`, :mod:`deidfs.evidence.html_page`).
+Markdown and HTML show the same facts in the same tables. Each table is made here once, as a
+:class:`Table` (its headers, its rows, which columns hold numbers), from an
+:class:`~deidfs.evidence.report.ExpertReport`'s parts; each format only writes tables out
+(:func:`deidfs.evidence.render._md_table`, :func:`deidfs.evidence.html_page._html_table`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from deidfs.deid.risk import (
     MAX_LISTED_VALUES,
     Assessment,
 )
 from deidfs.evidence.report import (
+    MAX_LISTED_UNIQUE,
+    REASON_MEANINGS,
+    AttributeDecision,
     FolderAssessment,
     ProfileSummary,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """One table of the report, whatever the format: column headers and rows of cells."""
+
+    headers: Sequence[str]
+    rows: Sequence[Sequence[object]]
+    numeric: Sequence[int] = ()  #: indexes of the columns that hold numbers
 
 
 # -- shared wording ---------------------------------------------------------------------------
@@ -65,8 +79,43 @@ def _profile_facts(p: ProfileSummary) -> list[tuple[str, str]]:
     ]
 
 
-def _quasi_identifier_table(r: Assessment) -> tuple[list[str], list[tuple[object, ...]]]:
-    """Headers and rows of the quasi-identifier table, in either format."""
+def _sets_text(sets: Sequence[Sequence[str]], total: int, analyzed: bool) -> str:
+    if not analyzed:
+        return "not analyzed (too many unique patients)"
+    if not sets:
+        return "none: no other patient"
+    text = "; ".join("{" + ", ".join(s) + "}" for s in sets)
+    if total > len(sets):
+        text += f"; and {total - len(sets)} more"
+    return text
+
+
+# -- the tables -------------------------------------------------------------------------------
+def profile_table(p: ProfileSummary) -> Table:
+    """Section 1: the profile's settings (HTML shows them as a facts table, no header)."""
+    return Table(["Setting", "Value"], _profile_facts(p))
+
+
+def rules_table(p: ProfileSummary) -> Table:
+    """Section 1: the profile's custom rules."""
+    return Table(["Tag", "Act", "Note"], [(r.id, r.act, r.note) for r in p.rules])
+
+
+def attributes_table(attributes: Sequence[AttributeDecision]) -> Table:
+    """Section 2: every attribute's decision."""
+    return Table(
+        ["Tag", "Keyword", "Name", "Action", "Operation", "Source", "Rationale"],
+        [(a.tag, a.keyword, a.name, a.action, a.op, a.source, a.rationale) for a in attributes],
+    )
+
+
+def risk_table(f: FolderAssessment) -> Table:
+    """Section 3: the folder's risk measures (HTML shows them as a facts table, no header)."""
+    return Table(["Measure", "Value"], _risk_facts(f))
+
+
+def quasi_identifier_table(r: Assessment) -> Table:
+    """Section 3: what each quasi-identifier is served as."""
     headers = [
         "Quasi-identifier",
         "Group",
@@ -86,15 +135,52 @@ def _quasi_identifier_table(r: Assessment) -> tuple[list[str], list[tuple[object
         )
         for s in r.summaries
     ]
-    return headers, rows
+    return Table(headers, rows, numeric=(3, 4))
 
 
-def _sets_text(sets: Sequence[Sequence[str]], total: int, analyzed: bool) -> str:
-    if not analyzed:
-        return "not analyzed (too many unique patients)"
-    if not sets:
-        return "none: no other patient"
-    text = "; ".join("{" + ", ".join(s) + "}" for s in sets)
-    if total > len(sets):
-        text += f"; and {total - len(sets)} more"
-    return text
+def class_size_table(r: Assessment) -> Table:
+    """Section 3: patients per equivalence class size."""
+    return Table(
+        ["Class size", "Classes", "Patients"],
+        [(c.size, c.classes, c.patients) for c in r.class_sizes],
+        numeric=(0, 1, 2),
+    )
+
+
+def responsibility_table(r: Assessment) -> Table:
+    """Section 3: the quasi-identifiers that make unique patients unique."""
+    return Table(
+        [
+            "Quasi-identifier",
+            "Singles out",
+            "In a smallest removal set",
+            "In every removal set",
+        ],
+        [(x.qi, x.singles_out, x.in_smallest_set, x.in_every_set) for x in r.responsibility],
+        numeric=(1, 2, 3),
+    )
+
+
+def unique_patients_table(r: Assessment) -> Table:
+    """Section 3: the first :data:`~deidfs.evidence.report.MAX_LISTED_UNIQUE` unique patients
+    (by served ID) and what singles each out; the rest are counted by the formats."""
+    return Table(
+        ["Patient (served ID)", "Singled out by", "Minimal removal sets"],
+        [
+            (
+                u.patient,
+                ", ".join(u.singled_out_by) or "-",
+                _sets_text(u.removal_sets, u.removal_set_count, u.analyzed),
+            )
+            for u in r.unique_patients[:MAX_LISTED_UNIQUE]
+        ],
+    )
+
+
+def withheld_table(f: FolderAssessment) -> Table:
+    """Section 4: the files withheld, counted by reason."""
+    return Table(
+        ["Reason", "Files", "Meaning"],
+        [(reason, n, REASON_MEANINGS.get(reason, "")) for reason, n in f.withheld],
+        numeric=(1,),
+    )
