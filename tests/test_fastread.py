@@ -27,6 +27,7 @@ from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.mount import binding, fastread
 from deidfs.mount.ops import DeidOperations
 from deidfs.service.core import Service
+from deidfs.view.handles import SOURCE_OPEN_FLAGS
 from deidfs.view.model import View
 from deidfs.view.render import SourceStat, read_view, render_path
 from deidfs.view.tree import FolderView, ViewFile, ViewTree
@@ -53,6 +54,7 @@ class _Table:
         self.lib = lib
         self.fallbacks: list[tuple[int, int, int]] = []
         self.getattr_fallbacks: list[bytes] = []
+        self.open_fallbacks: list[bytes] = []
         self.mount_id = next(fastread._MOUNT_IDS)
         self._context = self.mfusepy.fuse_context()
         self._context.private_data = self.mount_id
@@ -82,15 +84,21 @@ class _Table:
             self.getattr_fallbacks.append(path)
             return -errno.ENOENT
 
+        def open_fallback(path: bytes, fi: int) -> int:
+            self.open_fallbacks.append(path)
+            return -errno.EACCES
+
         self._read = proto_read(fallback)
         self._release = proto_release(lambda path, fi: 0)
         self._getattr = proto_getattr(getattr_fallback)
+        self._open = proto_release(open_fallback)
         assert (
             lib.dfs_mount_new(
                 self.mount_id,
                 ctypes.cast(self._read, ctypes.c_void_p),
                 ctypes.cast(self._release, ctypes.c_void_p),
                 ctypes.cast(self._getattr, ctypes.c_void_p),
+                ctypes.cast(self._open, ctypes.c_void_p),
                 1234,
                 5678,
                 DeidOperations.file_mode,
@@ -117,6 +125,17 @@ class _Table:
         getattr_fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
         getattr_fn.restype = ctypes.c_int
         self._getattr_fn = getattr_fn
+        open_fn = lib.dfs_open
+        open_fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+        open_fn.restype = ctypes.c_int
+        self._open_fn = open_fn
+
+    def open(self, path: str, flags: int = os.O_RDONLY) -> int:
+        """The handle C opens ``path`` with, or the negative errno of the fallback."""
+        fi = self.mfusepy.fuse_file_info()
+        fi.flags = flags
+        rc = self._open_fn(path.encode(), ctypes.addressof(fi))
+        return int(fi.fh) if rc == 0 else int(rc)
 
     def stat(self, path: str) -> dict[str, int] | int:
         """What the C getattr answers for ``path`` (the fields the Python one sets), or the
@@ -162,6 +181,10 @@ class _Table:
         assert self._release_fn(None, ctypes.addressof(fi)) == 0
 
     def close(self) -> None:
+        for fh in self.fast.all_opened():  # as the mount's end does
+            got = self.fast.adopt(fh)
+            if got is not None:
+                os.close(got.fd)
         self.fast.forget_all()
         self.fast.drain()
         self.fast.end()
@@ -353,6 +376,137 @@ def test_a_slot_taken_leaves_the_second_handle_with_python(
     finally:
         table.fast.forget(fh)
         os.close(fd)
+
+
+# -- opens from templates --------------------------------------------------------------
+
+
+def _own_ct(tmp_path: Path, view_of: tuple[Path, View]) -> tuple[Path, View, ViewFile]:
+    """A source of our own (tests change it), its view, and the view file serving it."""
+    src = tmp_path / "ct.dcm"
+    shutil.copyfile(view_of[0], src)
+    view = render_path(
+        src, compile_plan(BUILTIN_PROFILES["Basic"]), Pseudonymizer(b"k" * 32), source_rel=None
+    )
+    vf = ViewFile("f", str(src), SourceStat.of(os.stat(src)), "d", "ct.dcm", view.size, 1)
+    return src, view, vf
+
+
+def _templated(table: _Table, vf: ViewFile, view: View, max_open: int = 8) -> int:
+    table.fast.open_from_templates(SOURCE_OPEN_FLAGS, max_open, 1 << 30)
+    table.fast.file_changed(vf.mount_path, vf)
+    tid = table.fast.set_template(vf.mount_path, vf, view, table.fast.epoch())
+    assert tid
+    return tid
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_an_open_from_a_template_answers_the_views_bytes_and_closes_at_release(
+    table: _Table, ct_view: tuple[Path, View], tmp_path: Path
+) -> None:
+    src, view, vf = _own_ct(tmp_path, ct_view)
+    zeroed = dataclasses.replace(
+        view, zeroed=((3, 500), (view.pixel_length - 9, view.pixel_length))
+    )
+    for v in (view, zeroed):
+        _templated(table, vf, v)
+        baseline, opens = _fds(), table.fast.counters().opens
+        fh = table.open(vf.mount_path)
+        assert fh >= fastread.C_FH
+        assert table.fast.c_open() == 1
+        assert table.fast.counters().opens == opens + 1
+        held = os.open(src, os.O_RDONLY)
+        try:
+            for off, n in ((0, v.size), (1, 4095), (len(v.header) - 1, 70_000), (v.size - 3, 9)):
+                assert table.read(fh, off, n) == read_view(v, held, off, n)
+        finally:
+            os.close(held)
+        assert _fds() == baseline + 1  # the source, held by C
+        table.release(fh)
+        assert table.fast.c_open() == 0
+        assert _fds() == baseline  # closed by C: Python never knew the handle
+        assert table.fast.drain() == []
+    assert table.open_fallbacks == []
+    assert table.fallbacks == []
+
+
+def test_an_open_goes_to_python_unless_the_template_is_current_and_the_source_in_its_state(
+    table: _Table, ct_view: tuple[Path, View], tmp_path: Path
+) -> None:
+    src, view, vf = _own_ct(tmp_path, ct_view)
+    path = vf.mount_path
+    _templated(table, vf, view, max_open=1)
+    baseline = _fds()
+    # Not a read-only open, or one that truncates: Python refuses it.
+    assert table.open(path, os.O_RDWR) == -errno.EACCES
+    assert table.open(path, os.O_RDONLY | os.O_TRUNC) == -errno.EACCES
+    assert table.open("/f/other.dcm") == -errno.EACCES
+    # At most max_open at once.
+    fh = table.open(path)
+    assert fh >= fastread.C_FH
+    assert table.open(path) == -errno.EACCES
+    table.release(fh)
+    # Only ctime moved (a chmod): Python decides (it serves off the page cache).
+    os.chmod(src, 0o640)
+    assert table.open(path) == -errno.EACCES
+    assert _fds() == baseline
+    # A new entry for the path (the tree changed it) takes the template off.
+    _templated(table, dataclasses.replace(vf, state=SourceStat.of(os.stat(src))), view)
+    assert table.open(path) >= fastread.C_FH
+    table.release(table.fast.all_opened()[0])
+    table.fast.file_changed(path, dataclasses.replace(vf, size=vf.size + 2))
+    assert table.open(path) == -errno.EACCES
+    # A reload since the template was set.
+    _templated(table, dataclasses.replace(vf, state=SourceStat.of(os.stat(src))), view)
+    table.fast.folders_changed()
+    assert table.open(path) == -errno.EACCES
+    # A source replaced by another file at the same path.
+    _templated(table, dataclasses.replace(vf, state=SourceStat.of(os.stat(src))), view)
+    shutil.copyfile(src, tmp_path / "new.dcm")
+    os.replace(tmp_path / "new.dcm", src)
+    assert table.open(path) == -errno.EACCES
+    assert len(table.open_fallbacks) == 8
+    assert _fds() == baseline
+    table.fast.file_changed(path, None)
+    assert table.fast.templates == 0  # every one freed: Python let their views go
+
+
+def test_python_adopts_a_c_handle_and_then_answers_every_read(
+    table: _Table, ct_view: tuple[Path, View], tmp_path: Path
+) -> None:
+    _src, view, vf = _own_ct(tmp_path, ct_view)
+    tid = _templated(table, vf, view)
+    fh = table.open(vf.mount_path)
+    assert table.read(fh, 0, 10) == view.header[:10]
+    got = table.fast.adopt(fh)
+    assert got is not None
+    assert (got.fh, got.file, got.view) == (fh, vf, view)
+    assert got.ctime_ns == vf.state.ctime_ns
+    assert os.fstat(got.fd).st_ino == vf.state.ino
+    assert table.fast.adopt(fh) is None  # once
+    assert table.fast.c_open() == 0
+    assert table.read(fh, 0, 10) == -errno.EIO  # the fallback: Python answers it now
+    assert table.fallbacks == [(fh, 0, 10)]
+    table.release(fh)
+    assert table.fast.drain() == [fh]  # released like a handle Python opened
+    os.close(got.fd)
+    # The tree changes the path: the template goes first, and every handle opened from
+    # it is found for Python to adopt.
+    fh2, fh3 = table.open(vf.mount_path), table.open(vf.mount_path)
+    table.fast.file_changed(vf.mount_path, dataclasses.replace(vf, size=1))
+    assert sorted(table.fast.opened_at([vf.mount_path])) == sorted([fh2, fh3])
+    assert table.fast.opened_at(["/f/elsewhere.dcm"]) == []
+    for h in (fh2, fh3):
+        adopted = table.fast.adopt(h)
+        assert adopted is not None
+        table.release(h)
+        os.close(adopted.fd)
+    assert sorted(table.fast.drain()) == sorted([fh2, fh3])
+    assert table.fast.templates == 0
+    assert tid not in table.fast._templates
 
 
 # -- the file table ------------------------------------------------------------------------
@@ -560,3 +714,129 @@ def test_a_source_rewritten_while_open_fails_the_read_on_the_c_path(
             os.close(fd)
     finally:
         service.stop()
+
+
+def _c_opened(
+    daemon_factory: Callable[..., Daemon],
+) -> Iterator[tuple[Daemon, Service, Path, str, bytes]]:
+    d = daemon_factory()
+    src = d.add(sample_file("CT_small.dcm"), "in/CT_small.dcm")
+    rel, want = d.expected(src)
+    service = Service(load_config(d.config_path))
+    try:
+        service.start()
+        wait_for((d.folder / rel).exists)
+        # Opened by Python once, through the page cache: later opens are C's.
+        assert (d.folder / rel).read_bytes() == want
+        yield d, service, src, rel, want
+    finally:
+        service.stop()
+
+
+c_opened = pytest.fixture(_c_opened)
+
+
+def test_later_opens_are_answered_in_c_with_the_same_bytes(
+    c_opened: tuple[Daemon, Service, Path, str, bytes],
+) -> None:
+    d, service, _src, rel, want = c_opened
+    fast = service.ops.fast
+    assert fast is not None
+    opens, python_opens = fast.counters().opens, service.fs.opens
+    baseline = _fds()
+    for _ in range(50):
+        assert (d.folder / rel).read_bytes() == want
+    fd = os.open(d.folder / rel, os.O_RDONLY | os.O_DIRECT)  # every read through the mount
+    try:
+        assert [os.pread(fd, 4096, at) for at in range(0, len(want), 4096)] == [
+            want[at : at + 4096] for at in range(0, len(want), 4096)
+        ]
+        assert service.status().open_files == 1
+    finally:
+        os.close(fd)
+    assert fast.counters().opens >= opens + 51
+    assert service.fs.opens == python_opens  # no open entered Python
+    wait_for(lambda: service.status().open_files == 0)
+    assert _fds() <= baseline
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    """The bytes of a view, or None while it is withheld (its source not indexed again yet)."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def test_a_c_handle_fails_once_a_newer_version_is_served_at_its_path(
+    c_opened: tuple[Daemon, Service, Path, str, bytes],
+) -> None:
+    """The tree's change takes the template off and Python adopts the open handle: its
+    reads fail (EIO), and the new version's opens bypass the page cache while it is open."""
+    d, service, src, rel, want = c_opened
+    fast = service.ops.fast
+    assert fast is not None
+    opens = fast.counters().opens
+    fd = os.open(d.folder / rel, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert fast.counters().opens == opens + 1
+        assert os.pread(fd, 4096, 0) == want[:4096]
+        data = bytearray(src.read_bytes())
+        data[20_000] ^= 0xFF  # a pixel
+        tmp = src.with_name("new.part")
+        tmp.write_bytes(data)
+        os.replace(tmp, src)
+        rel2, want2 = d.expected(src)
+        assert (rel2, want2 != want) == (rel, True)
+        wait_for(lambda: _read_or_none(d.folder / rel) == want2, timeout=15)
+        with pytest.raises(OSError, match="Input/output error") as err:
+            os.pread(fd, 4096, 0)
+        assert err.value.errno == errno.EIO
+        assert service.fs.direct_opens >= 1
+    finally:
+        os.close(fd)
+
+
+def test_a_c_handle_keeps_the_bytes_it_opened_when_its_source_is_deleted(
+    c_opened: tuple[Daemon, Service, Path, str, bytes],
+) -> None:
+    d, service, src, rel, want = c_opened
+    fast = service.ops.fast
+    assert fast is not None
+    opens = fast.counters().opens
+    fd = os.open(d.folder / rel, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert fast.counters().opens == opens + 1
+        assert os.pread(fd, 4096, 0) == want[:4096]
+        src.unlink()
+        wait_for(lambda: not (d.folder / rel).exists(), timeout=15)
+        assert os.pread(fd, len(want) + 10, 0) == want
+    finally:
+        os.close(fd)
+
+
+def test_stopping_closes_the_sources_of_c_handles_still_open(
+    daemon_factory: Callable[..., Daemon],
+) -> None:
+    gen = _c_opened(daemon_factory)
+    d, service, src, rel, _want = next(gen)
+    fast = service.ops.fast
+    assert fast is not None
+    fd = os.open(d.folder / rel, os.O_RDONLY)
+    assert fast.c_open() == 1
+
+    def holding() -> bool:
+        return any(
+            os.readlink(f"/proc/self/fd/{n}") == str(src)
+            for n in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{n}")
+        )
+
+    assert holding()
+    try:
+        with pytest.raises(StopIteration):
+            next(gen)  # stops the daemon, the reader's descriptor still open
+        assert not holding()
+        assert fast.c_open() == 0
+    finally:
+        os.close(fd)

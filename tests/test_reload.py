@@ -86,6 +86,9 @@ def test_profile_change_applies_to_views_of_a_mount_in_use(
     # The mount is in use: a shell sits in it and a reader holds a view open.
     cwd = os.open(d.folder, os.O_RDONLY | os.O_DIRECTORY)
     held = os.open(views[0], os.O_RDONLY)
+    # And one who read the other view before: their next open is answered in C.
+    views[1].read_bytes()
+    held_c = os.open(views[1], os.O_RDONLY | os.O_DIRECT)
     try:
         _research_profile(d)
         _edit(d, edit_folders.set_folder_profile("samples", "Research"))
@@ -104,8 +107,12 @@ def test_profile_change_applies_to_views_of_a_mount_in_use(
         with pytest.raises(OSError, match=r"Input/output error|No such file") as failed:
             os.pread(held, 4096, 0)
         assert failed.value.errno in (errno.EIO, errno.ENOENT)
+        with pytest.raises(OSError, match=r"Input/output error|No such file") as failed:
+            os.pread(held_c, 4096, 0)
+        assert failed.value.errno in (errno.EIO, errno.ENOENT)
         assert os.listdir(cwd)  # the directory the shell sits in still works
     finally:
+        os.close(held_c)
         os.close(held)
         os.close(cwd)
     assert mounted_type(d.mnt) == "fuse.deidfs"

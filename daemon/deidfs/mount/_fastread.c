@@ -18,6 +18,18 @@
  * descriptor and its own state) on its next open and periodically. A queue that is full
  * hands the release to Python at once.
  *
+ * open answers a path whose view Python has opened, checked and served before, from a
+ * template Python set on the path's entry: the source path, the view's segments and the
+ * source state they were built from. The template goes with any change of the entry (the
+ * tree's listener), and is set only by an open Python made through the page cache, of the
+ * version the tree serves, once the kernel was told of the path's last change. C opens the
+ * source as Python does and serves the handle only if the source is in exactly the
+ * template's state; otherwise, or for a write, a full table, a reload since the template
+ * (the epoch), the request goes to Python. Such a handle is C's until Python adopts it:
+ * on any read C does not answer, and for every handle of a path the tree changes. Python
+ * then holds it as one it opened (its version, its checks). An unadopted handle's release
+ * is C's alone: it closes the descriptor.
+ *
  * getattr answers from a table of the mount's view files (path -> inode, size, time) that
  * Python keeps in step with its tree, under the tree's lock; a path not in it (a directory,
  * a file gone, one not yet added) goes to Python.
@@ -31,6 +43,7 @@
 #define FUSE_USE_VERSION 31
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <fuse.h>
 #include <fuse_log.h>
 #include <pthread.h>
@@ -44,19 +57,29 @@
 
 #define SLOTS (1u << 16) /* handles registered at once; a colliding one stays in Python */
 #define QUEUE (1u << 16) /* releases waiting for Python */
+#define TSLOTS (1u << 16) /* templates at once; a colliding one is not set */
+#define FREED (2u * TSLOTS) /* freed templates waiting for Python (see dfs_template_set) */
+#define C_FH (1ull << 62) /* handles C opens; Python's numbers stay below */
 
 typedef int (*read_buf_fn)(const char *, struct fuse_bufvec **, size_t, off_t,
                            struct fuse_file_info *);
 typedef int (*release_fn)(const char *, struct fuse_file_info *);
+typedef int (*open_fn)(const char *, struct fuse_file_info *);
 typedef int (*getattr_fn)(const char *, struct stat *, struct fuse_file_info *);
 typedef struct fuse_context *(*context_fn)(void);
+
+struct tmpl;
 
 struct handle {
     uint64_t fh;
     int fd;
     int marked;   /* to Python for every read: the tree changed this path */
     int users;    /* reads in progress here */
-    int released; /* queued by the last read in progress */
+    int released; /* queued by the last read in progress (2: forgotten; 3: C closes it) */
+    int c_owned;  /* opened here and not adopted by Python: its release is C's */
+    struct tmpl *t;                 /* the template it was opened from (a reference) */
+    struct handle *t_prev, *t_next; /* the template's unadopted handles */
+    int64_t nlink;                  /* the source's link count at open */
     uint64_t epoch;
     const unsigned char *header;
     size_t header_len;
@@ -72,9 +95,32 @@ struct handle {
     int64_t size, mtime_ns, ctime_ns;
 };
 
+/* What open needs of a view Python served (its memory stays owned by Python, which keeps
+ * it alive until told the template is freed). */
+struct tmpl {
+    uint64_t id;
+    int refs;               /* the entry it is set on, and each handle opened from it */
+    struct handle *handles; /* unadopted handles opened from it */
+    uint64_t epoch;
+    char *source;           /* the original's path (never logged) */
+    const unsigned char *header;
+    size_t header_len;
+    const unsigned char *pixels;
+    size_t pixels_len;
+    int64_t pixel_offset;
+    size_t pixel_length;
+    const uint64_t *zeroed;
+    size_t n_zeroed;
+    const unsigned char *trailer;
+    size_t trailer_len;
+    uint64_t dev, ino;
+    int64_t size, mtime_ns, ctime_ns;
+};
+
 /* One view file of a mount, as getattr answers it. */
 struct attr {
     struct attr *next;
+    struct tmpl *tmpl; /* what open answers it from, or NULL (Python opens) */
     uint64_t hash;
     uint64_t ino;
     int64_t size, mtime_ns;
@@ -87,8 +133,11 @@ struct mount {
     read_buf_fn read_buf;
     release_fn release;
     getattr_fn getattr;
+    open_fn open;
     uint32_t uid, gid, file_mode;
     uint64_t blksize;
+    int open_flags;    /* how Python opens a source (0: C opens nothing) */
+    size_t max_open;   /* handles C may hold open at once */
     pthread_rwlock_t attrs_lock;
     struct attr **buckets; /* a power of two of them */
     size_t n_buckets, n_attrs;
@@ -101,12 +150,18 @@ static struct handle *slots[SLOTS];
 static uint64_t queue[QUEUE];
 static size_t queued;
 static uint64_t epoch; /* moved by Python whenever a folder's views change (reload) */
+static struct tmpl *tslots[TSLOTS];
+static uint64_t next_tmpl;
+static uint64_t freed[FREED];
+static size_t n_freed;
+static size_t c_open;       /* unadopted handles C opened */
+static uint64_t next_c_fh;  /* numbers of the handles C opens, from C_FH on */
 static struct mount *mounts[MOUNTS];
 static context_fn get_context;
 
 /* Counters Python adds to its metrics: reads and bytes served here, releases queued,
  * requests handed to Python, getattrs answered here. */
-static uint64_t n_reads, n_bytes, n_releases, n_fallbacks, n_getattrs;
+static uint64_t n_reads, n_bytes, n_releases, n_fallbacks, n_getattrs, n_opens;
 
 static struct handle **slot_of(uint64_t fh) { return &slots[fh & (SLOTS - 1)]; }
 
@@ -123,12 +178,69 @@ static struct mount *current(void)
     return c ? mount_of((uint64_t)(uintptr_t)c->private_data) : NULL;
 }
 
+/* Under lock: one reference less; the last frees the template and tells Python, which
+ * then lets its memory go. */
+static void unref(struct tmpl *t)
+{
+    if (--t->refs > 0)
+        return;
+    struct tmpl **s = &tslots[t->id & (TSLOTS - 1)];
+    if (*s == t)
+        *s = NULL;
+    if (n_freed < FREED) /* always: see dfs_template_set */
+        freed[n_freed] = t->id, __atomic_store_n(&n_freed, n_freed + 1, __ATOMIC_RELEASE);
+    free(t->source);
+    free(t);
+}
+
+/* Under the write lock of the entry's mount: its template, if any, goes (open asks Python
+ * again; handles opened from it keep it until they end). */
+static void detach(struct attr *a)
+{
+    struct tmpl *t = a->tmpl;
+    if (!t)
+        return;
+    a->tmpl = NULL;
+    pthread_mutex_lock(&lock);
+    unref(t);
+    pthread_mutex_unlock(&lock);
+}
+
+/* Under lock: an unadopted handle leaves its template's list (Python adopts it, or it
+ * ends). */
+static void unlink_handle(struct handle *h)
+{
+    if (!h->c_owned)
+        return;
+    h->c_owned = 0;
+    if (h->t_prev)
+        h->t_prev->t_next = h->t_next;
+    else
+        h->t->handles = h->t_next;
+    if (h->t_next)
+        h->t_next->t_prev = h->t_prev;
+    h->t_prev = h->t_next = NULL;
+    c_open--;
+}
+
+/* Under lock: a handle no read uses and no slot holds goes, with its template reference
+ * (its descriptor is closed by whoever owns it). */
+static void free_handle(struct handle *h)
+{
+    if (h->t) {
+        unlink_handle(h);
+        unref(h->t);
+    }
+    free(h);
+}
+
 static void free_attrs(struct mount *m)
 {
     for (size_t i = 0; i < m->n_buckets; i++) {
         struct attr *a = m->buckets[i];
         while (a) {
             struct attr *next = a->next;
+            detach(a);
             free(a);
             a = next;
         }
@@ -145,14 +257,15 @@ void dfs_set_context(context_fn fn) { get_context = fn; }
  * answer goes to; 0, or -1 without memory. The slot of an older mount with the same id
  * modulo MOUNTS is taken over (that mount's loop ended long before). */
 int dfs_mount_new(uint64_t id, read_buf_fn read_buf, release_fn release, getattr_fn getattr,
-                  uint32_t uid, uint32_t gid, uint32_t file_mode, uint64_t blksize)
+                  open_fn open_cb, uint32_t uid, uint32_t gid, uint32_t file_mode,
+                  uint64_t blksize)
 {
     struct mount *m = calloc(1, sizeof *m);
     if (!m || !id)
         return free(m), -1;
     *m = (struct mount){.id = id, .read_buf = read_buf, .release = release,
-                        .getattr = getattr, .uid = uid, .gid = gid, .file_mode = file_mode,
-                        .blksize = blksize};
+                        .getattr = getattr, .open = open_cb, .uid = uid, .gid = gid,
+                        .file_mode = file_mode, .blksize = blksize};
     pthread_rwlock_init(&m->attrs_lock, NULL);
     struct mount *old = __atomic_exchange_n(&mounts[id % MOUNTS], m, __ATOMIC_ACQ_REL);
     if (old) {
@@ -237,6 +350,7 @@ int dfs_attr_set(uint64_t id, const char *path, size_t len, uint64_t ino, int64_
             m->n_attrs++;
         }
         if (a) {
+            detach(a); /* what the path serves changed: open asks Python again */
             a->ino = ino;
             a->size = size;
             a->mtime_ns = mtime_ns;
@@ -260,6 +374,7 @@ void dfs_attr_del(uint64_t id, const char *path, size_t len)
         struct attr *a = *at;
         if (a) {
             *at = a->next;
+            detach(a);
             free(a);
             m->n_attrs--;
         }
@@ -414,6 +529,7 @@ void dfs_counters(uint64_t *out)
     out[2] = __atomic_load_n(&n_releases, __ATOMIC_RELAXED);
     out[3] = __atomic_load_n(&n_fallbacks, __ATOMIC_RELAXED);
     out[4] = __atomic_load_n(&n_getattrs, __ATOMIC_RELAXED);
+    out[5] = __atomic_load_n(&n_opens, __ATOMIC_RELAXED);
 }
 
 /* Under the lock: h is unregistered and no read uses it; queue it for Python, 0, or -1 if
@@ -424,25 +540,31 @@ static int enqueue(struct handle *h)
         return -1;
     queue[queued] = h->fh;
     __atomic_store_n(&queued, queued + 1, __ATOMIC_RELEASE);
-    free(h);
+    free_handle(h);
     return 0;
 }
 
 static void unuse(struct handle *h, struct mount *m)
 {
     uint64_t hand_over = 0;
+    int close_fd = -1;
     pthread_mutex_lock(&lock);
     h->users--;
     if (h->released && h->users == 0) {
         /* Released while read (only when the mount is detached while busy). */
         if (h->released == 2) {
-            free(h); /* forgotten: Python releases it itself */
+            free_handle(h); /* forgotten: Python releases it itself */
+        } else if (h->released == 3) {
+            close_fd = h->fd; /* C's own: nobody else closes it */
+            free_handle(h);
         } else if (enqueue(h) != 0) {
             hand_over = h->fh; /* the queue is full: Python releases it now */
-            free(h);
+            free_handle(h);
         }
     }
     pthread_mutex_unlock(&lock);
+    if (close_fd >= 0)
+        close(close_fd);
     if (hand_over && m && m->release) {
         struct fuse_file_info fi;
         memset(&fi, 0, sizeof fi);
@@ -571,18 +693,21 @@ int dfs_release(const char *path, struct fuse_file_info *fi)
         return m && m->release ? m->release(path, fi) : 0;
     }
     *s = NULL;
-    int done = 0;
+    int done = 1, close_fd = -1;
     if (h->users > 0) {
-        h->released = 1; /* the last read queues it */
-        done = 1;
-    } else {
-        done = enqueue(h) == 0;
+        h->released = h->c_owned ? 3 : 1; /* the last read closes or queues it */
+    } else if (h->c_owned) {
+        close_fd = h->fd; /* never adopted: Python does not know it */
+        free_handle(h);
+    } else if (enqueue(h) != 0) {
+        free_handle(h);
+        done = 0;
     }
     pthread_mutex_unlock(&lock);
-    if (!done) {
-        free(h);
+    if (close_fd >= 0)
+        close(close_fd);
+    if (!done)
         return m && m->release ? m->release(path, fi) : 0;
-    }
     __atomic_add_fetch(&n_releases, 1, __ATOMIC_RELAXED);
     return 0;
 }
@@ -597,15 +722,275 @@ int dfs_forget(uint64_t fh)
     pthread_mutex_lock(&lock);
     struct handle **s = slot_of(fh);
     struct handle *h = *s;
-    if (h && h->fh == fh) {
+    if (h && h->fh == fh && !h->c_owned) {
         *s = NULL;
         if (h->users > 0) {
             h->released = 2; /* freed by the last read, not queued */
             busy = 1;
         } else {
-            free(h);
+            free_handle(h);
         }
     }
     pthread_mutex_unlock(&lock);
     return busy;
+}
+
+/* -- open from a template ------------------------------------------------------------- */
+
+/* How C opens sources for mount id (Python's flags; 0: it opens none) and how many
+ * handles it may hold open at once. */
+void dfs_mount_open(uint64_t id, int open_flags, size_t max_open)
+{
+    struct mount *m = mount_of(id);
+    if (m) {
+        m->open_flags = open_flags;
+        m->max_open = max_open;
+    }
+}
+
+/* Set what open answers path of mount id from: the view Python opened there (its
+ * segments, kept alive by Python until the template is reported freed), the original's
+ * path and the state the view was built from, the epoch read before Python's open. The
+ * caller holds the tree's lock and has checked that the tree serves this very view at
+ * path, so the entry is the view's. Returns the template's id, or 0 (no entry, no memory,
+ * no free slot, or too many freed templates Python has not taken yet: freed ones then stay
+ * within FREED, since at most TSLOTS are live). */
+uint64_t dfs_template_set(uint64_t id, const char *path, size_t len, const char *source,
+                          const unsigned char *header, size_t header_len,
+                          const unsigned char *pixels, size_t pixels_len, int64_t pixel_offset,
+                          size_t pixel_length, const uint64_t *zeroed, size_t n_zeroed,
+                          const unsigned char *trailer, size_t trailer_len, uint64_t dev,
+                          uint64_t ino, int64_t size, int64_t mtime_ns, int64_t ctime_ns,
+                          uint64_t at_epoch)
+{
+    struct mount *m = mount_of(id);
+    if (!m || !m->open_flags)
+        return 0;
+    struct tmpl *t = calloc(1, sizeof *t);
+    char *src = t ? strdup(source) : NULL;
+    if (!src)
+        return free(t), 0;
+    *t = (struct tmpl){
+        .refs = 1, .epoch = at_epoch, .source = src,
+        .header = header, .header_len = header_len,
+        .pixels = pixels, .pixels_len = pixels_len,
+        .pixel_offset = pixel_offset, .pixel_length = pixel_length,
+        .zeroed = zeroed, .n_zeroed = n_zeroed,
+        .trailer = trailer, .trailer_len = trailer_len,
+        .dev = dev, .ino = ino, .size = size, .mtime_ns = mtime_ns, .ctime_ns = ctime_ns,
+    };
+    uint64_t h = hash_of(path, len), tid = 0;
+    pthread_rwlock_wrlock(&m->attrs_lock);
+    struct attr *a = m->n_buckets ? *find(m, path, len, h) : NULL;
+    if (a) {
+        pthread_mutex_lock(&lock);
+        uint64_t next = ++next_tmpl;
+        struct tmpl **s = &tslots[next & (TSLOTS - 1)];
+        if (!*s && n_freed <= TSLOTS / 2) {
+            t->id = tid = next;
+            *s = t;
+        }
+        pthread_mutex_unlock(&lock);
+        if (tid) {
+            detach(a);
+            a->tmpl = t;
+        }
+    }
+    pthread_rwlock_unlock(&m->attrs_lock);
+    if (!tid) {
+        free(src);
+        free(t);
+    }
+    return tid;
+}
+
+/* Take template tid off path's entry of mount id, if it is still set there. */
+void dfs_template_drop(uint64_t id, const char *path, size_t len, uint64_t tid)
+{
+    struct mount *m = mount_of(id);
+    if (!m)
+        return;
+    uint64_t h = hash_of(path, len);
+    pthread_rwlock_wrlock(&m->attrs_lock);
+    struct attr *a = m->n_buckets ? *find(m, path, len, h) : NULL;
+    if (a && a->tmpl && a->tmpl->id == tid)
+        detach(a);
+    pthread_rwlock_unlock(&m->attrs_lock);
+}
+
+/* Freed templates since the last call: up to max ids into out; how many. */
+size_t dfs_templates_freed(uint64_t *out, size_t max)
+{
+    pthread_mutex_lock(&lock);
+    size_t n = n_freed < max ? n_freed : max;
+    memcpy(out, freed + (n_freed - n), n * sizeof *out);
+    n_freed -= n;
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
+/* The unadopted handles opened from template tid: up to max into out; how many. */
+size_t dfs_template_handles(uint64_t tid, uint64_t *out, size_t max)
+{
+    size_t n = 0;
+    pthread_mutex_lock(&lock);
+    struct tmpl *t = tslots[tid & (TSLOTS - 1)];
+    if (t && t->id == tid)
+        for (struct handle *h = t->handles; h && n < max; h = h->t_next)
+            out[n++] = h->fh;
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
+/* Every unadopted handle C opened (at a mount's end): up to max into out; how many. */
+size_t dfs_c_handles(uint64_t *out, size_t max)
+{
+    size_t n = 0;
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < SLOTS && n < max; i++)
+        if (slots[i] && slots[i]->c_owned)
+            out[n++] = slots[i]->fh;
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
+/* Freed templates Python has not taken yet (read without the lock: a hint). */
+size_t dfs_freed_count(void) { return __atomic_load_n(&n_freed, __ATOMIC_RELAXED); }
+
+/* Unadopted handles C holds open now. */
+size_t dfs_c_open(void) { return __atomic_load_n(&c_open, __ATOMIC_RELAXED); }
+
+/* Python takes handle fh, which C opened: out gets its descriptor, template id, the ctime
+ * its reads are checked against and the source's link count at open; every later read of
+ * it goes to Python, and its release is queued for Python like a registered one's. 0, or
+ * -1 (not a handle C holds: unknown, released, or adopted already). */
+int dfs_adopt(uint64_t fh, int64_t *out)
+{
+    int rc = -1;
+    pthread_mutex_lock(&lock);
+    struct handle *h = *slot_of(fh);
+    if (h && h->fh == fh && h->c_owned && !h->released) {
+        unlink_handle(h);
+        h->marked = 1;
+        out[0] = h->fd;
+        out[1] = (int64_t)h->t->id;
+        out[2] = h->ctime_ns;
+        out[3] = h->nlink;
+        rc = 0;
+    }
+    pthread_mutex_unlock(&lock);
+    return rc;
+}
+
+static int same_state(const struct stat *st, const struct tmpl *t)
+{
+    int64_t mtime = (int64_t)st->st_mtim.tv_sec * 1000000000 + st->st_mtim.tv_nsec;
+    int64_t ctime = (int64_t)st->st_ctim.tv_sec * 1000000000 + st->st_ctim.tv_nsec;
+    return (uint64_t)st->st_dev == t->dev && (uint64_t)st->st_ino == t->ino &&
+           st->st_size == t->size && mtime == t->mtime_ns && ctime == t->ctime_ns;
+}
+
+/* Under attrs_lock: the template set on path now (NULL: none). */
+static struct tmpl *template_at(struct mount *m, const char *path, size_t len, uint64_t h)
+{
+    struct attr *a = m->n_buckets ? *find(m, path, len, h) : NULL;
+    return a ? a->tmpl : NULL;
+}
+
+static int open_in_python(struct mount *m, const char *path, struct fuse_file_info *fi)
+{
+    return m->open ? m->open(path, fi) : -EIO;
+}
+
+int dfs_open(const char *path, struct fuse_file_info *fi)
+{
+    struct mount *m = current();
+    if (!m)
+        return -EIO;
+    if (!path || !m->open_flags || (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC))
+        return open_in_python(m, path, fi);
+    size_t len = strlen(path);
+    uint64_t hsh = hash_of(path, len);
+    struct tmpl *t = NULL;
+    pthread_rwlock_rdlock(&m->attrs_lock);
+    struct tmpl *at = template_at(m, path, len, hsh);
+    if (at && at->epoch == __atomic_load_n(&epoch, __ATOMIC_SEQ_CST) &&
+        __atomic_load_n(&c_open, __ATOMIC_RELAXED) < m->max_open) {
+        t = at;
+        pthread_mutex_lock(&lock);
+        t->refs++;
+        pthread_mutex_unlock(&lock);
+    }
+    pthread_rwlock_unlock(&m->attrs_lock);
+    if (!t)
+        return open_in_python(m, path, fi);
+
+    int fd = open(t->source, m->open_flags | O_NOATIME);
+    if (fd < 0 && errno == EPERM) /* O_NOATIME needs ownership; reading does not */
+        fd = open(t->source, m->open_flags);
+    struct stat st;
+    struct handle *h = NULL;
+    int placed = 0;
+    if (fd >= 0 && fstat(fd, &st) == 0 && same_state(&st, t) && (h = calloc(1, sizeof *h))) {
+        *h = (struct handle){
+            .fh = C_FH | __atomic_add_fetch(&next_c_fh, 1, __ATOMIC_RELAXED),
+            .fd = fd, .c_owned = 1, .t = t, .nlink = (int64_t)st.st_nlink,
+            .epoch = t->epoch,
+            .header = t->header, .header_len = t->header_len,
+            .pixels = t->pixels, .pixels_len = t->pixels_len,
+            .pixel_offset = t->pixel_offset, .pixel_length = t->pixel_length,
+            .zeroed = t->zeroed, .n_zeroed = t->n_zeroed,
+            .trailer = t->trailer, .trailer_len = t->trailer_len,
+            .dev = t->dev, .ino = t->ino, .size = t->size, .mtime_ns = t->mtime_ns,
+            .ctime_ns = t->ctime_ns,
+        };
+        pthread_mutex_lock(&lock);
+        struct handle **s = slot_of(h->fh);
+        if (!*s) {
+            *s = h;
+            h->t_next = t->handles;
+            if (t->handles)
+                t->handles->t_prev = h;
+            t->handles = h;
+            c_open++;
+            placed = 1;
+        }
+        pthread_mutex_unlock(&lock);
+    }
+    if (placed) {
+        /* Still set: a change of the path from now on detaches it first and then has
+         * Python adopt every handle in its list, this one included. Detached meanwhile:
+         * the change may have been adopted before this handle was in the list, so it is
+         * taken back, unless Python adopted it (it is then Python's, and checked). */
+        pthread_rwlock_rdlock(&m->attrs_lock);
+        int current_tmpl = template_at(m, path, len, hsh) == t;
+        pthread_rwlock_unlock(&m->attrs_lock);
+        if (current_tmpl) {
+            fi->fh = h->fh;
+            __atomic_add_fetch(&n_opens, 1, __ATOMIC_RELAXED);
+            return 0;
+        }
+        int adopted;
+        pthread_mutex_lock(&lock);
+        adopted = !h->c_owned;
+        if (!adopted) {
+            *slot_of(h->fh) = NULL;
+            free_handle(h); /* drops its template reference */
+        }
+        pthread_mutex_unlock(&lock);
+        if (adopted) {
+            fi->fh = h->fh;
+            __atomic_add_fetch(&n_opens, 1, __ATOMIC_RELAXED);
+            return 0;
+        }
+        close(fd);
+        return open_in_python(m, path, fi);
+    }
+    free(h);
+    if (fd >= 0)
+        close(fd);
+    pthread_mutex_lock(&lock);
+    unref(t);
+    pthread_mutex_unlock(&lock);
+    return open_in_python(m, path, fi);
 }

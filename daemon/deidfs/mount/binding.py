@@ -195,6 +195,7 @@ def _with_c_reads(mfusepy: Any) -> None:
                 "read_buf": inst.read_buf,
                 "release": inst.release,
                 "getattr": inst.getattr_fuse_3,
+                "open": inst.open,
             }
             callbacks = {
                 name: fields[name](functools.partial(inst._wrapper, method))

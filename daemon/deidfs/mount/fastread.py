@@ -10,9 +10,17 @@ answer with the very same bytes; anything else (a directory or unknown path, a m
 unknown handle, a source that changed or shrank, no memory) goes to the Python callback,
 which decides, refuses, counts and logs.
 
+Open is answered in C only for a view Python has opened before through the page cache,
+of the version the tree serves now: Python then sets a *template* on the path's entry (the
+source's path, the view's segments, the state they were built from), which goes with the
+entry's next change. C opens the source as Python does and answers only if it is in exactly
+that state; Python *adopts* such a handle (holds it as one it opened, with its version and
+checks) at the first read C does not answer and when the tree changes its path. Every
+other open goes to Python, which renders, checks, refuses, counts and logs.
+
 Why C: every callback into Python costs a trip through ctypes and the GIL, and getattr,
-reads and releases are most of a file's callbacks (notes/fuse-perf.md). Open stays in
-Python: it renders and checks, which is where the rules are.
+opens, reads and releases are most of a file's callbacks (notes/fuse-perf.md); and an open
+that waits for the GIL waits for whatever else the daemon does (indexing a burst of files).
 """
 
 from __future__ import annotations
@@ -24,12 +32,13 @@ import itertools
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from deidfs.ops.metrics import Metrics
-from deidfs.view.handles import ViewFS
+from deidfs.view.handles import SOURCE_OPEN_FLAGS, ViewFS
 from deidfs.view.model import View
 from deidfs.view.tree import ViewFile
 
@@ -51,6 +60,10 @@ _ptr = ctypes.c_void_p
 _NO_ZEROED = (_u64 * 1)()
 #: Mount ids, unique in the process (0 is none): libfuse hands each callback its mount's.
 _MOUNT_IDS = itertools.count(1)
+#: Handle numbers C opens from (``C_FH`` in the C code); Python's stay below.
+C_FH = 1 << 62
+#: Templates (see the module doc) kept at most: the C table's size, less a margin.
+MAX_TEMPLATES = 60_000
 
 
 @functools.cache
@@ -63,8 +76,8 @@ def _library() -> ctypes.PyDLL | None:
     lib = ctypes.PyDLL(spec.origin)
     lib.dfs_set_context.argtypes = [_ptr]
     lib.dfs_set_context.restype = None
-    lib.dfs_mount_new.argtypes = [_u64, _ptr, _ptr, _ptr, ctypes.c_uint32, ctypes.c_uint32,
-                                  ctypes.c_uint32, _u64]  # fmt: skip
+    lib.dfs_mount_new.argtypes = [_u64, _ptr, _ptr, _ptr, _ptr, ctypes.c_uint32,
+                                  ctypes.c_uint32, ctypes.c_uint32, _u64]  # fmt: skip
     lib.dfs_mount_new.restype = ctypes.c_int
     lib.dfs_mount_end.argtypes = [_u64]
     lib.dfs_mount_end.restype = None
@@ -101,6 +114,33 @@ def _library() -> ctypes.PyDLL | None:
     lib.dfs_queued.restype = _size
     lib.dfs_counters.argtypes = [ctypes.POINTER(_u64)]
     lib.dfs_counters.restype = None
+    lib.dfs_mount_open.argtypes = [_u64, ctypes.c_int, _size]
+    lib.dfs_mount_open.restype = None
+    lib.dfs_template_set.argtypes = [
+        _u64, ctypes.c_char_p, _size, ctypes.c_char_p,  # mount, path, source
+        ctypes.c_char_p, _size,  # header
+        ctypes.c_char_p, _size,  # pixels in memory
+        _i64, _size,  # source pixel range
+        _ptr, _size,  # zeroed pairs
+        ctypes.c_char_p, _size,  # trailer
+        _u64, _u64, _i64, _i64, _i64,  # dev, ino, size, mtime_ns, ctime_ns
+        _u64,  # epoch
+    ]  # fmt: skip
+    lib.dfs_template_set.restype = _u64
+    lib.dfs_template_drop.argtypes = [_u64, ctypes.c_char_p, _size, _u64]
+    lib.dfs_template_drop.restype = None
+    lib.dfs_templates_freed.argtypes = [ctypes.POINTER(_u64), _size]
+    lib.dfs_templates_freed.restype = _size
+    lib.dfs_template_handles.argtypes = [_u64, ctypes.POINTER(_u64), _size]
+    lib.dfs_template_handles.restype = _size
+    lib.dfs_c_handles.argtypes = [ctypes.POINTER(_u64), _size]
+    lib.dfs_c_handles.restype = _size
+    lib.dfs_freed_count.argtypes = []
+    lib.dfs_freed_count.restype = _size
+    lib.dfs_c_open.argtypes = []
+    lib.dfs_c_open.restype = _size
+    lib.dfs_adopt.argtypes = [_u64, ctypes.POINTER(_i64)]
+    lib.dfs_adopt.restype = ctypes.c_int
     return lib
 
 
@@ -138,6 +178,7 @@ class Counters:
     releases: int = 0  #: releases it queued for Python
     fallbacks: int = 0  #: reads it handed to Python
     getattrs: int = 0  #: getattrs it answered
+    opens: int = 0  #: opens it answered
 
 
 @dataclass(slots=True)
@@ -145,6 +186,33 @@ class _Registered:
     path: str
     view: View  #: keeps the header, pixels and trailer the C table points into alive
     zeroed: Any  #: the ctypes array of zeroed ranges, kept alive likewise
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    path: str
+    file: ViewFile  #: the version the template opens
+    view: View  #: its segments, which the C template points into
+    zeroed: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """A handle C opened, now Python's: what :meth:`ViewFS.adopt` needs of it."""
+
+    fh: int
+    fd: int
+    file: ViewFile
+    view: View
+    ctime_ns: int
+    nlink: int
+
+
+def _zeroed(view: View) -> Any:
+    if not view.zeroed:
+        return _NO_ZEROED
+    pairs = [x for rng in view.zeroed for x in rng]
+    return (_u64 * len(pairs))(*pairs)
 
 
 class FastReads:
@@ -168,6 +236,14 @@ class FastReads:
         #: (only when the mount was detached while busy).
         self._kept: list[_Registered] = []
         self._drain_buf = (_u64 * DRAIN_BATCH)()
+        #: Templates by id, until C reports them freed (C points into their views).
+        self._templates: dict[int, _Template] = {}
+        self._templates_of: dict[str, set[int]] = {}
+        #: Templates set on an entry, oldest first: beyond the bound the oldest is dropped.
+        self._set: OrderedDict[int, int] = OrderedDict()
+        self._set_bytes = 0
+        self.max_template_bytes = 0  #: set by :meth:`open_from_templates`
+        self._adopt_buf = (_i64 * 4)()
         self._counted = self.counters()
         self.mount_id = 0  #: the mount's id in the C code, from :meth:`install` on
 
@@ -203,6 +279,7 @@ class FastReads:
             ctypes.cast(callbacks["read_buf"], _ptr).value,
             ctypes.cast(callbacks["release"], _ptr).value,
             ctypes.cast(callbacks["getattr"], _ptr).value,
+            ctypes.cast(callbacks["open"], _ptr).value,
             uid, gid, file_mode, blksize,
         )  # fmt: skip
         if rc != 0:
@@ -211,7 +288,15 @@ class FastReads:
         ops.read_buf = ctypes.cast(lib.dfs_read_buf, fields["read_buf"])
         ops.release = ctypes.cast(lib.dfs_release, fields["release"])
         ops.getattr = ctypes.cast(lib.dfs_getattr, fields["getattr"])
+        ops.open = ctypes.cast(lib.dfs_open, fields["open"])
         return mount_id
+
+    def open_from_templates(self, open_flags: int, max_open: int, max_bytes: int) -> None:
+        """Let C open sources (with ``open_flags``, as Python does) for at most
+        ``max_open`` handles at once, from templates holding at most ``max_bytes`` of
+        views; before this, every open goes to Python."""
+        self.max_template_bytes = max_bytes
+        self._lib.dfs_mount_open(self.mount_id, open_flags, max_open)
 
     def end(self) -> None:
         """The mount's loop has ended: its file table goes."""
@@ -276,6 +361,117 @@ class FastReads:
                 self._by_path.setdefault(path, set()).add(fh)
         return ok
 
+    # -- templates and adoption ----------------------------------------------------------
+
+    def set_template(self, path: str, vf: ViewFile, view: View, epoch: int) -> int:
+        """Let C answer opens of ``path`` from ``view`` of ``vf``; the template's id, or 0
+        (none set: the C table is full, no memory, or the path not in the file table).
+
+        The caller holds the tree's lock and has checked that the tree serves ``vf`` at
+        ``path``, settled, and that ``view`` was opened from the page cache, of exactly
+        ``vf.state``; ``epoch`` is :meth:`epoch` read before that open.
+        """
+        src, state = view.source, vf.state
+        if (src.dev, src.ino, src.size, src.mtime_ns) != (
+            state.dev, state.ino, state.size, state.mtime_ns,
+        ):  # fmt: skip
+            return 0
+        raw = path.encode("utf-8", "surrogateescape")
+        zeroed = _zeroed(view)
+        with self._lock:
+            tid = int(
+                self._lib.dfs_template_set(
+                    self.mount_id, raw, len(raw), os.fsencode(vf.source),
+                    view.header, len(view.header),
+                    view.pixels, len(view.pixels),
+                    view.pixel_offset, view.pixel_length,
+                    ctypes.addressof(zeroed), len(view.zeroed),
+                    view.trailer, len(view.trailer),
+                    state.dev, state.ino, state.size, state.mtime_ns, state.ctime_ns,
+                    epoch,
+                )
+            )  # fmt: skip
+            if not tid:
+                return 0
+            self._templates[tid] = _Template(path, vf, view, zeroed)
+            self._templates_of.setdefault(path, set()).add(tid)
+            weight = len(view.header) + len(view.pixels) + len(view.trailer)
+            self._set[tid] = weight
+            self._set_bytes += weight
+            while self._set and (
+                self._set_bytes > self.max_template_bytes or len(self._set) > MAX_TEMPLATES
+            ):
+                old, w = self._set.popitem(last=False)
+                self._set_bytes -= w
+                gone = self._templates.get(old)
+                if gone is not None:
+                    rp = gone.path.encode("utf-8", "surrogateescape")
+                    self._lib.dfs_template_drop(self.mount_id, rp, len(rp), old)
+        return tid
+
+    def _take_freed(self) -> None:
+        """Under the lock: let go of the templates C freed."""
+        while True:
+            n = int(self._lib.dfs_templates_freed(self._drain_buf, DRAIN_BATCH))
+            for tid in self._drain_buf[:n]:
+                t = self._templates.pop(tid, None)
+                w = self._set.pop(tid, None)
+                if w is not None:
+                    self._set_bytes -= w
+                if t is not None:
+                    tids = self._templates_of.get(t.path)
+                    if tids is not None:
+                        tids.discard(tid)
+                        if not tids:
+                            del self._templates_of[t.path]
+            if n < DRAIN_BATCH:
+                return
+
+    @property
+    def templates(self) -> int:
+        """Templates C still holds (set on an entry, or kept by an open handle)."""
+        with self._lock:
+            self._take_freed()
+            return len(self._templates)
+
+    def c_open(self) -> int:
+        """Handles C opened that Python has not adopted (open now)."""
+        return int(self._lib.dfs_c_open())
+
+    def adopt(self, fh: int) -> Adopted | None:
+        """Take handle ``fh``, which C opened, into Python (None: not one C holds)."""
+        with self._lock:
+            out = self._adopt_buf
+            if self._lib.dfs_adopt(fh, out) != 0:
+                return None
+            fd, tid, ctime_ns, nlink = (int(v) for v in out)
+            # Alive: the handle holds a reference to its template until it is freed.
+            t = self._templates[tid]
+            self._registered[fh] = _Registered(t.path, t.view, t.zeroed)
+            self._by_path.setdefault(t.path, set()).add(fh)
+        return Adopted(fh, fd, t.file, t.view, ctime_ns, nlink)
+
+    def opened_at(self, paths: Iterable[str]) -> list[int]:
+        """The unadopted handles C opened at ``paths`` (from any of their templates)."""
+        out: list[int] = []
+        with self._lock:
+            tids = [t for path in paths for t in self._templates_of.get(path, ())]
+            if not tids:
+                return out
+            # No handle is added to a template once it is off its entry (the tree's change
+            # took it off first), so one buffer as large as every C handle holds them all.
+            buf = (_u64 * (int(self._lib.dfs_c_open()) + 64))()
+            for tid in tids:
+                n = int(self._lib.dfs_template_handles(tid, buf, len(buf)))
+                out.extend(buf[:n])
+        return out
+
+    def all_opened(self) -> list[int]:
+        """Every unadopted handle C opened (at the mount's end)."""
+        buf = (_u64 * (1 << 16))()
+        n = int(self._lib.dfs_c_handles(buf, len(buf)))
+        return list(buf[:n])
+
     def mark(self, paths: Iterable[str]) -> None:
         """The tree changed ``paths``: their handles' reads go to Python, which checks."""
         with self._lock:
@@ -314,8 +510,12 @@ class FastReads:
         released in Python: their descriptors are still open)."""
         out: list[int] = []
         if not self._lib.dfs_queued():
+            if self._lib.dfs_freed_count():
+                with self._lock:
+                    self._take_freed()
             return out
         with self._lock:
+            self._take_freed()
             while True:
                 n = int(self._lib.dfs_drain(self._drain_buf, DRAIN_BATCH))
                 for fh in self._drain_buf[:n]:
@@ -337,7 +537,7 @@ class FastReads:
 
     def counters(self) -> Counters:
         """What the C path did in this process (one mount at a time in a daemon)."""
-        raw = (_u64 * 5)()
+        raw = (_u64 * 6)()
         self._lib.dfs_counters(raw)
         return Counters(*(int(v) for v in raw))
 
@@ -352,6 +552,7 @@ class FastReads:
             now.releases - last.releases,
             now.fallbacks - last.fallbacks,
             now.getattrs - last.getattrs,
+            now.opens - last.opens,
         )
 
 
@@ -369,6 +570,7 @@ class CReadPath:
         self._drainer: threading.Thread | None = None
         self._draining = threading.Event()
         self._sync_lock = threading.Lock()
+        self._adopt_lock = threading.Lock()
 
     def start(self) -> None:
         """libfuse is up (its init): the file table and the drains start."""
@@ -377,6 +579,12 @@ class CReadPath:
         # Under the tree's lock: the C table holds every file served now, then follows
         # each change in order.
         self.tree.watch_files(self.fast.file_changed)
+        # At most half the handles C opens itself: Python counts them against its bound,
+        # and C never takes the rest from the opens Python must make.
+        self.fs.open_elsewhere = self.fast.c_open
+        self.fast.open_from_templates(
+            SOURCE_OPEN_FLAGS, max(1, self.fs.max_handles // 2), self.fs.cache.max_bytes
+        )
         self._draining.clear()
         self._drainer = threading.Thread(
             target=self._drain_loop, name="deidfs-release", daemon=True
@@ -391,9 +599,13 @@ class CReadPath:
         if drainer is not None and drainer is not threading.current_thread():
             drainer.join(5.0)
         self.tree.watch_files(None)
+        # Every handle C opened becomes Python's, which closes it.
+        for fh in self.fast.all_opened():
+            self.adopt(fh)
         self.sync()
         self.fast.forget_all()
         self.fast.end()
+        self.fs.open_elsewhere = None
 
     def before_open(self) -> int:
         """Release what libfuse released (descriptors first); the epoch to register the
@@ -402,12 +614,17 @@ class CReadPath:
         self._reap()
         return self.fast.epoch()
 
-    def register(self, path: str, fh: int, epoch: int) -> None:
-        """Let the C path serve the reads of a handle just opened at ``path``."""
+    def register(self, path: str, fh: int, epoch: int, direct_io: bool = False) -> None:
+        """Let the C path serve the reads of a handle just opened at ``path`` and, if it
+        was opened through the page cache, later opens of the same version of the path."""
         held = self.fs.held_source(fh)
         if held is None:
             return
         fd, view, ctime_ns, vf = held
+        if not direct_io and view.source == vf.state:
+            # Under the tree's lock, served and settled: the file table's entry is vf's,
+            # and its next change takes the template off before it is published.
+            self.tree.if_current(path, vf, lambda: self.fast.set_template(path, vf, view, epoch))
         if not self.fast.register(fh, path, fd, view, ctime_ns, epoch):
             return
         # After registering: a change of the path published before it is seen here, one
@@ -415,6 +632,28 @@ class CReadPath:
         # are dropped). Either way Python checks that handle's reads from then on.
         if self.tree.file(path) is not vf:
             self.fast.mark_handle(fh)
+
+    def adopt(self, fh: int) -> bool:
+        """Hold handle ``fh``, which C opened, in Python from now on (its reads checked
+        there, its version counted); whether Python holds it now."""
+        if fh < C_FH:
+            return False
+        with self._adopt_lock:
+            if self.fs.held(fh) is not None:
+                return True
+            got = self.fast.adopt(fh)
+            if got is None:
+                return False
+            self.fs.adopt(got.fh, got.fd, got.file, got.view, got.ctime_ns, got.nlink)
+            return True
+
+    def mark(self, paths: Iterable[str]) -> None:
+        """The tree changed ``paths``: Python holds every handle open on them from now on
+        (their reads are checked there; an open of the new version sees the old ones)."""
+        paths = list(paths)
+        for fh in self.fast.opened_at(paths):
+            self.adopt(fh)
+        self.fast.mark(paths)
 
     def sync(self) -> None:
         """Release the handles the C path released, and count what it did in the metrics
@@ -426,6 +665,7 @@ class CReadPath:
             m.fuse_op("read", new.reads)
             m.fuse_op("release", new.releases)
             m.fuse_op("getattr", new.getattrs)
+            m.fuse_op("open", new.opens)
             m.fuse_read(new.bytes)
 
     def _reap(self) -> None:

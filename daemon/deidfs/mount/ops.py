@@ -162,10 +162,10 @@ class DeidOperations:
         the request being served.
         """
         paths = list(paths)
-        if self.fast is not None:
+        if self.c_path is not None:
             # First: once the kernel has dropped its pages, none of an older version may
             # be read into them again by a handle the C path would still serve.
-            self.fast.mark(paths)
+            self.c_path.mark(paths)
         ok = True
         with self._inval_lock:
             ptr, fn = self._fuse_ptr, self._invalidate_fn
@@ -224,6 +224,7 @@ class DeidOperations:
         if vf is not None:
             return self._file_attrs(vf)
         if fh is not None:
+            self._held(int(fh.fh))
             held = self.fs.held(int(fh.fh))
             if held is not None and (path is None or held.mount_path == path):
                 return self._file_attrs(held)
@@ -326,7 +327,7 @@ class DeidOperations:
         if opened.direct_io:
             fi.direct_io = 1
         if c_path is not None:
-            c_path.register(path, opened.fh, epoch)
+            c_path.register(path, opened.fh, epoch, opened.direct_io)
         return 0
 
     @_counted("read")
@@ -334,6 +335,7 @@ class DeidOperations:
         """Bytes of an open view; EIO if its source changed (the path without
         :meth:`read_buf`: mfusepy copies the returned bytes into libfuse's buffer)."""
         self.read_calls += 1
+        self._held(int(fi.fh))
         try:
             data = self.fs.read(int(fi.fh), offset, size)
             if self.metrics is not None:
@@ -358,6 +360,7 @@ class DeidOperations:
         The vector is handed over only once every check of :meth:`ViewFS.read` passed.
         """
         self.python_read_buf_calls += 1
+        self._held(int(fi.fh))
         libc = _libc()
         n = max(0, min(size, int(self._view_size(fi)) - offset))
         mem: int | None = libc.malloc(n) if n else None
@@ -394,6 +397,13 @@ class DeidOperations:
         if self.metrics is not None:
             self.metrics.fuse_read(got)
         return 0
+
+    def _held(self, fh: int) -> None:
+        """A request C did not answer, about a handle C opened: Python holds it from now
+        on (then answers as for one it opened)."""
+        c_path = self.c_path
+        if c_path is not None and fh >= fastread.C_FH and self.fs.held(fh) is None:
+            c_path.adopt(fh)
 
     def _view_size(self, fi: Any) -> int:
         """Size of the view open on ``fi`` (0 for an unknown handle: read_into says so)."""

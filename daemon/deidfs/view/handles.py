@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 #: and relative path, the key with its SourceStat, the LRU's links. Measured with
 #: tracemalloc over 5,000 cached views (990 bytes each).
 CACHE_ENTRY_OVERHEAD = 1024
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: How an original is opened (with ``O_NOATIME`` where allowed): read-only, never through a
+#: final symlink.
+SOURCE_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Descriptors kept free for everything but held sources (the index, inotify, sockets, logs,
 #: export pipes, libfuse and Python's own): at least this many, or an eighth of the limit.
 FD_RESERVE = 64
@@ -195,11 +197,14 @@ class ViewFS:
         self.stale = 0
         self.exhausted = 0  #: opens refused for want of a descriptor
         self._exhausted_logged: float | None = None
+        #: Handles open outside Python (the mount's C path), counted against ``max_handles``.
+        self.open_elsewhere: Callable[[], int] | None = None
 
     @property
     def open_handles(self) -> int:
-        """Number of open file handles."""
-        return len(self._handles)
+        """Number of open file handles (with those open elsewhere: the C path's)."""
+        elsewhere = self.open_elsewhere
+        return len(self._handles) + (0 if elsewhere is None else elsewhere())
 
     def _stale(self, vf: ViewFile, why: str) -> Refused:
         self.stale += 1
@@ -262,7 +267,8 @@ class ViewFS:
         folder = self.tree.folder(vf.folder)
         if folder is None:
             raise NotFound("folder not served")
-        if len(self._handles) >= self.max_handles:
+        elsewhere = self.open_elsewhere
+        if len(self._handles) + (0 if elsewhere is None else elsewhere()) >= self.max_handles:
             # Unlocked: concurrent opens may overshoot by the FUSE threads, which the
             # descriptor reserve absorbs.
             raise self._exhausted()
@@ -349,6 +355,15 @@ class ViewFS:
             # Written to while it was parsed: the header may mix two contents.
             raise self._stale(vf, "source changed while rendered")
         return view, True
+
+    def adopt(self, fh: int, fd: int, vf: ViewFile, view: View, ctime_ns: int, nlink: int) -> None:
+        """Hold handle ``fh``, opened elsewhere (the C path) from ``view`` of ``vf``, as one
+        :meth:`open` opened: source descriptor ``fd``, checked at ``ctime_ns`` with
+        ``nlink`` links. It was opened through the page cache (not ``direct_io``)."""
+        with self._lock:
+            self._handles[fh] = _Handle(fd, view, ctime_ns, nlink, vf)
+            versions = self._open_versions.setdefault(vf.mount_path, Counter())
+            versions[_version(vf)] += 1
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of an open view.
@@ -532,7 +547,7 @@ def _still_at(path: str, st: os.stat_result) -> bool:
 def _open_source(path: str) -> int:
     """Open an original read-only without following a final symlink or touching its atime."""
     try:
-        return os.open(path, _OPEN_FLAGS | os.O_NOATIME)
+        return os.open(path, SOURCE_OPEN_FLAGS | os.O_NOATIME)
     except PermissionError:
         # O_NOATIME needs ownership or CAP_FOWNER; reading is still allowed without it.
-        return os.open(path, _OPEN_FLAGS)
+        return os.open(path, SOURCE_OPEN_FLAGS)

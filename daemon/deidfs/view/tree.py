@@ -169,6 +169,16 @@ class ViewTree:
         with self._lock:
             return path not in self._unsettled
 
+    def if_current(self, path: str, vf: ViewFile, then: Callable[[], object]) -> bool:
+        """Call ``then()`` under the lock if ``path`` serves ``vf`` itself, settled (the
+        kernel was told of its last change); whether it was called. Every change of the
+        path after it is published to the file listener after ``then`` returns."""
+        with self._lock:
+            if self._files.get(path) is not vf or path in self._unsettled:
+                return False
+            then()
+            return True
+
     def folder(self, folder_id: str) -> FolderView | None:
         """The settings of a served folder."""
         return self._folders.get(folder_id)
