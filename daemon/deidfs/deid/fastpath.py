@@ -158,7 +158,7 @@ _BINARY_FORMATS: Final = {
 }
 _BYTES_VRS: Final = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
 _DUMMY_TEXT: Final = b"ANONYMIZED"
-#: The engine's dummy values (engine._DUMMY_BY_VR and friends) as pydicom writes them.
+#: The engine's dummy values (engine_values._DUMMY_BY_VR and friends) as pydicom writes them.
 _DUMMY_VALUES: Final = {
     "AE": b"ANONYMIZED",
     "AS": b"000Y",
@@ -427,7 +427,7 @@ def _values(vr: str, value: bytes) -> list[str]:
 
 
 def _engine_values(vr: str, value: bytes) -> list[str]:
-    """engine._values of the converted value: no item for an empty single value."""
+    """engine_values._values of the converted value: no item for an empty single value."""
     values = _values(vr, value)
     if len(values) == 1 and not values[0]:
         return []
@@ -435,7 +435,7 @@ def _engine_values(vr: str, value: bytes) -> list[str]:
 
 
 def _plain(vr: str, value: bytes | None) -> str:
-    """engine._plain of the converted value."""
+    """engine_values._plain of the converted value."""
     if value is None:
         return ""
     return "\\".join(_values(vr, value)).strip()
@@ -640,8 +640,8 @@ class _Run:
         self.counts[key] = self.counts.get(key, 0) + 1
 
     def places(self) -> Mapping[tuple[int, int], int]:
-        """engine._Context.places: by the SOP Class UID, or the file meta's when the data set
-        has none."""
+        """engine_context._Context.places: by the SOP Class UID, or the file meta's when the
+        data set has none."""
         if self._places is None:
             if self.root_done > SOP_CLASS_UID:
                 sop = self.root.get(SOP_CLASS_UID)
@@ -1126,7 +1126,7 @@ class _Run:
             return None
         raw_vr = vr
         if vr == "UN":
-            vr = self.un_vr(tag, length)  # engine._vr_of
+            vr = self.un_vr(tag, length)  # engine_values._vr_of
         if op is Op.VERBATIM:
             if vr == "SQ":
                 raise Decline("verbatim_sequence")

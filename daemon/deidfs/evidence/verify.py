@@ -35,10 +35,11 @@ Nothing else carries original values
     a finding: verify cannot vouch for it.
 Bytes are judged by what they are, not by their tag
     What an original's element is, is decided as the engine decides it
-    (:func:`deidfs.deid.engine.element_decision`, :func:`~deidfs.deid.engine.distrust`):
-    a value kept by its tag's row that cannot be that attribute (Patient's Name under Image
-    Type, a description under a command element) is one the engine removes, so it is
-    searched for like any removed value, and exempts nothing. Every served element the
+    (:func:`deidfs.deid.element_rules.element_decision`,
+    :func:`~deidfs.deid.element_rules.distrust`): a value kept by its tag's row that
+    cannot be that attribute (Patient's Name under Image Type, a description under a
+    command element) is one the engine removes, so it is searched for like any removed
+    value, and exempts nothing. Every served element the
     profile keeps must pass the same judgement (VR, length, repertoire, enumerated values),
     and no command or file meta element may be served inside the data set.
 
@@ -70,7 +71,7 @@ from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-
 
 from deidfs.config.model import FolderConfig
 from deidfs.deid.attribute_types import TOP_LEVEL, placements
-from deidfs.deid.engine import (
+from deidfs.deid.element_rules import (
     ITEMS_SERVED,
     MISPLACED_GROUP,
     distrust,
@@ -334,7 +335,7 @@ class _Verifier:
     # -- what the served bytes are, and what the profile keeps -----------------------------
     def _served(self, ds: Dataset, level: _Level, token: str, *, implicit: bool) -> None:
         """Judge every served element by what it is, not by its tag (the engine's
-        :func:`~deidfs.deid.engine.distrust`), and note each identifier served because the
+        :func:`~deidfs.deid.element_rules.distrust`), and note each identifier served because the
         profile keeps what PS3.15 Basic removes or replaces."""
         creators: dict[int, str] = {}
         for key in ds.keys():
