@@ -275,30 +275,7 @@ class _Run:
             elif group == 0x0000:
                 raise Decline("command_group")  # pydicom reads it apart, as implicit VR
             else:
-                decision = self.actions.decide(tag)
-                if decision.by_type:
-                    decision = decision.at(self.top.places().get((parent, tag)))
-                if (
-                    scrub
-                    and decision.op is Op.KEEP
-                    and decision.source is Source.DEFAULT
-                    and (vr if vr != "UN" else self.actions.un_vr(tag, length)) in _SCRUB_VRS
-                ):
-                    decision = _SCRUB_DUMMY
-                encoded = self.actions.apply(
-                    tag, vr, start, length, next_pos, decision, raw_mode, scrub
-                )
-                if top and raw_mode and decision.op in (Op.KEEP, Op.VERBATIM):
-                    encoded = self.actions.converted(tag, vr, start, next_pos, encoded, len(out))
-                if top:
-                    if tag in _LAYOUT_TAGS:
-                        self.names[tag] = self.actions.output_name(
-                            tag, vr, start, next_pos, encoded
-                        )
-                    if tag in _ADDED_TAGS:
-                        encoded = None  # replaced by the engine's own
-                if encoded is not None:
-                    append(encoded)
+                self.public(out, tag, vr, start, length, next_pos, top, raw_mode, scrub, parent)
             pos = next_pos
         if private_group >= 0:
             self.actions.flush_private(out, creators, kept_blocks)
@@ -316,6 +293,43 @@ class _Run:
         if top:
             self.top_count = seen
         return pos, out
+
+    def public(
+        self,
+        out: list[bytes],
+        tag: int,
+        vr: str,
+        start: int,
+        length: int,
+        next_pos: int,
+        top: bool,
+        raw_mode: bool,
+        scrub: bool,
+        parent: int,
+    ) -> None:
+        """A public element the long way of :meth:`dataset`: decided where it occurs,
+        applied, and appended to ``out`` unless removed (or replaced by an added attribute);
+        a layout attribute's output value is recorded."""
+        decision = self.actions.decide(tag)
+        if decision.by_type:
+            decision = decision.at(self.top.places().get((parent, tag)))
+        if (
+            scrub
+            and decision.op is Op.KEEP
+            and decision.source is Source.DEFAULT
+            and (vr if vr != "UN" else self.actions.un_vr(tag, length)) in _SCRUB_VRS
+        ):
+            decision = _SCRUB_DUMMY
+        encoded = self.actions.apply(tag, vr, start, length, next_pos, decision, raw_mode, scrub)
+        if top and raw_mode and decision.op in (Op.KEEP, Op.VERBATIM):
+            encoded = self.actions.converted(tag, vr, start, next_pos, encoded, len(out))
+        if top:
+            if tag in _LAYOUT_TAGS:
+                self.names[tag] = self.actions.output_name(tag, vr, start, next_pos, encoded)
+            if tag in _ADDED_TAGS:
+                encoded = None  # replaced by the engine's own
+        if encoded is not None:
+            out.append(encoded)
 
     def sequence(self, tag: int, start: int, length: int, scrub: bool) -> bytes:
         """A kept sequence: every item walked with the same plan, rebuilt."""
