@@ -6,6 +6,12 @@ elements an action changes. It recurses into every sequence it keeps. It returns
 dataset and a :class:`Report` that holds counts and reasons, never a value.
 
 Anything the engine cannot handle safely raises :class:`~deidfs.errors.Refused`.
+
+Here are the walker and :func:`deidentify`; what one element is decided to be, and whether
+it is trusted, is :mod:`deidfs.deid.element_rules` (shared with the verifier), the value
+helpers :mod:`deidfs.deid.engine_values`, what the walk knows of one instance
+:mod:`deidfs.deid.engine_context`, and the date, time and age rules
+:mod:`deidfs.deid.engine_dates`.
 """
 
 from __future__ import annotations
