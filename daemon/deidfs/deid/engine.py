@@ -6,21 +6,21 @@ elements an action changes. It recurses into every sequence it keeps. It returns
 dataset and a :class:`Report` that holds counts and reasons, never a value.
 
 Anything the engine cannot handle safely raises :class:`~deidfs.errors.Refused`.
+
+Here are the walker and :func:`deidentify`; what one element is decided to be, and whether
+it is trusted, is :mod:`deidfs.deid.element_rules` (shared with the verifier), the value
+helpers :mod:`deidfs.deid.engine_values`, what the walk knows of one instance
+:mod:`deidfs.deid.engine_context`, and the date, time and age rules
+:mod:`deidfs.deid.engine_dates`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import re
-from collections import Counter
-from collections.abc import Mapping, MutableSequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
 from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
@@ -28,6 +28,39 @@ from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-
 from deidfs import __version__
 from deidfs.deid.attribute_types import TOP_LEVEL, placements
 from deidfs.deid.dictionary import TEXT_VRS, VALUE_SIZES, length_fits, text_is_clean
+from deidfs.deid.element_rules import (
+    _VALUE_KEPT,
+    ITEMS_SERVED,
+    MISPLACED_GROUP,
+    distrust,
+    element_decision,
+    item_scrub,
+)
+from deidfs.deid.engine_context import _Context
+from deidfs.deid.engine_dates import _AGE, _age_over, _modify_dates
+from deidfs.deid.engine_values import (
+    _DUMMY_BY_VR,
+    _DUMMY_TEXT,
+    _NUMERIC_VRS,
+    _STRING_VRS,
+    BURNED_IN_ANNOTATION,
+    PATIENT_AGE,
+    PATIENT_BIRTH_DATE,
+    PATIENT_ID,
+    PATIENT_NAME,
+    SOP_CLASS_UID,
+    SOP_INSTANCE_UID,
+    SPECIFIC_CHARACTER_SET,
+    _element,
+    _empty,
+    _fit,
+    _plain,
+    _raw_value,
+    _text_bytes,
+    _value_length,
+    _values,
+    _vr_of,
+)
 from deidfs.deid.outcome import (
     ENCAPSULATED_DOCUMENT_CLASSES,
     IMPLEMENTATION_CLASS_UID,
@@ -42,55 +75,12 @@ from deidfs.deid.profiles import DateModification
 from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.deid.standard import Action, Option, method_codes
 from deidfs.deid.tags import keyword_of
-from deidfs.deid.trust import REASONS, STRUCTURAL, doubt
+from deidfs.deid.trust import REASONS, STRUCTURAL
 from deidfs.errors import Refused
 
-PATIENT_ID = 0x00100020
-PATIENT_NAME = 0x00100010
-PATIENT_AGE = 0x00101010
-PATIENT_BIRTH_DATE = 0x00100030
-SOP_CLASS_UID = 0x00080016
-SOP_INSTANCE_UID = 0x00080018
-SPECIFIC_CHARACTER_SET = 0x00080005
-BURNED_IN_ANNOTATION = 0x00280301
-
-_STRING_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR", "AS"})
-_MAX_LEN = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64, "AS": 4}
-_NUMERIC_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "IS", "DS", "AT"})
-_DUMMY_TEXT = "ANONYMIZED"
-_DUMMY_BY_VR: dict[str, Any] = {
-    "AE": "ANONYMIZED",
-    "AS": "000Y",
-    "CS": "ANONYMIZED",
-    "DA": "19000101",
-    "DT": "19000101000000",
-    "TM": "000000",
-    "DS": "0",
-    "IS": "0",
-    "UR": "urn:deidfs:anonymized",
-}
-_AGE = re.compile(r"^(\d{3})([DWMY])$")
-#: Text the table does not list, inside a sequence whose row says D or C: a dummy replaces
-#: the whole value of a D sequence (PS3.15 E.1.1), and its value is its items; C cleans it.
-_SCRUB_VRS = frozenset({"AE", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
-_SCRUB = {
-    Op.DUMMY: Decision(Op.DUMMY, Action.DUMMY, Source.DEFAULT, note="text in a D sequence"),
-    Op.CLEAN: Decision(Op.CLEAN, Action.CLEAN, Source.DEFAULT, note="text in a C sequence"),
-}
-#: Operations that serve an element's value as it is, and that take it away.
-_VALUE_KEPT = frozenset({Op.KEEP, Op.VERBATIM})
-_VALUE_DROPPED = frozenset({Op.REMOVE, Op.EMPTY})
 _SAFE_VR_MISMATCH = Decision(
     Op.REMOVE, Action.REMOVE, Source.PRIVATE, note="VR differs from Table E.3.10-1"
 )
-_DATE_DIGITS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(.*)$")
-#: Well-formed DA, DT and TM values (PS3.5 6.2). Anything else is emptied by the date
-#: operations, never half-modified (a shifted year in front of the original "-03-15").
-_WELL_FORMED = {
-    "DA": re.compile(r"^\d{8}$"),
-    "DT": re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$"),
-    "TM": re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$"),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,164 +92,7 @@ class Result:
     report: Report
 
 
-@dataclass
-class _Context:
-    plan: Plan
-    pseudo: Pseudonymizer
-    root: Dataset
-    charset: str | MutableSequence[str] | None
-    implicit: bool
-    little: bool
-    #: Where this instance's IOD requires the attributes Table E.1-1 removes (its SOP Class's
-    #: :func:`~deidfs.deid.attribute_types.placements`).
-    places: Mapping[tuple[int, int], int]
-    counts: Counter[str] = field(default_factory=Counter)
-    notes: set[str] = field(default_factory=set)
-    _patient_key: str | None = None
-    _phi: re.Pattern[str] | None = None
-    _phi_done: bool = False
-
-    # -- per-instance derived values, computed on first use ---------------------------------
-    @property
-    def patient_key(self) -> str:
-        if self._patient_key is None:
-            key = _plain(_raw_value(self.root, PATIENT_ID, self.charset))
-            if not key:
-                key = "name:" + _plain(_raw_value(self.root, PATIENT_NAME, self.charset))
-            self._patient_key = key
-        return self._patient_key
-
-    @property
-    def patient_token(self) -> str:
-        return self.pseudo.token(self.patient_key, "patient")
-
-    def shift_days(self) -> int:
-        return self.pseudo.date_shift_days(self.patient_key)
-
-    def phi_pattern(self) -> re.Pattern[str] | None:
-        """A pattern of the identifying values of this instance, for cleaning free text."""
-        if not self._phi_done:
-            self._phi_done = True
-            self._phi = _phi_pattern(self.root, self.plan, self.charset)
-        return self._phi
-
-
-def _plain(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list | MultiValue):
-        return "\\".join(str(v) for v in value).strip()
-    return str(value).strip()
-
-
-def _raw_value(ds: Dataset, tag: int, charset: Any) -> Any:
-    if tag not in ds:
-        return None
-    raw = ds.get_item(tag)
-    try:
-        elem = (
-            convert_raw_data_element(raw, encoding=charset, ds=ds)
-            if isinstance(raw, RawDataElement)
-            else raw
-        )
-    except Exception:  # a bad value is treated as absent here
-        return None
-    return elem.value
-
-
-def _values(value: Any) -> list[Any]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, list | MultiValue):
-        return list(value)
-    return [value]
-
-
-def _phi_pattern(root: Dataset, plan: Plan, charset: Any) -> re.Pattern[str] | None:
-    """Identifying strings of this instance: values of name, ID, date and address-like
-    attributes that the plan does not keep. Used to clean free text (the C action)."""
-    found: set[str] = set()
-    for tag in root.keys():
-        if tag >> 16 & 1 or tag >> 16 == 0x0002:
-            continue
-        decision = plan.decide(int(tag))
-        if decision.op in (Op.KEEP, Op.VERBATIM, Op.CLEAN):
-            continue  # kept, or itself being cleaned: a descriptor, not an identifier
-        try:
-            vr = dictionary_VR(tag)
-        except KeyError:
-            continue
-        if vr not in ("PN", "LO", "SH", "DA", "LT", "ST"):
-            continue
-        for v in _values(_raw_value(root, int(tag), charset)):
-            text = str(v).strip()
-            parts = [text]
-            if vr == "PN":
-                parts += re.split(r"[\^=\s]+", text)
-            if vr == "DA" and len(text) == 8 and text.isdigit():
-                y, m, d = text[:4], text[4:6], text[6:]
-                parts += [f"{y}-{m}-{d}", f"{d}/{m}/{y}", f"{m}/{d}/{y}", f"{d}.{m}.{y}"]
-            found.update(p for p in parts if len(p) >= 3)
-    if not found:
-        return None
-    alternatives = sorted(found, key=len, reverse=True)
-    return re.compile("|".join(re.escape(a) for a in alternatives), re.IGNORECASE)
-
-
 # -- date helpers ------------------------------------------------------------------------------
-def _shift_date_text(text: str, days: int) -> str | None:
-    """Shift the date part of a DA or DT value by ``days`` into the past, keeping precision."""
-    s = text.strip().replace(".", "") if len(text.strip()) == 10 else text.strip()
-    m = _DATE_DIGITS.match(s)
-    if m is None:
-        return None
-    year, month, day, rest = m.group(1), m.group(2), m.group(3), m.group(4)
-    try:
-        base = dt.date(int(year), int(month or 1), int(day or 1))
-        moved = base - dt.timedelta(days=days)
-    except (ValueError, OverflowError):
-        return None
-    out = f"{moved.year:04d}"
-    if month is not None:
-        out += f"{moved.month:02d}"
-    if day is not None:
-        out += f"{moved.day:02d}"
-    return out + rest
-
-
-def _well_formed(vr: str, text: str) -> str | None:
-    """``text`` in its PS3.5 form, or None; ACR-NEMA ``2001.01.31`` and ``10:11:12`` are
-    read as the dates and times they are (PS3.5 6.2, notes on DA and TM)."""
-    if vr == "DA" and len(text) == 10 and text[4] == text[7] == ".":
-        text = text.replace(".", "")
-    elif vr == "TM" and ":" in text:
-        text = text.replace(":", "")
-    return text if _WELL_FORMED[vr].match(text) else None
-
-
-def _modify_dates(vr: str, values: list[Any], ctx: _Context, *, shift: bool) -> list[str] | None:
-    """Modified Dates: shift by the patient's days, or keep only the year (HIPAA)."""
-    year_only = not shift and ctx.plan.profile.date_modification is DateModification.YEAR
-    out: list[str] = []
-    for v in values:
-        text = _well_formed(vr, str(v).strip())
-        if text is None:
-            return None
-        if vr == "TM":
-            if year_only:
-                return None
-            out.append(text)
-            continue
-        if year_only:
-            if len(text) < 4 or not text[:4].isdigit():
-                return None
-            out.append(text[:4] + "0101" if vr == "DA" else text[:4])
-            continue
-        moved = _shift_date_text(text, ctx.shift_days())
-        if moved is None:
-            return None
-        out.append(moved)
-    return out
 
 
 # -- element operations ------------------------------------------------------------------------
@@ -270,145 +103,6 @@ def _convert(raw: RawDataElement | DataElement, ctx: _Context, src: Dataset) -> 
         return convert_raw_data_element(raw, encoding=ctx.charset, ds=src)
     except Exception as exc:
         raise Refused("bad_value", f"element {int(raw.tag):08X}: {type(exc).__name__}") from exc
-
-
-def _vr_of(raw: RawDataElement | DataElement, tag: int) -> str:
-    vr = raw.VR
-    if vr and vr != "UN":
-        return str(vr)
-    try:
-        return str(dictionary_VR(tag))
-    except KeyError:
-        return str(vr or "UN")
-
-
-def _element(tag: int, vr: str, value: Any) -> DataElement:
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    return DataElement(tag, vr, value)
-
-
-def _empty(tag: int, vr: str) -> DataElement:
-    if vr == "SQ":
-        return DataElement(tag, "SQ", Sequence())
-    if vr in _STRING_VRS or vr in ("DA", "DT", "TM", "UI"):
-        return DataElement(tag, vr, "")
-    return DataElement(tag, vr, None)
-
-
-def _fit(vr: str, text: str) -> str:
-    limit = _MAX_LEN.get(vr)
-    return text[:limit] if limit else text
-
-
-#: Decisions of recently used plans by tag: :meth:`Plan.decide` tries every group pattern
-#: and the data dictionary for each tag the table does not list, on every element of every
-#: file. Keyed by the plan object's id, and checked by identity, so a plan is never mistaken
-#: for another; bounded.
-_DECISIONS: dict[int, tuple[Plan, dict[int, Decision]]] = {}
-_MAX_CACHED_PLANS = 8
-_MAX_CACHED_TAGS = 1 << 16
-
-
-#: Operations under which a sequence's items are served: VERBATIM as they are, the others
-#: de-identified item by item with the same plan (:func:`item_scrub` says how hard).
-ITEMS_SERVED = frozenset({Op.KEEP, Op.VERBATIM, Op.DUMMY, Op.CLEAN, Op.UID, Op.PSEUDONYM})
-
-
-def item_scrub(scrub: Op | None, op: Op) -> Op | None:
-    """The scrub of the items of a sequence that ``op`` serves, inside a level scrubbed by
-    ``scrub`` (None: none): a D or C sequence dummies or cleans the text of its items that
-    the table does not list; D inside C scrubs harder, never softer."""
-    if op in (Op.DUMMY, Op.CLEAN) and scrub is not Op.DUMMY:
-        return op
-    return scrub
-
-
-def _decide(plan: Plan, tag: int) -> Decision:
-    """``plan.decide(tag)``, remembered."""
-    entry = _DECISIONS.get(id(plan))
-    if entry is None or entry[0] is not plan:
-        if len(_DECISIONS) >= _MAX_CACHED_PLANS:
-            _DECISIONS.clear()
-        entry = _DECISIONS[id(plan)] = (plan, {})
-    cache = entry[1]
-    decision = cache.get(tag)
-    if decision is None:
-        decision = plan.decide(tag)
-        if len(cache) < _MAX_CACHED_TAGS:
-            cache[tag] = decision
-    return decision
-
-
-#: The decision for an element of group 0000 or 0002 inside a data set or an item.
-MISPLACED_GROUP = Decision(
-    Op.REMOVE,
-    Action.REMOVE,
-    Source.DEFAULT,
-    note="command and file meta elements never belong to a data set",
-)
-
-
-def element_decision(
-    plan: Plan,
-    tag: int,
-    raw: RawDataElement | DataElement,
-    scrub: Op | None = None,
-    places: Mapping[tuple[int, int], int] | None = None,
-    parent: int = TOP_LEVEL,
-) -> Decision:
-    """What the engine decides for the public element ``tag`` (``raw`` as read) at a level
-    of the data set: :data:`MISPLACED_GROUP` for command and file meta elements (they belong
-    to a message or the file meta group, never to a data set or an item: whatever they hold
-    goes), the plan's decision otherwise, with the text the table does not list dummied or
-    cleaned inside a D or C sequence (``scrub``). Whether the element is trusted to be what
-    its tag says is :func:`distrust`'s question, asked once the decision keeps it.
-
-    A decision that depends on the attribute's Type (X codes, :meth:`Decision.at`) is taken
-    where it occurs: in the items of the sequence ``parent`` (:data:`TOP_LEVEL`: the data
-    set itself), in the IOD whose :func:`~deidfs.deid.attribute_types.placements` are
-    ``places`` (None: an IOD the table does not know)."""
-    if tag >> 16 in (0x0000, 0x0002):
-        return MISPLACED_GROUP
-    decision = _decide(plan, tag)
-    if decision.by_type:
-        decision = decision.at((places or {}).get((parent, tag)))
-    if (
-        scrub is not None
-        and decision.op is Op.KEEP
-        and decision.source is Source.DEFAULT
-        and _vr_of(raw, tag) in _SCRUB_VRS
-    ):
-        return _SCRUB[scrub]
-    return decision
-
-
-def distrust(
-    tag: int, decision: Decision, raw: RawDataElement | DataElement, *, implicit: bool
-) -> str | None:
-    """Why the engine does not serve the public element ``tag`` (``raw`` as read; judged by
-    the dictionary's VR in an ``implicit`` VR encoding) as ``decision`` says: a key of
-    :data:`deidfs.deid.trust.REASONS` when ``decision`` would serve its value (keep, or a
-    :data:`~deidfs.deid.trust.STRUCTURAL` attribute not removed or emptied) and
-    :func:`~deidfs.deid.trust.doubt` finds it cannot be the attribute its tag names. The
-    engine then removes it, or withholds the file for a structural attribute. None when the
-    element is served as decided (private elements are judged by their own rules)."""
-    op = decision.op
-    if tag >> 16 & 1 or not (op in _VALUE_KEPT or (tag in STRUCTURAL and op not in _VALUE_DROPPED)):
-        return None
-    vr = None if implicit or not raw.VR else str(raw.VR)
-    if isinstance(raw, RawDataElement):
-        value = raw.value if isinstance(raw.value, bytes) else b""
-    elif vr in VALUE_SIZES or (vr is None and raw.VR in VALUE_SIZES):
-        value = bytes(_value_length(raw, str(raw.VR)))  # converted: judged by length
-    elif raw.VR == "SQ":
-        value = b""
-    else:
-        value = _text_bytes(raw)
-    why = doubt(tag, vr, value)
-    if why == "length" and _vr_of(raw, tag) in VALUE_SIZES:
-        return None  # a number that took in what follows: refused as bad_value instead
-    return why
 
 
 class _Walker:
@@ -675,42 +369,6 @@ class _Walker:
             self.ctx.notes.add("age_capped")
             return DataElement(tag, "AS", f"{max_age + 1:03d}Y")
         return raw
-
-
-def _age_over(root: Dataset, ctx: _Context, max_age: int) -> bool:
-    text = _plain(_raw_value(root, PATIENT_AGE, ctx.charset))
-    m = _AGE.match(text)
-    if m and m.group(2) == "Y":
-        return int(m.group(1)) > max_age
-    birth = _plain(_raw_value(root, PATIENT_BIRTH_DATE, ctx.charset))
-    ref = ""
-    for tag in (0x00080020, 0x00080023, 0x00080022):  # Study, Content, Acquisition Date
-        ref = _plain(_raw_value(root, tag, ctx.charset))
-        if ref:
-            break
-    if len(birth) >= 4 and birth[:4].isdigit() and len(ref) >= 4 and ref[:4].isdigit():
-        return int(ref[:4]) - int(birth[:4]) > max_age
-    return False
-
-
-def _value_length(elem: RawDataElement | DataElement, vr: str) -> int:
-    """The length of a fixed-size element's value: as read, or as many values as it holds
-    once converted (image attributes are converted to decide about pixels)."""
-    if isinstance(elem, RawDataElement):
-        return int(elem.length)
-    return int(elem.VM) * VALUE_SIZES[vr]
-
-
-def _text_bytes(elem: RawDataElement | DataElement) -> bytes:
-    """A text element's value as read, or as pydicom converted it (characters of a
-    converted value that are control characters stay such in UTF-8)."""
-    value = elem.value
-    if value is None:
-        return b""
-    if isinstance(value, bytes):
-        return value
-    items = value if isinstance(value, list | MultiValue) else [value]
-    return "\\".join(str(v) for v in items).encode("utf-8", "surrogateescape")
 
 
 def _method_codes(plan: Plan, *, pixels_cleaned: bool = False) -> Sequence:

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
 
 from deidfs.deid.attribute_types import TOP_LEVEL, placements
-from deidfs.deid.engine import (
+from deidfs.deid.element_rules import (
     ITEMS_SERVED,
     MISPLACED_GROUP,
     distrust,
@@ -280,8 +280,8 @@ class _Verifier:
     # -- what the served bytes are, and what the profile keeps -----------------------------
     def _served(self, ds: Dataset, level: _Level, token: str, *, implicit: bool) -> None:
         """Judge every served element by what it is, not by its tag (the engine's
-        :func:`~deidfs.deid.engine.distrust`), and note each identifier served because the
-        profile keeps what PS3.15 Basic removes or replaces."""
+        :func:`~deidfs.deid.element_rules.distrust`), and note each identifier served
+        because the profile keeps what PS3.15 Basic removes or replaces."""
         creators: dict[int, str] = {}
         for key in ds.keys():
             tag = int(key)

@@ -26,7 +26,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID_dictionary as _REGISTERED_UIDS  # type: ignore[attr-defined]
 
 from deidfs.deid.attribute_types import TOP_LEVEL
-from deidfs.deid.engine import distrust, element_decision
+from deidfs.deid.element_rules import distrust, element_decision
 from deidfs.deid.plan import Decision, Op, Plan, Source
 from deidfs.deid.profiles import DateModification
 from deidfs.deid.standard import Action

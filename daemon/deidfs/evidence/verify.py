@@ -35,7 +35,8 @@ Nothing else carries original values
     a finding: verify cannot vouch for it.
 Bytes are judged by what they are, not by their tag
     What an original's element is, is decided as the engine decides it
-    (:func:`deidfs.deid.engine.element_decision`, :func:`~deidfs.deid.engine.distrust`):
+    (:func:`deidfs.deid.element_rules.element_decision`,
+    :func:`~deidfs.deid.element_rules.distrust`):
     a value kept by its tag's row that cannot be that attribute (Patient's Name under Image
     Type, a description under a command element) is one the engine removes, so it is
     searched for like any removed value, and exempts nothing. Every served element the
