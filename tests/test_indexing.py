@@ -13,7 +13,8 @@ from pydicom.uid import generate_uid
 from conftest import mounted_type, sample_file, wait_for
 from deidfs.config.model import Config, DaemonConfig, FolderConfig
 from deidfs.deid.profiles import BUILTIN_PROFILES
-from deidfs.service.core import Service, _real_directory, _relative
+from deidfs.service.core import Service
+from deidfs.service.indexing import _real_directory, _relative
 
 FILES = 120
 
