@@ -32,6 +32,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from deidfs.errors import Exhausted, NotFound, Refused
 from deidfs.mount import fastread
 from deidfs.mount.binding import FuseBufvec, _libc, _libfuse, _memory_view
+from deidfs.mount.c_path import CReadPath
 from deidfs.ops.metrics import Metrics
 from deidfs.view.handles import ViewFS
 from deidfs.view.tree import DIR_MODE, FILE_MODE, PSEUDO_EPOCH_NS, ViewFile, inode_of
@@ -105,7 +106,7 @@ class DeidOperations:
         self.python_read_buf_calls = 0  #: reads answered by :meth:`read_buf`
         use_c = fastread.available() if c_reads is None else c_reads
         #: The C read path of this mount, when it serves (its table, drains and counts).
-        self.c_path = fastread.CReadPath(fs, metrics) if use_c else None
+        self.c_path = CReadPath(fs, metrics) if use_c else None
         self.fast = None if self.c_path is None else self.c_path.fast
 
     @property
