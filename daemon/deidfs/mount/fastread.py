@@ -64,6 +64,19 @@ C_FH = 1 << 62
 MAX_TEMPLATES = 60_000
 
 
+#: How a view goes to C (``dfs_register``, ``dfs_template_set``): its segments, the
+#: source state they were built from, and the epoch (see :func:`_view_args`).
+_VIEW_ARGTYPES: list[Any] = [
+    ctypes.c_char_p, _size,  # header
+    ctypes.c_char_p, _size,  # pixels in memory
+    _i64, _size,  # source pixel range
+    _ptr, _size,  # zeroed pairs
+    ctypes.c_char_p, _size,  # trailer
+    _u64, _u64, _i64, _i64, _i64,  # dev, ino, size, mtime_ns, ctime_ns
+    _u64,  # epoch
+]  # fmt: skip
+
+
 @functools.cache
 def _library() -> ctypes.PyDLL | None:
     """The built ``_fastread`` library, or None (not built: no compiler at install)."""
@@ -87,16 +100,7 @@ def _library() -> ctypes.PyDLL | None:
     lib.dfs_attr_count.restype = _size
     lib.dfs_stat.argtypes = [_u64, ctypes.c_char_p, _ptr]
     lib.dfs_stat.restype = ctypes.c_int
-    lib.dfs_register.argtypes = [
-        _u64, ctypes.c_int,  # fh, fd
-        ctypes.c_char_p, _size,  # header
-        ctypes.c_char_p, _size,  # pixels in memory
-        _i64, _size,  # source pixel range
-        _ptr, _size,  # zeroed pairs
-        ctypes.c_char_p, _size,  # trailer
-        _u64, _u64, _i64, _i64, _i64,  # dev, ino, size, mtime_ns, ctime_ns
-        _u64,  # epoch
-    ]  # fmt: skip
+    lib.dfs_register.argtypes = [_u64, ctypes.c_int, *_VIEW_ARGTYPES]  # fh, fd, the view
     lib.dfs_register.restype = ctypes.c_int
     lib.dfs_mark.argtypes = [_u64]
     lib.dfs_mark.restype = None
@@ -116,13 +120,7 @@ def _library() -> ctypes.PyDLL | None:
     lib.dfs_mount_open.restype = None
     lib.dfs_template_set.argtypes = [
         _u64, ctypes.c_char_p, _size, ctypes.c_char_p,  # mount, path, source
-        ctypes.c_char_p, _size,  # header
-        ctypes.c_char_p, _size,  # pixels in memory
-        _i64, _size,  # source pixel range
-        _ptr, _size,  # zeroed pairs
-        ctypes.c_char_p, _size,  # trailer
-        _u64, _u64, _i64, _i64, _i64,  # dev, ino, size, mtime_ns, ctime_ns
-        _u64,  # epoch
+        *_VIEW_ARGTYPES,
     ]  # fmt: skip
     lib.dfs_template_set.restype = _u64
     lib.dfs_template_drop.argtypes = [_u64, ctypes.c_char_p, _size, _u64]
@@ -204,6 +202,20 @@ class Adopted:
     view: View
     ctime_ns: int
     nlink: int
+
+
+def _view_args(view: View, zeroed: Any, ctime_ns: int, epoch: int) -> tuple[Any, ...]:
+    """``view`` as :data:`_VIEW_ARGTYPES` (``zeroed``: its :func:`_zeroed` array)."""
+    src = view.source
+    return (
+        view.header, len(view.header),
+        view.pixels, len(view.pixels),
+        view.pixel_offset, view.pixel_length,
+        ctypes.addressof(zeroed), len(view.zeroed),
+        view.trailer, len(view.trailer),
+        src.dev, src.ino, src.size, src.mtime_ns, ctime_ns,
+        epoch,
+    )  # fmt: skip
 
 
 def _zeroed(view: View) -> Any:
@@ -336,22 +348,8 @@ class FastReads:
         leaves the handle with Python. False if the C table has no room for it (its reads
         then stay in Python).
         """
-        src = view.source
-        if view.zeroed:
-            pairs = [x for rng in view.zeroed for x in rng]
-            zeroed = (_u64 * len(pairs))(*pairs)
-        else:
-            zeroed = _NO_ZEROED
-        args = (
-            fh, fd,
-            view.header, len(view.header),
-            view.pixels, len(view.pixels),
-            view.pixel_offset, view.pixel_length,
-            ctypes.addressof(zeroed), len(view.zeroed),
-            view.trailer, len(view.trailer),
-            src.dev, src.ino, src.size, src.mtime_ns, ctime_ns,
-            epoch,
-        )  # fmt: skip
+        zeroed = _zeroed(view)
+        args = (fh, fd, *_view_args(view, zeroed, ctime_ns, epoch))
         with self._lock:
             ok = int(self._lib.dfs_register(*args)) == 0
             if ok:
@@ -380,13 +378,7 @@ class FastReads:
             tid = int(
                 self._lib.dfs_template_set(
                     self.mount_id, raw, len(raw), os.fsencode(vf.source),
-                    view.header, len(view.header),
-                    view.pixels, len(view.pixels),
-                    view.pixel_offset, view.pixel_length,
-                    ctypes.addressof(zeroed), len(view.zeroed),
-                    view.trailer, len(view.trailer),
-                    state.dev, state.ino, state.size, state.mtime_ns, state.ctime_ns,
-                    epoch,
+                    *_view_args(view, zeroed, state.ctime_ns, epoch),
                 )
             )  # fmt: skip
             if not tid:
