@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -463,12 +464,27 @@ def test_an_open_goes_to_python_unless_the_template_is_current_and_the_source_in
     _templated(table, dataclasses.replace(vf, state=SourceStat.of(os.stat(src))), view)
     table.fast.folders_changed()
     assert table.open(path) == -errno.EACCES
+    # A FIFO renamed over the source: C's open must not wait for a writer.
+    _templated(table, dataclasses.replace(vf, state=SourceStat.of(os.stat(src))), view)
+    os.rename(src, tmp_path / "kept.dcm")
+    os.mkfifo(src)
+    opened: list[int] = []
+    opener = threading.Thread(target=lambda: opened.append(table.open(path)), daemon=True)
+    opener.start()
+    opener.join(5)
+    if opener.is_alive():
+        os.close(os.open(src, os.O_WRONLY | os.O_NONBLOCK))  # free the stuck open
+        pytest.fail("C's open waited on a FIFO")
+    assert opened == [-errno.EACCES]
+    assert len(table.open_fallbacks) == 8
+    assert _fds() == baseline
+    os.replace(tmp_path / "kept.dcm", src)
     # A source replaced by another file at the same path.
     _templated(table, dataclasses.replace(vf, state=SourceStat.of(os.stat(src))), view)
     shutil.copyfile(src, tmp_path / "new.dcm")
     os.replace(tmp_path / "new.dcm", src)
     assert table.open(path) == -errno.EACCES
-    assert len(table.open_fallbacks) == 8
+    assert len(table.open_fallbacks) == 9
     assert _fds() == baseline
     table.fast.file_changed(path, None)
     assert table.fast.templates == 0  # every one freed: Python let their views go

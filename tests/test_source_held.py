@@ -16,6 +16,7 @@ import json
 import os
 import random
 import resource
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -343,6 +344,63 @@ def test_an_open_that_meets_emfile_fails_without_withholding_the_source(tmp_path
     fi = SimpleNamespace(flags=os.O_RDONLY, fh=0, direct_io=0)
     ops.open(vf.mount_path, fi)
     assert ops.read(vf.mount_path, 132, 0, fi)[128:132] == b"DICM"
+    ops.release(vf.mount_path, fi)
+
+
+def _returns_within(call: Callable[[], object], fifo: Path, seconds: float = 5.0) -> object:
+    """What ``call()`` returns or raises, asserting it does so within ``seconds``: an open
+    that waits on ``fifo`` for a writer is freed by one after the failed assertion."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # handed back to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # let the stuck open return
+        thread.join(seconds)
+        pytest.fail(f"the open waited on the FIFO for more than {seconds} s")
+    return outcome[0]
+
+
+def test_a_source_replaced_by_a_fifo_is_refused_without_waiting(tmp_path: Path) -> None:
+    """A FIFO renamed over an indexed source, opened before the watcher has taken its view
+    away: the open must not wait for a writer (the FUSE thread would be held forever); it
+    is refused as a changed source, and the view serves again once the file is back."""
+    source = _instance(tmp_path / "src" / "a.dcm", 0)
+    pseudo = Pseudonymizer(b"held-source-test-key-0123456789x")
+    plan = compile_plan(BUILTIN_PROFILES["Basic"])
+    tree = ViewTree()
+    tree.set_folder(FolderView("ct", source.parent, plan, pseudo, Layout.DICOM, "dg"))
+    view = render_path(source, plan, pseudo)
+    vf = ViewFile("ct", str(source), view.source, "dg", str(view.relpath), view.size, 1)
+    tree.put(vf)
+    stale: list[tuple[str, str]] = []
+    fs = ViewFS(tree, 1 << 20, on_stale=lambda f, s: stale.append((f, s)))
+    ops = DeidOperations(fs)
+    fi = SimpleNamespace(flags=os.O_RDONLY, fh=0, direct_io=0)
+    ops.open(vf.mount_path, fi)
+    want = ops.read(vf.mount_path, view.size, 0, fi)
+    ops.release(vf.mount_path, fi)
+    assert want[128:132] == b"DICM"
+    kept = tmp_path / "kept.dcm"
+    os.rename(source, kept)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    os.rename(fifo, source)
+    outcome = _returns_within(lambda: ops.open(vf.mount_path, fi), source)
+    assert isinstance(outcome, OSError)
+    assert outcome.errno == errno.EIO
+    assert fs.open_handles == 0
+    assert [path for _, path in stale] == [str(source)]  # to be indexed again
+    os.replace(kept, source)
+    ops.open(vf.mount_path, fi)
+    assert ops.read(vf.mount_path, view.size, 0, fi) == want
     ops.release(vf.mount_path, fi)
 
 

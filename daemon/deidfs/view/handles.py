@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 #: tracemalloc over 5,000 cached views (990 bytes each).
 CACHE_ENTRY_OVERHEAD = 1024
 #: How an original is opened (with ``O_NOATIME`` where allowed): read-only, never through a
-#: final symlink.
-SOURCE_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: final symlink, and without waiting: a FIFO swapped in for the source would otherwise hold
+#: the FUSE thread until a writer came (``O_NONBLOCK`` changes nothing for a regular file;
+#: whatever else is opened fails the state check that follows and is refused).
+SOURCE_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 #: Descriptors kept free for everything but held sources (the index, inotify, sockets, logs,
 #: export pipes, libfuse and Python's own): at least this many, or an eighth of the limit.
 FD_RESERVE = 64
