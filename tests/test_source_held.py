@@ -34,6 +34,7 @@ from deidfs.deid.pseudonym import Pseudonymizer
 from deidfs.mount.ops import DeidOperations
 from deidfs.service.core import Service
 from deidfs.view.handles import ViewFS
+from deidfs.view.model import View
 from deidfs.view.render import Layout, render_path
 from deidfs.view.tree import FolderView, ViewFile, ViewTree
 
@@ -302,9 +303,9 @@ def test_an_open_past_the_descriptor_limit_fails_and_the_daemon_serves_on(
     assert "Traceback" not in log
 
 
-def test_an_open_that_meets_emfile_fails_without_withholding_the_source(tmp_path: Path) -> None:
-    """The real limit, met below the handle bound: ENFILE to the reader, and the source is
-    not reported stale (indexing it again would only fail the same way)."""
+def _one_view(tmp_path: Path) -> tuple[Path, View, ViewFile, ViewTree]:
+    """One CT source indexed under Basic in a tree of its own (no mount): the source, its
+    view, the tree's entry for it and the tree."""
     source = _instance(tmp_path / "src" / "a.dcm", 0)
     pseudo = Pseudonymizer(b"held-source-test-key-0123456789x")
     plan = compile_plan(BUILTIN_PROFILES["Basic"])
@@ -313,6 +314,13 @@ def test_an_open_that_meets_emfile_fails_without_withholding_the_source(tmp_path
     view = render_path(source, plan, pseudo)
     vf = ViewFile("ct", str(source), view.source, "dg", str(view.relpath), view.size, 1)
     tree.put(vf)
+    return source, view, vf, tree
+
+
+def test_an_open_that_meets_emfile_fails_without_withholding_the_source(tmp_path: Path) -> None:
+    """The real limit, met below the handle bound: ENFILE to the reader, and the source is
+    not reported stale (indexing it again would only fail the same way)."""
+    _source, _view, vf, tree = _one_view(tmp_path)
     stale: list[tuple[str, str]] = []
     # The handle bound is taken from the limit now, before it is lowered below.
     fs = ViewFS(tree, 1 << 20, on_stale=lambda f, s: stale.append((f, s)))
@@ -372,14 +380,7 @@ def test_a_source_replaced_by_a_fifo_is_refused_without_waiting(tmp_path: Path) 
     """A FIFO renamed over an indexed source, opened before the watcher has taken its view
     away: the open must not wait for a writer (the FUSE thread would be held forever); it
     is refused as a changed source, and the view serves again once the file is back."""
-    source = _instance(tmp_path / "src" / "a.dcm", 0)
-    pseudo = Pseudonymizer(b"held-source-test-key-0123456789x")
-    plan = compile_plan(BUILTIN_PROFILES["Basic"])
-    tree = ViewTree()
-    tree.set_folder(FolderView("ct", source.parent, plan, pseudo, Layout.DICOM, "dg"))
-    view = render_path(source, plan, pseudo)
-    vf = ViewFile("ct", str(source), view.source, "dg", str(view.relpath), view.size, 1)
-    tree.put(vf)
+    source, view, vf, tree = _one_view(tmp_path)
     stale: list[tuple[str, str]] = []
     fs = ViewFS(tree, 1 << 20, on_stale=lambda f, s: stale.append((f, s)))
     ops = DeidOperations(fs)
